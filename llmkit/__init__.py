@@ -1,0 +1,9 @@
+"""llmkit: a PyTorch toolkit for the whole life of a large language model."""
+
+from llmkit.config import PRESETS, ModelConfig
+from llmkit.errors import ConfigError, DataError, FormatError, LlmkitError
+from llmkit.model import KVCache, Transformer
+
+__version__ = "0.1.0"
+__all__ = ["PRESETS", "ConfigError", "DataError", "FormatError", "KVCache", "LlmkitError", "ModelConfig",
+           "Transformer", "__version__"]

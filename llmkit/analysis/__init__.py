@@ -1,0 +1,1 @@
+"""Accounting (parameters, FLOPs, memory), scaling-law fits and plots."""

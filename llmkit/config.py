@@ -1,0 +1,251 @@
+"""ModelConfig: every architecture llmkit runs is one set of these fields.
+
+GPT-2 style (learned positions, LayerNorm, GELU, biases, tied embeddings) and Llama style (RoPE,
+RMSNorm, SwiGLU, grouped-query attention, no biases) are both points in this space; the model
+reads the fields, never a family name. `to_hf_config` / `from_hf_config` translate to and from
+the `config.json` that Hugging Face transformers writes for `gpt2` and `llama`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmkit.errors import ConfigError
+
+POS_EMBEDDINGS = ("rope", "learned")
+NORMS = ("rmsnorm", "layernorm")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+
+# transformers' names for our activations, both directions.
+_HF_ACT = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
+_FROM_HF_ACT = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu",
+                "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+
+
+@dataclass
+class ModelConfig:
+    """Shape and style of a decoder-only transformer."""
+
+    vocab_size: int = 32000
+    n_layer: int = 2
+    n_head: int = 4
+    d_model: int = 64
+    n_kv_head: int | None = None  # grouped-query attention; None means n_head (plain multi-head)
+    head_dim: int | None = None  # None means d_model // n_head
+    d_ff: int | None = None  # MLP width; None means 4*d_model (plain) or Llama's 8/3 rule (gated)
+    max_seq_len: int = 2048
+    pos_embedding: str = "rope"  # "rope" (rotary) or "learned" (absolute, GPT-2)
+    rope_theta: float = 10000.0
+    rope_scaling: float = 1.0  # linear position interpolation: positions are divided by this
+    norm: str = "rmsnorm"  # "rmsnorm" or "layernorm"
+    norm_eps: float = 1e-5
+    activation: str = "silu"
+    gated_mlp: bool = True  # SwiGLU-style down(act(gate(x)) * up(x)) instead of down(act(up(x)))
+    bias: bool = False  # biases on every linear layer (GPT-2) or none (Llama)
+    tie_embeddings: bool = False  # LM head shares the token-embedding matrix
+    dropout: float = 0.0
+    init_std: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.head_dim is None:
+            if self.n_head <= 0 or self.d_model % self.n_head:
+                raise ConfigError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}; "
+                                  "set head_dim explicitly or choose sizes that divide")
+            self.head_dim = self.d_model // self.n_head
+        if self.d_ff is None:
+            if self.gated_mlp:  # Llama: 2/3 of 4d, rounded up to a multiple of 64
+                self.d_ff = 64 * ((int(8 * self.d_model / 3) + 63) // 64)
+            else:
+                self.d_ff = 4 * self.d_model
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "head_dim", "d_ff",
+                     "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head} "
+                              "(each key/value head serves a whole group of query heads)")
+        if self.pos_embedding not in POS_EMBEDDINGS:
+            raise ConfigError(f"pos_embedding={self.pos_embedding!r}; expected one of {POS_EMBEDDINGS}")
+        if self.norm not in NORMS:
+            raise ConfigError(f"norm={self.norm!r}; expected one of {NORMS}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation={self.activation!r}; expected one of {ACTIVATIONS}")
+        if self.pos_embedding == "rope" and self.head_dim % 2:
+            raise ConfigError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
+        if not self.rope_theta > 0 or not self.rope_scaling > 0:
+            raise ConfigError(f"rope_theta ({self.rope_theta}) and rope_scaling ({self.rope_scaling}) "
+                              "must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.norm_eps > 0:
+            raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}")
+
+    # ---- plain dict round trip (our own YAML/JSON, strict about unknown keys) ----
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return ModelConfig.from_dict({**self.to_dict(), **changes})
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], "name": name, **overrides})
+
+    # ---- Hugging Face config.json ----
+    @property
+    def hf_model_type(self) -> str:
+        """The transformers `model_type` that computes exactly this network."""
+        if (self.pos_embedding, self.norm, self.gated_mlp) == ("learned", "layernorm", False):
+            if self.bias and self.tie_embeddings and self.n_kv_head == self.n_head \
+                    and self.head_dim * self.n_head == self.d_model:
+                return "gpt2"
+        if (self.pos_embedding, self.norm, self.gated_mlp) == ("rope", "rmsnorm", True):
+            return "llama"
+        raise ConfigError(
+            "no transformers model_type computes this combination "
+            f"(pos_embedding={self.pos_embedding}, norm={self.norm}, gated_mlp={self.gated_mlp}, "
+            f"bias={self.bias}, tie_embeddings={self.tie_embeddings}); "
+            "supported: gpt2 (learned/layernorm/plain MLP/biases/tied) and llama (rope/rmsnorm/gated)")
+
+    def to_hf_config(self) -> dict[str, Any]:
+        model_type = self.hf_model_type
+        tokens = {"bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+                  "pad_token_id": self.pad_token_id}
+        if model_type == "gpt2":
+            return {
+                "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+                "vocab_size": self.vocab_size, "n_positions": self.max_seq_len, "n_embd": self.d_model,
+                "n_layer": self.n_layer, "n_head": self.n_head, "n_inner": self.d_ff,
+                "activation_function": "gelu_new" if self.activation == "gelu_tanh" else _HF_ACT[self.activation],
+                "layer_norm_epsilon": self.norm_eps, "resid_pdrop": self.dropout,
+                "embd_pdrop": self.dropout, "attn_pdrop": self.dropout,
+                "initializer_range": self.init_std, "tie_word_embeddings": True, **tokens,
+            }
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling != 1.0:
+            rope = {"rope_type": "linear", "rope_theta": self.rope_theta, "factor": self.rope_scaling}
+        return {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": self.vocab_size, "hidden_size": self.d_model,
+            "intermediate_size": self.d_ff, "num_hidden_layers": self.n_layer,
+            "num_attention_heads": self.n_head, "num_key_value_heads": self.n_kv_head,
+            "head_dim": self.head_dim, "max_position_embeddings": self.max_seq_len,
+            "hidden_act": _HF_ACT[self.activation], "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,  # transformers < 5 reads these two ...
+            "rope_scaling": None if self.rope_scaling == 1.0 else {"rope_type": "linear",
+                                                                     "factor": self.rope_scaling},
+            "rope_parameters": rope,  # ... and transformers >= 5 this one
+            "attention_bias": self.bias, "mlp_bias": self.bias, "attention_dropout": self.dropout,
+            "tie_word_embeddings": self.tie_embeddings, "initializer_range": self.init_std, **tokens,
+        }
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        """Build from the contents of a transformers `config.json` (`model_type` gpt2 or llama)."""
+        model_type = hf.get("model_type")
+        try:
+            if model_type == "gpt2":
+                return cls._from_hf_gpt2(hf)
+            if model_type in ("llama", "mistral"):
+                return cls._from_hf_llama(hf)
+        except KeyError as e:
+            raise ConfigError(f"{source}: model_type {model_type!r} needs the key {e.args[0]!r}, "
+                              "which is missing") from None
+        raise ConfigError(f"{source}: unsupported model_type {model_type!r}; "
+                          "llmkit reads 'gpt2' and 'llama' checkpoints")
+
+    @classmethod
+    def _from_hf_gpt2(cls, hf: dict[str, Any]) -> ModelConfig:
+        act = hf.get("activation_function", "gelu_new")
+        if act not in _FROM_HF_ACT:
+            raise ConfigError(f"config.json: unsupported activation_function {act!r}")
+        return cls(
+            name=hf.get("_name_or_path") or "gpt2", vocab_size=hf["vocab_size"],
+            n_layer=hf["n_layer"], n_head=hf["n_head"], d_model=hf["n_embd"],
+            d_ff=hf.get("n_inner") or 4 * hf["n_embd"], max_seq_len=hf.get("n_positions", 1024),
+            pos_embedding="learned", norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            activation=_FROM_HF_ACT[act], gated_mlp=False, bias=True, tie_embeddings=True,
+            dropout=hf.get("resid_pdrop", 0.0), init_std=hf.get("initializer_range", 0.02),
+            bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+        )
+
+    @classmethod
+    def _from_hf_llama(cls, hf: dict[str, Any]) -> ModelConfig:
+        act = hf.get("hidden_act", "silu")
+        if act not in _FROM_HF_ACT:
+            raise ConfigError(f"config.json: unsupported hidden_act {act!r}")
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "linear"):
+            raise ConfigError(f"config.json: rope_type {rope_type!r} is not supported; "
+                              "llmkit implements 'default' and 'linear' RoPE")
+        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
+            raise ConfigError("config.json: attention_bias and mlp_bias differ; llmkit's `bias` "
+                              "field sets both")
+        return cls(
+            name=hf.get("_name_or_path") or "llama", vocab_size=hf["vocab_size"],
+            n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+            n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            d_model=hf["hidden_size"], head_dim=hf.get("head_dim"), d_ff=hf["intermediate_size"],
+            max_seq_len=hf.get("max_position_embeddings", 2048), pos_embedding="rope",
+            rope_theta=float(theta), rope_scaling=float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0,
+            norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), activation=_FROM_HF_ACT[act],
+            gated_mlp=True, bias=bool(hf.get("attention_bias", False)),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            dropout=hf.get("attention_dropout", 0.0), init_std=hf.get("initializer_range", 0.02),
+            bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+        )
+
+
+_GPT2 = dict(pos_embedding="learned", norm="layernorm", activation="gelu_tanh", gated_mlp=False,
+             bias=True, tie_embeddings=True, vocab_size=50257, max_seq_len=1024,
+             bos_token_id=50256, eos_token_id=50256)
+_LLAMA = dict(pos_embedding="rope", norm="rmsnorm", activation="silu", gated_mlp=True, bias=False)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(_GPT2, n_layer=12, n_head=12, d_model=768),
+    "gpt2-medium": dict(_GPT2, n_layer=24, n_head=16, d_model=1024),
+    "gpt2-large": dict(_GPT2, n_layer=36, n_head=20, d_model=1280),
+    "smollm2-135m": dict(_LLAMA, vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, d_model=576,
+                         d_ff=1536, max_seq_len=8192, rope_theta=100000.0, tie_embeddings=True,
+                         bos_token_id=1, eos_token_id=2),
+    "smollm2-360m": dict(_LLAMA, vocab_size=49152, n_layer=32, n_head=15, n_kv_head=5, d_model=960,
+                         d_ff=2560, max_seq_len=8192, rope_theta=100000.0, tie_embeddings=True,
+                         bos_token_id=1, eos_token_id=2),
+    # Small Llama-style sizes for CPU work, named by their parameter count at an 8,192-token vocabulary.
+    "llama-tiny": dict(_LLAMA, vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=192,
+                       max_seq_len=256),
+    "llama-2m": dict(_LLAMA, vocab_size=8192, n_layer=4, n_head=4, n_kv_head=2, d_model=128,
+                     d_ff=384, max_seq_len=512, tie_embeddings=True),
+    "llama-4m": dict(_LLAMA, vocab_size=8192, n_layer=6, n_head=6, n_kv_head=2, d_model=192,
+                      d_ff=512, max_seq_len=512, tie_embeddings=True),
+    "llama-8m": dict(_LLAMA, vocab_size=8192, n_layer=8, n_head=8, n_kv_head=4, d_model=256,
+                      d_ff=704, max_seq_len=512, tie_embeddings=True),
+    "llama-16m": dict(_LLAMA, vocab_size=8192, n_layer=8, n_head=8, n_kv_head=4, d_model=384,
+                      d_ff=1024, max_seq_len=1024, tie_embeddings=True),
+}

@@ -1,0 +1,21 @@
+"""The exceptions llmkit raises on bad input.
+
+Each one names the input, what was wrong and what was expected; the CLI prints the message
+without a traceback and exits non-zero.
+"""
+
+
+class LlmkitError(Exception):
+    """Base class: an input that llmkit cannot use, explained in the message."""
+
+
+class ConfigError(LlmkitError, ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+class FormatError(LlmkitError, ValueError):
+    """A file on disk is missing, truncated, or not in the layout expected."""
+
+
+class DataError(LlmkitError, ValueError):
+    """A corpus or data set is empty, malformed or inconsistent."""

@@ -1,0 +1,1 @@
+"""Files <-> (ModelConfig, tensors): Hugging Face folders (hf.py); GGUF comes later."""

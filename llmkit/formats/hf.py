@@ -1,0 +1,314 @@
+"""Hugging Face checkpoint folders in and out: config.json + safetensors <-> (ModelConfig, tensors).
+
+Every weight-name mapping between llmkit and transformers lives in `_tensor_map`, one table per
+`model_type`. Loading checks the whole folder before a byte of weights is read: the config, each
+safetensors header (a truncated file is caught by the tensor that runs past its end), the names
+and the shapes; any problem is one `FormatError` naming the file and the tensor. This module never
+imports the model: `Transformer.from_pretrained` / `save_pretrained` call it.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from llmkit.config import ModelConfig
+from llmkit.errors import ConfigError, FormatError
+from llmkit.files import atomic_path, atomic_write_json
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+GENERATION_CONFIG = "generation_config.json"
+
+# Buffers some transformers versions save that carry no weights.
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor in the HF file and the llmkit tensor(s) it becomes.
+
+    kind: "copy" (same layout), "transpose" (GPT-2's Conv1D stores [in, out]) or "qkv"
+    (GPT-2's fused c_attn, transposed, split into q, k, v).
+    """
+
+    hf: str
+    shape: tuple[int, ...]
+    ours: tuple[str, ...]
+    kind: str = "copy"
+
+
+def _tensor_map(config: ModelConfig) -> list[_Entry]:
+    c = config
+    model_type = c.hf_model_type
+    E: list[_Entry] = []
+    if model_type == "llama":
+        q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+        E.append(_Entry("model.embed_tokens.weight", (c.vocab_size, c.d_model), ("embed.weight",)))
+        for i in range(c.n_layer):
+            h, o = f"model.layers.{i}", f"blocks.{i}"
+            E.append(_Entry(f"{h}.input_layernorm.weight", (c.d_model,), (f"{o}.attn_norm.weight",)))
+            for name, out_dim, in_dim in (("q", q, c.d_model), ("k", kv, c.d_model), ("v", kv, c.d_model),
+                                          ("o", c.d_model, q)):
+                E.append(_Entry(f"{h}.self_attn.{name}_proj.weight", (out_dim, in_dim),
+                                (f"{o}.attn.{name}_proj.weight",)))
+                if c.bias:
+                    E.append(_Entry(f"{h}.self_attn.{name}_proj.bias", (out_dim,), (f"{o}.attn.{name}_proj.bias",)))
+            E.append(_Entry(f"{h}.post_attention_layernorm.weight", (c.d_model,), (f"{o}.mlp_norm.weight",)))
+            for name, out_dim, in_dim in (("gate", c.d_ff, c.d_model), ("up", c.d_ff, c.d_model),
+                                          ("down", c.d_model, c.d_ff)):
+                E.append(_Entry(f"{h}.mlp.{name}_proj.weight", (out_dim, in_dim), (f"{o}.mlp.{name}_proj.weight",)))
+                if c.bias:
+                    E.append(_Entry(f"{h}.mlp.{name}_proj.bias", (out_dim,), (f"{o}.mlp.{name}_proj.bias",)))
+        E.append(_Entry("model.norm.weight", (c.d_model,), ("norm.weight",)))
+        if not c.tie_embeddings:
+            E.append(_Entry("lm_head.weight", (c.vocab_size, c.d_model), ("lm_head.weight",)))
+        return E
+
+    # gpt2: Conv1D weights are stored transposed ([in, out]); q, k, v are fused in c_attn.
+    d, t = c.d_model, "transformer"
+    E.append(_Entry(f"{t}.wte.weight", (c.vocab_size, d), ("embed.weight",)))
+    E.append(_Entry(f"{t}.wpe.weight", (c.max_seq_len, d), ("pos_embed.weight",)))
+    for i in range(c.n_layer):
+        h, o = f"{t}.h.{i}", f"blocks.{i}"
+        for hf_norm, ours in (("ln_1", "attn_norm"), ("ln_2", "mlp_norm")):
+            for p in ("weight", "bias"):
+                E.append(_Entry(f"{h}.{hf_norm}.{p}", (d,), (f"{o}.{ours}.{p}",)))
+        E.append(_Entry(f"{h}.attn.c_attn.weight", (d, 3 * d),
+                        tuple(f"{o}.attn.{n}_proj.weight" for n in "qkv"), "qkv"))
+        E.append(_Entry(f"{h}.attn.c_attn.bias", (3 * d,), tuple(f"{o}.attn.{n}_proj.bias" for n in "qkv"), "qkv"))
+        for hf_lin, ours, shape in (("attn.c_proj", "attn.o_proj", (d, d)), ("mlp.c_fc", "mlp.up_proj", (d, c.d_ff)),
+                                    ("mlp.c_proj", "mlp.down_proj", (c.d_ff, d))):
+            E.append(_Entry(f"{h}.{hf_lin}.weight", shape, (f"{o}.{ours}.weight",), "transpose"))
+            E.append(_Entry(f"{h}.{hf_lin}.bias", (shape[1],), (f"{o}.{ours}.bias",)))
+    E.append(_Entry(f"{t}.ln_f.weight", (d,), ("norm.weight",)))
+    E.append(_Entry(f"{t}.ln_f.bias", (d,), ("norm.bias",)))
+    return E
+
+
+def _canonical_name(name: str, model_type: str) -> str:
+    """GPT2Model checkpoints (the hub's `gpt2`) omit GPT2LMHeadModel's `transformer.` prefix."""
+    if model_type == "gpt2" and not name.startswith(("transformer.", "lm_head.")):
+        return "transformer." + name
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors headers, read and checked by hand so a bad file is named precisely
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+              "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict]:
+    """The tensor table of a safetensors file, after checking every tensor lies inside the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            if size < 8:
+                raise FormatError(f"{path}: truncated safetensors file ({size} bytes; even the 8-byte "
+                                  "header length is missing)")
+            (n,) = struct.unpack("<Q", f.read(8))
+            if 8 + n > size:
+                raise FormatError(f"{path}: truncated safetensors file: header says {n} bytes of "
+                                  f"metadata but the file has only {size - 8} after the length")
+            raw = f.read(n)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: corrupt safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        if end > data_size:
+            raise FormatError(f"{path}: tensor {name!r} needs bytes {start}..{end} of the data section but "
+                              f"the file holds only {data_size}: the file is truncated")
+        if info["dtype"] not in _ST_DTYPES:
+            raise FormatError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which llmkit does not read")
+    return header
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def read_config(folder: Path) -> ModelConfig:
+    path = folder / CONFIG
+    if not folder.is_dir():
+        raise FormatError(f"{folder}: not a folder; expected a Hugging Face checkpoint folder with "
+                          f"{CONFIG} and {WEIGHTS}")
+    if not path.is_file():
+        raise FormatError(f"{folder}: no {CONFIG}; expected a Hugging Face checkpoint folder with "
+                          f"{CONFIG} and {WEIGHTS}")
+    try:
+        hf_config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: not valid JSON ({e})") from None
+    try:
+        return ModelConfig.from_hf_config(hf_config, source=str(path))
+    except ConfigError as e:
+        raise FormatError(str(e)) from None
+
+
+def _weight_files(folder: Path) -> dict[str, Path]:
+    """Map each stored tensor name to its file: one model.safetensors, or a sharded index."""
+    index = folder / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (KeyError, json.JSONDecodeError) as e:
+            raise FormatError(f"{index}: not a valid safetensors index ({e})") from None
+        return {name: folder / file for name, file in weight_map.items()}
+    single = folder / WEIGHTS
+    if single.is_file():
+        return {name: single for name in read_safetensors_header(single)}
+    if (folder / "pytorch_model.bin").exists():
+        raise FormatError(f"{folder}: only pickled pytorch_model.bin weights; llmkit reads safetensors "
+                          "only (weights are never unpickled). Convert with transformers' save_pretrained.")
+    raise FormatError(f"{folder}: no {WEIGHTS} or {INDEX}")
+
+
+def load_checkpoint(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read a checkpoint folder into a config and llmkit-named tensors (in their stored dtype)."""
+    folder = Path(folder)
+    config = read_config(folder)
+    model_type = config.hf_model_type
+    stored = _weight_files(folder)
+
+    headers: dict[Path, dict[str, dict]] = {}
+    for file in sorted(set(stored.values())):
+        if not file.is_file():
+            raise FormatError(f"{file}: listed in {INDEX} but missing")
+        headers[file] = read_safetensors_header(file)
+    located: dict[str, tuple[Path, str]] = {}  # canonical name -> (file, name in file)
+    for file, header in headers.items():
+        for name in header:
+            if not name.endswith(_IGNORED_SUFFIXES):
+                located[_canonical_name(name, model_type)] = (file, name)
+
+    entries = _tensor_map(config)
+    expected = {e.hf for e in entries}
+    if model_type == "gpt2":
+        located.pop("lm_head.weight", None)  # GPT-2's head is the token embedding
+    unexpected = sorted(set(located) - expected)
+    if unexpected:
+        file = located[unexpected[0]][0]
+        raise FormatError(f"{file}: unexpected tensor(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
+                          f"for model_type {model_type!r} with this config.json; refusing a partial load")
+    for e in entries:
+        if e.hf not in located:
+            where = folder / (INDEX if (folder / INDEX).is_file() else WEIGHTS)
+            raise FormatError(f"{where}: tensor {e.hf!r} is missing (model_type {model_type!r}, "
+                              f"n_layer={config.n_layer})")
+        file, name = located[e.hf]
+        shape = tuple(headers[file][name]["shape"])
+        if shape != e.shape:
+            raise FormatError(f"{file}: tensor {e.hf!r} has shape {list(shape)}, expected {list(e.shape)} "
+                              f"from {CONFIG}")
+
+    tensors: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[_Entry]] = {}
+    for e in entries:
+        by_file.setdefault(located[e.hf][0], []).append(e)
+    for file, file_entries in by_file.items():
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for e in file_entries:
+                    tensors.update(_from_hf(e, f.get_tensor(located[e.hf][1])))
+        except Exception as e:  # safetensors raises its own error types
+            raise FormatError(f"{file}: cannot read tensors ({e})") from None
+    if config.tie_embeddings:
+        tensors["lm_head.weight"] = tensors["embed.weight"]
+    return config, tensors
+
+
+def _from_hf(e: _Entry, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    if e.kind == "copy":
+        return {e.ours[0]: t}
+    if e.kind == "transpose":
+        return {e.ours[0]: t.t().contiguous()}
+    parts = (t.t() if t.dim() == 2 else t).chunk(3, dim=0)  # qkv
+    return {name: p.contiguous() for name, p in zip(e.ours, parts, strict=True)}
+
+
+def _to_hf(e: _Entry, sd: dict[str, torch.Tensor]) -> torch.Tensor:
+    if e.kind == "copy":
+        return sd[e.ours[0]]
+    if e.kind == "transpose":
+        return sd[e.ours[0]].t()
+    fused = torch.cat([sd[n] for n in e.ours], dim=0)
+    return fused.t() if fused.dim() == 2 else fused
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_checkpoint(folder: Path, config: ModelConfig, state_dict: dict[str, torch.Tensor],
+                    dtype: torch.dtype | None = None, max_shard_size: int | None = None) -> Path:
+    """Write config.json, generation_config.json and safetensors weights (sharded if asked), each
+    file atomically; config.json goes last so a folder with a config has complete weights."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for e in _tensor_map(config):
+        t = _to_hf(e, state_dict).detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        tensors[e.hf] = t.to("cpu").contiguous().clone()  # own storage: safetensors refuses shared memory
+    stored_dtype = dtype or state_dict["embed.weight"].dtype
+
+    shards = _shard(tensors, max_shard_size)
+    written = set()
+    if len(shards) == 1:
+        with atomic_path(folder / WEIGHTS) as tmp:
+            save_file(shards[0], str(tmp), metadata={"format": "pt"})
+        written.add(WEIGHTS)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            with atomic_path(folder / name) as tmp:
+                save_file(shard, str(tmp), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+            written.add(name)
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        atomic_write_json(folder / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        written.add(INDEX)
+    for stale in list(folder.glob("model*.safetensors")) + list(folder.glob(INDEX)):
+        if stale.name not in written:
+            stale.unlink()
+
+    generation = {k: v for k, v in (("bos_token_id", config.bos_token_id), ("eos_token_id", config.eos_token_id),
+                                    ("pad_token_id", config.pad_token_id)) if v is not None}
+    atomic_write_json(folder / GENERATION_CONFIG, generation)
+    hf_config = config.to_hf_config()
+    hf_config["torch_dtype"] = hf_config["dtype"] = str(stored_dtype).removeprefix("torch.")
+    atomic_write_json(folder / CONFIG, hf_config)
+    return folder
+
+
+def _shard(tensors: dict[str, torch.Tensor], max_shard_size: int | None) -> list[dict[str, torch.Tensor]]:
+    if not max_shard_size:
+        return [tensors]
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards
