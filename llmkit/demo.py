@@ -27,5 +27,5 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0) -> Path:
     top = probs.topk(5)
     print(f"forward pass on {tokens.shape[1]} tokens -> logits {tuple(logits.shape)}; reloaded model matches exactly")
     print("next-token top-5 (random weights): " + ", ".join(f"{i}:{p:.4f}" for p, i in zip(top.values.tolist(),
-                                                                                            top.indices.tolist())))
+                                                                                            top.indices.tolist(), strict=False)))
     return folder

@@ -33,7 +33,7 @@ def tokens(batch=2, seq=23, vocab=256, seed=1):
 def randomize_norms(model):
     """Random init leaves norm gains at 1 and biases at 0; perturb them so a swapped name shows."""
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     return model
@@ -153,11 +153,10 @@ def test_left_padded_batch_equals_each_prompt_alone(family):
             torch.testing.assert_close(uncached[i, width - n:], alone[0], rtol=0, atol=ATOL)
 
 
-def test_left_padded_batch_matches_transformers():
+def test_left_padded_batch_matches_transformers(tmp_path):
     hf = randomize_norms(hf_llama())
-    ours = Transformer.from_state_dict(
-        ModelConfig.from_hf_config(hf.config.to_dict()),
-        {k: v for k, v in _llmkit_state(hf).items()})
+    hf.save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(tmp_path)
     x = tokens(3, 10)
     mask = torch.ones_like(x)
     mask[0, :4] = 0
@@ -167,17 +166,6 @@ def test_left_padded_batch_matches_transformers():
         got = ours(x, attention_mask=mask)
     real = mask.bool()
     torch.testing.assert_close(got[real], expected[real], rtol=0, atol=ATOL)
-
-
-def _llmkit_state(hf_model):
-    import tempfile
-
-    from llmkit.formats import hf as hf_format
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as d:
-        hf_model.save_pretrained(d)
-        return hf_format.load_checkpoint(Path(d))[1]
 
 
 def test_cache_overflow_is_a_clear_error():
