@@ -66,3 +66,38 @@ def render_summary(s: dict[str, Any]) -> str:
              f"FLOPs per token at seq_len {s['seq_len']}: forward {human(s['flops_per_token_forward'])}, "
              f"training {human(s['flops_per_token_training'])}"]
     return "\n".join(lines)
+
+
+def measure_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                       size: int = 1024, seconds: float = 0.5) -> float:
+    """Measured matmul FLOP/s of this device and dtype (the denominator of MFU).
+
+    Cached per device, dtype and thread count in the llmkit cache, since it takes about a second.
+    """
+    import json
+    import time
+
+    from llmkit.files import atomic_write_json, cache_dir
+
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{torch.get_num_threads()}threads"
+    key = f"{name}|{dtype}|{size}"
+    cache = cache_dir() / "peak_flops.json"
+    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    if key in known:
+        return known[key]
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or best == float("inf"):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    known[key] = 2 * size**3 / best
+    atomic_write_json(cache, known)
+    return known[key]

@@ -1,0 +1,1 @@
+"""Training: one loop (loop.py), objectives as loss functions, checkpoints, distributed setup."""

@@ -1,0 +1,352 @@
+"""The one training loop. Every objective (pretraining, SFT, classification, reward, DPO,
+distillation) is a function `(model, batch) -> (loss, metrics)` run by `train`.
+
+Per optimizer step: `grad_accum` micro-batches (forward under autocast, backward of loss /
+grad_accum), gradient clipping, a NaN/inf guard, AdamW with the scheduled learning rate. Around
+it: periodic evaluation, metrics.jsonl + a tqdm bar, atomic checkpoints with everything needed to
+resume bit-exactly (optimizer, RNG, data position), SIGTERM/SIGINT handling, a wall-clock budget,
+and the same code under torchrun (DDP or FSDP2).
+
+`data` is any object with `next_batch()`, `state_dict()` and `load_state_dict(state)`; its
+`next_batch()` returns the micro-batch of this rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from llmkit.config import ModelConfig
+from llmkit.errors import ConfigError, FormatError, LlmkitError
+from llmkit.train import checkpoint
+from llmkit.train import distributed as dist_
+from llmkit.train.schedules import SCHEDULES, lr_factor
+
+Objective = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class TrainingDiverged(LlmkitError):
+    """The loss or the gradient norm became NaN or infinite."""
+
+
+@dataclass
+class LoopConfig:
+    """Optimisation and bookkeeping for `train`; recipes and CLI flags fill it."""
+
+    max_steps: int = field(default=1000, metadata={"help": "optimizer steps"})
+    max_minutes: float | None = field(default=None, metadata={"help": "wall-clock budget; stops and saves when spent"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of the peak"})
+    schedule: str = field(default="cosine", metadata={"help": f"one of {SCHEDULES}"})
+    warmup_steps: int = 100
+    decay_fraction: float = field(default=0.2, metadata={"help": "wsd: fraction of steps in the cooldown"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay, applied to matrices only"})
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = field(default=1.0, metadata={"help": "max global gradient norm (0 disables)"})
+    precision: str = field(default="auto", metadata={"help": "fp32, bf16 (autocast) or auto"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    eval_every: int = field(default=100, metadata={"help": "steps between evaluations (0: only at the end)"})
+    save_every: int = field(default=500, metadata={"help": "steps between checkpoints (0: only at the end)"})
+    keep_last: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
+    log_every: int = field(default=10, metadata={"help": "steps between throughput readings"})
+    seed: int = 1337
+    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in out_dir"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
+    progress: bool = field(default=True, metadata={"help": "show a tqdm bar"})
+
+    def validate(self) -> None:
+        for name in ("max_steps", "grad_accum"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "save_every", "keep_last", "log_every", "weight_decay",
+                     "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule={self.schedule!r}; expected one of {SCHEDULES}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision={self.precision!r}; expected auto, fp32 or bf16")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.eps > 0):
+            raise ConfigError(f"AdamW needs 0 <= beta < 1 and eps > 0, got betas=({self.beta1}, {self.beta2}), "
+                              f"eps={self.eps}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ConfigError(f"max_minutes must be positive, got {self.max_minutes}")
+
+
+@dataclass
+class TrainResult:
+    step: int
+    stopped: str  # "max_steps", "budget", "signal"
+    last_checkpoint: Path | None
+    history: list[dict[str, Any]]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where it pays (CUDA with bf16), fp32 otherwise; explicit choices are honoured."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices (dim >= 2) only: never on norms' gains or biases."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class _StopSignal:
+    """Turns SIGTERM/SIGINT into a flag checked between steps, so the loop saves before exiting."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_dir: str | Path, *,
+          model_config: ModelConfig | None = None, eval_batches: Callable[[], Iterable] | None = None,
+          tokens_per_step: int | None = None, bytes_per_token: float | None = None,
+          flops_per_token: int | None = None, strategy: str = "auto",
+          write_extra: Callable[[Path], None] | None = None, run_config: dict | None = None) -> TrainResult:
+    """Train `model` on `data` with `objective`; write metrics and checkpoints under `out_dir`.
+
+    eval_batches: returns a fresh iterable over the same validation batches each call.
+    tokens_per_step / flops_per_token: for throughput and MFU in the log (global, all ranks).
+    bytes_per_token: UTF-8 bytes per token of the validation text, for bits per byte.
+    write_extra: writes extra files (the tokenizer) into each checkpoint folder.
+    """
+    config.validate()
+    out_dir = Path(out_dir)
+    device = resolve_device(config.device)
+    world = dist_.init(device)
+    model_config = model_config or getattr(model, "config", None)
+    amp_dtype = autocast_dtype(config.precision, device)
+
+    torch.manual_seed(config.seed)
+    model.to(device)
+    model = dist_.wrap(model, strategy, world, device)
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
+                                  betas=(config.beta1, config.beta2), eps=config.eps,
+                                  fused=device.type == "cuda")
+
+    step, tokens_seen, history = 0, 0, []
+    metrics_path = out_dir / "metrics.jsonl"
+    if config.resume and (found := checkpoint.latest(out_dir)) is not None:
+        step, tokens_seen, history = _resume(found, model, optimizer, data, model_config, metrics_path, world)
+    elif world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        metrics_path.write_text("")
+        (out_dir / "config.json").write_text(json.dumps(run_config or dataclasses.asdict(config), indent=2) + "\n")
+    last_checkpoint = checkpoint.latest(out_dir) if config.resume else None
+    forward_model = torch.compile(model) if config.compile else model
+
+    peak = None
+    if flops_per_token:
+        from llmkit.analysis.accounting import measure_peak_flops
+
+        peak = measure_peak_flops(device, amp_dtype or torch.float32) * world.size
+
+    def save(at_step: int) -> Path | None:
+        model_state = dist_.full_model_state(model)
+        optimizer_state = dist_.full_optimizer_state(model, optimizer)
+        path = None
+        if world.is_main:
+            path = checkpoint.save(out_dir, at_step, model_config, model_state, optimizer_state,
+                                   {"tokens_seen": tokens_seen, "data": data.state_dict(),
+                                    "world_size": world.size, "model_config": model_config.to_dict()},
+                                   keep_last=config.keep_last, write_extra=write_extra)
+        dist_.barrier(world)
+        return path
+
+    def log(record: dict[str, Any]) -> None:
+        history.append(record)
+        if world.is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def evaluate() -> dict[str, float]:
+        losses = []
+        model.eval()
+        with torch.no_grad(), _autocast(device, amp_dtype):
+            for batch in eval_batches():
+                losses.append(objective(forward_model, _to_device(batch, device))[0].float())
+        model.train()
+        loss = dist_.all_reduce_mean(torch.stack(losses).mean(), world).item()
+        result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        if bytes_per_token:
+            result["val_bpb"] = loss / math.log(2) / bytes_per_token
+        return result
+
+    model.train()
+    stopped = "max_steps"
+    started = time.perf_counter()
+    bar = tqdm(total=config.max_steps, initial=step, desc="train", disable=not (config.progress and world.is_main),
+               dynamic_ncols=True)
+    window_start, window_tokens = time.perf_counter(), 0
+    with _StopSignal() as stop:
+        while step < config.max_steps:
+            lr = config.lr * lr_factor(step, config.schedule, config.warmup_steps, config.max_steps,
+                                       config.min_lr_ratio, config.decay_fraction)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(config.grad_accum):
+                batch = _to_device(data.next_batch(), device)
+                sync = micro == config.grad_accum - 1
+                with _no_sync(model, sync):
+                    with _autocast(device, amp_dtype):
+                        loss, _ = objective(forward_model, batch)
+                    (loss / config.grad_accum).backward()
+                loss_sum += loss.detach().float()
+            loss_value = dist_.all_reduce_mean(loss_sum / config.grad_accum, world)
+            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                         if config.grad_clip > 0 else _grad_norm(model))
+            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+                grad_norm = grad_norm.full_tensor()
+            if not (math.isfinite(loss_value.item()) and math.isfinite(float(grad_norm))):
+                bar.close()
+                where = checkpoint.latest(out_dir)
+                raise TrainingDiverged(
+                    f"training diverged at step {step}: loss={loss_value.item()}, grad_norm={float(grad_norm)}; "
+                    f"no update was applied. Last good checkpoint: {where or 'none'}. "
+                    "Lower the learning rate, raise warmup, or use fp32.")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            step_tokens = tokens_per_step or 0
+            tokens_seen += step_tokens
+            window_tokens += step_tokens
+            bar.update(1)
+
+            record = {"step": step, "loss": loss_value.item(), "lr": lr, "grad_norm": float(grad_norm),
+                      "tokens_seen": tokens_seen, "elapsed_s": round(time.perf_counter() - started, 3)}
+            if step % max(config.log_every, 1) == 0 or step == 1:
+                elapsed = time.perf_counter() - window_start
+                if step_tokens:
+                    record["tokens_per_s"] = window_tokens / elapsed
+                    if peak:
+                        record["mfu"] = record["tokens_per_s"] * flops_per_token / peak
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+                window_start, window_tokens = time.perf_counter(), 0
+            log(record)
+
+            budget_spent = config.max_minutes is not None and time.perf_counter() - started > 60 * config.max_minutes
+            must_stop = dist_.any_rank(stop.received is not None or budget_spent, world)
+            if eval_batches is not None and config.eval_every and step % config.eval_every == 0 \
+                    and step < config.max_steps and not must_stop:
+                log({"step": step, **evaluate()})
+            if must_stop:
+                stopped = "signal" if stop.received is not None else "budget"
+                break
+            if config.save_every and step % config.save_every == 0 and step < config.max_steps:
+                last_checkpoint = save(step)
+        bar.close()
+        if eval_batches is not None:
+            log({"step": step, **evaluate()})
+        last_checkpoint = save(step)
+    return TrainResult(step=step, stopped=stopped, last_checkpoint=last_checkpoint, history=history)
+
+
+def _resume(path, model, optimizer, data, model_config, metrics_path, world):
+    state, optimizer_state, rng = checkpoint.load_state(path)
+    saved = state.get("model_config")
+    if model_config is not None and saved is not None:
+        ours = {k: v for k, v in model_config.to_dict().items() if k != "name"}
+        theirs = {k: v for k, v in saved.items() if k != "name"}
+        if ours != theirs:
+            diff = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
+            raise ConfigError(f"cannot resume from {path}: the checkpoint's model differs from this run's "
+                              f"(field: (checkpoint, run)) {diff}")
+    if state.get("world_size", 1) != world.size:
+        raise ConfigError(f"cannot resume from {path}: it was written by {state['world_size']} processes, this run "
+                          f"has {world.size}; resume with the same world size")
+    from llmkit.formats import hf
+
+    _, tensors = hf.load_checkpoint(path)
+    try:
+        dist_.load_full_state(model, optimizer, tensors, optimizer_state)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise FormatError(f"cannot resume from {path}: {e}") from None
+    data.load_state_dict(state["data"])
+    checkpoint.set_rng_state(rng)
+    step = state["step"]
+    history = []
+    if world.is_main and metrics_path.is_file():  # drop records from after the checkpoint (a killed run)
+        kept = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+        history = [json.loads(line) for line in kept]
+    return step, state.get("tokens_seen", 0), history
+
+
+def _to_device(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _no_sync(model: nn.Module, sync: bool):
+    """Skip DDP's gradient all-reduce on all but the last micro-batch."""
+    if not sync and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def _grad_norm(model: nn.Module) -> torch.Tensor:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())

@@ -1,0 +1,203 @@
+"""The training loop's invariants: hand-checked loss, accumulation, decay, schedules, NaN guard."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmkit import ModelConfig, Transformer
+from llmkit.errors import ConfigError
+from llmkit.train import checkpoint
+from llmkit.train.loop import LoopConfig, TrainingDiverged, param_groups, train
+from llmkit.train.objectives import IGNORE_INDEX, causal_lm_loss
+from llmkit.train.schedules import lr_factor
+
+
+class RandomWindows:
+    """Random windows of a token tensor: a minimal resumable `data` for the loop."""
+
+    def __init__(self, tokens, batch, seq, seed=0):
+        self.tokens, self.batch, self.seq = tokens, batch, seq
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next_batch(self):
+        starts = torch.randint(0, len(self.tokens) - self.seq - 1, (self.batch,), generator=self.generator)
+        x = torch.stack([self.tokens[s:s + self.seq] for s in starts])
+        y = torch.stack([self.tokens[s + 1:s + self.seq + 1] for s in starts])
+        return x, y
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state().tolist()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+
+
+class Consecutive(RandomWindows):
+    """Consecutive windows in order: 8 rows at once are exactly 4 draws of 2 rows."""
+
+    def __init__(self, tokens, batch, seq):
+        super().__init__(tokens, batch, seq)
+        self.row = 0
+
+    def next_batch(self):
+        starts = [(self.row + i) * self.seq for i in range(self.batch)]
+        self.row += self.batch
+        x = torch.stack([self.tokens[s:s + self.seq] for s in starts])
+        y = torch.stack([self.tokens[s + 1:s + self.seq + 1] for s in starts])
+        return x, y
+
+
+def text_tokens():
+    """Bytes of real English prose (this project's own design document) as token ids."""
+    from pathlib import Path
+
+    for candidate in (Path(__file__).parents[2] / "shared" / "DESIGN.md", Path(__file__).parents[1] / "README.md"):
+        if candidate.is_file():
+            return torch.tensor(list(candidate.read_bytes()), dtype=torch.long)
+    raise FileNotFoundError("no text file to train on")
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig.from_preset("llama-tiny", vocab_size=256))
+
+
+def quiet(**kw):
+    return LoopConfig(**{"progress": False, "eval_every": 0, "save_every": 0, **kw})
+
+
+def test_cross_entropy_of_a_two_token_example_by_hand():
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            # vocab of 3; logits for the two positions are fixed
+            return torch.tensor([[[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]]])
+
+    x = torch.tensor([[0, 1]])
+    y = torch.tensor([[1, 2]])
+    loss, metrics = causal_lm_loss(Fixed(), (x, y))
+    # position 0: target 1 -> -log(e^0 / (e^2 + e^0 + e^-1)); position 1: target 2 -> -log(e^3 / (2 e^0.5 + e^3))
+    by_hand = (-(0 - math.log(math.exp(2) + 1 + math.exp(-1))) - (3 - math.log(2 * math.exp(0.5) + math.exp(3)))) / 2
+    assert loss.item() == pytest.approx(by_hand, rel=1e-6)
+    assert metrics["tokens"].item() == 2
+    masked, m2 = causal_lm_loss(Fixed(), (x, torch.tensor([[IGNORE_INDEX, 2]])))
+    assert masked.item() == pytest.approx(-(3 - math.log(2 * math.exp(0.5) + math.exp(3))), rel=1e-6)
+    assert m2["tokens"].item() == 1
+
+
+def test_gradient_accumulation_4x2_equals_one_batch_of_8(tmp_path):
+    """In float64, so that summation order cannot matter: in fp32 a handful of weights whose
+    gradient is ~eps differ by up to 4e-6 after Adam's first (sign-like) step."""
+    tokens = text_tokens()
+    big = tiny_model().double()
+    small = tiny_model().double()
+    small.load_state_dict(big.state_dict())
+    train(big, causal_lm_loss, Consecutive(tokens, 8, 32), quiet(max_steps=1, warmup_steps=0, grad_accum=1),
+          tmp_path / "a")
+    train(small, causal_lm_loss, Consecutive(tokens, 2, 32), quiet(max_steps=1, warmup_steps=0, grad_accum=4),
+          tmp_path / "b")
+    for (name, a), b in zip(big.state_dict().items(), small.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def test_weight_decay_touches_matrices_only(tmp_path):
+    model = tiny_model()
+    groups = param_groups(model, 0.1)
+    assert all(p.dim() >= 2 for p in groups[0]["params"]) and groups[0]["weight_decay"] == 0.1
+    assert all(p.dim() == 1 for p in groups[1]["params"]) and groups[1]["weight_decay"] == 0.0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def zero_gradient(model, batch):  # only the decay moves parameters
+        loss = sum(p.sum() for p in model.parameters()) * 0.0
+        return loss, {"loss": loss.detach()}
+
+    train(model, zero_gradient, RandomWindows(text_tokens(), 1, 8), quiet(max_steps=1, warmup_steps=0, lr=0.5,
+                                                                          weight_decay=0.1), tmp_path)
+    for name, after in model.state_dict().items():
+        if after.dim() >= 2:
+            torch.testing.assert_close(after, before[name] * (1 - 0.5 * 0.1), rtol=1e-6, atol=0, msg=name)
+        else:
+            assert torch.equal(after, before[name]), name
+
+
+def test_schedules():
+    assert lr_factor(0, "cosine", 10, 100) == pytest.approx(0.1)
+    assert lr_factor(9, "cosine", 10, 100) == pytest.approx(1.0)
+    assert lr_factor(55, "cosine", 10, 100, min_lr_ratio=0.1) == pytest.approx(0.55)  # halfway down
+    assert lr_factor(100, "cosine", 10, 100, min_lr_ratio=0.1) == pytest.approx(0.1)
+    assert lr_factor(50, "wsd", 10, 100, decay_fraction=0.2) == 1.0
+    assert lr_factor(90, "wsd", 10, 100, min_lr_ratio=0.0, decay_fraction=0.2) == pytest.approx(0.5)
+    assert lr_factor(39, "inv_sqrt", 10, 100) == pytest.approx(0.5)
+    assert lr_factor(70, "constant", 10, 100) == 1.0
+
+
+def test_nan_guard_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path):
+    calls = {"n": 0}
+
+    def explodes_at_step_7(model, batch):
+        calls["n"] += 1
+        loss, metrics = causal_lm_loss(model, batch)
+        return (loss * float("nan") if calls["n"] == 7 else loss), metrics
+
+    model = tiny_model()
+    with pytest.raises(TrainingDiverged, match=r"training diverged at step 6: loss=nan.*no update was applied.*"
+                                               r"Last good checkpoint: .*step-0000005"):
+        train(model, explodes_at_step_7, RandomWindows(text_tokens(), 2, 16),
+              LoopConfig(max_steps=10, save_every=5, eval_every=0, progress=False), tmp_path)
+    good = checkpoint.latest(tmp_path)
+    assert good.name == "step-0000005"
+    assert all(torch.isfinite(p).all() for p in Transformer.from_pretrained(good).parameters())
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the NaN step was not applied
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(lr=-1e-3), r"lr must be positive, got -0.001"),
+    (dict(max_steps=0), r"max_steps must be positive, got 0"),
+    (dict(schedule="linear"), r"schedule='linear'; expected one of"),
+    (dict(precision="fp8"), r"precision='fp8'; expected auto, fp32 or bf16"),
+])
+def test_bad_loop_config_fails_before_any_compute(tmp_path, changes, message):
+    def never(model, batch):
+        raise AssertionError("no compute should happen")
+
+    with pytest.raises(ConfigError, match=message):
+        train(tiny_model(), never, RandomWindows(text_tokens(), 1, 8), quiet(**changes), tmp_path)
+
+
+def test_resume_continues_exactly_in_process(tmp_path):
+    tokens = text_tokens()
+    full = train(tiny_model(), causal_lm_loss, RandomWindows(tokens, 4, 32),
+                 quiet(max_steps=12, warmup_steps=3), tmp_path / "full")
+    # First half: a run that stops at step 6 with the same 12-step schedule, then a resumed one.
+    cfg = LoopConfig(max_steps=12, warmup_steps=3, save_every=6, eval_every=0, progress=False)
+
+    class StopAfter6(RandomWindows):
+        def next_batch(self):
+            if getattr(self, "served", 0) == 6:
+                raise KeyboardInterrupt  # the run dies right after checkpoint 6
+            self.served = getattr(self, "served", 0) + 1
+            return super().next_batch()
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_model(), causal_lm_loss, StopAfter6(tokens, 4, 32), cfg, tmp_path / "split")
+    cfg.resume = True
+    resumed = train(tiny_model(seed=123), causal_lm_loss, RandomWindows(tokens, 4, 32, seed=99), cfg,
+                    tmp_path / "split")
+    losses = [r["loss"] for r in resumed.history if "loss" in r]
+    assert losses == [r["loss"] for r in full.history if "loss" in r]  # bit-identical on CPU
+
+
+def test_resuming_into_a_different_model_shape_is_refused(tmp_path):
+    train(tiny_model(), causal_lm_loss, RandomWindows(text_tokens(), 2, 16), quiet(max_steps=2), tmp_path)
+    wider = Transformer(ModelConfig.from_preset("llama-tiny", vocab_size=256, d_model=128))
+    with pytest.raises(ConfigError, match=r"cannot resume from .*step-0000002: the checkpoint's model differs from "
+                                          r"this run's .*'d_model': \(64, 128\)"):
+        train(wider, causal_lm_loss, RandomWindows(text_tokens(), 2, 16), quiet(max_steps=4, resume=True), tmp_path)
+
+
+def test_loss_falls_well_below_uniform(tmp_path):
+    result = train(tiny_model(), causal_lm_loss, RandomWindows(text_tokens(), 8, 64),
+                   quiet(max_steps=40, warmup_steps=5, lr=5e-3), tmp_path)
+    assert result.history[-1]["loss"] < 0.75 * math.log(256)
+    assert F is not None
