@@ -25,7 +25,7 @@ import torch
 
 from llmkit.config import ModelConfig
 from llmkit.errors import FormatError
-from llmkit.files import fsync_dir, atomic_path, atomic_write_json, atomic_write_text
+from llmkit.files import atomic_path, atomic_write_json, atomic_write_text, fsync_dir
 from llmkit.formats import hf
 
 STATE_DIR = "trainer_state"
