@@ -18,7 +18,7 @@ from pathlib import Path
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as Backend
 
-from llmkit.errors import ConfigError, FormatError
+from llmkit.errors import ConfigError, DataError, FormatError
 from llmkit.files import atomic_path, atomic_write_json
 
 ENDOFTEXT = "<|endoftext|>"
@@ -139,8 +139,8 @@ class Tokenizer:
         seen = _NonEmpty(texts)
         backend.train_from_iterator(seen, trainer=trainer)
         if not seen.any:
-            raise ConfigError("the training corpus is empty; expected at least one non-empty text to train on")
-        return cls._with_specials(backend, bos_token, eos_token, pad_token, chat_template)
+            raise DataError("the training corpus is empty; expected at least one non-empty text to train on")
+        return cls._with_specials(backend, special_tokens, bos_token, eos_token, pad_token, chat_template)
 
     @classmethod
     def train_chars(cls, texts: Iterable[str], special_tokens: Sequence[str] = CHATML_SPECIALS,
@@ -155,21 +155,21 @@ class Tokenizer:
         for text in texts:
             chars.update(text)
         if not chars:
-            raise ConfigError("the training corpus is empty; expected at least one non-empty text to collect characters from")
+            raise DataError("the training corpus is empty; expected at least one non-empty text to collect characters from")
         special_tokens = list(dict.fromkeys(special_tokens))
         vocab: dict[str, int] = {}
         for token in [*special_tokens, *(f"<0x{b:02X}>" for b in range(256)), *sorted(chars)]:
             vocab.setdefault(token, len(vocab))
         backend = Backend(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
         backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
-        return cls._with_specials(backend, bos_token, eos_token, pad_token, chat_template)
+        return cls._with_specials(backend, special_tokens, bos_token, eos_token, pad_token, chat_template)
 
     @classmethod
-    def _with_specials(cls, backend: Backend, bos: str | None, eos: str | None, pad: str | None,
-                       chat_template: str | None) -> Tokenizer:
-        specials = [t for t in (bos, eos, pad) if t is not None]
-        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in
-                                    dict.fromkeys([*_vocab_specials(backend), *specials])])
+    def _with_specials(cls, backend: Backend, special_tokens: Sequence[str], bos: str | None, eos: str | None,
+                       pad: str | None, chat_template: str | None) -> Tokenizer:
+        """Mark the special tokens as such (matched whole in text, skipped on request) and find their ids."""
+        specials = [*special_tokens, *(t for t in (bos, eos, pad) if t is not None)]
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(specials)])
         ids = [None if t is None else backend.token_to_id(t) for t in (bos, eos, pad)]
         return cls(backend, *ids, chat_template=chat_template)
 
@@ -189,7 +189,7 @@ class Tokenizer:
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()
         eos = ENDOFTEXT if backend.token_to_id(ENDOFTEXT) is not None else None
-        return cls._with_specials(backend, eos, eos, None, chat_template)
+        return cls._with_specials(backend, [eos] if eos else [], eos, eos, None, chat_template)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> Tokenizer:
@@ -332,11 +332,6 @@ class _NonEmpty:
             if t:
                 self.any = True
                 yield t
-
-
-def _vocab_specials(backend: Backend) -> list[str]:
-    """Special tokens a trained model already holds (the trainer puts them first), to mark them special."""
-    return [t.content for t in backend.get_added_tokens_decoder().values() if t.special]
 
 
 def _read_backend(path: Path) -> Backend:
