@@ -68,12 +68,28 @@ class KVCache:
     def batch_size(self) -> int:
         return self.valid.shape[0]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
-        """Write this step's keys/values at `start` and return everything cached so far."""
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor):
+        """Write this step's keys/values at `start` and return everything cached so far.
+
+        A tensor `start` (the fixed-shape path of `Transformer.decode_step`) writes one slot in place
+        and returns the whole preallocated buffers, so shapes never change from step to step.
+        """
+        if isinstance(start, torch.Tensor):
+            self.keys[layer].index_copy_(2, start, k)
+            self.values[layer].index_copy_(2, start, v)
+            return self.keys[layer], self.values[layer]
         end = start + k.shape[2]
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep row `rows[i]` as the new row i (beam search picks its beams; `n` samples copy a prompt)."""
+        rows = rows.to(self.valid.device)
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+        self.valid = self.valid.index_select(0, rows)
+        self.next_position = self.next_position.index_select(0, rows)
 
     def reset(self) -> None:
         self.valid.zero_()
@@ -119,6 +135,13 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v, start)
+        if T == 1 and self.n_kv_head != self.n_head:
+            # One query per row (decoding): fold each group of query heads into the query axis of
+            # its key/value head. Same result as enable_gqa, without SDPA's slow CPU path for it.
+            q = q.view(B, self.n_kv_head, self.n_head // self.n_kv_head, self.head_dim)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                               dropout_p=self.dropout if self.training else 0.0)
+            return self.o_proj(y.reshape(B, 1, self.n_head * self.head_dim))
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
@@ -249,6 +272,39 @@ class Transformer(nn.Module):
             kv_cache.length = past + T
             kv_cache.next_position += T if new_mask is None else new_mask.sum(1)
         return self.norm(x)
+
+    def decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
+                    key_mask: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+        """Logits (batch, 1, vocab) for one new token per row, with shapes that never change.
+
+        The fixed-shape twin of `forward(..., kv_cache=...)` for one token, so that `torch.compile`
+        traces it once for a whole decode loop (gpt-fast's static cache): keys/values are written at
+        cache slot `slot` (a 0-d long tensor) and attention reads the whole preallocated cache,
+        masked by `key_mask` (bool, batch x max_len, true for the slots each row may see, `slot`
+        included). `positions` (batch, 1) are the tokens' position ids. It skips validation and the
+        cache's bookkeeping (`valid`, `length`, `next_position`): its caller keeps those.
+        """
+        x = self.embed(input_ids)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        rope = rope_cos_sin(self.config, positions, x.dtype) if self.pos_embedding_is_rope else None
+        mask = key_mask[:, None, None, :]
+        slot = slot.reshape(1)
+        for block in self.blocks:
+            x = block(x, rope, mask, False, kv_cache, slot)
+        return self.lm_head(self.norm(x))
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **sampling):
+        """Generate after each row of `input_ids` (batch, seq; left-padded where `attention_mask` is 0).
+
+        Returns a long tensor (batch * n, seq + new) of prompt + generated tokens, padded on the right
+        with the pad (or EOS) id, like transformers' `generate`. `sampling` takes the arguments of
+        `llmkit.generate` (max_new_tokens, temperature, top_p, ..., num_beams for beam search).
+        """
+        from llmkit.generate.engine import generate_tensor
+
+        return generate_tensor(self, input_ids, attention_mask, **sampling)
 
     @property
     def pos_embedding_is_rope(self) -> bool:
