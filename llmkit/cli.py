@@ -150,6 +150,27 @@ def _tokenizer(args: argparse.Namespace) -> None:
     args.tokenizer_run(args)
 
 
+# ---- pretrain ----------------------------------------------------------------------------------
+
+
+def _pretrain_args(p: argparse.ArgumentParser) -> None:
+    from llmkit.options import add_dataclass_arguments
+    from llmkit.train.pretrain import PretrainConfig
+
+    p.add_argument("--config", help="a YAML recipe (e.g. recipes/pretrain-tiny.yaml); flags override it")
+    add_dataclass_arguments(p, PretrainConfig)
+
+
+@verb("pretrain", "next-token pretraining on token shards (also under torchrun)", _pretrain_args)
+def _pretrain(args: argparse.Namespace) -> None:
+    from llmkit.options import build_config, parsed_overrides
+    from llmkit.train.pretrain import PretrainConfig, pretrain
+
+    config = build_config(PretrainConfig, args.config, parsed_overrides(args, PretrainConfig))
+    result = pretrain(config)
+    print(f"stopped at step {result.step} ({result.stopped}); checkpoint: {result.last_checkpoint}")
+
+
 # ---------------------------------------------------------------------------------------------
 
 

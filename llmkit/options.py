@@ -50,9 +50,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
         tp = types_[f.name]
         convert = _parse_bool if tp is bool else (tp if tp in (int, float, str) else str)
         help_text = (f.metadata.get("help", "") + f" (default: {default!r})").strip()
+        extra = {"nargs": "?", "const": True} if tp is bool else {}  # `--resume` alone means true
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=convert,
                             default=argparse.SUPPRESS, metavar=tp.__name__.upper() if hasattr(tp, "__name__") else "X",
-                            help=help_text)
+                            help=help_text, **extra)
 
 
 def build_config(cls: type[T], recipe: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:

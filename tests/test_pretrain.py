@@ -1,0 +1,138 @@
+"""Pretraining end to end on real text: the golden loss curve, SIGKILL + resume, torchrun with
+DDP and FSDP2, and bad input caught before any compute."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llmkit.data.corpora import documents
+from llmkit.data.shards import write_shards
+from llmkit.errors import ConfigError, DataError
+from llmkit.options import build_config
+from llmkit.tokenizer import Tokenizer
+from llmkit.train.pretrain import PretrainConfig, pretrain
+
+GOLDEN = Path(__file__).parent / "golden" / "pretrain_tiny.json"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """tinyshakespeare, character-level, as train/val shards (the first passages are validation)."""
+    root = tmp_path_factory.mktemp("shakespeare")
+    docs = [d.text for d in documents("tinyshakespeare")]
+    tokenizer = Tokenizer.train_chars(docs)
+    tokenizer.save_pretrained(root / "tokenizer")
+    write_shards(docs[2:], tokenizer, root / "train", workers=1, progress=False)
+    write_shards(docs[:2], tokenizer, root / "val", workers=1, progress=False)
+    return root
+
+
+def tiny(shards, out, **changes):
+    values = dict(model="llama-tiny", data=str(shards), out_dir=str(out), context=64, batch_size=8, max_steps=20,
+                  warmup_steps=4, lr=1e-2, eval_every=10, eval_batches=2, save_every=0, progress=False, seed=7)
+    values.update(changes)
+    return PretrainConfig(**values)
+
+
+def losses(out_dir):
+    records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def test_golden_loss_curve(shards, tmp_path):
+    result = pretrain(tiny(shards, tmp_path))
+    curve = losses(tmp_path)
+    assert len(curve) == 20 and result.step == 20
+    if os.environ.get("LLMKIT_UPDATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps({"losses": curve}, indent=1) + "\n")
+    golden = json.loads(GOLDEN.read_text())["losses"]
+    assert curve == pytest.approx(golden, rel=1e-4)
+    vocab = Tokenizer.from_pretrained(shards / "tokenizer").vocab_size
+    assert curve[-1] < 0.6 * math.log(vocab)
+    val = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
+    assert [r["step"] for r in val] == [10, 20] and val[-1]["val_bpb"] > 0
+    report = json.loads((tmp_path / "config.json").read_text())
+    assert report["model"] == "llama-tiny"
+
+
+def _pretrain_cmd(shards, out, *extra):
+    return [sys.executable, "-m", "llmkit.cli", "pretrain", "--model", "llama-tiny", "--data", str(shards),
+            "--out-dir", str(out), "--context", "64", "--batch-size", "8", "--max-steps", "30", "--warmup-steps", "4",
+            "--lr", "1e-2", "--eval-every", "0", "--save-every", "5", "--keep-last", "2", "--progress", "false",
+            "--seed", "3", *extra]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_matches_the_uninterrupted_run(shards, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(_pretrain_cmd(shards, tmp_path / "whole"), check=True, env=env, capture_output=True, timeout=600)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_pretrain_cmd(shards, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 13:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(losses(killed)) < 30, "the run finished before it could be killed"
+    subprocess.run(_pretrain_cmd(shards, killed, "--resume"), check=True, env=env, capture_output=True, timeout=600)
+    assert losses(killed) == losses(tmp_path / "whole")  # bit-identical, step for step
+    kept = sorted(p.name for p in (killed / "checkpoints").iterdir())
+    assert kept == ["latest", "step-0000025", "step-0000030"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one_process(shards, tmp_path, strategy):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["--model", "llama-tiny", "--data", str(shards), "--context", "64", "--max-steps", "8",
+              "--warmup-steps", "2", "--eval-every", "0", "--save-every", "4", "--progress", "false", "--seed", "5"]
+    subprocess.run([sys.executable, "-m", "llmkit.cli", "pretrain", *common, "--batch-size", "8",
+                    "--out-dir", str(tmp_path / "one")], check=True, env=env, capture_output=True, timeout=600)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "llmkit.cli", "pretrain", *common, "--batch-size", "4", "--distributed", strategy,
+                          "--out-dir", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+    # The checkpoint written by two processes is an ordinary full model.
+    from llmkit import Transformer
+
+    Transformer.from_pretrained(tmp_path / "two" / "checkpoints" / "step-0000008")
+
+
+def test_bad_input_fails_before_compute(shards, tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("model: llama-tiny\nlearning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"recipe .*bad\.yaml: unknown key\(s\) \['learning_rate'\]"):
+        build_config(PretrainConfig, recipe)
+    with pytest.raises(ConfigError, match=r"lr must be positive, got -0\.1"):
+        pretrain(tiny(shards, tmp_path / "a", lr=-0.1))
+    with pytest.raises(ConfigError, match=r"context 512 is longer than the model's max_seq_len 256"):
+        pretrain(tiny(shards, tmp_path / "b", context=512))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty has no token shards \(no meta\.json"):
+        pretrain(tiny(tmp_path / "empty", tmp_path / "c"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cli_reports_errors_without_traceback(shards, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "llmkit.cli", "pretrain", "--data", str(shards), "--model",
+                          "llama-tiny", "--context", "1024", "--out-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert "context 1024 is longer than the model's max_seq_len 256" in out.stderr
+    unknown = subprocess.run([sys.executable, "-m", "llmkit.cli", "pretrain", "--learning-rate", "1"],
+                             capture_output=True, text=True, timeout=120)
+    assert unknown.returncode == 2 and "unrecognized arguments: --learning-rate" in unknown.stderr
