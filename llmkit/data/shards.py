@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -90,7 +91,9 @@ def write_shards(texts: Iterable[str], tokenizer: Tokenizer, out: str | os.PathL
 
     jobs = _chunks(texts, tokenizer.eos_id, dtype, chunk_docs)
     if workers > 1:
-        pool = ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_init_worker,
+        # fork is instant on Linux; elsewhere (macOS, Windows) fork is unsafe or missing, so spawn
+        context = get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                                    initargs=(tokenizer.backend.to_str(),))
         results = pool.map(_encode_chunk, jobs)
     else:

@@ -158,9 +158,15 @@ def fetch(name: str, quiet: bool = True) -> Path:
         files = _unpack(source, archive, unpacked)
         manifest = {"source": asdict(source), "archive": archive.name, "files": files}
         (unpacked / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if final.exists():  # a stale folder without a manifest: an older, interrupted layout
+        if (final / MANIFEST).is_file():  # another process finished the same fetch meanwhile
+            return final
+        if final.exists():  # a stale folder without a manifest (not written by this version)
             shutil.rmtree(final)
-        os.replace(unpacked, final)
+        try:
+            os.replace(unpacked, final)
+        except OSError:
+            if not (final / MANIFEST).is_file():  # lost a race to a complete copy: fine; anything else is not
+                raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return final
