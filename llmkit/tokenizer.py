@@ -116,7 +116,7 @@ class Tokenizer:
             if i is not None and not 0 <= i < n:
                 raise ConfigError(f"tokenizer {label}={i} is out of range; expected an id in [0, {n})")
         self._bos, self._eos, self._pad = bos_id, eos_id, pad_id
-        self.chat_template = resolve_chat_template(chat_template)
+        self.chat_template = chat_template
         self._compiled: tuple[str, object] | None = None
 
     # ---- construction -------------------------------------------------------------------------
@@ -233,6 +233,15 @@ class Tokenizer:
         return folder
 
     # ---- the interface ------------------------------------------------------------------------
+
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja chat template; assigning a built-in name (chatml, llama2, ...) stores its Jinja."""
+        return self._chat_template
+
+    @chat_template.setter
+    def chat_template(self, template: str | None) -> None:
+        self._chat_template = resolve_chat_template(template)
 
     @property
     def vocab_size(self) -> int:

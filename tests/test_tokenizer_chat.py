@@ -95,6 +95,8 @@ def test_builtin_styles_mask_the_reply(chars, style, rendered_reply, masked_repl
     assert masked == masked_reply
     assert text.endswith(rendered_reply) and "Answer briefly." in text
     assert tok.chat_template == CHAT_TEMPLATES[style]
+    tok.chat_template = "chatml"  # assigning a name stores the template it names
+    assert tok.chat_template == CHAT_TEMPLATES["chatml"] and tok.render_chat(msgs).startswith("<|im_start|>system")
 
 
 def test_llama2_rejects_non_alternating_roles(chars):
