@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -65,6 +66,17 @@ def _chunks(texts: Iterable[str], eos: int, dtype: str, size: int,
         yield batch, eos, dtype
 
 
+def _bounded_map(pool: ProcessPoolExecutor, fn, jobs: Iterable, ahead: int) -> Iterator:
+    """`pool.map` in order, but with at most `ahead` chunks in flight, so memory stays flat on big corpora."""
+    pending: deque = deque()
+    for job in jobs:
+        pending.append(pool.submit(fn, job))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def write_shards(texts: Iterable[str], tokenizer: Tokenizer, out: str | os.PathLike, shard_tokens: int = 1 << 26,
                  workers: int | None = None, chunk_docs: int = 256, progress: bool = True) -> dict:
     """Tokenize `texts` (one document each) into `out/shard_NNNNN.bin` + `out/meta.json`; return the meta.
@@ -76,6 +88,7 @@ def write_shards(texts: Iterable[str], tokenizer: Tokenizer, out: str | os.PathL
         raise DataError("the tokenizer has no EOS token; expected one to separate documents in the shards")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / META).unlink(missing_ok=True)  # an old meta must not vouch for shards this run overwrites
     dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
     workers = workers or os.cpu_count() or 1
     shards, buffer, buffered, documents, total_docs = [], [], 0, 0, 0
@@ -95,7 +108,7 @@ def write_shards(texts: Iterable[str], tokenizer: Tokenizer, out: str | os.PathL
         context = get_context("fork" if sys.platform.startswith("linux") else "spawn")
         pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                                    initargs=(tokenizer.backend.to_str(),))
-        results = pool.map(_encode_chunk, jobs)
+        results = _bounded_map(pool, _encode_chunk, jobs, 2 * workers)
     else:
         pool = None
         _init_worker(tokenizer.backend.to_str())
