@@ -193,7 +193,10 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> Tokenizer:
-        """Load a HF folder (`tokenizer.json` + `tokenizer_config.json`) or GPT-2 `vocab.json` + `merges.txt`."""
+        """Load a HF folder (`tokenizer.json` + `tokenizer_config.json`) or GPT-2 `vocab.json` + `merges.txt`.
+
+        The chat template comes from `chat_template.jinja` when present, else from tokenizer_config.json.
+        """
         folder = Path(path)
         if folder.is_file():
             folder = folder.parent
@@ -202,6 +205,8 @@ class Tokenizer:
                               "(+ tokenizer_config.json) or vocab.json + merges.txt")
         config = _read_config(folder / "tokenizer_config.json")
         template = _pick_template(config.get("chat_template"))
+        if (folder / "chat_template.jinja").is_file():  # where transformers >= 4.50 saves it
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
         if (folder / "tokenizer.json").is_file():
             backend = _read_backend(folder / "tokenizer.json")
             ids = [_special_id(backend, config.get(key), folder) for key in ("bos_token", "eos_token", "pad_token")]

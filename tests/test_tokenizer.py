@@ -211,3 +211,20 @@ def test_corrupt_gpt2_vocab(gpt2_dir, tmp_path):
     (tmp_path / "merges.txt").write_text((gpt2_dir / "gpt2_merges.txt").read_text(encoding="utf-8"), encoding="utf-8")
     with pytest.raises(FormatError, match="GPT-2 tokenizer files .*vocab.json .* could not be read"):
         Tokenizer.from_pretrained(tmp_path)
+
+
+def test_reads_a_folder_transformers_wrote(gpt2_dir, gpt2, lear, tmp_path):
+    from transformers import GPT2TokenizerFast
+
+    src, out = tmp_path / "gpt2", tmp_path / "saved"
+    src.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        (src / name).write_bytes((gpt2_dir / f"gpt2_{name}").read_bytes())
+    hf = GPT2TokenizerFast.from_pretrained(str(src))
+    hf.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    hf.save_pretrained(str(out))
+    assert (out / "tokenizer.json").is_file()
+    tok = Tokenizer.from_pretrained(out)
+    assert tok.encode(lear[:5000]) == gpt2.encode(lear[:5000]) == hf(lear[:5000])["input_ids"]
+    assert (tok.bos_id, tok.eos_id) == (hf.bos_token_id, hf.eos_token_id) == (50256, 50256)
+    assert tok.render_chat([{"role": "user", "content": "Kent."}]) == "user: Kent.\n"
