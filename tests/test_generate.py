@@ -108,12 +108,13 @@ def test_left_padded_batch_greedy_matches_transformers(tmp_path):
 # ---- KV cache ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_cached_decode_step_equals_full_recompute(family):
+def test_cached_decode_step_equals_full_recompute(family, static):
     model = tiny(family)
     ids = torch.randint(0, 300, (2, 40))
     cache = KVCache(model.config, 2, 40)
-    step = engine.DecodeStep(model)
+    step = engine.DecodeStep(model, static=static)
     with torch.no_grad():
         full = model(ids)
         logits = model.lm_head(model.hidden_states(ids[:, :10], kv_cache=cache)[:, -1])

@@ -100,15 +100,19 @@ _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class DecodeStep:
-    """`model.decode_step`, through `torch.compile` when asked; eager again if compiling fails.
+    """One token per row through the model, advancing the KV cache by one slot.
 
-    The compiled function is kept per model, so later calls reuse it. A failure (no C++ compiler,
-    an unsupported operation, ...) warns once and falls back: the step writes its cache slot with
-    `index_copy_`, so running it again eagerly is harmless.
+    Eagerly it is `model.forward` on the cache (attention reads only the slots filled so far).
+    With `compile=True` it is `model.decode_step`, the fixed-shape variant, through `torch.compile`;
+    the compiled function is kept per model, so later calls reuse it. A failure (no C++ compiler,
+    an unsupported operation, ...) warns once and falls back to eager: the static step writes its
+    cache slot with `index_copy_`, so running the step again is harmless. `static=True` without
+    compiling runs the fixed-shape step eagerly (tests compare it with the dynamic one).
     """
 
-    def __init__(self, model: Transformer, compile: bool = False):
+    def __init__(self, model: Transformer, compile: bool = False, static: bool | None = None):
         self.model = model
+        self.static = compile if static is None else static
         self.compiled = None
         if compile:
             if model not in _COMPILED:
@@ -121,11 +125,13 @@ class DecodeStep:
             self.compiled = _COMPILED[model]
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits (batch, vocab) for one new token per row; advances the cache by one slot."""
-        slot = cache.length
-        cache.valid[:, slot] = True
+        """Logits (batch, vocab) for one new token per row (`tokens`, shape (batch,))."""
         # Rows that have ended keep stepping until the batch ends; keep their positions in range.
         positions = cache.next_position.clamp(max=self.model.config.max_seq_len - 1)[:, None]
+        if not self.static:
+            return self.model(tokens[:, None], positions=positions, kv_cache=cache)[:, -1]
+        slot = cache.length
+        cache.valid[:, slot] = True
         args = (tokens[:, None], positions, torch.tensor(slot, device=tokens.device), cache.valid, cache)
         logits = None
         if self.compiled is not None:
