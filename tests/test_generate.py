@@ -5,8 +5,6 @@ import warnings
 
 import pytest
 import torch
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import llmkit
@@ -14,35 +12,14 @@ from llmkit import KVCache, ModelConfig, Transformer
 from llmkit.errors import ConfigError
 from llmkit.generate import engine
 from llmkit.generate.text import TextTracker
+from llmkit.tokenizer import Tokenizer
 
 TEXT = ["the cat sat on the mat. ", "a dog ran in the park! ", "héllo wörld, naïve café ", "猫が好き 🙂 "] * 20
 
 
-class ByteBPE:
-    """A minimal tokenizer with llmkit's Tokenizer contract (encode, decode, eos_id, vocab_size)."""
-
-    def __init__(self, vocab_size=300):
-        tok = HFTokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        tok.train_from_iterator(TEXT, trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=["<eos>"], show_progress=False,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-        self.tok = tok
-        self.eos_id = tok.token_to_id("<eos>")
-        self.bos_id = self.pad_id = None
-        self.vocab_size = tok.get_vocab_size()
-
-    def encode(self, text, add_special_tokens=False):
-        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
-
-    def decode(self, ids, skip_special_tokens=False):
-        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-
 @pytest.fixture(scope="module")
 def tok():
-    return ByteBPE()
+    return Tokenizer.train(TEXT, vocab_size=300)
 
 
 def tiny(family="llama", vocab=300, **overrides):

@@ -1,0 +1,107 @@
+"""Weight-only int8 / int4 linear layers for fast CPU decoding (gpt-fast's module swap).
+
+Decoding one token reads every weight once and does little arithmetic with it, so its speed is set
+by how many bytes the weights take. `quantize(model, bits)` swaps each linear layer of the blocks and
+the LM head for a `PackedLinear` that keeps:
+
+- the weight quantized per output channel (int8) or per group of `group_size` inputs (int4, with a
+  zero point), packed for PyTorch's CPU kernels `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu`,
+  which run with bf16 activations; they serve small batches (decoding);
+- the same quantized weight dequantized to bf16, for large batches (prefill), where a bf16 GEMM is
+  faster than the packed kernels. Both compute the same quantized function, so a cache filled by
+  prefill and extended by decoding stays consistent.
+
+Everything else (embeddings, norms, attention, the KV cache, logits) stays in the model's dtype.
+The accuracy cost is measured in benchmarks/generate.py (logit error, top-1 agreement, KL).
+
+This belongs in llmkit/quant/ once that package exists; generation only needs `quantize`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmkit.errors import ConfigError
+
+SMALL_BATCH = 16  # rows at or below this use the packed kernel; above, the bf16 GEMM
+
+
+def _quantize_int8(w: torch.Tensor):
+    """Symmetric per-output-channel int8: w ≈ q * scale."""
+    scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def _quantize_int4(w: torch.Tensor, group_size: int):
+    """Asymmetric int4 per group of inputs: w ≈ (q - 8) * scale + zero, q in [0, 15]."""
+    n, k = w.shape
+    g = w.reshape(n, k // group_size, group_size)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-8)
+    q = torch.round((g - lo) / scale).clamp(0, 15)
+    zero = lo + 8.0 * scale
+    dequant = ((q - 8.0) * scale + zero).reshape(n, k)
+    return q.reshape(n, k).to(torch.int32), scale[..., 0], zero[..., 0], dequant
+
+
+class PackedLinear(nn.Module):
+    """y = x @ W_q^T (+ bias) with W_q an int8 or int4 quantization of a linear layer's weight."""
+
+    def __init__(self, linear: nn.Linear, bits: int = 8, group_size: int = 32):
+        super().__init__()
+        w = linear.weight.detach().float()
+        self.out_features, self.in_features = w.shape
+        self.bits = bits
+        self.group_size = group_size
+        if bits == 8:
+            q, scale = _quantize_int8(w)
+            self.register_buffer("packed", q)
+            self.register_buffer("scales", scale.to(torch.bfloat16))
+            dequant = q.float() * scale[:, None]
+        elif bits == 4:
+            if self.in_features % group_size or self.out_features % 8:
+                raise ConfigError(f"int4 needs in_features ({self.in_features}) divisible by group_size "
+                                  f"({group_size}) and out_features ({self.out_features}) divisible by 8")
+            q, scale, zero, dequant = _quantize_int4(w, group_size)
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+            self.register_buffer("scales", torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+                                 .to(torch.bfloat16))
+        else:
+            raise ConfigError(f"bits={bits}; expected 8 or 4")
+        self.register_buffer("weight_bf16", dequant.to(torch.bfloat16))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if x2.shape[0] <= SMALL_BATCH:
+            if self.bits == 8:
+                y = torch.ops.aten._weight_int8pack_mm(x2, self.packed, self.scales)
+            else:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales)
+        else:
+            y = F.linear(x2, self.weight_bf16)
+        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, bits={self.bits}"
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, bits: int = 8, group_size: int = 32) -> nn.Module:
+    """Swap, in place, every linear layer of `model.blocks` and the LM head for a `PackedLinear`.
+
+    The model then runs inference only (no gradients flow into packed weights). A tied LM head is
+    quantized as its own copy; the embedding it was tied to stays in full precision.
+    """
+    if model.device.type != "cpu":
+        raise ConfigError(f"quantize() uses PyTorch's CPU packed kernels; the model is on {model.device}")
+    for parent in [model, *model.modules()]:
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, PackedLinear(child, bits, group_size))
+    return model.eval()
