@@ -171,6 +171,122 @@ def _pretrain(args: argparse.Namespace) -> None:
     print(f"stopped at step {result.step} ({result.stopped}); checkpoint: {result.last_checkpoint}")
 
 
+# ---- speedrun ----------------------------------------------------------------------------------
+
+
+def _speedrun_args(p: argparse.ArgumentParser) -> None:
+    from llmkit.options import add_dataclass_arguments
+    from llmkit.speedrun import SpeedrunConfig
+
+    p.add_argument("--config", help="a YAML recipe (e.g. recipes/speedrun.yaml); flags override it")
+    add_dataclass_arguments(p, SpeedrunConfig)
+
+
+@verb("speedrun", "raw packaged text -> tokenizer -> pretrained model -> report, within a time budget",
+      _speedrun_args)
+def _speedrun(args: argparse.Namespace) -> None:
+    from llmkit.options import build_config, parsed_overrides
+    from llmkit.speedrun import SpeedrunConfig, speedrun
+
+    speedrun(build_config(SpeedrunConfig, args.config, parsed_overrides(args, SpeedrunConfig)))
+
+
+# ---- generate, chat, next ----------------------------------------------------------------------
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="an HF checkpoint folder with a tokenizer (tokenizer.json)")
+    g = p.add_argument_group("sampling (OpenAI names; applied in vLLM's order, see llmkit/generate/sampling.py)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 keeps every token")
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="weight-only packed linear layers for faster CPU decoding (small accuracy cost)")
+    p.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+
+
+def _sampling_from(args: argparse.Namespace) -> dict:
+    names = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
+             "repetition_penalty", "stop", "seed", "ignore_eos", "compile")
+    return {n: getattr(args, n) for n in names}
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    _sampling_args(p)
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--n", type=int, default=1, help="samples of the prompt")
+    p.add_argument("--num-beams", type=int, default=1, help="> 1: beam search (no streaming)")
+    p.add_argument("--logprobs", type=int, default=None, help="also return the top-k logprobs of each token")
+    p.add_argument("--json", action="store_true", help="print the completions as JSON instead of streaming text")
+
+
+@verb("generate", "continue a prompt (streams the text; --json for tokens, logprobs, finish reason)", _generate_args)
+def _generate(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from llmkit.generate import generate, stream
+    from llmkit.generate.chat import load
+
+    model, tokenizer = load(args.model, args.quantize, args.threads)
+    sampling = dict(_sampling_from(args), n=args.n, num_beams=args.num_beams, logprobs=args.logprobs)
+    if args.json or args.num_beams > 1 or args.n > 1:
+        outs = generate(model, tokenizer, args.prompt, **sampling)
+        outs = outs if isinstance(outs, list) else [outs]
+        if args.json:
+            print(json.dumps([dataclasses.asdict(o) for o in outs], indent=2))
+        else:
+            for o in outs:
+                print(f"--- {o.index} ({o.finish_reason})\n{args.prompt}{o.text}")
+        return
+    print(args.prompt, end="", flush=True)
+    for chunk in stream(model, tokenizer, args.prompt, **sampling):
+        print(chunk.text, end="", flush=True)
+    print()
+
+
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    _sampling_args(p)
+    p.add_argument("--system", default=None, help="the system prompt")
+
+
+@verb("chat", "chat in the terminal with the model's chat template (streaming; /reset, /system, /history)",
+      _chat_args)
+def _chat(args: argparse.Namespace) -> None:
+    from llmkit.generate.chat import ChatSession, chat_loop, load
+
+    model, tokenizer = load(args.model, args.quantize, args.threads)
+    chat_loop(ChatSession(model, tokenizer, system=args.system, **_sampling_from(args)))
+
+
+def _next_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="an HF checkpoint folder with a tokenizer (tokenizer.json)")
+    p.add_argument("text", help="the text whose next token is predicted")
+    p.add_argument("-k", "--top-k", type=int, default=10, help="how many tokens to list")
+    p.add_argument("--json", action="store_true")
+
+
+@verb("next", "the k most likely next tokens after a text, with probabilities", _next_args)
+def _next(args: argparse.Namespace) -> None:
+    from llmkit.generate.chat import load, next_tokens
+
+    model, tokenizer = load(args.model)
+    top = next_tokens(model, tokenizer, args.text, args.top_k)
+    if args.json:
+        print(json.dumps([{"id": i, "token": t, "probability": p} for i, t, p in top], indent=2))
+        return
+    for i, t, p in top:
+        print(f"{p:8.4f}  {t!r:20} (id {i})")
+
+
 # ---------------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,49 @@
+"""Figures people look at, written as PNG with matplotlib's non-interactive backend."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_training_curves(metrics: str | os.PathLike | list[dict], out: str | os.PathLike,
+                         title: str = "training") -> Path:
+    """Train loss per step (and its smoothed trend) with validation loss; perplexity on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics) if not isinstance(metrics, list) else metrics
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(11, 4))
+    if train:
+        steps, losses = zip(*train, strict=True)
+        ax_loss.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=0.8, label="train (per step)")
+        window = max(1, len(losses) // 25)
+        smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
+                  for i in range(len(losses))]
+        ax_loss.plot(steps, smooth, color="tab:blue", label=f"train (mean of {window})")
+    if val:
+        steps, losses = zip(*val, strict=True)
+        ax_loss.plot(steps, losses, "o-", color="tab:orange", label="validation")
+        import math
+
+        ax_ppl.plot(steps, [math.exp(v) for v in losses], "o-", color="tab:orange")
+    ax_loss.set(xlabel="step", ylabel="cross-entropy (nats/token)", title=f"{title}: loss")
+    ax_loss.legend()
+    ax_ppl.set(xlabel="step", ylabel="perplexity", title=f"{title}: validation perplexity", yscale="log")
+    for ax in (ax_loss, ax_ppl):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -1,0 +1,226 @@
+"""The CPU speedrun: packaged raw text to a small Llama-style model that writes English, in minutes.
+
+fetch the corpora -> clean, dedup and mix them -> train a byte-level BPE -> tokenize to shards ->
+pretrain within the wall-clock budget -> evaluate -> sample -> `runs/<name>/report.md` (with
+`report.json` and the loss curves as PNG). The step count is set from a short timing of the real
+training step, so the cosine schedule ends when the budget does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from llmkit.analysis.accounting import human
+from llmkit.analysis.plots import plot_training_curves
+from llmkit.data.prepare import PrepareConfig, parse_weights, prepare, read_jsonl
+from llmkit.data.shards import tokenize_prepared
+from llmkit.errors import ConfigError
+from llmkit.files import atomic_write_json, atomic_write_text
+from llmkit.model import Transformer
+from llmkit.tokenizer import Tokenizer
+from llmkit.train.loop import autocast_dtype, param_groups, resolve_device
+from llmkit.train.objectives import causal_lm_loss
+from llmkit.train.pretrain import PretrainConfig, pretrain
+
+DEFAULT_PROMPTS = ("The history of the city", "In a statement on Monday, the government", "Scientists have found that")
+
+
+@dataclass
+class SpeedrunConfig:
+    name: str = field(default="speedrun", metadata={"help": "the run folder is runs/<name>"})
+    runs_dir: str = "runs"
+    budget_minutes: float = field(default=10.0, metadata={"help": "wall clock for the whole pipeline"})
+    sources: str = field(default="wikipedia:0.5,bbcnews:0.5", metadata={"help": "NAME:WEIGHT,... mixture"})
+    vocab_size: int = 4096
+    model: str = field(default="llama-4m", metadata={"help": "model preset (its vocabulary is the tokenizer's)"})
+    context: int = 256
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    precision: str = field(default="auto", metadata={"help": "fp32, bf16 or auto"})
+    eval_every: int = 100
+    eval_batches: int = 20
+    seed: int = 1337
+    samples_per_prompt: int = 1
+    sample_tokens: int = 60
+    reserve_minutes: float = field(default=0.5, metadata={"help": "kept for evaluation, sampling and the report"})
+
+
+def _stage(timings: dict, name: str, started: float) -> None:
+    timings[name] = round(time.perf_counter() - started, 1)
+    print(f"[speedrun] {name}: {timings[name]} s", flush=True)
+
+
+def seconds_per_step(model: Transformer, config: SpeedrunConfig, steps: int = 3) -> float:
+    """Time the real training step (forward, backward, AdamW) on random tokens; the first is warmup."""
+    device = resolve_device("auto")
+    probe = Transformer(model.config).to(device).train()
+    optimizer = torch.optim.AdamW(param_groups(probe, 0.1), lr=1e-4)
+    amp = autocast_dtype(config.precision, device)
+    x = torch.randint(0, model.config.vocab_size, (config.batch_size, config.context), device=device)
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss, _ = causal_lm_loss(probe, (x, torch.roll(x, -1, 1)))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def speedrun(config: SpeedrunConfig) -> Path:
+    if config.budget_minutes <= config.reserve_minutes:
+        raise ConfigError(f"budget_minutes={config.budget_minutes} leaves no time to train "
+                          f"(reserve_minutes={config.reserve_minutes})")
+    t0 = time.perf_counter()
+    deadline = t0 + 60 * config.budget_minutes
+    run = Path(config.runs_dir) / config.name
+    run.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    started = time.perf_counter()
+    data_report = prepare(parse_weights(config.sources), run / "data", PrepareConfig(seed=config.seed), progress=True)
+    _stage(timings, "fetch + prepare", started)
+
+    started = time.perf_counter()
+    texts = [d.text for d in read_jsonl(run / "data" / "train.jsonl")]
+    tokenizer = Tokenizer.train(texts, config.vocab_size, show_progress=False)
+    tokenizer.save_pretrained(run / "tokenizer")
+    _stage(timings, "tokenizer", started)
+
+    started = time.perf_counter()
+    metas = tokenize_prepared(run / "data", tokenizer, run / "shards", progress=False)
+    _stage(timings, "tokenize", started)
+
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    from llmkit.config import ModelConfig
+
+    shape = Transformer(ModelConfig.from_preset(config.model, vocab_size=tokenizer.vocab_size))
+    per_step = seconds_per_step(shape, config)
+    train_seconds = deadline - time.perf_counter() - 60 * config.reserve_minutes
+    max_steps = max(10, int(0.97 * train_seconds / per_step))
+    _stage(timings, "calibrate", started)
+    print(f"[speedrun] {per_step:.3f} s/step -> {max_steps} steps in {train_seconds / 60:.1f} min", flush=True)
+
+    started = time.perf_counter()
+    pre = PretrainConfig(
+        model=config.model, data=str(run / "shards"), tokenizer=str(run / "tokenizer"), out_dir=str(run / "train"),
+        context=config.context, batch_size=config.batch_size, max_steps=max_steps,
+        max_minutes=train_seconds / 60, lr=config.lr, warmup_steps=min(config.warmup_steps, max_steps // 10),
+        min_lr_ratio=config.min_lr_ratio, precision=config.precision, eval_every=config.eval_every,
+        eval_batches=config.eval_batches, save_every=0, keep_last=1, seed=config.seed, log_every=10)
+    result = pretrain(pre)
+    _stage(timings, "pretrain", started)
+
+    started = time.perf_counter()
+    model = Transformer.from_pretrained(result.last_checkpoint, dtype=torch.float32)
+    samples = sample(model, tokenizer, config)
+    _stage(timings, "sample", started)
+    timings["total"] = round(time.perf_counter() - t0, 1)
+
+    history = [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
+    plot_training_curves(history, run / "loss.png", title=config.name)
+    summary = _summary(config, model, data_report, metas, tokenizer, history, result, per_step, timings, samples)
+    atomic_write_json(run / "report.json", summary)
+    atomic_write_text(run / "report.md", render_report(summary))
+    print(f"[speedrun] validation {summary['final']['val_bpb']:.3f} bits/byte, loss "
+          f"{summary['final']['val_loss']:.3f}; report: {run / 'report.md'}", flush=True)
+    return run
+
+
+def sample(model: Transformer, tokenizer: Tokenizer, config: SpeedrunConfig) -> list[dict]:
+    from llmkit.generate import generate
+
+    out = []
+    for prompt in DEFAULT_PROMPTS:
+        greedy = generate(model, tokenizer, prompt, max_new_tokens=config.sample_tokens, temperature=0.0)
+        sampled = generate(model, tokenizer, prompt, max_new_tokens=config.sample_tokens, temperature=0.8,
+                           top_k=50, seed=config.seed)
+        out.append({"prompt": prompt, "greedy": greedy.text, "sampled (T=0.8, top-k 50)": sampled.text})
+    return out
+
+
+def _summary(config, model, data_report, metas, tokenizer, history, result, per_step, timings, samples) -> dict:
+    train = [r for r in history if "loss" in r]
+    val = [r for r in history if "val_loss" in r]
+    speeds = [r["tokens_per_s"] for r in train if "tokens_per_s" in r][1:]  # the first window includes start-up
+    mfus = [r["mfu"] for r in train if "mfu" in r][1:]
+    return {
+        "config": dataclasses.asdict(config),
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__},
+        "data": {"sources": data_report["sources"], "split": data_report["split"],
+                 "train_tokens": metas["train"]["tokens"], "val_tokens": metas.get("val", {}).get("tokens", 0)},
+        "tokenizer": {"vocab_size": tokenizer.vocab_size,
+                      "bytes_per_token": data_report["split"]["train_chars"] / max(1, metas["train"]["tokens"])},
+        "model": {"preset": config.model, "parameters": model.num_parameters(),
+                  "non_embedding_parameters": model.num_parameters(exclude_embeddings=True),
+                  "config": model.config.to_dict(), "flops_per_token": model.flops_per_token(config.context)},
+        "training": {"steps": result.step, "stopped": result.stopped, "tokens_seen": train[-1]["tokens_seen"],
+                     "epochs": train[-1]["tokens_seen"] / max(1, metas["train"]["tokens"]),
+                     "calibrated_seconds_per_step": round(per_step, 4),
+                     "tokens_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None,
+                     "mfu": round(sum(mfus) / len(mfus), 4) if mfus else None},
+        "final": {"train_loss": train[-1]["loss"], "val_loss": val[-1]["val_loss"] if val else None,
+                  "val_ppl": val[-1]["val_ppl"] if val else None, "val_bpb": val[-1].get("val_bpb") if val else None},
+        "timings_s": timings,
+        "samples": samples,
+        "checkpoint": str(result.last_checkpoint),
+    }
+
+
+def render_report(s: dict) -> str:
+    c, t, f, m = s["config"], s["training"], s["final"], s["model"]
+    lines = [
+        f"# Speedrun: {c['name']}", "",
+        f"Budget {c['budget_minutes']} min on {s['machine']['cpu']} ({s['machine']['threads']} threads, torch "
+        f"{s['machine']['torch']}); total wall clock {s['timings_s']['total']} s.", "",
+        "## Result", "",
+        "| metric | value |", "|---|---|",
+        f"| validation loss (nats/token) | {f['val_loss']:.4f} |",
+        f"| validation perplexity | {f['val_ppl']:.2f} |",
+        f"| validation bits per byte | {f['val_bpb']:.4f} |",
+        f"| final training loss | {f['train_loss']:.4f} |",
+        f"| steps | {t['steps']} ({t['stopped']}) |",
+        f"| tokens seen | {t['tokens_seen']:,} ({t['epochs']:.2f} epochs) |",
+        f"| training tokens/s | {t['tokens_per_s']} |",
+        f"| MFU (vs measured matmul peak) | {t['mfu']} |", "",
+        "![loss curves](loss.png)", "",
+        "## Data", "",
+        "| source | package | weight | license |", "|---|---|---|---|",
+        *[f"| {n} | {v['requirement']} | {v['weight']} | {v['license']} |" for n, v in s["data"]["sources"].items()],
+        "",
+        f"Train: {s['data']['split']['train_documents']:,} documents, {s['data']['split']['train_chars']:,} characters, "
+        f"{s['data']['train_tokens']:,} tokens; validation: {s['data']['split']['val_documents']:,} documents, "
+        f"{s['data']['val_tokens']:,} tokens. Cleaning, dedup and mixture: [data/report.md](data/report.md).", "",
+        f"Tokenizer: byte-level BPE, {s['tokenizer']['vocab_size']:,} tokens, "
+        f"{s['tokenizer']['bytes_per_token']:.2f} characters per token on the training text.", "",
+        "## Model", "",
+        f"Preset `{m['preset']}`: {m['parameters']:,} parameters ({m['non_embedding_parameters']:,} non-embedding), "
+        f"{human(m['flops_per_token'])} training FLOPs per token at context {c['context']}.", "",
+        "```json", json.dumps(m["config"], indent=1), "```", "",
+        "## Run configuration", "",
+        "```json", json.dumps(c, indent=1), "```", "",
+        "## Samples", "",
+    ]
+    for smp in s["samples"]:
+        for kind, text in smp.items():
+            if kind != "prompt":
+                lines += [f"**{kind}** — *{smp['prompt']}*{text}", ""]
+    lines += ["## Timings (s)", "", "| stage | seconds |", "|---|---|",
+              *[f"| {k} | {v} |" for k, v in s["timings_s"].items()], ""]
+    if not math.isfinite(f["val_loss"] or 0.0):
+        lines.append("**Warning: the validation loss is not finite.**")
+    return "\n".join(lines) + "\n"
