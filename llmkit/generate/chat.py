@@ -1,0 +1,136 @@
+"""The pieces behind `llmkit generate`, `llmkit chat` and `llmkit next`, callable from a notebook.
+
+`load` opens a checkpoint folder (model + tokenizer); `next_tokens` lists the most likely next
+tokens; `ChatSession` keeps a conversation, renders it with the tokenizer's chat template and
+streams the assistant's reply; `chat_loop` is the terminal loop around it (`/reset`, `/system`,
+`/history`, `/exit`), with input and output passed in so tests can drive it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from llmkit.errors import ConfigError
+from llmkit.generate.api import stream
+from llmkit.model import Transformer
+from llmkit.tokenizer import Tokenizer
+
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")  # chatml, llama 3, gemma, phi
+
+
+def load(path: str, quantize: str | None = None, threads: int | None = None) -> tuple[Transformer, Tokenizer]:
+    """Model and tokenizer of an HF checkpoint folder; `quantize` "int8"/"int4" swaps in packed linears."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ConfigError(f"model {path!r} is not a folder; expected an HF checkpoint folder "
+                          "(config.json, model.safetensors, tokenizer.json)")
+    if threads:
+        torch.set_num_threads(threads)
+    model = Transformer.from_pretrained(folder)
+    tokenizer = Tokenizer.from_pretrained(folder)
+    if quantize:
+        if quantize not in ("int8", "int4"):
+            raise ConfigError(f"quantize={quantize!r}; expected 'int8' or 'int4'")
+        from llmkit.generate.fast import quantize as swap
+
+        swap(model, bits=int(quantize[3:]))
+    return model, tokenizer
+
+
+@torch.inference_mode()
+def next_tokens(model: Transformer, tokenizer, text: str, k: int = 10) -> list[tuple[int, str, float]]:
+    """The k most likely next tokens after `text`: (id, token text, probability), most likely first."""
+    ids = tokenizer.encode(text, add_special_tokens=True)
+    if not ids:
+        raise ConfigError("the text is empty; expected at least one token to continue")
+    if k < 1:
+        raise ConfigError(f"k={k}; expected at least 1")
+    if len(ids) > model.config.max_seq_len:
+        raise ConfigError(f"the text has {len(ids)} tokens; the model's context is {model.config.max_seq_len}")
+    logits = model(torch.tensor([ids], device=model.device))[0, -1]
+    probs, top = torch.softmax(logits.float(), -1).topk(min(k, logits.shape[-1]))
+    return [(i, tokenizer.decode([i]), p) for i, p in zip(top.tolist(), probs.tolist(), strict=True)]
+
+
+class ChatSession:
+    """A conversation: system prompt, history, and streamed assistant replies."""
+
+    def __init__(self, model: Transformer, tokenizer, system: str | None = None, **sampling):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("this tokenizer has no chat template; `llmkit chat` needs one "
+                              "(tokenizer_config.json 'chat_template' or chat_template.jinja)")
+        self.model, self.tokenizer = model, tokenizer
+        self.system = system
+        self.history: list[dict] = []
+        ends = [tokenizer.token_to_id(t) for t in END_OF_TURN if hasattr(tokenizer, "token_to_id")]
+        self.sampling = dict(sampling)
+        self.sampling["stop_token_ids"] = sorted({*(i for i in ends if i is not None),
+                                                  *self.sampling.get("stop_token_ids", [])})
+        self.sampling.setdefault("max_new_tokens", 256)
+
+    @property
+    def messages(self) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+
+    def reset(self, system: str | None = None) -> None:
+        self.history = []
+        if system is not None:
+            self.system = system or None
+
+    def _prompt_ids(self) -> list[int]:
+        """The rendered conversation; the oldest turns are dropped when it would not fit the context."""
+        budget = self.model.config.max_seq_len - self.sampling["max_new_tokens"]
+        while True:
+            ids, _ = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True)
+            if len(ids) <= budget or len(self.history) <= 1:
+                return ids[-budget:] if len(ids) > budget else ids
+            self.history = self.history[2:]  # drop the oldest user/assistant exchange
+
+    def send(self, user_text: str) -> Iterator[str]:
+        """Add the user's message and stream the reply's text; the reply joins the history at the end."""
+        self.history.append({"role": "user", "content": user_text})
+        reply = []
+        for chunk in stream(self.model, self.tokenizer, self._prompt_ids(), **self.sampling):
+            reply.append(chunk.text)
+            yield chunk.text
+        self.history.append({"role": "assistant", "content": "".join(reply).strip()})
+
+
+def chat_loop(session: ChatSession, read: Callable[[str], str] = input, write: Callable[[str], None] = print) -> None:
+    """Read a line, answer it, repeat; `/reset`, `/system TEXT`, `/history`, `/exit` (or end of input)."""
+    write("Chat with the model. Commands: /reset, /system TEXT, /history, /exit")
+    while True:
+        try:
+            line = read("> ").strip()
+        except EOFError:
+            return
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            session.reset()
+            write("(history cleared)")
+        elif line.startswith("/system"):
+            session.reset(system=line[len("/system"):].strip())
+            write(f"(system prompt set: {session.system!r}; history cleared)")
+        elif line == "/history":
+            for m in session.messages:
+                write(f"[{m['role']}] {m['content']}")
+        elif line.startswith("/"):
+            write(f"(unknown command {line.split()[0]}; try /reset, /system TEXT, /history, /exit)")
+        else:
+            for piece in session.send(line):
+                write_piece(write, piece)
+            write("")
+
+
+def write_piece(write: Callable[..., None], piece: str) -> None:
+    """Print streamed text without a newline after each piece (for `print`-like writers)."""
+    try:
+        write(piece, end="", flush=True)
+    except TypeError:  # a writer that takes only the text
+        write(piece)

@@ -1,0 +1,86 @@
+"""`llmkit generate`, `llmkit chat` and `llmkit next` on a tiny checkpoint folder."""
+
+import json
+
+import pytest
+import torch
+
+from llmkit import ModelConfig, Transformer
+from llmkit.cli import main
+from llmkit.generate.chat import ChatSession, chat_loop, load, next_tokens
+from llmkit.tokenizer import Tokenizer
+
+TEXT = ["the cat sat on the mat.", "a dog ran in the park!", "héllo wörld 猫"] * 20
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("chat-model")
+    tok = Tokenizer.train(TEXT, vocab_size=300)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("llama-tiny", vocab_size=tok.vocab_size, max_seq_len=96))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_generate_verb_streams_the_same_text_as_the_json_result(folder, capsys):
+    args = ["generate", str(folder), "--prompt", "the cat", "--max-new-tokens", "12", "--temperature", "0",
+            "--ignore-eos"]
+    assert main(args) == 0
+    streamed = capsys.readouterr().out
+    assert main(args + ["--json"]) == 0
+    result = json.loads(capsys.readouterr().out)[0]
+    assert len(result["token_ids"]) == 12 and result["finish_reason"] == "length"
+    assert streamed == "the cat" + result["text"] + "\n"
+
+
+def test_generate_verb_reports_bad_sampling_as_one_line(folder, capsys):
+    assert main(["generate", str(folder), "--prompt", "x", "--top-p", "1.5"]) == 1
+    err = capsys.readouterr().err
+    assert "top_p" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_next_verb_lists_probabilities_in_order(folder, capsys):
+    assert main(["next", str(folder), "The cat sat on the", "-k", "5", "--json"]) == 0
+    top = json.loads(capsys.readouterr().out)
+    probs = [t["probability"] for t in top]
+    assert len(top) == 5 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
+    model, tok = load(str(folder))
+    with torch.no_grad():
+        logits = model(torch.tensor([tok.encode("The cat sat on the", add_special_tokens=True)]))[0, -1]
+    assert top[0]["id"] == int(logits.argmax())
+    assert next_tokens(model, tok, "The cat sat on the", 5)[0][0] == top[0]["id"]
+
+
+def test_chat_keeps_history_and_obeys_commands(folder):
+    model, tok = load(str(folder))
+    session = ChatSession(model, tok, temperature=0, max_new_tokens=6)
+    lines = iter(["hello", "/system be brief", "/history", "how are you?", "/reset", "/nope", "/exit"])
+    said = []
+    chat_loop(session, read=lambda prompt: next(lines), write=lambda *a, **k: said.append(a[0] if a else ""))
+    out = "".join(said)
+    assert "system prompt set: 'be brief'" in out and "history cleared" in out
+    assert "unknown command /nope" in out
+    assert session.history == [] and session.system == "be brief"
+
+
+def test_chat_reply_is_the_streamed_text_and_follows_the_template(folder):
+    model, tok = load(str(folder))
+    session = ChatSession(model, tok, system="sys", temperature=0, max_new_tokens=8)
+    reply = "".join(session.send("hi"))
+    assert session.history == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply.strip()}]
+    ids, _ = tok.apply_chat_template(session.messages[:2], add_generation_prompt=True)
+    from llmkit import generate
+
+    assert generate(model, tok, ids, temperature=0, max_new_tokens=8,
+                    stop_token_ids=session.sampling["stop_token_ids"]).text == reply
+
+
+def test_chat_drops_old_turns_to_fit_the_context(folder):
+    model, tok = load(str(folder))
+    session = ChatSession(model, tok, temperature=0, max_new_tokens=40, ignore_eos=True)
+    for _ in range(4):
+        list(session.send("the cat sat on the mat"))
+    assert len(session.history) < 8  # 96-token context: the oldest exchanges were dropped
+    assert session.history[-1]["role"] == "assistant"
