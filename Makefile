@@ -23,8 +23,9 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 setup: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
 
+# The main job: packaged raw text -> tokenizer -> pretrained model -> runs/speedrun/report.md (~10 min).
 demo: $(VENV)/.installed
-	$(BIN)/llmkit demo
+	$(BIN)/llmkit speedrun --config recipes/speedrun.yaml
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q

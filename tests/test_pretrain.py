@@ -136,3 +136,29 @@ def test_cli_reports_errors_without_traceback(shards, tmp_path):
     unknown = subprocess.run([sys.executable, "-m", "llmkit.cli", "pretrain", "--learning-rate", "1"],
                              capture_output=True, text=True, timeout=120)
     assert unknown.returncode == 2 and "unrecognized arguments: --learning-rate" in unknown.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_before_exiting(shards, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = _pretrain_cmd(shards, tmp_path, "--max-steps", "100000", "--save-every", "0")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0
+    step = len(losses(tmp_path))
+    assert f"stopped at step {step} (signal)" in out
+    saved = tmp_path / "checkpoints" / f"step-{step:07d}"
+    assert json.loads((saved / "trainer_state" / "state.json").read_text())["step"] == step
+
+
+def test_recipes_parse():
+    from llmkit.speedrun import SpeedrunConfig
+
+    root = Path(__file__).parents[1] / "recipes"
+    assert build_config(SpeedrunConfig, root / "speedrun.yaml").budget_minutes == 10
+    assert build_config(PretrainConfig, root / "pretrain-tiny.yaml").model == "llama-2m"
