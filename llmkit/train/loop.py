@@ -241,7 +241,15 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
                 sync = micro == config.grad_accum - 1
                 with _no_sync(model, sync):
                     with _autocast(device, amp_dtype):
-                        loss, _ = objective(forward_model, batch)
+                        try:
+                            loss, _ = objective(forward_model, batch)
+                        except Exception as e:  # a compiler failure falls back to eager, anything else raises
+                            if forward_model is model or not _is_compile_error(e):
+                                raise
+                            tqdm.write(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); "
+                                       "continuing without it")
+                            forward_model = model
+                            loss, _ = objective(forward_model, batch)
                     (loss / config.grad_accum).backward()
                 loss_sum += loss.detach().float()
             loss_value = dist_.all_reduce_mean(loss_sum / config.grad_accum, world)
@@ -345,6 +353,10 @@ def _no_sync(model: nn.Module, sync: bool):
     if not sync and hasattr(model, "no_sync"):
         return model.no_sync()
     return contextlib.nullcontext()
+
+
+def _is_compile_error(error: BaseException) -> bool:
+    return type(error).__module__.startswith(("torch._dynamo", "torch._inductor"))
 
 
 def _grad_norm(model: nn.Module) -> torch.Tensor:
