@@ -194,8 +194,33 @@ def _speedrun(args: argparse.Namespace) -> None:
 # ---- generate, chat, next ----------------------------------------------------------------------
 
 
+MODEL_HELP = "an HF checkpoint folder with a tokenizer, a .gguf file, or a model name (smollm2-135m-instruct)"
+
+
+def _load_model(spec: str, quantize: str | None = None, threads: int | None = None):
+    """Folders go through generate.chat.load; GGUF files and registry names through llmkit.load."""
+    from pathlib import Path
+
+    from llmkit.generate.chat import load
+
+    if Path(spec).is_dir():
+        return load(spec, quantize, threads)
+    import torch
+
+    from llmkit.model import load as load_any
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, tokenizer = load_any(spec)
+    if quantize:
+        from llmkit.generate.fast import quantize as swap
+
+        swap(model, bits=int(quantize[3:]))
+    return model, tokenizer
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="an HF checkpoint folder with a tokenizer (tokenizer.json)")
+    p.add_argument("model", help=MODEL_HELP)
     g = p.add_argument_group("sampling (OpenAI names; applied in vLLM's order, see llmkit/generate/sampling.py)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
@@ -234,9 +259,8 @@ def _generate(args: argparse.Namespace) -> None:
     import dataclasses
 
     from llmkit.generate import generate, stream
-    from llmkit.generate.chat import load
 
-    model, tokenizer = load(args.model, args.quantize, args.threads)
+    model, tokenizer = _load_model(args.model, args.quantize, args.threads)
     sampling = dict(_sampling_from(args), n=args.n, num_beams=args.num_beams, logprobs=args.logprobs)
     if args.json or args.num_beams > 1 or args.n > 1:
         outs = generate(model, tokenizer, args.prompt, **sampling)
@@ -261,14 +285,14 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
 @verb("chat", "chat in the terminal with the model's chat template (streaming; /reset, /system, /history)",
       _chat_args)
 def _chat(args: argparse.Namespace) -> None:
-    from llmkit.generate.chat import ChatSession, chat_loop, load
+    from llmkit.generate.chat import ChatSession, chat_loop
 
-    model, tokenizer = load(args.model, args.quantize, args.threads)
+    model, tokenizer = _load_model(args.model, args.quantize, args.threads)
     chat_loop(ChatSession(model, tokenizer, system=args.system, **_sampling_from(args)))
 
 
 def _next_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="an HF checkpoint folder with a tokenizer (tokenizer.json)")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("text", help="the text whose next token is predicted")
     p.add_argument("-k", "--top-k", type=int, default=10, help="how many tokens to list")
     p.add_argument("--json", action="store_true")
@@ -276,15 +300,40 @@ def _next_args(p: argparse.ArgumentParser) -> None:
 
 @verb("next", "the k most likely next tokens after a text, with probabilities", _next_args)
 def _next(args: argparse.Namespace) -> None:
-    from llmkit.generate.chat import load, next_tokens
+    from llmkit.generate.chat import next_tokens
 
-    model, tokenizer = load(args.model)
+    model, tokenizer = _load_model(args.model)
     top = next_tokens(model, tokenizer, args.text, args.top_k)
     if args.json:
         print(json.dumps([{"id": i, "token": t, "probability": p} for i, t, p in top], indent=2))
         return
     for i, t, p in top:
         print(f"{p:8.4f}  {t!r:20} (id {i})")
+
+
+# ---- export ------------------------------------------------------------------------------------
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    from llmkit.formats.gguf_quants import FILE_TYPES
+
+    p.add_argument("checkpoint", help=MODEL_HELP)
+    p.add_argument("--format", choices=["gguf"], default="gguf", help="output format")
+    p.add_argument("--quant", default="Q8_0", type=str.upper, choices=list(FILE_TYPES),
+                   help="GGUF file type (K-quants use llama.cpp's mixed recipes)")
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+
+
+@verb("export", "write a checkpoint as GGUF for llama.cpp (F32/F16/BF16, Q8_0, Q4_0, Q4_1, K-quants)", _export_args)
+def _export(args: argparse.Namespace) -> None:
+    from collections import Counter
+    from pathlib import Path
+
+    from llmkit.formats.gguf import export_gguf
+
+    types = export_gguf(args.checkpoint, args.out, args.quant)
+    mix = ", ".join(f"{n} {t}" for t, n in Counter(types.values()).most_common())
+    print(f"{args.out}: {Path(args.out).stat().st_size / 1e6:.1f} MB, {len(types)} tensors ({mix})")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from llmkit.config import ModelConfig
 from llmkit.errors import ConfigError
+from llmkit.tokenizer import Tokenizer
 
 # ---------------------------------------------------------------------------------------------
 # Rotary position embeddings (the "rotate half" layout used by transformers' Llama)
@@ -379,10 +380,11 @@ class Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None,
                         device: torch.device | str | None = None) -> Transformer:
-        """Load a Hugging Face checkpoint folder (model_type gpt2 or llama)."""
-        from llmkit.formats import hf
+        """Load a Hugging Face checkpoint folder (model_type gpt2 or llama), a `.gguf` file (dequantized
+        to float32), or a registry name such as `smollm2-135m-instruct` (fetched and cached)."""
+        from llmkit.formats import named
 
-        config, tensors = hf.load_checkpoint(Path(path))
+        config, tensors, _ = named.read(path, with_tokenizer=False)
         return cls.from_state_dict(config, tensors, dtype=dtype, device=device)
 
     @classmethod
@@ -404,3 +406,12 @@ class Transformer(nn.Module):
 
         return hf.save_checkpoint(Path(path), self.config, self.state_dict(), dtype=dtype,
                                   max_shard_size=max_shard_size)
+
+
+def load(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None,
+         device: torch.device | str | None = None) -> tuple[Transformer, Tokenizer]:
+    """Model and tokenizer of an HF folder, a `.gguf` file, or a registry name (`smollm2-135m-instruct`)."""
+    from llmkit.formats import named
+
+    config, tensors, tokenizer = named.read(name_or_path)
+    return Transformer.from_state_dict(config, tensors, dtype=dtype, device=device), tokenizer

@@ -1,0 +1,87 @@
+"""llama.cpp as a reference runner for tests and benchmarks (optional: `pip install llmkit[llamacpp]`).
+
+Wraps `llama-cpp-python` because it exposes llama.cpp's tokenizer and the full logits of every
+position (`logits_all`); the prebuilt `xllamacpp` wheel only offers a server-style API (completions
+with top-n probabilities), not the whole vocabulary's logits that KL and perplexity need.
+`available()` says whether it is installed; everything else raises a clear error when it is not.
+
+    from llmkit.formats.llamacpp import LlamaCpp
+    ref = LlamaCpp("model.gguf")
+    ids = ref.tokenize("Hello")            # llama.cpp's own tokenizer
+    logits = ref.logits(ids)               # (len(ids), vocab) float32
+    out = ref.greedy(ids, 32)              # greedy continuation (token ids)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from llmkit.errors import ConfigError
+
+INSTALL_HINT = ("llama.cpp's Python binding is not installed; `make llamacpp` (or "
+                "`pip install llama-cpp-python`) installs it")
+
+
+def available() -> bool:
+    """True when `llama_cpp` (llama-cpp-python) can be imported."""
+    try:
+        import llama_cpp  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    return True
+
+
+class LlamaCpp:
+    """One llama.cpp model and context, CPU only, deterministic (greedy, no sampling state)."""
+
+    def __init__(self, path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None):
+        try:
+            from llama_cpp import Llama
+        except (ImportError, OSError):
+            raise ConfigError(INSTALL_HINT) from None
+        self.path = Path(path)
+        self.n_ctx = n_ctx
+        self.llm = Llama(str(self.path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True,
+                         n_threads=n_threads or os.cpu_count(), n_gpu_layers=0, verbose=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.llm.n_vocab()
+
+    def tokenize(self, text: str, add_bos: bool = False, special: bool = True) -> list[int]:
+        """llama.cpp's token ids for `text` (`special`: match special tokens written in the text)."""
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.llm.detokenize(list(ids)).decode("utf-8", errors="replace")
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """Logits (len(ids), vocab) of a fresh evaluation of `ids` from position 0."""
+        if len(ids) > self.n_ctx:
+            raise ConfigError(f"{len(ids)} tokens exceed the llama.cpp context of {self.n_ctx}")
+        self.llm.reset()
+        self.llm.eval(list(ids))
+        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+
+    def greedy(self, ids: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:
+        """Greedy continuation of `ids` (argmax of llama.cpp's logits at each step); new ids only."""
+        self.llm.reset()
+        self.llm.eval(list(ids))
+        out: list[int] = []
+        n = len(ids)
+        for _ in range(max_new_tokens):
+            nxt = int(np.argmax(self.llm.scores[n - 1]))
+            out.append(nxt)
+            if nxt in stop_ids or n + 1 > self.n_ctx:
+                break
+            self.llm.eval([nxt])
+            n += 1
+        return out
+
+    def close(self) -> None:
+        close = getattr(self.llm, "close", None)
+        if close:
+            close()

@@ -1,0 +1,57 @@
+"""Shared pieces of the GGUF tests: a tiny model with a real BPE tokenizer, and SmolLM2 loaded once
+per test session (dequantizing the 98 MB file takes ~15 s on 2 cores)."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from llmkit.config import ModelConfig
+from llmkit.formats.llamacpp import INSTALL_HINT, available
+from llmkit.model import Transformer
+from llmkit.tokenizer import Tokenizer
+
+SMOLLM2 = "smollm2-135m-instruct"
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "In the beginning God created the heaven and the earth. And the earth was without form, and void.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))  # 5\n",
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer.",
+    "Numbers 12345 and 3.14159 and 2026-11-22; emails like someone@example.com and URLs https://x.org",
+] * 4
+
+needs_llamacpp = pytest.mark.skipif(not available(), reason=INSTALL_HINT)
+
+
+@functools.cache
+def tiny_tokenizer() -> Tokenizer:
+    return Tokenizer.train(CORPUS, vocab_size=400, chat_template="chatml")
+
+
+def tiny_model(d_model: int = 64, d_ff: int = 192, n_layer: int = 2, std: float = 0.02, seed: int = 0,
+               tie: bool = False) -> tuple[Transformer, Tokenizer]:
+    """A random llama-style model over `tiny_tokenizer()`; a large `std` makes its argmax decisive."""
+    tok = tiny_tokenizer()
+    config = ModelConfig(vocab_size=tok.vocab_size, n_layer=n_layer, n_head=4, n_kv_head=2, d_model=d_model,
+                         d_ff=d_ff, max_seq_len=256, init_std=std, tie_embeddings=tie, rope_theta=10000.0,
+                         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, name="tiny")
+    torch.manual_seed(seed)
+    model = Transformer(config).eval()
+    with torch.no_grad():  # norm gains away from 1 so a wrong norm mapping cannot hide
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    return model, tok
+
+
+@functools.cache
+def smollm2():
+    """(model, tokenizer, gguf path) of SmolLM2-135M-Instruct, fetched and read once per session."""
+    import llmkit
+    from llmkit.formats.named import resolve
+
+    model, tok = llmkit.load(SMOLLM2)
+    return model, tok, resolve(SMOLLM2)

@@ -1,0 +1,222 @@
+"""GGUF writing and reading on tiny models: round trips per file type, the tokenizer in the metadata,
+the export verb, and bad files (each one FormatError naming what is wrong)."""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf_helpers import CORPUS, tiny_model
+
+import llmkit
+from llmkit.cli import main
+from llmkit.errors import ConfigError, FormatError
+from llmkit.formats import gguf_quants
+from llmkit.formats.gguf import permute_qk, read_gguf, unpermute_qk, write_gguf
+
+IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8, 64, 1]])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model()
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(IDS)
+
+
+def _same_config(a, b):
+    assert a.replace(norm_eps=1e-5, name="x") == b.replace(norm_eps=1e-5, name="x")
+    assert b.norm_eps == pytest.approx(a.norm_eps, rel=1e-6)  # stored as float32
+
+
+def test_f32_round_trip_is_exact(tiny, tmp_path):
+    model, tok = tiny
+    types = write_gguf(tmp_path / "m.gguf", model.config, model.state_dict(), tok, quant="F32")
+    assert set(types.values()) == {"F32"}
+    back = read_gguf(tmp_path / "m.gguf")
+    _same_config(model.config, back.config)
+    for name, t in model.state_dict().items():
+        torch.testing.assert_close(back.tensors[name], t, rtol=0, atol=0, msg=name)
+    assert back.metadata["general.architecture"] == "llama"
+    torch.testing.assert_close(_logits(llmkit.load(tmp_path / "m.gguf")[0]), _logits(model), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("quant,dtype", [("F16", torch.float16), ("BF16", torch.bfloat16)])
+def test_half_precision_round_trip(tiny, tmp_path, quant, dtype):
+    model, tok = tiny
+    write_gguf(tmp_path / "m.gguf", model.config, model.state_dict(), tok, quant=quant)
+    back = read_gguf(tmp_path / "m.gguf")
+    for name, t in model.state_dict().items():
+        expected = t if t.dim() == 1 else t.to(dtype).float()  # norms stay F32, as llama.cpp writes them
+        torch.testing.assert_close(back.tensors[name], expected, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("quant,max_rel", [("Q8_0", 0.01), ("Q4_1", 0.1), ("Q4_0", 0.12)])
+def test_quantized_round_trip_is_close(tiny, tmp_path, quant, max_rel):
+    model, tok = tiny
+    types = write_gguf(tmp_path / "m.gguf", model.config, model.state_dict(), tok, quant=quant)
+    assert types["blk.0.attn_q.weight"] == quant and types["blk.0.attn_norm.weight"] == "F32"
+    assert types["output.weight"] == "Q8_0"  # llama.cpp keeps the output at Q8_0 when rows are not 256-wide
+    back = read_gguf(tmp_path / "m.gguf")
+    for name, t in model.state_dict().items():
+        rel = (back.tensors[name] - t).norm() / t.norm()
+        assert rel < max_rel, (name, float(rel))
+
+
+def test_permutation_is_llama_cpp_layout():
+    w = np.arange(2 * 8 * 3, dtype=np.float32).reshape(16, 3)  # 2 heads of head_dim 8
+    p = permute_qk(w, 2)
+    # head 0: rows (0, 4), (1, 5), ... become adjacent pairs
+    assert [int(r) for r in p[:, 0][:8] // 3] == [0, 4, 1, 5, 2, 6, 3, 7]
+    np.testing.assert_array_equal(unpermute_qk(p, 2), w)
+
+
+@pytest.mark.parametrize("quant", ["Q4_K_M", "Q3_K_M", "Q5_K_M"])
+def test_k_quant_files_read_back_bit_exact(tmp_path, quant):
+    model, tok = tiny_model(d_model=256, d_ff=512, n_layer=3)
+    types = write_gguf(tmp_path / "m.gguf", model.config, model.state_dict(), tok, quant=quant)
+    assert types == gguf_quants.plan_types(model.config, quant)
+    assert {"Q6_K"} <= set(types.values()) if quant != "Q3_K_M" else {"Q3_K", "Q4_K", "Q5_K"} <= set(types.values())
+    back = read_gguf(tmp_path / "m.gguf")
+    assert back.tensor_types == types
+    w = model.state_dict()["blocks.1.mlp.down_proj.weight"].numpy()
+    expected = gguf_quants.QUANTIZERS[types["blk.1.ffn_down.weight"]](w)[1]
+    np.testing.assert_array_equal(back.tensors["blocks.1.mlp.down_proj.weight"].numpy(), expected)
+    q = model.state_dict()["blocks.0.attn.q_proj.weight"].numpy()
+    rel = np.linalg.norm(back.tensors["blocks.0.attn.q_proj.weight"].numpy() - q) / np.linalg.norm(q)
+    assert rel < 0.2
+
+
+def test_tokenizer_round_trip(tiny, tmp_path):
+    model, tok = tiny
+    write_gguf(tmp_path / "m.gguf", model.config, model.state_dict(), tok, quant="F16")
+    back = read_gguf(tmp_path / "m.gguf").tokenizer
+    assert (back.bos_id, back.eos_id, back.vocab_size) == (tok.bos_id, tok.eos_id, tok.vocab_size)
+    assert back.chat_template == tok.chat_template
+    texts = [*CORPUS[:5], "<|im_start|>user\nhi<|im_end|>", "  spaces\t\tand\n\nnewlines  ", "ünïcödé 日本語 🙂"]
+    for text in texts:
+        assert back.encode(text) == tok.encode(text), text
+        assert back.decode(back.encode(text)) == text
+    chat = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there"}]
+    assert back.apply_chat_template(chat) == tok.apply_chat_template(chat)
+
+
+def test_export_verb_and_gguf_in_the_generate_verb(tiny, tmp_path, capsys):
+    model, tok = tiny
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    out = tmp_path / "tiny-q8.gguf"
+    assert main(["export", str(folder), "--format", "gguf", "--quant", "q8_0", "--out", str(out)]) == 0
+    assert "tiny-q8.gguf" in capsys.readouterr().out
+    loaded, loaded_tok = llmkit.load(out)
+    torch.testing.assert_close(_logits(loaded), _logits(model), atol=0.05, rtol=0)
+    assert loaded_tok.encode(CORPUS[0]) == tok.encode(CORPUS[0])
+    assert main(["generate", str(out), "--prompt", "The quick", "--temperature", "0", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("The quick")
+    with pytest.raises(SystemExit):  # argparse refuses a file type we do not write
+        main(["export", str(folder), "--quant", "Q2_K", "--out", str(out)])
+
+
+def test_export_refuses_what_gguf_cannot_hold(tmp_path):
+    gpt2 = llmkit.Transformer(llmkit.ModelConfig.from_preset("gpt2", n_layer=1, d_model=64, n_head=2,
+                                                               vocab_size=400))
+    _, tok = tiny_model()
+    with pytest.raises(ConfigError, match="llama-style"):
+        write_gguf(tmp_path / "g.gguf", gpt2.config, gpt2.state_dict(), tok)
+    model, _ = tiny_model()
+    with pytest.raises(ConfigError, match="not supported"):
+        write_gguf(tmp_path / "g.gguf", model.config, model.state_dict(), tok, quant="Q2_K")
+    chars = llmkit.Tokenizer.train_chars(CORPUS)
+    with pytest.raises(FormatError, match="byte-level BPE"):
+        write_gguf(tmp_path / "g.gguf", model.config.replace(vocab_size=chars.vocab_size), {}, chars)
+    assert not (tmp_path / "g.gguf").exists()
+
+
+# ---- bad files ----------------------------------------------------------------------------------
+
+
+def _rewrite(src, dst, arch=None, drop=(), retype=None):
+    """Copy a GGUF with changes: another architecture name, keys dropped, one tensor's type replaced."""
+    r = gguf.GGUFReader(str(src))
+    old_arch = r.fields["general.architecture"].contents()
+    arch = arch or old_arch
+    w = gguf.GGUFWriter(str(dst), arch)
+    for key, f in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key.startswith(drop):
+            continue
+        name = arch + key[len(old_arch):] if key.startswith(old_arch + ".") else key
+        w.add_key_value(name, f.contents(), f.types[0], f.types[1] if len(f.types) > 1 else None)
+    for t in r.tensors:
+        if retype and t.name == retype[0]:
+            qtype = gguf.GGMLQuantizationType[retype[1]]
+            rows, cols = int(t.shape[1]), int(t.shape[0])
+            nbytes = gguf.quants.quant_shape_to_byte_shape((rows, cols), qtype)
+            w.add_tensor(t.name, np.zeros(nbytes, dtype=np.uint8), raw_dtype=qtype)
+        else:
+            w.add_tensor(t.name, np.array(t.data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+@pytest.fixture(scope="module")
+def f32_file(tmp_path_factory):
+    model, tok = tiny_model()
+    path = tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf"
+    write_gguf(path, model.config, model.state_dict(), tok, quant="F32")
+    return path
+
+
+def test_the_rewriter_itself_keeps_a_readable_file(f32_file, tmp_path):
+    same = read_gguf(_rewrite(f32_file, tmp_path / "same.gguf"))
+    torch.testing.assert_close(same.tensors["embed.weight"], read_gguf(f32_file).tensors["embed.weight"])
+
+
+@pytest.mark.parametrize("keep", [100, 4000, 0.5, 0.999])
+def test_truncated_file(f32_file, tmp_path, keep):
+    data = f32_file.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: int(len(data) * keep) if isinstance(keep, float) else keep])
+    with pytest.raises(FormatError, match="truncated"):
+        read_gguf(cut)
+
+
+def test_not_a_gguf_file(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"PK\x03\x04 not gguf at all")
+    with pytest.raises(FormatError, match="not a GGUF file"):
+        read_gguf(bad)
+    with pytest.raises(FormatError, match="no such GGUF file"):
+        read_gguf(tmp_path / "missing.gguf")
+    with pytest.raises(FormatError, match="not GGUF"):
+        llmkit.load(bad.with_suffix(".bin").write_bytes(b"xx") and bad.with_suffix(".bin"))
+
+
+def test_unsupported_architecture(f32_file, tmp_path):
+    with pytest.raises(FormatError, match="unsupported architecture 'gemma3'"):
+        read_gguf(_rewrite(f32_file, tmp_path / "g.gguf", arch="gemma3"))
+
+
+def test_unsupported_tensor_type(f32_file, tmp_path):
+    path = _rewrite(f32_file, tmp_path / "t.gguf", retype=("blk.1.attn_q.weight", "MXFP4"))
+    with pytest.raises(FormatError, match=r"'blk.1.attn_q.weight' has type MXFP4"):
+        read_gguf(path)
+
+
+def test_missing_tokenizer(f32_file, tmp_path):
+    with pytest.raises(FormatError, match="no tokenizer"):
+        read_gguf(_rewrite(f32_file, tmp_path / "n.gguf", drop=("tokenizer.",)))
+    with pytest.raises(FormatError, match="merges is missing"):
+        read_gguf(_rewrite(f32_file, tmp_path / "m.gguf", drop=("tokenizer.ggml.merges",)))
+    with pytest.raises(FormatError, match="'llama.block_count' is missing"):
+        read_gguf(_rewrite(f32_file, tmp_path / "b.gguf", drop=("llama.block_count",)))
+
+
+def test_unknown_model_name():
+    with pytest.raises(FormatError, match="smollm2-135m-instruct"):
+        llmkit.load("no-such-model")
