@@ -231,6 +231,12 @@ def read_gguf(path: str | os.PathLike) -> GGUFContents:
     return GGUFContents(config, tensors, tokenizer, small, {g: t.tensor_type.name for g, t in stored.items()})
 
 
+def read_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Only the tokenizer of a GGUF file (reads the metadata, dequantizes nothing)."""
+    path = Path(path)
+    return tokenizer_from_metadata(_metadata(_open(path)), str(path))
+
+
 def _expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
     shapes = {"embed.weight": (c.vocab_size, c.d_model), "norm.weight": (c.d_model,),

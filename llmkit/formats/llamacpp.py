@@ -85,3 +85,33 @@ class LlamaCpp:
         close = getattr(self.llm, "close", None)
         if close:
             close()
+
+
+# ---- comparing two models' logits (numpy; used by tests and benchmarks/gguf.py) ------------------
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def agreement(ours: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """Top-1 agreement, mean and max KL(reference || ours) in nats, and max |logit difference|."""
+    lp, lq = log_softmax(reference), log_softmax(ours)
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    return {"top1": float((ours.argmax(-1) == reference.argmax(-1)).mean()), "mean_kl": float(kl.mean()),
+            "max_kl": float(kl.max()), "max_abs_diff": float(np.abs(ours - reference).max()), "positions": len(kl)}
+
+
+def perplexity(logits: np.ndarray, ids: list[int]) -> float:
+    """exp(mean negative log-likelihood) of ids[1:] given the logits at positions [:-1]."""
+    lp = log_softmax(logits[:-1])
+    nll = -lp[np.arange(len(ids) - 1), np.asarray(ids[1:])]
+    return float(np.exp(nll.mean()))
+
+
+def margin(logits: np.ndarray) -> float:
+    """Gap between the best and second-best logit: how close a greedy choice was to a tie."""
+    top2 = np.sort(np.asarray(logits, dtype=np.float64))[-2:]
+    return float(top2[1] - top2[0])
