@@ -89,6 +89,16 @@ def test_k_quant_files_read_back_bit_exact(tmp_path, quant):
     assert rel < 0.2
 
 
+@pytest.mark.parametrize("quant,fallbacks", [("Q4_K_M", {"Q5_0", "Q8_0"}), ("Q3_K_M", {"IQ4_NL", "Q5_0", "Q5_1", "Q8_0"})])
+def test_rows_not_multiple_of_256_use_llama_cpp_fallbacks(tiny, tmp_path, quant, fallbacks):
+    model, tok = tiny  # d_model 64: no K-quant block fits, as with SmolLM2's 576
+    types = write_gguf(tmp_path / "m.gguf", model.config, model.state_dict(), tok, quant=quant)
+    assert set(types.values()) - {"F32"} == fallbacks
+    back = read_gguf(tmp_path / "m.gguf")
+    for name, t in model.state_dict().items():
+        assert (back.tensors[name] - t).norm() / t.norm() < 0.12, name
+
+
 def test_tokenizer_round_trip(tiny, tmp_path):
     model, tok = tiny
     write_gguf(tmp_path / "m.gguf", model.config, model.state_dict(), tok, quant="F16")

@@ -99,7 +99,7 @@ def _open(path: Path):
         raise FormatError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
     try:
         reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # the reader raises ValueError/IndexError/KeyError on damaged files
+    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as e:  # what a damaged file raises
         raise FormatError(f"{path}: unreadable GGUF header ({type(e).__name__}: {str(e)[:200]}); "
                           f"the file ({size} bytes) is truncated or corrupt") from None
     for t in reader.tensors:
