@@ -136,6 +136,17 @@ def test_batched_generation_equals_one_by_one(model, sampling):
     assert [b.token_ids for b in batched] == [a.token_ids for a in alone]
 
 
+def test_static_decode_path_handles_left_padding(model, monkeypatch):
+    """compile=True with a no-op compiler runs the fixed-shape step eagerly: padded rows still decode
+    exactly as they would alone."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    monkeypatch.setattr(engine, "_COMPILED", engine.weakref.WeakKeyDictionary())
+    prompts = [[7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+    batched = llmkit.generate(model, None, prompts, max_new_tokens=12, temperature=0, ignore_eos=True, compile=True)
+    alone = [llmkit.generate(model, None, p, max_new_tokens=12, temperature=0, ignore_eos=True) for p in prompts]
+    assert [b.token_ids for b in batched] == [a.token_ids for a in alone]
+
+
 def test_same_seed_same_text_and_other_seed_differs(model, tok):
     a = llmkit.generate(model, tok, "the cat", max_new_tokens=24, seed=5, ignore_eos=True)
     b = llmkit.generate(model, tok, "the cat", max_new_tokens=24, seed=5, ignore_eos=True)

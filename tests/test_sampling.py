@@ -28,6 +28,10 @@ def test_logit_bias_adds_to_named_tokens():
     torch.testing.assert_close(out, row(6.0, 2.0, -97.0))
 
 
+def test_logit_bias_accepts_json_string_keys():
+    torch.testing.assert_close(S.apply_logit_bias(row(1.0, 2.0), {"1": 2.0}), row(1.0, 4.0))
+
+
 def test_min_tokens_bans_eos_until_enough_tokens():
     x = row(1.0, 2.0, 3.0)
     torch.testing.assert_close(S.apply_min_tokens(x, 1, 3, [2]), row(1.0, 2.0, -INF))
@@ -147,6 +151,8 @@ def test_per_row_generators_are_independent_of_batch():
     (dict(n=0), "n"),
     (dict(repetition_penalty=0.0), "repetition_penalty"),
     (dict(stop=[""]), "stop"),
+    (dict(logit_bias={"x": 1.0}), "logit_bias"),
+    (dict(logit_bias={3: 500.0}), "logit_bias"),
 ])
 def test_bad_parameters_raise_one_clear_error(kwargs, field):
     with pytest.raises(ConfigError, match=field):

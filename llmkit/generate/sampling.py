@@ -81,6 +81,9 @@ class SamplingParams:
               "None or an integer >= 0")
         check(all(isinstance(s, str) and s for s in self.stop_strings), "stop", "a non-empty string or a list of them")
         check(self.seed is None or is_int(self.seed), "seed", "None or an integer")
+        check(self.logit_bias is None or all(str(k).lstrip("-").isdigit() and int(k) >= 0 and -100 <= v <= 100
+                                             for k, v in self.logit_bias.items()),
+              "logit_bias", "a map of token id -> bias in [-100, 100] (OpenAI's range)")
         check(is_int(self.num_beams) and self.num_beams >= 1, "num_beams", "an integer >= 1")
         check(self.num_beams == 1 or self.n <= self.num_beams, "n", f"at most num_beams={self.num_beams}")
         check(self.early_stopping in (True, False, "never"), "early_stopping", 'True, False or "never"')
@@ -101,8 +104,8 @@ def raw_logprobs(logits: torch.Tensor) -> torch.Tensor:
 def apply_logit_bias(logits: torch.Tensor, logit_bias: dict[int, float] | None) -> torch.Tensor:
     if not logit_bias:
         return logits
-    ids = torch.tensor(list(logit_bias), dtype=torch.long, device=logits.device)
-    bias = torch.tensor(list(logit_bias.values()), dtype=logits.dtype, device=logits.device)
+    ids = torch.tensor([int(k) for k in logit_bias], dtype=torch.long, device=logits.device)  # JSON keys are str
+    bias = torch.tensor([float(v) for v in logit_bias.values()], dtype=logits.dtype, device=logits.device)
     return logits.index_add(-1, ids, bias.expand(logits.shape[0], -1))
 
 
