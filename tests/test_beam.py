@@ -75,3 +75,25 @@ def test_beam_search_rejects_stream_and_too_many_returns(pair):
         list(llmkit.stream(ours, None, [1, 2], num_beams=2))
     with pytest.raises(ConfigError, match="num_beams"):
         llmkit.generate(ours, None, [1, 2], num_beams=2, n=3)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_and_beam_are_token_identical_to_transformers(tmp_path):
+    """The real SmolLM2-135M-Instruct weights (dequantized from its GGUF), 64 new tokens each way."""
+    try:
+        model, tok = llmkit.load("smollm2-135m-instruct")
+    except Exception as e:  # noqa: BLE001 - no cached copy and no way to fetch it
+        pytest.skip(f"SmolLM2-135M-Instruct is not available here: {e}")
+    model.save_pretrained(tmp_path)
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids, _ = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     add_generation_prompt=True)
+    prompt = torch.tensor([ids])
+    for kw in (dict(num_beams=1), dict(num_beams=3)):
+        with torch.no_grad():
+            expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                   max_new_tokens=64, min_new_tokens=64, **kw)[0, len(ids):].tolist()
+        got = llmkit.generate(model, tok, ids, temperature=0, max_new_tokens=64, min_tokens=64, **kw)
+        assert got.token_ids == expected, kw
