@@ -271,6 +271,7 @@ def quantize_q3_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 IQ4_NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
+_IQ4_NL_MIDPOINTS = (IQ4_NL_VALUES[1:] + IQ4_NL_VALUES[:-1]) / 2
 
 
 def quantize_iq4_nl(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -286,7 +287,7 @@ def quantize_iq4_nl(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     best_idx = np.zeros(b.shape, dtype=np.uint8)
     for step in range(-7, 8):
         inv = (step + IQ4_NL_VALUES[0]) / safe
-        idx = np.abs(inv[:, None, None] * b[..., None] - IQ4_NL_VALUES).argmin(-1).astype(np.uint8)
+        idx = np.searchsorted(_IQ4_NL_MIDPOINTS, inv[:, None] * b).astype(np.uint8)  # nearest grid value
         q = IQ4_NL_VALUES[idx]
         sumqx, sumq2 = (w * q * b).sum(1), (w * q * q).sum(1)
         good = ok & (sumq2 > 0)

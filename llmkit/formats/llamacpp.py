@@ -90,6 +90,9 @@ class LlamaCpp:
 # ---- comparing two models' logits (numpy; used by tests and benchmarks/gguf.py) ------------------
 
 
+_ROWS = 256  # positions per chunk: float64 work arrays stay ~100 MB at a 49k vocabulary
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     x = np.asarray(logits, dtype=np.float64)
     x = x - x.max(-1, keepdims=True)
@@ -98,17 +101,24 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def agreement(ours: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     """Top-1 agreement, mean and max KL(reference || ours) in nats, and max |logit difference|."""
-    lp, lq = log_softmax(reference), log_softmax(ours)
-    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    kl = np.concatenate([_kl(ours[i:i + _ROWS], reference[i:i + _ROWS]) for i in range(0, len(ours), _ROWS)])
     return {"top1": float((ours.argmax(-1) == reference.argmax(-1)).mean()), "mean_kl": float(kl.mean()),
             "max_kl": float(kl.max()), "max_abs_diff": float(np.abs(ours - reference).max()), "positions": len(kl)}
 
 
+def _kl(ours: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    lp, lq = log_softmax(reference), log_softmax(ours)
+    return (np.exp(lp) * (lp - lq)).sum(-1)
+
+
 def perplexity(logits: np.ndarray, ids: list[int]) -> float:
     """exp(mean negative log-likelihood) of ids[1:] given the logits at positions [:-1]."""
-    lp = log_softmax(logits[:-1])
-    nll = -lp[np.arange(len(ids) - 1), np.asarray(ids[1:])]
-    return float(np.exp(nll.mean()))
+    targets = np.asarray(ids[1:])
+    nll = []
+    for i in range(0, len(targets), _ROWS):
+        lp = log_softmax(logits[i:min(i + _ROWS, len(targets))])
+        nll.append(-lp[np.arange(len(lp)), targets[i:i + len(lp)]])
+    return float(np.exp(np.concatenate(nll).mean()))
 
 
 def margin(logits: np.ndarray) -> float:
