@@ -11,11 +11,15 @@ int4 linear layers (`llmkit.generate.fast`). The accuracy cost of each llmkit va
 transformers fp32 is measured on the same run: logits of a teacher-forced sequence (max abs error,
 mean KL, top-1 agreement) and the greedy 64-token continuation (tokens equal before divergence).
 
-The model is the `smollm2-135m` preset with random weights saved as an HF folder (the architecture
-of SmolLM2-135M). Hook for the real weights: `--model FOLDER` takes any HF llama folder; once
-llmkit reads GGUF, pass the converted SmolLM2-135M-Instruct folder (see `load_systems`).
+By default the model is the `smollm2-135m` preset with random weights saved as an HF folder (the
+architecture of SmolLM2-135M). `--model` takes the real weights instead: an HF llama folder, a
+.gguf file or a registry name (`smollm2-135m-instruct`, read by `llmkit.load` and written to a
+temporary HF folder so both systems load the same dequantized tensors); the accuracy figures then
+use real text.
 
-    python benchmarks/generate.py                # writes benchmarks/results/generate.json
+    python benchmarks/generate.py                                  # -> benchmarks/results/generate.json
+    python benchmarks/generate.py --model smollm2-135m-instruct --accuracy-only \
+        --out benchmarks/results/generate_accuracy_smollm2.json
 """
 
 from __future__ import annotations
@@ -34,6 +38,17 @@ import torch
 
 from llmkit import ModelConfig, Transformer
 from llmkit.generate.fast import quantize
+
+ACCURACY_TEXT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
+    "movable metal type, oil-based ink and a wooden screw press into a system that could produce books "
+    "far faster than any scribe. Within fifty years presses were running in more than two hundred cities "
+    "across Europe, and the price of books fell so sharply that reading spread beyond monasteries and "
+    "universities to merchants, artisans and eventually ordinary households. Historians still debate how "
+    "much the press caused the Reformation, the scientific revolution and the rise of national languages, "
+    "but few doubt that it changed how knowledge was stored, copied and argued about. Newspapers, "
+    "pamphlets and encyclopedias all grew from the same simple idea: set the letters once, print many times."
+)
 
 
 def make_random_checkpoint(folder: Path, preset: str, seed: int) -> Path:
@@ -123,6 +138,7 @@ def main() -> None:
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--variants", default="fp32,int8,int4", help="llmkit variants: fp32, int8, int4")
+    p.add_argument("--accuracy-only", action="store_true", help="skip the timings")
     p.add_argument("--out", default="benchmarks/results/generate.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -131,16 +147,31 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     load_before = os.getloadavg()
 
+    tokenizer = None
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(args.model) if args.model else make_random_checkpoint(Path(tmp), args.preset, seed=0)
+        if args.model is None:
+            folder = make_random_checkpoint(Path(tmp), args.preset, seed=0)
+        elif Path(args.model).is_dir():
+            folder = Path(args.model)
+        else:  # a .gguf file or a registry name
+            import llmkit
+
+            model, tokenizer = llmkit.load(args.model)
+            folder = model.save_pretrained(Path(tmp))
         systems = load_systems(folder, args.variants.split(","))
     g = torch.Generator().manual_seed(0)
     vocab = next(iter(systems.values()))[1].config.vocab_size
     long_prompt = torch.randint(0, vocab, (1, args.prompt), generator=g)
     short = torch.randint(0, vocab, (1, 8), generator=g)
     batch = torch.randint(0, vocab, (args.batch, 8), generator=g)
+    seq = torch.randint(0, vocab, (1, 256), generator=g)
+    if tokenizer is not None:  # real weights: measure the accuracy cost on real text
+        seq = torch.tensor([tokenizer.encode(ACCURACY_TEXT)[:256]])
+        short = torch.tensor([tokenizer.encode("The cat sat on the mat. Then it")])
+    if args.accuracy_only:
+        args.reps = 0
 
-    for kind, model in systems.values():  # warm-up: first calls allocate and pick kernels
+    for kind, model in systems.values() if args.reps else []:  # warm-up: first calls allocate and pick kernels
         prefill_seconds(kind, model, long_prompt[:, :64])
         generate_seconds(kind, model, short, 4)
 
@@ -154,16 +185,16 @@ def main() -> None:
 
     labels = {"pp": f"prefill_tok_s_pp{args.prompt}", "tg": f"decode_tok_s_tg{args.new}_batch1",
               "tg_batch": f"decode_tok_s_tg{args.new}_batch{args.batch}"}
-    results = {}
-    for name, r in runs.items():
-        results[name] = {labels[k]: {"best": round(max(v), 2), "median": round(statistics.median(v), 2),
-                                     "all": [round(x, 2) for x in v]} for k, v in r.items()}
-    base = results["transformers-fp32"]
-    ratios = {name: {labels[k]: {s: round(results[name][labels[k]][s] / base[labels[k]][s], 2)
-                                 for s in ("best", "median")} for k in runs[name]}
-              for name in results if name != "transformers-fp32"}
+    results, ratios = {}, {}
+    if args.reps:
+        for name, r in runs.items():
+            results[name] = {labels[k]: {"best": round(max(v), 2), "median": round(statistics.median(v), 2),
+                                         "all": [round(x, 2) for x in v]} for k, v in r.items()}
+        base = results["transformers-fp32"]
+        ratios = {name: {labels[k]: {s: round(results[name][labels[k]][s] / base[labels[k]][s], 2)
+                                     for s in ("best", "median")} for k in runs[name]}
+                  for name in results if name != "transformers-fp32"}
 
-    seq = torch.randint(0, vocab, (1, 256), generator=g)
     reference = systems["transformers-fp32"][1]
     cost = {name: accuracy(reference, model, kind, seq, short) for name, (kind, model) in systems.items()
             if name != "transformers-fp32"}
