@@ -148,8 +148,9 @@ def test_export_refuses_what_gguf_cannot_hold(tmp_path):
 # ---- bad files ----------------------------------------------------------------------------------
 
 
-def _rewrite(src, dst, arch=None, drop=(), retype=None):
-    """Copy a GGUF with changes: another architecture name, keys dropped, one tensor's type replaced."""
+def _rewrite(src, dst, arch=None, drop=(), retype=None, strings=None):
+    """Copy a GGUF with changes: another architecture name, keys dropped, string keys replaced, one
+    tensor's type replaced."""
     r = gguf.GGUFReader(str(src))
     old_arch = r.fields["general.architecture"].contents()
     arch = arch or old_arch
@@ -158,6 +159,9 @@ def _rewrite(src, dst, arch=None, drop=(), retype=None):
         if key.startswith("GGUF.") or key == "general.architecture" or key.startswith(drop):
             continue
         name = arch + key[len(old_arch):] if key.startswith(old_arch + ".") else key
+        if strings and name in strings:
+            w.add_string(name, strings[name])
+            continue
         w.add_key_value(name, f.contents(), f.types[0], f.types[1] if len(f.types) > 1 else None)
     for t in r.tensors:
         if retype and t.name == retype[0]:
@@ -225,6 +229,13 @@ def test_missing_tokenizer(f32_file, tmp_path):
         read_gguf(_rewrite(f32_file, tmp_path / "m.gguf", drop=("tokenizer.ggml.merges",)))
     with pytest.raises(FormatError, match="'llama.block_count' is missing"):
         read_gguf(_rewrite(f32_file, tmp_path / "b.gguf", drop=("llama.block_count",)))
+
+
+def test_unsupported_tokenizers(f32_file, tmp_path):
+    with pytest.raises(FormatError, match="tokenizer.ggml.pre is 'mystery'"):
+        read_gguf(_rewrite(f32_file, tmp_path / "p.gguf", strings={"tokenizer.ggml.pre": "mystery"}))
+    with pytest.raises(FormatError, match="tokenizer.ggml.model is 'llama'"):
+        read_gguf(_rewrite(f32_file, tmp_path / "s.gguf", strings={"tokenizer.ggml.model": "llama"}))
 
 
 def test_unknown_model_name():
