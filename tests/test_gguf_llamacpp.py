@@ -11,6 +11,7 @@ import torch
 from gguf_helpers import SMOLLM2, needs_llamacpp, smollm2, tiny_model
 
 import llmkit
+from llmkit.errors import ConfigError
 from llmkit.formats.gguf import read_gguf, read_tokenizer, write_gguf
 from llmkit.formats.llamacpp import LlamaCpp, agreement, margin, perplexity
 from llmkit.formats.named import resolve
@@ -166,6 +167,13 @@ def test_tiny_export_greedy_equals_llama_cpp(tmp_path, quant):
         assert len(set(theirs)) > 16  # a real sequence, not one token repeated
     finally:
         r.close()
+    fast = LlamaCpp(path, n_ctx=256, logits_all=False)  # the benchmarks' path: llama.cpp's own sampler loop
+    try:
+        assert fast.generate(ids, 32) == theirs
+        with pytest.raises(ConfigError, match="logits_all"):
+            fast.logits(ids)
+    finally:
+        fast.close()
 
 
 @pytest.mark.parametrize("quant,max_abs,max_kl", [("F32", 0.02, 1e-4), ("Q8_0", 0.5, 0.01)])

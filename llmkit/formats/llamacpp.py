@@ -9,7 +9,8 @@ with top-n probabilities), not the whole vocabulary's logits that KL and perplex
     ref = LlamaCpp("model.gguf")
     ids = ref.tokenize("Hello")            # llama.cpp's own tokenizer
     logits = ref.logits(ids)               # (len(ids), vocab) float32
-    out = ref.greedy(ids, 32)              # greedy continuation (token ids)
+    out = ref.greedy(ids, 32)              # greedy continuation (token ids), from the logits
+    fast = LlamaCpp("model.gguf", logits_all=False).generate(ids, 32)  # llama.cpp's own loop, for timing
 """
 
 from __future__ import annotations
@@ -37,14 +38,17 @@ def available() -> bool:
 class LlamaCpp:
     """One llama.cpp model and context, CPU only, deterministic (greedy, no sampling state)."""
 
-    def __init__(self, path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None,
+                 logits_all: bool = True):
+        """`logits_all=False` for speed measurements: `generate` then skips copying every position's logits."""
         try:
             from llama_cpp import Llama
         except (ImportError, OSError):
             raise ConfigError(INSTALL_HINT) from None
         self.path = Path(path)
         self.n_ctx = n_ctx
-        self.llm = Llama(str(self.path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True,
+        self.logits_all = logits_all
+        self.llm = Llama(str(self.path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=logits_all,
                          n_threads=n_threads or os.cpu_count(), n_gpu_layers=0, verbose=False)
 
     @property
@@ -60,6 +64,8 @@ class LlamaCpp:
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """Logits (len(ids), vocab) of a fresh evaluation of `ids` from position 0."""
+        if not self.logits_all:
+            raise ConfigError("this LlamaCpp was opened with logits_all=False; open it with logits_all=True")
         if len(ids) > self.n_ctx:
             raise ConfigError(f"{len(ids)} tokens exceed the llama.cpp context of {self.n_ctx}")
         self.llm.reset()
@@ -79,6 +85,18 @@ class LlamaCpp:
                 break
             self.llm.eval([nxt])
             n += 1
+        return out
+
+    def generate(self, ids: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:
+        """Greedy decoding through llama.cpp's own sampler loop (top_k=1): what a speed benchmark times."""
+        out: list[int] = []
+        if max_new_tokens <= 0:
+            return out
+        for token in self.llm.generate(list(ids), top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
+                                       reset=True):
+            out.append(int(token))
+            if len(out) >= max_new_tokens or token in stop_ids or len(ids) + len(out) >= self.n_ctx:
+                break
         return out
 
     def close(self) -> None:
