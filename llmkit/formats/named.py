@@ -34,8 +34,8 @@ def resolve(spec: str | os.PathLike) -> Path:
             if file.as_posix().endswith(member):
                 return file
         raise FormatError(f"model {spec!r}: source {source!r} has no file {member}")
-    raise FormatError(f"model {str(spec)!r} is neither an existing folder or .gguf file nor a known model name; "
-                      f"known names: {', '.join(sorted(MODELS))}")
+    raise FormatError(f"{spec}: not a folder, not a .gguf file and not a known model name; expected an HF "
+                      f"checkpoint folder, a GGUF file or one of: {', '.join(sorted(MODELS))}")
 
 
 def read(spec: str | os.PathLike, with_tokenizer: bool = True
