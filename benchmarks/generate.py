@@ -6,8 +6,10 @@ them alike), with `--threads` threads:
   logits; transformers with `logits_to_keep=1`, as its `generate` does);
 - tg128: decode tok/s at batch 1: (128 - 1) / (time of generate(128 tokens) - time of generate(1));
 - tg128 x8: decode throughput at batch 8, the same way, 8 * 127 tokens.
-Greedy, EOS ignored. Systems: transformers fp32, llmkit fp32, and llmkit with weight-only int8 and
-int4 linear layers (`llmkit.generate.fast`). The accuracy cost of each llmkit variant against
+Greedy, EOS ignored. Systems: transformers fp32, llmkit fp32, llmkit with weight-only int8 and
+int4 linear layers (`llmkit.generate.fast`), and, when `--model` is a GGUF file or registry name,
+llama.cpp on that very file as the anchor (llama-cpp-python; batch-1 figures only, since it decodes
+one sequence at a time). The accuracy cost of each llmkit variant against
 transformers fp32 is measured on the same run: logits of a teacher-forced sequence (max abs error,
 mean KL, top-1 agreement) and the greedy 64-token continuation (tokens equal before divergence).
 
@@ -80,6 +82,9 @@ def prefill_seconds(kind, model, ids) -> float:
     start = time.perf_counter()
     if kind == "hf":
         model(ids, logits_to_keep=1, use_cache=True)
+    elif kind == "llamacpp":  # one sequence: evaluate the prompt from an empty cache
+        model.llm.reset()
+        model.llm.eval(ids[0].tolist())
     else:
         from llmkit import KVCache
 
@@ -91,6 +96,11 @@ def prefill_seconds(kind, model, ids) -> float:
 @torch.inference_mode()
 def generate_seconds(kind, model, ids, new_tokens: int) -> tuple[float, torch.Tensor]:
     start = time.perf_counter()
+    if kind == "llamacpp":
+        new = model.generate(ids[0].tolist(), new_tokens)
+        elapsed = time.perf_counter() - start
+        assert len(new) == new_tokens, "generation stopped early"
+        return elapsed, torch.cat([ids[0], torch.tensor(new)])[None]
     if kind == "hf":
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
@@ -128,6 +138,18 @@ def accuracy(reference, model, kind, seq: torch.Tensor, prompt: torch.Tensor) ->
             "greedy64_tokens_equal_before_divergence": int(same.cumprod(0).sum())}
 
 
+def gguf_path(model: str | None) -> Path | None:
+    """The GGUF file behind `--model` (a .gguf path or a registry name), for the llama.cpp anchor."""
+    if model is None or Path(model).is_dir():
+        return None
+    if model.endswith(".gguf"):
+        return Path(model)
+    from llmkit.formats.named import resolve
+
+    found = resolve(model)
+    return Path(found) if str(found).endswith(".gguf") else None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="an HF llama folder (default: random smollm2-135m weights)")
@@ -139,6 +161,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--variants", default="fp32,int8,int4", help="llmkit variants: fp32, int8, int4")
     p.add_argument("--accuracy-only", action="store_true", help="skip the timings")
+    p.add_argument("--llamacpp", type=lambda v: v.lower() != "false", default=True,
+                   help="with a GGUF --model, also time llama.cpp on that file (the anchor); 'false' to skip")
     p.add_argument("--out", default="benchmarks/results/generate.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -159,6 +183,13 @@ def main() -> None:
             model, tokenizer = llmkit.load(args.model)
             folder = model.save_pretrained(Path(tmp))
         systems = load_systems(folder, args.variants.split(","))
+    gguf = gguf_path(args.model)
+    if gguf is not None and args.llamacpp:
+        from llmkit.formats.llamacpp import LlamaCpp
+
+        # The anchor: llama.cpp on the GGUF itself (its quantized weights, its own kernels).
+        systems[f"llama.cpp-{gguf.stem.split('.')[-1]}"] = (
+            "llamacpp", LlamaCpp(gguf, n_ctx=args.prompt + args.new + 16, n_threads=args.threads, logits_all=False))
     g = torch.Generator().manual_seed(0)
     vocab = next(iter(systems.values()))[1].config.vocab_size
     long_prompt = torch.randint(0, vocab, (1, args.prompt), generator=g)
@@ -180,24 +211,31 @@ def main() -> None:
         for name, (kind, model) in systems.items():
             runs[name]["pp"].append(args.prompt / prefill_seconds(kind, model, long_prompt))
             runs[name]["tg"].append(decode_tok_s(kind, model, short, args.new))
-            runs[name]["tg_batch"].append(decode_tok_s(kind, model, batch, args.new))
-            print(f"rep {rep} {name}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs[name].items()), flush=True)
+            if kind != "llamacpp":  # llama-cpp-python decodes one sequence at a time
+                runs[name]["tg_batch"].append(decode_tok_s(kind, model, batch, args.new))
+            print(f"rep {rep} {name}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs[name].items() if v), flush=True)
 
     labels = {"pp": f"prefill_tok_s_pp{args.prompt}", "tg": f"decode_tok_s_tg{args.new}_batch1",
               "tg_batch": f"decode_tok_s_tg{args.new}_batch{args.batch}"}
-    results, ratios = {}, {}
+    results, ratios, ratios_llamacpp = {}, {}, {}
     if args.reps:
         for name, r in runs.items():
             results[name] = {labels[k]: {"best": round(max(v), 2), "median": round(statistics.median(v), 2),
-                                         "all": [round(x, 2) for x in v]} for k, v in r.items()}
+                                         "all": [round(x, 2) for x in v]} for k, v in r.items() if v}
         base = results["transformers-fp32"]
         ratios = {name: {labels[k]: {s: round(results[name][labels[k]][s] / base[labels[k]][s], 2)
-                                     for s in ("best", "median")} for k in runs[name]}
+                                     for s in ("best", "median")} for k in runs[name] if runs[name][k]}
                   for name in results if name != "transformers-fp32"}
+        anchor = next((n for n, (kind, _) in systems.items() if kind == "llamacpp"), None)
+        if anchor is not None:
+            ratios_llamacpp = {name: {key: {s: round(results[name][key][s] / results[anchor][key][s], 2)
+                                            for s in ("best", "median")}
+                                      for key in results[anchor] if key in results[name]}
+                               for name in results if name.startswith("llmkit")}
 
     reference = systems["transformers-fp32"][1]
     cost = {name: accuracy(reference, model, kind, seq, short) for name, (kind, model) in systems.items()
-            if name != "transformers-fp32"}
+            if name != "transformers-fp32" and kind != "llamacpp"}
 
     import transformers
 
@@ -209,7 +247,7 @@ def main() -> None:
                     "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
-        "results": results, "ratio_vs_transformers": ratios, "accuracy_vs_transformers_fp32": cost,
+        "results": results, "ratio_vs_transformers": ratios, "ratio_vs_llamacpp": ratios_llamacpp, "accuracy_vs_transformers_fp32": cost,
         "notes": ("int8/int4: weight-only, PyTorch's packed CPU kernels with bf16 activations for <= 16 rows, "
                   "bf16 GEMM on the same dequantized weights for prefill; norms, attention, KV cache and "
                   "logits stay fp32. Random weights give flat distributions, so top-1 agreement and greedy "
