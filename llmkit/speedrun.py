@@ -40,14 +40,15 @@ class SpeedrunConfig:
     budget_minutes: float = field(default=10.0, metadata={"help": "wall clock for the whole pipeline"})
     sources: str = field(default="wikipedia:0.5,bbcnews:0.5", metadata={"help": "NAME:WEIGHT,... mixture"})
     vocab_size: int = 4096
-    model: str = field(default="llama-4m", metadata={"help": "model preset (its vocabulary is the tokenizer's)"})
+    model: str = field(default="llama-2m", metadata={"help": "model preset (its vocabulary is the tokenizer's); "
+                                                            "chosen by the sweep in docs/speedrun.md"})
     context: int = 256
     batch_size: int = 16
     lr: float = 3e-3
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1
-    precision: str = field(default="auto", metadata={"help": "fp32, bf16 or auto"})
-    compile: bool = field(default=True, metadata={"help": "torch.compile the training step (costs a minute, "
+    precision: str = field(default="bf16", metadata={"help": "fp32, bf16 (autocast) or auto"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the training step (costs a minute, "
                                                           "then runs faster)"})
     eval_every: int = 100
     eval_batches: int = 20
