@@ -32,16 +32,9 @@ def best_of(fn, repeats: int) -> float:
 def tiktoken_gpt2(vocab_path: Path):
     import tiktoken
 
-    from llmkit.tokenizer import ENDOFTEXT, GPT2_PATTERN
+    from llmkit.tokenizer import ENDOFTEXT, GPT2_PATTERN, gpt2_byte_decoder
 
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    byte_of, n = {}, 0
-    for b in range(256):
-        if b in printable:
-            byte_of[chr(b)] = b
-        else:
-            byte_of[chr(256 + n)] = b
-            n += 1
+    byte_of = gpt2_byte_decoder()
     vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
     ranks = {bytes(byte_of[c] for c in tok): i for tok, i in vocab.items() if tok != ENDOFTEXT}
     return tiktoken.Encoding("gpt2-packaged", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,

@@ -20,6 +20,7 @@ import torch
 
 from llmkit.analysis.accounting import human
 from llmkit.analysis.plots import plot_training_curves
+from llmkit.config import ModelConfig
 from llmkit.data.prepare import PrepareConfig, parse_weights, prepare, read_jsonl
 from llmkit.data.shards import tokenize_prepared
 from llmkit.errors import ConfigError
@@ -110,8 +111,6 @@ def speedrun(config: SpeedrunConfig) -> Path:
 
     started = time.perf_counter()
     torch.manual_seed(config.seed)
-    from llmkit.config import ModelConfig
-
     shape = Transformer(ModelConfig.from_preset(config.model, vocab_size=tokenizer.vocab_size))
     per_step = seconds_per_step(shape, config)
     train_seconds = deadline - time.perf_counter() - 60 * config.reserve_minutes

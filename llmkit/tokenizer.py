@@ -79,6 +79,21 @@ CHAT_TEMPLATES: dict[str, str] = {
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
+def gpt2_byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-to-unicode table, inverted: the character a vocab.json token uses -> its byte.
+
+    Printable bytes stand for themselves; the other 68 map to chr(256 + n) in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    byte_of, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            byte_of[chr(b)] = b
+        else:
+            byte_of[chr(256 + n)] = b
+            n += 1
+    return byte_of
+
+
 def resolve_chat_template(template: str | None) -> str | None:
     """A built-in name (chatml, llama2, alpaca, vicuna) becomes its Jinja; anything else is Jinja."""
     if template is None:

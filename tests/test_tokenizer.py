@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from llmkit.data import corpora, sources
 from llmkit.errors import ConfigError, DataError, FormatError
-from llmkit.tokenizer import ENDOFTEXT, GPT2_PATTERN, Tokenizer
+from llmkit.tokenizer import ENDOFTEXT, GPT2_PATTERN, Tokenizer, gpt2_byte_decoder
 
 
 @pytest.fixture(scope="session")
@@ -42,15 +42,7 @@ def _tiktoken_gpt2(vocab_path):
     """tiktoken's Encoding built from the packaged vocab.json (GPT-2's ids are its merge ranks)."""
     import tiktoken
 
-    # the standard bytes_to_unicode table: bytes not printable map to chr(256 + n) in order
-    byte_of, n = {}, 0
-    printable = set(list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1)))
-    for b in range(256):
-        if b in printable:
-            byte_of[chr(b)] = b
-        else:
-            byte_of[chr(256 + n)] = b
-            n += 1
+    byte_of = gpt2_byte_decoder()
     vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
     ranks = {bytes(byte_of[c] for c in tok): i for tok, i in vocab.items() if tok != ENDOFTEXT}
     return tiktoken.Encoding("gpt2-packaged", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,

@@ -127,4 +127,3 @@ def barrier(world: World) -> None:
 def shutdown(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
-
