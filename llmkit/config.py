@@ -50,6 +50,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    # 0: a language model. N > 0: a sequence classifier (N classes) or reward model (N = 1): a `score`
+    # head maps the last real token's hidden state to N logits, as transformers' *ForSequenceClassification.
+    num_labels: int = 0
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -91,6 +94,8 @@ class ModelConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.norm_eps > 0:
             raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}")
+        if not isinstance(self.num_labels, int) or isinstance(self.num_labels, bool) or self.num_labels < 0:
+            raise ConfigError(f"num_labels must be an integer >= 0 (0: a language model), got {self.num_labels!r}")
 
     # ---- plain dict round trip (our own YAML/JSON, strict about unknown keys) ----
     def to_dict(self) -> dict[str, Any]:
@@ -130,6 +135,15 @@ class ModelConfig:
             "supported: gpt2 (learned/layernorm/plain MLP/biases/tied) and llama (rope/rmsnorm/gated)")
 
     def to_hf_config(self) -> dict[str, Any]:
+        hf = self._to_hf_config()
+        if self.num_labels:
+            family = hf["architectures"][0].removesuffix("LMHeadModel").removesuffix("ForCausalLM")
+            hf["architectures"] = [f"{family}ForSequenceClassification"]
+            hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
+            hf["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
+        return hf
+
+    def _to_hf_config(self) -> dict[str, Any]:
         model_type = self.hf_model_type
         tokens = {"bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
                   "pad_token_id": self.pad_token_id}
@@ -165,11 +179,15 @@ class ModelConfig:
     def from_hf_config(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Build from the contents of a transformers `config.json` (`model_type` gpt2 or llama)."""
         model_type = hf.get("model_type")
+        architecture = (hf.get("architectures") or [""])[0]
+        num_labels = 0
+        if architecture.endswith("ForSequenceClassification"):
+            num_labels = len(hf.get("id2label") or {}) or int(hf.get("num_labels", 2))
         try:
             if model_type == "gpt2":
-                return cls._from_hf_gpt2(hf)
+                return cls._from_hf_gpt2(hf).replace(num_labels=num_labels)
             if model_type in ("llama", "mistral"):
-                return cls._from_hf_llama(hf)
+                return cls._from_hf_llama(hf).replace(num_labels=num_labels)
         except KeyError as e:
             raise ConfigError(f"{source}: model_type {model_type!r} needs the key {e.args[0]!r}, "
                               "which is missing") from None

@@ -198,7 +198,10 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c, i) for i in range(c.n_layer))
         self.norm = _norm(c)
-        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        # A classifier keeps an LM head only when it costs nothing (tied to the embedding), as in HF.
+        lm = not c.num_labels or c.tie_embeddings
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False) if lm else None
+        self.score = nn.Linear(c.d_model, c.num_labels, bias=False) if c.num_labels else None
         self.reset_parameters()
         self.tie_weights()
 
@@ -241,7 +244,19 @@ class Transformer(nn.Module):
             from the cache.
         kv_cache: a `KVCache`; the new keys/values are appended to it and it advances.
         """
+        if self.lm_head is None:
+            raise ConfigError(f"this model is a classifier (num_labels={self.config.num_labels}) without "
+                              "an LM head; call model.classify(input_ids, attention_mask)")
         return self.lm_head(self.hidden_states(input_ids, attention_mask, positions, kv_cache))
+
+    def classify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Class logits (batch, num_labels) (a reward when num_labels is 1) read off the last real token
+        of each row, so right- and left-padded batches give each row's unpadded result."""
+        if self.score is None:
+            raise ConfigError("this model has no classification head; build it with num_labels > 0 "
+                              "(ModelConfig.replace(num_labels=N))")
+        hidden = self.hidden_states(input_ids, attention_mask)
+        return self.score(pool_last(hidden, attention_mask))
 
     def hidden_states(self, input_ids, attention_mask=None, positions=None, kv_cache=None):
         """The final-norm hidden states (batch, seq, d_model) that the LM head (or any head) reads."""
@@ -406,6 +421,15 @@ class Transformer(nn.Module):
 
         return hf.save_checkpoint(Path(path), self.config, self.state_dict(), dtype=dtype,
                                   max_shard_size=max_shard_size)
+
+
+def pool_last(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The hidden state (batch, d) of each row's last real token (mask 1), wherever the padding is."""
+    if attention_mask is None:
+        return hidden[:, -1]
+    positions = torch.arange(hidden.shape[1], device=hidden.device)
+    last = (attention_mask.bool() * positions).argmax(-1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
 def load(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None,

@@ -68,9 +68,9 @@ def _tensor_map(config: ModelConfig) -> list[_Entry]:
                 if c.bias:
                     E.append(_Entry(f"{h}.mlp.{name}_proj.bias", (out_dim,), (f"{o}.mlp.{name}_proj.bias",)))
         E.append(_Entry("model.norm.weight", (c.d_model,), ("norm.weight",)))
-        if not c.tie_embeddings:
+        if not c.tie_embeddings and not c.num_labels:
             E.append(_Entry("lm_head.weight", (c.vocab_size, c.d_model), ("lm_head.weight",)))
-        return E
+        return E + _score_entries(c)
 
     # gpt2: Conv1D weights are stored transposed ([in, out]); q, k, v are fused in c_attn.
     d, t = c.d_model, "transformer"
@@ -90,12 +90,17 @@ def _tensor_map(config: ModelConfig) -> list[_Entry]:
             E.append(_Entry(f"{h}.{hf_lin}.bias", (shape[1],), (f"{o}.{ours}.bias",)))
     E.append(_Entry(f"{t}.ln_f.weight", (d,), ("norm.weight",)))
     E.append(_Entry(f"{t}.ln_f.bias", (d,), ("norm.bias",)))
-    return E
+    return E + _score_entries(c)
+
+
+def _score_entries(c: ModelConfig) -> list[_Entry]:
+    """The classification / reward head of *ForSequenceClassification (no bias), when there is one."""
+    return [_Entry("score.weight", (c.num_labels, c.d_model), ("score.weight",))] if c.num_labels else []
 
 
 def _canonical_name(name: str, model_type: str) -> str:
     """GPT2Model checkpoints (the hub's `gpt2`) omit GPT2LMHeadModel's `transformer.` prefix."""
-    if model_type == "gpt2" and not name.startswith(("transformer.", "lm_head.")):
+    if model_type == "gpt2" and not name.startswith(("transformer.", "lm_head.", "score.")):
         return "transformer." + name
     return name
 
