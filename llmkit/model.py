@@ -92,6 +92,34 @@ class KVCache:
         self.valid = self.valid.index_select(0, rows)
         self.next_position = self.next_position.index_select(0, rows)
 
+    @classmethod
+    def stack(cls, caches: list[KVCache], room: int = 0) -> KVCache:
+        """One cache with every row of `caches` (in order) and `room` free slots after the longest.
+
+        Rows are right-aligned, so the next token of every row goes into the same slot, and leading
+        slots that no row uses are dropped: a continuously batched decode joins new rows this way and
+        compacts the cache when rows leave.
+        """
+        used = [int(c.valid[:, :c.length].any(0).int().argmax()) if c.batch_size else c.length for c in caches]
+        length = max(c.length - u for c, u in zip(caches, used, strict=True))
+        first = caches[0]
+        _, heads, _, dim = first.keys[0].shape
+        out = object.__new__(cls)
+        out.max_len, out.length = length + room, length
+        batch, like = sum(c.batch_size for c in caches), first.keys[0]
+        out.keys = [like.new_zeros(batch, heads, out.max_len, dim) for _ in first.keys]
+        out.values = [like.new_zeros(batch, heads, out.max_len, dim) for _ in first.keys]
+        out.valid = first.valid.new_zeros(batch, out.max_len)
+        out.next_position = torch.cat([c.next_position for c in caches])
+        row = 0
+        for c, u in zip(caches, used, strict=True):
+            rows, span = slice(row, row + c.batch_size), c.length - u
+            for new, old in zip(out.keys + out.values, c.keys + c.values, strict=True):
+                new[rows, :, length - span:length] = old[:, :, u:c.length]
+            out.valid[rows, length - span:length] = c.valid[:, u:c.length]
+            row += c.batch_size
+        return out
+
     def reset(self) -> None:
         self.valid.zero_()
         self.next_position.zero_()

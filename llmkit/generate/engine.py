@@ -49,6 +49,7 @@ class Completion:
     logprobs: list[float] | None = None  # raw logprob of each generated token
     top_logprobs: list[dict[int, float]] | None = None
     prompt_logprobs: list[float | None] | None = None  # with echo: the first prompt token has none
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None  # with echo and logprobs=k
     finish_reason: str | None = None
     score: float | None = None  # beam search: the length-penalised sum of logprobs
 
@@ -151,27 +152,42 @@ class DecodeStep:
 # ---- the loop --------------------------------------------------------------------------------
 
 
-class _Sequence:
-    """Book-keeping of one row: its tokens, logprobs, text and whether it has ended."""
+class Sequence:
+    """One generated row: its request's sampling state (params, generator, tokens seen so far) and
+    its output. The engine's loop and the server's continuous-batching scheduler both step rows
+    through `sample_next`, so a row samples the same tokens whichever loop runs it."""
 
-    def __init__(self, index: int, prompt: list[int], params: SamplingParams, tokenizer, limit: int):
+    def __init__(self, index: int, prompt: list[int], params: SamplingParams, tokenizer, limit: int,
+                 eos_ids: set[int], vocab_size: int, generator: torch.Generator | None = None, device=None):
+        self.params, self.generator, self.eos_ids = params, generator, eos_ids
+        self.eos_list = sorted(eos_ids)
         self.out = Completion(index=index, prompt_token_ids=prompt)
         if params.logprobs is not None:
             self.out.logprobs, self.out.top_logprobs = [], []
         self.text = TextTracker(tokenizer, params.stop_strings) if tokenizer is not None else None
         self.limit = limit  # new tokens this row may still take (max_new_tokens, or the context)
+        self.seen = self.counts = None  # prompt + generated tokens (repetition), generated counts (OpenAI)
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            self.seen[prompt] = True
+        if params.frequency_penalty or params.presence_penalty:
+            self.counts = torch.zeros(vocab_size, dtype=torch.long, device=device)
 
     @property
     def done(self) -> bool:
         return self.out.finish_reason is not None
 
-    def add(self, token: int, logprob, top, eos_ids) -> Chunk:
+    def add(self, token: int, logprob: float | None, top: dict[int, float] | None) -> Chunk:
         out = self.out
         out.token_ids.append(token)
         if out.logprobs is not None:
             out.logprobs.append(logprob)
             out.top_logprobs.append(top)
-        is_eos = token in eos_ids
+        if self.seen is not None:
+            self.seen[token] = True
+        if self.counts is not None:
+            self.counts[token] += 1
+        is_eos = token in self.eos_ids
         text = ""
         if self.text is not None:
             text = self.text.push(None if is_eos else token)
@@ -184,16 +200,108 @@ class _Sequence:
             out.text = self.text.text
         return Chunk(out.index, token, text, logprob, top, out.finish_reason)
 
+    def end(self, finish_reason: str) -> None:
+        """End the row from outside (no new token), e.g. when its request is cancelled."""
+        self.out.finish_reason = finish_reason
+        if self.text is not None:
+            self.text.finish()
+            self.out.text = self.text.text
 
-def _prompt_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> list[list[float | None]]:
-    """Each real prompt token's logprob given the tokens before it (None for the first)."""
-    lp = raw_logprobs(logits[:, :-1]).gather(-1, ids[:, 1:, None])[..., 0]
-    rows = []
-    for r in range(ids.shape[0]):
-        real = mask[r].bool()
-        start = int((~real).sum())
-        rows.append([None] + lp[r, start:].tolist())
-    return rows
+
+def make_sequences(model: Transformer, prompt: list[int], params: SamplingParams, tokenizer, first_index: int,
+                   eos_ids: set[int]) -> list[Sequence]:
+    """The `n` rows of one request; sample i draws from seed + i, whatever shares its batch."""
+    limit = min(params.max_new_tokens, model.config.max_seq_len - len(prompt))
+    generators = make_generators(params.seed, params.n, model.device)
+    return [Sequence(first_index + i, list(prompt), params, tokenizer, limit, eos_ids, model.config.vocab_size,
+                     generators[i], model.device) for i in range(params.n)]
+
+
+@torch.inference_mode()
+def sample_next(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, list[Chunk]]:
+    """The sampling step of every decoding loop: each live row's next token and its `Chunk`.
+
+    `logits` (rows, vocab) are the model's. Raw logprobs come from one log-softmax before any
+    processor, so a chosen token's logprob equals its entry in the top logprobs exactly. Rows with the
+    same params and as many generated tokens share one pass through the processors; each row draws
+    with its own generator. Finished rows get token 0 (they are only kept to fill the batch).
+    """
+    live = [r for r, s in enumerate(seqs) if not s.done]
+    tokens = torch.zeros(len(seqs), dtype=torch.long, device=logits.device)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for r in live:
+        groups.setdefault((id(seqs[r].params), len(seqs[r].out.token_ids)), []).append(r)
+    for (_, n_generated), rows in groups.items():
+        first = seqs[rows[0]]
+        params = first.params
+        idx = torch.tensor(rows, device=logits.device)
+        seen = torch.stack([seqs[r].seen for r in rows]) if first.seen is not None else None
+        counts = torch.stack([seqs[r].counts for r in rows]) if first.counts is not None else None
+        processed = process_logits(logits.index_select(0, idx), params, prompt_and_generated=seen,
+                                   generated_counts=counts, n_generated=n_generated, eos_ids=first.eos_list)
+        generators = [seqs[r].generator for r in rows] if params.seed is not None else None
+        tokens[idx] = sample(processed, params, generators)
+    wants = [r for r in live if seqs[r].params.logprobs is not None]
+    lp = raw_logprobs(logits.index_select(0, torch.tensor(wants, device=logits.device))) if wants else None
+    token_list = tokens.tolist()
+    chunks = []
+    for r in live:
+        s, chosen, top = seqs[r], None, None
+        k = s.params.logprobs
+        if k is not None:
+            row = lp[wants.index(r)]
+            chosen = float(row[token_list[r]])
+            top = _top(row, k)
+        chunks.append(s.add(token_list[r], chosen, top))
+    return tokens, chunks
+
+
+def _top(logprobs: torch.Tensor, k: int) -> dict[int, float]:
+    if k == 0:
+        return {}
+    v, i = logprobs.topk(k)
+    return dict(zip(i.tolist(), v.tolist(), strict=True))
+
+
+def prompt_logprobs(logits: torch.Tensor, ids: list[int], k: int) -> tuple[list[float | None], list[dict | None]]:
+    """Each prompt token's raw logprob given the tokens before it, and the top k there (None for the
+    first token); `logits` (len(ids), vocab) are the prompt's own, unpadded."""
+    lp = raw_logprobs(logits[:-1])
+    target = torch.tensor(ids[1:], device=lp.device)
+    chosen = lp.gather(-1, target[:, None])[:, 0].tolist()
+    return [None, *chosen], [None, *(_top(row, k) for row in lp)]
+
+
+@torch.inference_mode()
+def prefill(model: Transformer, prompts: list[list[int]], seqs: list[Sequence], extra_slots: int) -> tuple[KVCache, torch.Tensor]:
+    """Run the prompts (left-padded together) into a new KV cache with `extra_slots` free slots.
+
+    Returns the cache and each row's next-token logits, with the rows of `seqs` (len(seqs) is a
+    multiple of len(prompts): each prompt's samples share its prefill, the cache rows are copied).
+    With echo, the rows' prompt logprobs are filled in.
+    """
+    n = len(seqs) // len(prompts)
+    config = model.config
+    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    ids, mask = left_pad(prompts, pad_id, model.device)
+    cache = KVCache(config, len(prompts), ids.shape[1] + extra_slots, device=model.device, dtype=model.dtype)
+    hidden = model.hidden_states(ids, mask, kv_cache=cache)
+    echo = seqs[0].params.echo
+    if echo:
+        full = model.lm_head(hidden)
+        k = seqs[0].params.logprobs or 0
+        for p, prompt in enumerate(prompts):
+            lps, tops = prompt_logprobs(full[p, ids.shape[1] - len(prompt):], prompt, k)
+            for s in seqs[p * n:(p + 1) * n]:
+                s.out.prompt_logprobs, s.out.prompt_top_logprobs = lps, tops
+        logits = full[:, -1]
+    else:
+        logits = model.lm_head(hidden[:, -1])
+    if n > 1:
+        expand = torch.arange(len(prompts), device=model.device).repeat_interleave(n)
+        cache.reorder(expand)
+        logits = logits.index_select(0, expand)
+    return cache, logits
 
 
 @torch.inference_mode()
@@ -206,74 +314,26 @@ def run(model: Transformer, prompts: list[list[int]], params: SamplingParams, to
     check_prompts(model, prompts)
     if params.stop_strings and tokenizer is None:
         raise ConfigError("stop strings are matched on text, so they need a tokenizer; got none")
-    device, config = model.device, model.config
     eos_ids = set(eos_token_ids(model, tokenizer, params))
-    context = config.max_seq_len
-    n = params.n
-    rows = [p for p in prompts for _ in range(n)]
-    seqs = [_Sequence(i, list(p), params, tokenizer, min(params.max_new_tokens, context - len(p)))
-            for i, p in enumerate(rows)]
+    seqs = [s for p, prompt in enumerate(prompts)
+            for s in make_sequences(model, prompt, params, tokenizer, p * params.n, eos_ids)]
     if sequences is not None:
         sequences.extend(s.out for s in seqs)
     steps = max(s.limit for s in seqs)
     if steps == 0:
+        if params.echo:  # log-likelihood scoring asks for the prompt's logprobs and no new token
+            prefill(model, prompts, seqs, 0)
         for s in seqs:
-            s.out.finish_reason, s.out.text = "length", "" if tokenizer is not None else None
+            s.end("length")
         return
 
-    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-    ids, mask = left_pad(prompts, pad_id, device)
-    cache = KVCache(config, len(prompts), ids.shape[1] + steps, device=device, dtype=model.dtype)
-    hidden = model.hidden_states(ids, mask, kv_cache=cache)
-    if params.echo:
-        full = model.lm_head(hidden)
-        for s, lps in zip(seqs, [r for r in _prompt_logprobs(full, ids, mask) for _ in range(n)], strict=True):
-            s.out.prompt_logprobs = lps
-        logits = full[:, -1]
-    else:
-        logits = model.lm_head(hidden[:, -1])
-    if n > 1:
-        expand = torch.arange(len(prompts), device=device).repeat_interleave(n)
-        cache.reorder(expand)
-        logits = logits.index_select(0, expand)
-
-    vocab = logits.shape[-1]
-    seen = counts = None
-    if params.repetition_penalty != 1.0:
-        seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)
-        for r, p in enumerate(rows):
-            seen[r, p] = True
-    if params.frequency_penalty or params.presence_penalty:
-        counts = torch.zeros(len(rows), vocab, dtype=torch.long, device=device)
-    # Each prompt is its own request: its sample i draws from seed + i, whatever shares the batch.
-    generators = None
-    if params.seed is not None:
-        generators = [g for _ in prompts for g in make_generators(params.seed, n, device)]
+    cache, logits = prefill(model, prompts, seqs, steps)
     step_fn = DecodeStep(model, compile)
-    eos_list = sorted(eos_ids)
-
-    for step in range(steps):
-        lp = raw_logprobs(logits) if params.logprobs is not None else None
-        processed = process_logits(logits, params, prompt_and_generated=seen, generated_counts=counts,
-                                   n_generated=step, eos_ids=eos_list)
-        tokens = sample(processed, params, generators)
-        token_list = tokens.tolist()
-        chosen = tops = None
-        if lp is not None:
-            chosen = lp.gather(-1, tokens[:, None])[:, 0].tolist()
-            if params.logprobs > 0:
-                v, i = lp.topk(params.logprobs, dim=-1)
-                tops = [dict(zip(ii, vv, strict=True)) for ii, vv in zip(i.tolist(), v.tolist(), strict=True)]
-        for r, s in enumerate(seqs):
-            if not s.done:
-                yield s.add(token_list[r], chosen[r] if chosen else None,
-                            tops[r] if tops else ({} if lp is not None else None), eos_ids)
+    for _ in range(steps):
+        tokens, chunks = sample_next(logits, seqs)
+        yield from chunks
         if all(s.done for s in seqs):
             break
-        if seen is not None:
-            seen[torch.arange(len(rows), device=device), tokens] = True
-        if counts is not None:
-            counts[torch.arange(len(rows), device=device), tokens] += 1
         logits = step_fn(tokens, cache)
 
 

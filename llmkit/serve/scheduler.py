@@ -1,0 +1,270 @@
+"""Continuous batching: requests join the running batch at the next step and leave when they end.
+
+One thread owns the model. Each `step` it
+  1. drops cancelled requests (a streaming client that went away) and frees their rows,
+  2. admits waiting requests, first come first served, while the KV-cache budget allows, and
+     prefills each one alone (its `n` samples share the prefill, as in `llmkit.generate`),
+  3. decodes one token for every running row in one batched forward pass, and
+  4. samples every row, new and running, with `engine.sample_next`: the step `llmkit.generate` uses,
+     so each request keeps its own sampling parameters, seeded generators and raw logprobs, and a
+     seeded request samples the same tokens whatever else shares the batch.
+
+The KV cache is one tensor of right-aligned rows (`KVCache.stack`): it holds rows x (longest row +
+`room`) slots. The budget bounds exactly that, counting each row at the longest it may become
+(prompt + its max new tokens), so an admitted request never runs out of cache. Requests that do not
+fit wait in a queue; when the queue is full `submit` raises `Overloaded` (HTTP 429 + Retry-After).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from llmkit.errors import ConfigError
+from llmkit.generate.engine import (
+    Chunk,
+    Completion,
+    DecodeStep,
+    Sequence,
+    check_prompts,
+    eos_token_ids,
+    make_sequences,
+    prefill,
+    sample_next,
+)
+from llmkit.generate.sampling import SamplingParams
+from llmkit.model import KVCache, Transformer
+from llmkit.serve.metrics import Metrics
+
+
+class Overloaded(Exception):
+    """The waiting queue is full; the client should retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(eq=False)
+class Request:
+    """One submitted prompt and its `n` rows. `emit` is called on the scheduler thread with each
+    `Chunk`, then with None when every row has ended (or with an exception if the request failed)."""
+
+    prompt: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    emit: Callable[[Chunk | Exception | None], None]
+    reserved: int  # cache slots each row may need: prompt + max new tokens
+    arrived: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    last_token_at: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return all(s.done for s in self.seqs)
+
+    @property
+    def completions(self) -> list[Completion]:
+        return [s.out for s in self.seqs]
+
+
+class Scheduler:
+    """Runs requests with continuous batching on a background thread (`start`), or by hand (`step`)."""
+
+    def __init__(self, model: Transformer, tokenizer, kv_budget: int = 32768, max_rows: int = 64,
+                 max_waiting: int = 256, room: int = 16, metrics: Metrics | None = None):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.kv_budget, self.max_rows, self.max_waiting, self.room = kv_budget, max_rows, max_waiting, room
+        self.metrics = metrics or Metrics()
+        self.metrics.gauges.update({"num_requests_running": lambda: len(self.running),
+                                    "num_requests_waiting": lambda: len(self.waiting),
+                                    "kv_cache_usage_perc": self.kv_usage})
+        self.decode = DecodeStep(model)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.rows: list[Sequence] = []  # one per cache row, in cache order
+        self.owners: list[Request] = []  # the request of each row
+        self.tokens: torch.Tensor | None = None  # each row's last token, the input of the next decode
+        self.cache: KVCache | None = None
+        self.cond = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.stopping = False
+
+    # ---- the client side (any thread) ------------------------------------------------------------
+
+    def submit(self, prompt: list[int], params: SamplingParams, emit: Callable) -> Request:
+        """Queue a request; raises ConfigError if it can never run here, Overloaded if the queue is full."""
+        if params.num_beams > 1:
+            raise ConfigError("beam search is not served (num_beams > 1); use llmkit.generate")
+        check_prompts(self.model, [prompt])
+        seqs = make_sequences(self.model, prompt, params, self.tokenizer, 0,
+                              set(eos_token_ids(self.model, self.tokenizer, params)))
+        request = Request(list(prompt), params, seqs, emit, len(prompt) + seqs[0].limit)
+        need = params.n * (request.reserved + self.room)
+        if need > self.kv_budget or params.n > self.max_rows:
+            raise ConfigError(f"the request needs {need} tokens of KV cache (n={params.n} x ({len(prompt)} prompt "
+                              f"+ {seqs[0].limit} new + {self.room} spare)), more than the server's budget of "
+                              f"{self.kv_budget} tokens and {self.max_rows} rows; lower max_tokens or n")
+        with self.cond:
+            if self.stopping:
+                raise Overloaded("the server is shutting down", retry_after=5)
+            if len(self.waiting) >= self.max_waiting:
+                raise Overloaded(f"{len(self.waiting)} requests are already waiting (the limit is "
+                                 f"{self.max_waiting}); retry shortly")
+            self.waiting.append(request)
+            self.cond.notify()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request at the next step (its rows leave the batch; nothing more is emitted)."""
+        with self.cond:
+            request.cancelled = True
+            self.cond.notify()
+
+    def kv_usage(self) -> float:
+        cache = self.cache
+        return 0.0 if cache is None or not self.rows else cache.batch_size * cache.max_len / self.kv_budget
+
+    # ---- the loop (one thread) -------------------------------------------------------------------
+
+    def start(self) -> Scheduler:
+        self.thread = threading.Thread(target=self._loop, name="llmkit-scheduler", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        if self.thread is not None:
+            self.thread.join()
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self.cond:
+                    while not self.stopping and not self.waiting and not self.rows:
+                        self.cond.wait()
+                    if self.stopping:
+                        return
+                try:
+                    self.step()
+                except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
+                    self._fail_all(e)
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One scheduling step: drop cancelled, admit, decode, sample, emit, release finished."""
+        with self.cond:
+            for request in [r for r in self.waiting if r.cancelled]:
+                self.waiting.remove(request)
+                self._finish(request, "abort", emit=False)
+            admitted = self._admit()
+        if any(r.cancelled for r in self.running):
+            for s, owner in zip(self.rows, self.owners, strict=True):
+                if owner.cancelled and not s.done:
+                    s.end("abort")
+            self._release()
+
+        logits, caches, rows, owners = [], [], [], []
+        if self.rows:
+            if self.cache.length == self.cache.max_len:
+                self.cache = KVCache.stack([self.cache], self.room)
+            logits.append(self.decode(self.tokens, self.cache))
+            caches.append(self.cache)
+            rows += self.rows
+            owners += self.owners
+        for request in admitted:
+            try:
+                cache, first = prefill(self.model, [request.prompt], request.seqs, 0)
+            except Exception as e:  # noqa: BLE001 - this request fails, the batch goes on
+                request.emit(e)
+                self._finish(request, "error", emit=False)
+                continue
+            self.metrics.add("prompt_tokens_total", len(request.prompt))
+            for s in request.seqs:
+                if s.limit == 0:  # max_tokens=0: the prompt's logprobs only
+                    s.end("length")
+            logits.append(first)
+            caches.append(cache)
+            rows += request.seqs
+            owners += [request] * len(request.seqs)
+            self.running.append(request)
+        if not rows:
+            return
+        if len(caches) > 1 or self.cache is not caches[0]:
+            self.cache = KVCache.stack(caches, self.room)
+        self.rows, self.owners = rows, owners
+        live = [o for s, o in zip(rows, owners, strict=True) if not s.done]
+        self.tokens, chunks = sample_next(torch.cat(logits), rows)
+        self._emit(live, chunks)
+        self._release()
+
+    # ---- helpers ---------------------------------------------------------------------------------
+
+    def _admit(self) -> list[Request]:
+        """Waiting requests that fit beside the running ones (called with the lock held)."""
+        admitted: list[Request] = []
+        rows = len(self.rows)
+        longest = max((r.reserved for r in self.running), default=0)
+        while self.waiting:
+            request = self.waiting[0]
+            n, length = rows + request.params.n, max(longest, request.reserved)
+            if n > self.max_rows or n * (length + self.room) > self.kv_budget:
+                break  # first come, first served: later requests wait behind it
+            self.waiting.popleft()
+            admitted.append(request)
+            rows, longest = n, length
+        return admitted
+
+    def _emit(self, owners: list[Request], chunks: list[Chunk]) -> None:
+        now = time.perf_counter()
+        stepped = {}
+        for owner, chunk in zip(owners, chunks, strict=True):
+            owner.emit(chunk)
+            stepped[id(owner)] = owner
+        self.metrics.add("generation_tokens_total", len(chunks))
+        for request in stepped.values():
+            if request.last_token_at is None:
+                self.metrics.observe("time_to_first_token_seconds", now - request.arrived)
+            else:
+                self.metrics.observe("inter_token_latency_seconds", now - request.last_token_at)
+            request.last_token_at = now
+
+    def _release(self) -> None:
+        """Drop the rows that ended from the batch and the cache; finish requests whose rows all ended."""
+        keep = [i for i, s in enumerate(self.rows) if not s.done]
+        if len(keep) < len(self.rows):
+            if keep:
+                index = torch.tensor(keep, device=self.cache.valid.device)
+                self.cache.reorder(index)
+                self.cache = KVCache.stack([self.cache], self.room)
+                self.tokens = self.tokens.index_select(0, index)
+            else:
+                self.cache = self.tokens = None
+            self.rows = [self.rows[i] for i in keep]
+            self.owners = [self.owners[i] for i in keep]
+        for request in [r for r in self.running if r.done]:
+            self.running.remove(request)
+            reasons = {s.out.finish_reason for s in request.seqs}
+            self._finish(request, "abort" if request.cancelled else sorted(reasons)[0],
+                         emit=not request.cancelled)
+
+    def _finish(self, request: Request, reason: str, emit: bool = True) -> None:
+        self.metrics.finish(reason)
+        if request.last_token_at is not None:
+            self.metrics.observe("e2e_request_latency_seconds", request.last_token_at - request.arrived)
+        if emit:
+            request.emit(None)
+
+    def _fail_all(self, error: Exception) -> None:
+        """A failed batch step: every running request gets the error; the scheduler starts empty."""
+        for request in self.running:
+            request.emit(error)
+            self._finish(request, "error", emit=False)
+        self.running, self.rows, self.owners, self.cache, self.tokens = [], [], [], None, None

@@ -1,0 +1,222 @@
+"""Continuous batching: requests that join and leave a running batch get what they would get alone
+through `llmkit.generate` (greedy and seeded), the cache budget holds requests back, cancelling
+frees rows, and a failing request does not take the batch down."""
+
+import threading
+
+import pytest
+import torch
+
+import llmkit
+from llmkit import KVCache, ModelConfig, Transformer
+from llmkit.errors import ConfigError
+from llmkit.generate.sampling import SamplingParams
+from llmkit.serve.scheduler import Overloaded, Scheduler
+from llmkit.tokenizer import Tokenizer
+
+TEXT = ["the cat sat on the mat. ", "a dog ran in the park! ", "héllo wörld, naïve café "] * 20
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train(TEXT, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig.from_preset("llama-tiny", vocab_size=300, max_seq_len=128)).eval()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(8.0)  # peaked distributions: greedy paths are not decided by rounding
+    return m
+
+
+class Sink:
+    """Collects what the scheduler emits for one request."""
+
+    def __init__(self):
+        self.chunks, self.ended, self.error = [], False, None
+
+    def __call__(self, item):
+        if item is None:
+            self.ended = True
+        elif isinstance(item, Exception):
+            self.error = item
+        else:
+            self.chunks.append(item)
+
+
+def drain(scheduler, limit=500):
+    for _ in range(limit):
+        if not scheduler.waiting and not scheduler.rows:
+            return
+        scheduler.step()
+    raise AssertionError("the scheduler did not finish")
+
+
+PROMPTS = ["the cat", "a dog ran in the park", "héllo", "the mat. a dog", "café naïve wörld sat on"]
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=0.9, top_p=0.9, top_k=50, seed=7),
+                                      dict(temperature=0.7, seed=3, n=2, repetition_penalty=1.3,
+                                           frequency_penalty=0.5, presence_penalty=0.3, logprobs=3)],
+                         ids=["greedy", "seeded", "n2-penalties-logprobs"])
+def test_requests_joining_at_different_steps_equal_each_run_alone(model, tok, sampling):
+    scheduler = Scheduler(model, tok)
+    lengths = [20, 7, 25, 12, 16]
+    joins = {0: [0, 1], 3: [2], 4: [3], 15: [4]}  # step -> requests that arrive before it
+    sinks, requests = {}, {}
+    for step in range(200):
+        for i in joins.get(step, []):
+            params = SamplingParams(max_new_tokens=lengths[i], **sampling)
+            sinks[i] = Sink()
+            requests[i] = scheduler.submit(tok.encode(PROMPTS[i], add_special_tokens=True), params, sinks[i])
+        if step > 15 and not scheduler.rows and not scheduler.waiting:
+            break
+        scheduler.step()
+    for i, request in requests.items():
+        alone = llmkit.generate(model, tok, PROMPTS[i], max_new_tokens=lengths[i], **sampling)
+        alone = alone if isinstance(alone, list) else [alone]
+        assert sinks[i].ended and sinks[i].error is None
+        for got, want in zip(request.completions, alone, strict=True):
+            assert got.token_ids == want.token_ids
+            assert got.text == want.text and got.finish_reason == want.finish_reason
+            if want.logprobs is not None:
+                torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs),
+                                           rtol=0, atol=1e-5)
+                assert [list(t) for t in got.top_logprobs] == [list(t) for t in want.top_logprobs]
+        streamed = {}
+        for c in sinks[i].chunks:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+        assert [streamed[j] for j in range(len(alone))] == [c.text for c in request.completions]
+
+
+def test_batch_really_is_shared_and_rows_leave(model, tok):
+    scheduler = Scheduler(model, tok)
+    sizes = []
+    for n_new in (3, 9):
+        scheduler.submit(tok.encode("the cat"), SamplingParams(max_new_tokens=n_new, temperature=0, ignore_eos=True),
+                         Sink())
+    while scheduler.rows or scheduler.waiting:
+        scheduler.step()
+        sizes.append(len(scheduler.rows))
+    assert sizes[:2] == [2, 2] and sizes[-2:] == [1, 0]
+    assert scheduler.cache is None
+
+
+def test_echo_with_max_tokens_zero_gives_prompt_logprobs(model, tok):
+    scheduler = Scheduler(model, tok)
+    ids = tok.encode("a dog ran in the park")
+    sink = Sink()
+    request = scheduler.submit(ids, SamplingParams(max_new_tokens=0, echo=True, logprobs=1), sink)
+    drain(scheduler)
+    out = request.completions[0]
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([ids]))[0], -1)
+    assert out.token_ids == [] and out.finish_reason == "length" and sink.ended
+    expected = [lp[i - 1, ids[i]].item() for i in range(1, len(ids))]
+    torch.testing.assert_close(torch.tensor(out.prompt_logprobs[1:]), torch.tensor(expected), rtol=0, atol=1e-5)
+    # the chosen and the top logprob come from one log-softmax: equal exactly when the token is the argmax
+    for i, (chosen, top) in enumerate(zip(out.prompt_logprobs[1:], out.prompt_top_logprobs[1:], strict=True)):
+        assert (chosen == max(top.values())) == (int(lp[i].argmax()) == ids[i + 1])
+
+
+def test_budget_queues_requests_then_refuses(model, tok):
+    # each request reserves 1 row x (3 prompt + 10 new + 2 spare) = 15 tokens: two fit in 30
+    scheduler = Scheduler(model, tok, kv_budget=30, max_waiting=2, room=2)
+    params = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
+    ids = [5, 6, 7]
+    reqs = [scheduler.submit(ids, params, Sink()) for _ in range(2)]
+    scheduler.step()
+    assert len(scheduler.running) == 2 and not scheduler.waiting
+    reqs += [scheduler.submit(ids, params, Sink()) for _ in range(2)]
+    with pytest.raises(Overloaded, match="already waiting"):
+        scheduler.submit(ids, params, Sink())
+    scheduler.step()
+    assert len(scheduler.running) == 2 and len(scheduler.waiting) == 2  # no room until one ends
+    assert scheduler.kv_usage() <= 1.0
+    drain(scheduler)
+    assert all(r.done for r in reqs)
+    with pytest.raises(ConfigError, match="budget of 30 tokens"):
+        scheduler.submit(ids, SamplingParams(max_new_tokens=40), Sink())
+
+
+def test_cancel_frees_the_rows_at_the_next_step(model, tok):
+    scheduler = Scheduler(model, tok)
+    params = SamplingParams(max_new_tokens=50, temperature=0, ignore_eos=True)
+    keep, drop = Sink(), Sink()
+    kept = scheduler.submit(tok.encode("the cat"), params, keep)
+    dropped = scheduler.submit(tok.encode("a dog"), SamplingParams(max_new_tokens=50, temperature=0, n=2,
+                                                                 ignore_eos=True), drop)
+    for _ in range(5):
+        scheduler.step()
+    assert len(scheduler.rows) == 3
+    scheduler.cancel(dropped)
+    scheduler.step()
+    assert len(scheduler.rows) == 1 and scheduler.cache.batch_size == 1
+    assert [s.out.finish_reason for s in dropped.seqs] == ["abort", "abort"] and not drop.ended
+    assert 'finished_reason="abort"} 1.0' in scheduler.metrics.render()
+    drain(scheduler)
+    assert kept.completions[0].token_ids == llmkit.generate(model, tok, "the cat", **vars_of(params)).token_ids
+
+
+def vars_of(params):
+    return dict(max_new_tokens=params.max_new_tokens, temperature=params.temperature, ignore_eos=params.ignore_eos)
+
+
+def test_background_thread_serves_concurrent_submitters(model, tok):
+    scheduler = Scheduler(model, tok).start()
+    try:
+        done = {i: threading.Event() for i in range(6)}
+        sinks = {}
+
+        def emit_for(i):
+            sink = Sink()
+            sinks[i] = sink
+
+            def emit(item):
+                sink(item)
+                if item is None or isinstance(item, Exception):
+                    done[i].set()
+            return emit
+
+        requests = [scheduler.submit(tok.encode(PROMPTS[i % 5]), SamplingParams(max_new_tokens=10 + i, temperature=0),
+                                     emit_for(i)) for i in range(6)]
+        assert all(e.wait(60) for e in done.values())
+        for i, r in enumerate(requests):
+            want = llmkit.generate(model, tok, PROMPTS[i % 5], max_new_tokens=10 + i, temperature=0)
+            assert r.completions[0].token_ids == want.token_ids
+        text = scheduler.metrics.render()
+        assert "llmkit:num_requests_running 0.0" in text and "llmkit:time_to_first_token_seconds_count 6.0" in text
+    finally:
+        scheduler.stop()
+
+
+def test_a_failing_prefill_fails_only_its_request(model, tok, monkeypatch):
+    scheduler = Scheduler(model, tok)
+    good = Sink()
+    scheduler.submit(tok.encode("the cat"), SamplingParams(max_new_tokens=5, temperature=0), good)
+    scheduler.step()
+    bad = Sink()
+    scheduler.submit(tok.encode("a dog"), SamplingParams(max_new_tokens=5, temperature=0), bad)
+    from llmkit.serve import scheduler as module
+
+    real = module.prefill
+    monkeypatch.setattr(module, "prefill", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    scheduler.step()
+    monkeypatch.setattr(module, "prefill", real)
+    drain(scheduler)
+    assert isinstance(bad.error, RuntimeError) and good.ended and good.error is None
+
+
+def test_stack_right_aligns_rows_and_drops_unused_slots(model):
+    cfg = model.config
+    a, b = KVCache(cfg, 1, 10), KVCache(cfg, 2, 10)
+    a.keys[0][:, :, :4] = 1.0
+    a.valid[:, :4], a.length = True, 4
+    b.keys[0][:, :, 1:3] = 2.0
+    b.valid[:, 1:3], b.length = True, 3  # slot 0 unused by every row of b
+    out = KVCache.stack([a, b], room=5)
+    assert out.length == 4 and out.max_len == 9 and out.batch_size == 3
+    assert out.valid[:, :4].tolist() == [[True] * 4, [False, False, True, True], [False, False, True, True]]
+    assert bool((out.keys[0][1:, :, 2:4] == 2).all()) and bool((out.keys[0][1:, :, :2] == 0).all())
