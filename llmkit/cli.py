@@ -336,6 +336,28 @@ def _export(args: argparse.Namespace) -> None:
     print(f"{args.out}: {Path(args.out).stat().st_size / 1e6:.1f} MB, {len(types)} tensors ({mix})")
 
 
+# ---- serve -------------------------------------------------------------------------------------
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    from llmkit.options import add_dataclass_arguments
+    from llmkit.serve.config import ServeConfig
+
+    p.add_argument("model", nargs="?", help=MODEL_HELP)
+    add_dataclass_arguments(p, ServeConfig)
+
+
+@verb("serve", "an OpenAI-compatible server (continuous batching, streaming, metrics) with a chat page at /",
+      _serve_args)
+def _serve(args: argparse.Namespace) -> None:
+    from llmkit.options import build_config, parsed_overrides
+    from llmkit.serve.app import serve
+    from llmkit.serve.config import ServeConfig
+
+    serve(build_config(ServeConfig, None, {k: v for k, v in parsed_overrides(args, ServeConfig).items()
+                                            if v is not None}))
+
+
 # ---------------------------------------------------------------------------------------------
 
 

@@ -21,6 +21,13 @@ from llmkit.tokenizer import Tokenizer
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")  # chatml, llama 3, gemma, phi
 
 
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The ids of the end-of-turn tokens this tokenizer has: a chat reply ends at any of them."""
+    if not hasattr(tokenizer, "token_to_id"):
+        return []
+    return sorted({i for i in (tokenizer.token_to_id(t) for t in END_OF_TURN) if i is not None})
+
+
 def load(path: str, quantize: str | None = None, threads: int | None = None) -> tuple[Transformer, Tokenizer]:
     """Model and tokenizer of an HF checkpoint folder; `quantize` "int8"/"int4" swaps in packed linears."""
     folder = Path(path)
@@ -65,9 +72,8 @@ class ChatSession:
         self.model, self.tokenizer = model, tokenizer
         self.system = system
         self.history: list[dict] = []
-        ends = [tokenizer.token_to_id(t) for t in END_OF_TURN if hasattr(tokenizer, "token_to_id")]
         self.sampling = dict(sampling)
-        self.sampling["stop_token_ids"] = sorted({*(i for i in ends if i is not None),
+        self.sampling["stop_token_ids"] = sorted({*end_of_turn_ids(tokenizer),
                                                   *self.sampling.get("stop_token_ids", [])})
         self.sampling.setdefault("max_new_tokens", 256)
 

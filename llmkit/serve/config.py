@@ -1,0 +1,22 @@
+"""The options of `llmkit serve` (kept apart from the app so the CLI lists them without importing FastAPI)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ServeConfig:
+    """`llmkit serve` options; every field is also a `--flag`."""
+
+    model: str = field(default="", metadata={"help": "an HF folder, a .gguf file or a registry name"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind (0.0.0.0 exposes it to the network)"})
+    port: int = 8000
+    api_key: str | None = field(default=None, metadata={"help": "require 'Authorization: Bearer KEY'"})
+    served_model_name: str | None = field(default=None, metadata={"help": "the model id clients send"})
+    kv_budget: int = field(default=32768, metadata={"help": "KV-cache tokens (rows x longest row)"})
+    max_rows: int = field(default=64, metadata={"help": "most sequences decoded together"})
+    max_waiting: int = field(default=256, metadata={"help": "queued requests before 429"})
+    max_tokens_limit: int = field(default=4096, metadata={"help": "largest max_tokens a request may ask"})
+    max_request_bytes: int = field(default=4_000_000, metadata={"help": "largest request body"})
+    threads: int | None = field(default=None, metadata={"help": "torch threads (default: torch's choice)"})
