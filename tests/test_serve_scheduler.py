@@ -220,3 +220,14 @@ def test_stack_right_aligns_rows_and_drops_unused_slots(model):
     assert out.length == 4 and out.max_len == 9 and out.batch_size == 3
     assert out.valid[:, :4].tolist() == [[True] * 4, [False, False, True, True], [False, False, True, True]]
     assert bool((out.keys[0][1:, :, 2:4] == 2).all()) and bool((out.keys[0][1:, :, :2] == 0).all())
+
+
+def test_a_request_whose_sampling_fails_ends_alone(model, tok):
+    scheduler = Scheduler(model, tok)
+    good, bad = Sink(), Sink()
+    kept = scheduler.submit(tok.encode("the cat"), SamplingParams(max_new_tokens=6, temperature=0), good)
+    scheduler.submit(tok.encode("a dog"), SamplingParams(max_new_tokens=6, temperature=1e-44), bad)  # logits overflow to inf
+    drain(scheduler)
+    assert isinstance(bad.error, RuntimeError) and good.ended and good.error is None
+    assert kept.completions[0].token_ids == llmkit.generate(model, tok, "the cat", max_new_tokens=6,
+                                                            temperature=0).token_ids

@@ -215,6 +215,13 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
                                 f"sequences; expected 1 to {config.max_rows}", param="n")
         if body.seed is not None and not -(2 ** 63) <= body.seed <= 2 ** 63 - 1 - body.n:
             raise APIError(400, f"seed={body.seed} is out of range; expected a 64-bit integer", param="seed")
+        # values so extreme that the logits overflow to inf would fail sampling: refuse them up front
+        if 0 < body.temperature < 1e-5:
+            raise APIError(400, f"temperature={body.temperature} is too small to sample with; expected 0 (greedy) "
+                                "or at least 1e-5", param="temperature")
+        if body.repetition_penalty > 0 and not 0.01 <= body.repetition_penalty <= 100:
+            raise APIError(400, f"repetition_penalty={body.repetition_penalty}; expected 0.01 to 100 (1 disables it)",
+                           param="repetition_penalty")
         vocab = model.config.vocab_size
         for key in body.logit_bias or {}:
             if not key.isdigit() or int(key) >= vocab:

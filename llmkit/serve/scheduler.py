@@ -200,8 +200,12 @@ class Scheduler:
         if len(caches) > 1 or self.cache is not caches[0]:
             self.cache = KVCache.stack(caches, self.room)
         self.rows, self.owners = rows, owners
-        live = [o for s, o in zip(rows, owners, strict=True) if not s.done]
-        self.tokens, chunks = sample_next(torch.cat(logits), rows)
+        logits = torch.cat(logits)
+        try:
+            live = [o for s, o in zip(rows, owners, strict=True) if not s.done]
+            self.tokens, chunks = sample_next(logits, rows)
+        except Exception:  # noqa: BLE001 - find the request that fails; the others go on
+            self.tokens, chunks, live = self._sample_each(logits)
         self._emit(live, chunks)
         self._release()
 
@@ -221,6 +225,26 @@ class Scheduler:
             admitted.append(request)
             rows, longest = n, length
         return admitted
+
+    def _sample_each(self, logits: torch.Tensor):
+        """`sample_next` request by request, after a batch-wide failure: a request whose sampling
+        fails (say, a temperature so small that its probabilities overflow) gets the error and ends."""
+        tokens = torch.zeros(len(self.rows), dtype=torch.long, device=logits.device)
+        chunks, live = [], []
+        for request in {id(o): o for o in self.owners}.values():
+            rows = [i for i, o in enumerate(self.owners) if o is request]
+            index = torch.tensor(rows, device=logits.device)
+            try:
+                picked, new = sample_next(logits.index_select(0, index), [self.rows[i] for i in rows])
+            except Exception as e:  # noqa: BLE001
+                request.emit(e)
+                for i in rows:
+                    self.rows[i].end("error")
+                continue
+            tokens[index] = picked
+            chunks += new
+            live += [request] * len(new)
+        return tokens, chunks, live
 
     def _emit(self, owners: list[Request], chunks: list[Chunk]) -> None:
         now = time.perf_counter()
