@@ -8,7 +8,10 @@ fallback when compiling fails). Sequences end on EOS, a stop token, a stop strin
 text, see text.py), `max_new_tokens` or the model's context.
 
 `run` is the token-level core and yields `Chunk`s as tokens are generated; `complete` collects
-them into `Completion`s.
+them into `Completion`s. Its pieces -- `make_sequences` (a request's rows and sampling state),
+`prefill` and `sample_next` (processors, draw, raw logprobs, bookkeeping) -- are also what the
+server's continuous-batching scheduler (llmkit/serve/scheduler.py) steps with, so both loops
+sample the same tokens for the same request.
 """
 
 from __future__ import annotations

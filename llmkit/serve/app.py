@@ -335,10 +335,9 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         await collect(job)
         choices = []
         for p, request in enumerate(job.requests):
-            prompt_text = body.prompt[p] if isinstance(body.prompt, list) and isinstance(body.prompt[p], str) else (
-                body.prompt if isinstance(body.prompt, str) else tokenizer.decode(request.prompt))
+            echoed = tokenizer.decode(request.prompt) if body.echo else ""  # what text_offset counts from
             for c in request.completions:
-                text = (prompt_text if body.echo else "") + c.text
+                text = echoed + c.text
                 logprobs = None
                 if k is not None:
                     ids, lps, tops = list(c.token_ids), list(c.logprobs), list(c.top_logprobs)
