@@ -319,3 +319,30 @@ def test_api_key_and_a_full_queue(tiny):
         status, out, headers = post(f"{url}/v1/completions", {"model": NAME, "prompt": "x"},
                                     {"Authorization": "Bearer secret"})
         assert status == 429 and headers["retry-after"] == "1" and out["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_cli_serves_a_folder_on_localhost(tiny_dir):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "llmkit.cli", "serve", str(tiny_dir), "--port", str(port),
+                             "--served-model-name", "cli-tiny"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        assert "http://127.0.0.1:" in proc.stdout.readline()
+        deadline = time.time() + 60
+        while True:
+            try:
+                status, body = get(f"http://127.0.0.1:{port}/v1/models")
+                break
+            except OSError:
+                assert time.time() < deadline and proc.poll() is None, "the server did not come up"
+                time.sleep(0.2)
+        assert status == 200 and json.loads(body)["data"][0]["id"] == "cli-tiny"
+    finally:
+        proc.terminate()
+        proc.wait(20)
