@@ -5,7 +5,7 @@ batching vs the same server decoding one request at a time (max_rows=1) vs llama
 (`vllm bench serve` itself cannot be installed here: vLLM needs CUDA. This script measures what it
 measures, with its definitions, through the same OpenAI streaming API.)
 
-Each system gets `--requests` completions of `--output-len` tokens (EOS ignored, greedy, the same
+Each system gets `--requests` completions of `--output-len` tokens (EOS banned, greedy, the same
 prompts for every system), sent by `--concurrency` clients at a time (1, 4, 16 by default). Per
 request, from the client: TTFT = time to the first streamed token; TPOT = (latency - TTFT) /
 (output tokens - 1); ITL = every gap between consecutive streamed tokens. Output throughput =
@@ -58,28 +58,29 @@ def percentiles(values: list[float]) -> dict:
             "p99": ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]}
 
 
-async def one_request(client, model: str, prompt: str, output_len: int) -> dict:
+async def one_request(client, model: str, prompt: str, output_len: int, no_eos: dict) -> dict:
     start = time.perf_counter()
     arrivals = []
     stream = await client.completions.create(model=model, prompt=prompt, max_tokens=output_len, temperature=0,
-                                             stream=True, extra_body={"ignore_eos": True})
-    async for chunk in stream:
-        if chunk.choices and chunk.choices[0].text is not None:
+                                             stream=True, logit_bias=no_eos)
+    async for chunk in stream:  # a token arrives with its text; empty chunks (a bare finish_reason) do not count
+        if chunk.choices and chunk.choices[0].text:
             arrivals.append(time.perf_counter())
     return {"start": start, "arrivals": arrivals}
 
 
-async def run_load(url: str, model: str, requests: int, concurrency: int, output_len: int) -> dict:
+async def run_load(url: str, model: str, requests: int, concurrency: int, output_len: int, no_eos: dict) -> dict:
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
     gate = asyncio.Semaphore(concurrency)
 
     async def limited(i):
         async with gate:
-            return await one_request(client, model, PROMPTS[i % len(PROMPTS)], output_len)
+            return await one_request(client, model, PROMPTS[i % len(PROMPTS)], output_len, no_eos)
 
     start = time.perf_counter()
     results = await asyncio.gather(*(limited(i) for i in range(requests)))
     duration = time.perf_counter() - start
+    await client.close()
     ttft, tpot, itl, tokens = [], [], [], 0
     for r in results:
         a = r["arrivals"]
@@ -89,7 +90,8 @@ async def run_load(url: str, model: str, requests: int, concurrency: int, output
             tpot.append((a[-1] - a[0]) / (len(a) - 1))
             itl += [b - c for b, c in zip(a[1:], a[:-1], strict=True)]
     ms = lambda xs: percentiles([x * 1000 for x in xs])  # noqa: E731
-    return {"concurrency": concurrency, "requests": requests, "output_tokens": tokens, "duration_s": duration,
+    return {"concurrency": concurrency, "requests": requests, "output_tokens": tokens,
+            "all_tokens_streamed": tokens == requests * output_len, "duration_s": duration,
             "output_throughput_tok_s": tokens / duration, "request_throughput_req_s": requests / duration,
             "ttft_ms": ms(ttft), "tpot_ms": ms(tpot), "itl_ms": ms(itl)}
 
@@ -104,7 +106,8 @@ def start_llamacpp(gguf: Path, threads: int):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "smollm2",
                              "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
-                             "--n_threads", str(threads), "--n_threads_batch", str(threads)],
+                             "--n_threads", str(threads), "--n_threads_batch", str(threads),
+                             "--interrupt_requests", "False"],  # queue concurrent requests, do not cut them
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -132,6 +135,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = llmkit.load(args.model)
+    # every request runs to output_len: EOS banned through logit_bias, which both servers honour
+    no_eos = {str(tokenizer.eos_id): -100.0}
     systems = {
         "llmkit_continuous": ServeConfig(model="smollm2", max_rows=64),
         "llmkit_one_at_a_time": ServeConfig(model="smollm2", max_rows=1),
@@ -139,16 +144,16 @@ def main() -> None:
     results: dict = {}
     for name, config in systems.items():
         with background(create_app(model, tokenizer, config)) as url:
-            asyncio.run(run_load(url, "smollm2", 2, 2, 4))  # warm up
-            results[name] = [asyncio.run(run_load(url, "smollm2", args.requests, c, args.output_len))
+            asyncio.run(run_load(url, "smollm2", 2, 2, 4, no_eos))  # warm up
+            results[name] = [asyncio.run(run_load(url, "smollm2", args.requests, c, args.output_len, no_eos))
                              for c in args.concurrency]
             print(name, [round(r["output_throughput_tok_s"], 1) for r in results[name]], flush=True)
     if not args.no_llamacpp:
         gguf = resolve(args.model)
         proc, url = start_llamacpp(gguf, args.threads)
         try:
-            asyncio.run(run_load(url, "smollm2", 2, 2, 4))
-            results["llamacpp_server"] = [asyncio.run(run_load(url, "smollm2", args.requests, c, args.output_len))
+            asyncio.run(run_load(url, "smollm2", 2, 2, 4, no_eos))
+            results["llamacpp_server"] = [asyncio.run(run_load(url, "smollm2", args.requests, c, args.output_len, no_eos))
                                           for c in args.concurrency]
             print("llamacpp_server", [round(r["output_throughput_tok_s"], 1) for r in results["llamacpp_server"]])
         finally:
