@@ -116,6 +116,8 @@ def test_echo_with_max_tokens_zero_gives_prompt_logprobs(model, tok):
     assert out.token_ids == [] and out.finish_reason == "length" and sink.ended
     expected = [lp[i - 1, ids[i]].item() for i in range(1, len(ids))]
     torch.testing.assert_close(torch.tensor(out.prompt_logprobs[1:]), torch.tensor(expected), rtol=0, atol=1e-5)
+    alone = llmkit.generate(model, tok, ids, max_new_tokens=0, echo=True, logprobs=1)
+    assert alone.prompt_logprobs == out.prompt_logprobs and alone.prompt_top_logprobs == out.prompt_top_logprobs
     # the chosen and the top logprob come from one log-softmax: equal exactly when the token is the argmax
     for i, (chosen, top) in enumerate(zip(out.prompt_logprobs[1:], out.prompt_top_logprobs[1:], strict=True)):
         assert (chosen == max(top.values())) == (int(lp[i].argmax()) == ids[i + 1])
