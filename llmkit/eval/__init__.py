@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, tasks (multiple choice, generation, classification, code, summarization), lm-eval adapter."""

@@ -1,0 +1,124 @@
+"""The two requests every evaluation reduces to, computed the way lm-evaluation-harness does.
+
+- `loglikelihood_tokens`: for (context ids, continuation ids) pairs, the summed log-probability of
+  the continuation and whether greedy decoding would have produced it. Batched (right-padded, so
+  causal attention never sees the padding), longest first, under a tqdm bar.
+- `generate_until`: greedy continuations of text prompts, cut at the first stop string.
+
+`encode_pair` and `prefix_token_id` copy lm-eval's rules (`TemplateLM._encode_pair`, HFLM's
+`prefix_token_id`), so a task scored here and through `lm_eval --model hf` sees the same tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from llmkit.generate.engine import complete
+from llmkit.generate.sampling import SamplingParams
+
+_LOGIT_ROWS = 512  # positions per LM-head chunk: keeps (rows, vocab) float32 logits small
+
+
+def prefix_token_id(tokenizer) -> int:
+    """The token a context-free request conditions on: BOS if the tokenizer has one, else EOS."""
+    token = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+    if token is None:
+        raise ValueError("the tokenizer has neither a BOS nor an EOS token to condition an empty context on")
+    return token
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's split: trailing spaces move to the continuation, the whole string is encoded once and
+    the continuation is what follows the context's tokens; an empty context becomes the prefix token."""
+    if not context:
+        return [prefix_token_id(tokenizer)], tokenizer.encode(continuation)
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = tokenizer.encode(context + continuation)
+    context_ids = tokenizer.encode(context)
+    return context_ids, whole[len(context_ids):]
+
+
+def context_length(model, max_length: int | None = None) -> int:
+    """The window a request is scored in: `max_length` if given, else the model's context."""
+    return max_length or model.config.max_seq_len
+
+
+@torch.inference_mode()
+def loglikelihood_tokens(model, requests: Sequence[tuple[list[int], list[int]]], batch_size: int = 16,
+                         progress: bool = True, desc: str = "loglikelihood",
+                         max_length: int | None = None) -> list[tuple[float, bool]]:
+    """(sum of log p(continuation | context), is greedy) per request, in the order given.
+
+    Like lm-eval, the model reads the last `max_length + 1` tokens of context + continuation minus the
+    final one, so a context longer than the window is left-truncated.
+    """
+    limit = context_length(model, max_length)
+    inputs = [(list(ctx) + list(cont))[-(limit + 1):][:-1] for ctx, cont in requests]
+    order = sorted(range(len(requests)), key=lambda i: -len(inputs[i]))
+    results: list[tuple[float, bool] | None] = [None] * len(requests)
+    device = model.device
+    with tqdm(total=len(requests), desc=desc, disable=not progress, leave=False) as bar:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            width = len(inputs[rows[0]])
+            ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+            for r, i in enumerate(rows):
+                ids[r, :len(inputs[i])] = torch.tensor(inputs[i], device=device)
+            hidden = model.hidden_states(ids)
+            picked, targets, lengths = [], [], []
+            for r, i in enumerate(rows):
+                cont = list(requests[i][1])
+                end = len(inputs[i])
+                picked.append(hidden[r, end - len(cont):end])
+                targets.extend(cont)
+                lengths.append(len(cont))
+            hidden_rows = torch.cat(picked)
+            target = torch.tensor(targets, device=device)
+            logprob, greedy = [], []
+            for s in range(0, len(target), _LOGIT_ROWS):
+                logits = model.lm_head(hidden_rows[s:s + _LOGIT_ROWS]).float()
+                lp = torch.log_softmax(logits, dim=-1)
+                t = target[s:s + _LOGIT_ROWS]
+                logprob.append(lp.gather(-1, t[:, None])[:, 0])
+                greedy.append(lp.argmax(-1) == t)
+            logprob_all, greedy_all = torch.cat(logprob).double(), torch.cat(greedy)
+            offset = 0
+            for i, n in zip(rows, lengths, strict=True):
+                results[i] = (float(logprob_all[offset:offset + n].sum()), bool(greedy_all[offset:offset + n].all()))
+                offset += n
+            bar.update(len(rows))
+    return results  # type: ignore[return-value]
+
+
+def loglikelihood(model, tokenizer, requests: Sequence[tuple[str, str]], batch_size: int = 16,
+                  progress: bool = True, desc: str = "loglikelihood") -> list[tuple[float, bool]]:
+    """`loglikelihood_tokens` of text (context, continuation) pairs, split as lm-eval splits them."""
+    encoded = [encode_pair(tokenizer, ctx, cont) for ctx, cont in requests]
+    return loglikelihood_tokens(model, encoded, batch_size, progress, desc)
+
+
+def generate_until(model, tokenizer, prompts: Sequence[str], until: Sequence[str] = (), max_gen_toks: int = 256,
+                   batch_size: int = 16, progress: bool = True, desc: str = "generate") -> list[str]:
+    """Greedy continuation of each prompt, cut before the first of `until` (and stopped at EOS).
+
+    As in lm-eval's HF model, the prompt is left-truncated to leave room for `max_gen_toks`.
+    """
+    stops = [s for s in until if s]
+    keep = max(1, context_length(model) - max_gen_toks)
+    encoded = [tokenizer.encode(p)[-keep:] for p in prompts]
+    params = SamplingParams(max_new_tokens=max_gen_toks, temperature=0.0, stop=stops or None)
+    outputs: list[str] = []
+    with tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False) as bar:
+        for start in range(0, len(encoded), batch_size):
+            for completion in complete(model, encoded[start:start + batch_size], params, tokenizer):
+                text = completion.text
+                for stop in stops:
+                    text = text.split(stop)[0]
+                outputs.append(text)
+            bar.update(min(batch_size, len(encoded) - start))
+    return outputs
