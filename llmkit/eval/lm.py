@@ -103,15 +103,18 @@ def loglikelihood(model, tokenizer, requests: Sequence[tuple[str, str]], batch_s
 
 
 def generate_until(model, tokenizer, prompts: Sequence[str], until: Sequence[str] = (), max_gen_toks: int = 256,
-                   batch_size: int = 16, progress: bool = True, desc: str = "generate") -> list[str]:
+                   batch_size: int = 16, progress: bool = True, desc: str = "generate", samples: int = 1,
+                   temperature: float = 0.8, seed: int = 0) -> list[str]:
     """Greedy continuation of each prompt, cut before the first of `until` (and stopped at EOS).
 
     As in lm-eval's HF model, the prompt is left-truncated to leave room for `max_gen_toks`.
+    `samples > 1` draws that many completions per prompt at `temperature` (prompt-major), for pass@k.
     """
     stops = [s for s in until if s]
     keep = max(1, context_length(model) - max_gen_toks)
     encoded = [tokenizer.encode(p)[-keep:] for p in prompts]
-    params = SamplingParams(max_new_tokens=max_gen_toks, temperature=0.0, stop=stops or None)
+    params = SamplingParams(max_new_tokens=max_gen_toks, temperature=0.0 if samples == 1 else temperature,
+                            n=samples, seed=None if samples == 1 else seed, stop=stops or None)
     outputs: list[str] = []
     with tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False) as bar:
         for start in range(0, len(encoded), batch_size):
