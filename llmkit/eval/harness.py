@@ -38,7 +38,9 @@ class LlmkitLM(TemplateLM):
         import llmkit
 
         torch_dtype = getattr(torch, dtype) if dtype not in (None, "auto") else None
-        self.model, self.tokenizer = llmkit.load(pretrained, dtype=torch_dtype, device=device or "cpu")
+        if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            device = "cuda" if torch.cuda.is_available() else "cpu"  # lm-eval's CLI asks for cuda by default
+        self.model, self.tokenizer = llmkit.load(pretrained, dtype=torch_dtype, device=device)
         self.model.eval()
         self.pretrained = str(pretrained)
         self.batch_size_per_gpu = 16 if str(batch_size).startswith("auto") else int(batch_size)

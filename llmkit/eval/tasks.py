@@ -194,8 +194,8 @@ def task_from_file(path: str | Path) -> Task:
     split = spec.get("test_split", "test")
     if spec.get("dataset_path") != "json" or split not in files:
         raise ConfigError(f"{path}: expected dataset_path: json and dataset_kwargs.data_files.{split}: a JSONL file")
-    data = Path(files[split])
-    data = data if data.is_absolute() else path.parent / data
+    data = Path(files[split])  # lm-eval (datasets) reads it relative to the working folder; else beside the YAML
+    data = data if data.is_absolute() or data.is_file() else path.parent / data
     gen = spec.get("generation_kwargs") or {}
     regex, group, fallback = None, 0, "[invalid]"
     for flt in (spec.get("filter_list") or [{}])[0].get("filter", []):
