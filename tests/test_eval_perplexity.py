@@ -45,9 +45,12 @@ def test_bad_stride_is_refused():
 
 
 def test_batched_equals_one_at_a_time():
+    """Padded batches and the shared-context path (choices of one question, via a KV cache) both
+    equal scoring each request alone."""
     model, tok = tiny_model()
-    requests = [([1, 5, 9], [12, 30]), ([4], [7, 8, 9, 10, 11]), ([2, 3, 4, 5, 6, 7], [40])]
-    batched = loglikelihood_tokens(model, requests, batch_size=3, progress=False)
+    requests = [([1, 5, 9], [12, 30]), ([4], [7, 8, 9, 10, 11]), ([2, 3, 4, 5, 6, 7], [40]),
+                ([1, 5, 9], [7]), ([1, 5, 9], [3, 3, 3, 3]), ([2, 3, 4, 5, 6, 7], [41, 42])]
+    batched = loglikelihood_tokens(model, requests, batch_size=2, progress=False)
     single = [loglikelihood_tokens(model, [r], batch_size=1, progress=False)[0] for r in requests]
     for (a, ga), (b, gb) in zip(batched, single, strict=True):
         assert a == pytest.approx(b, rel=1e-5) and ga == gb

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 
 from llmkit.generate.engine import complete
 from llmkit.generate.sampling import SamplingParams
+from llmkit.model import KVCache
 
 _LOGIT_ROWS = 512  # positions per LM-head chunk: keeps (rows, vocab) float32 logits small
 
@@ -48,6 +50,30 @@ def context_length(model, max_length: int | None = None) -> int:
     return max_length or model.config.max_seq_len
 
 
+def _score(model, hidden: torch.Tensor, targets: list[int], lengths: list[int]) -> list[tuple[float, bool]]:
+    """(summed log-prob, all greedy) of consecutive runs of `lengths` targets, from their hidden states."""
+    target = torch.tensor(targets, device=hidden.device)
+    logprob, greedy = [], []
+    for s in range(0, len(target), _LOGIT_ROWS):
+        lp = torch.log_softmax(model.lm_head(hidden[s:s + _LOGIT_ROWS]).float(), dim=-1)
+        t = target[s:s + _LOGIT_ROWS]
+        logprob.append(lp.gather(-1, t[:, None])[:, 0])
+        greedy.append(lp.argmax(-1) == t)
+    logprob_all, greedy_all = torch.cat(logprob).double(), torch.cat(greedy)
+    out, offset = [], 0
+    for n in lengths:
+        out.append((float(logprob_all[offset:offset + n].sum()), bool(greedy_all[offset:offset + n].all())))
+        offset += n
+    return out
+
+
+def _right_padded(rows: list[list[int]], device) -> torch.Tensor:
+    ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long, device=device)
+    for r, row in enumerate(rows):
+        ids[r, :len(row)] = torch.tensor(row, device=device)
+    return ids
+
+
 @torch.inference_mode()
 def loglikelihood_tokens(model, requests: Sequence[tuple[list[int], list[int]]], batch_size: int = 16,
                          progress: bool = True, desc: str = "loglikelihood",
@@ -55,43 +81,44 @@ def loglikelihood_tokens(model, requests: Sequence[tuple[list[int], list[int]]],
     """(sum of log p(continuation | context), is greedy) per request, in the order given.
 
     Like lm-eval, the model reads the last `max_length + 1` tokens of context + continuation minus the
-    final one, so a context longer than the window is left-truncated.
+    final one, so a context longer than the window is left-truncated. Requests that share everything
+    but their continuation (the choices of one question) run the shared tokens once into a KV cache
+    and only their continuations as a batch; the rest run in right-padded batches, longest first.
     """
     limit = context_length(model, max_length)
     inputs = [(list(ctx) + list(cont))[-(limit + 1):][:-1] for ctx, cont in requests]
-    order = sorted(range(len(requests)), key=lambda i: -len(inputs[i]))
+    split = [len(inputs[i]) - len(requests[i][1]) for i in range(len(requests))]  # where scored positions start
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for i in range(len(requests)):
+        groups[tuple(inputs[i][:split[i]])].append(i)
+    shared = [g for key, g in groups.items() if len(g) > 1 and key]
+    alone = sorted((i for key, g in groups.items() if not (len(g) > 1 and key) for i in g),
+                   key=lambda i: -len(inputs[i]))
     results: list[tuple[float, bool] | None] = [None] * len(requests)
     device = model.device
     with tqdm(total=len(requests), desc=desc, disable=not progress, leave=False) as bar:
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            width = len(inputs[rows[0]])
-            ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-            for r, i in enumerate(rows):
-                ids[r, :len(inputs[i])] = torch.tensor(inputs[i], device=device)
-            hidden = model.hidden_states(ids)
-            picked, targets, lengths = [], [], []
-            for r, i in enumerate(rows):
-                cont = list(requests[i][1])
-                end = len(inputs[i])
-                picked.append(hidden[r, end - len(cont):end])
-                targets.extend(cont)
-                lengths.append(len(cont))
-            hidden_rows = torch.cat(picked)
-            target = torch.tensor(targets, device=device)
-            logprob, greedy = [], []
-            for s in range(0, len(target), _LOGIT_ROWS):
-                logits = model.lm_head(hidden_rows[s:s + _LOGIT_ROWS]).float()
-                lp = torch.log_softmax(logits, dim=-1)
-                t = target[s:s + _LOGIT_ROWS]
-                logprob.append(lp.gather(-1, t[:, None])[:, 0])
-                greedy.append(lp.argmax(-1) == t)
-            logprob_all, greedy_all = torch.cat(logprob).double(), torch.cat(greedy)
-            offset = 0
-            for i, n in zip(rows, lengths, strict=True):
-                results[i] = (float(logprob_all[offset:offset + n].sum()), bool(greedy_all[offset:offset + n].all()))
-                offset += n
-            bar.update(len(rows))
+        for group in shared:
+            prefix = inputs[group[0]][:split[group[0]]]
+            tails = [inputs[i][split[i]:] for i in group]
+            cache = KVCache(model.config, 1, len(prefix) + max(map(len, tails)), device=device, dtype=model.dtype)
+            model.hidden_states(torch.tensor([prefix], device=device), kv_cache=cache)
+            cache.reorder(torch.zeros(len(group), dtype=torch.long, device=device))
+            hidden = model.hidden_states(_right_padded(tails, device), kv_cache=cache)
+            rows = torch.cat([hidden[r, :len(t)] for r, t in enumerate(tails)])
+            conts = [list(requests[i][1]) for i in group]
+            for i, result in zip(group, _score(model, rows, [t for c in conts for t in c], list(map(len, conts))),
+                                 strict=True):
+                results[i] = result
+            bar.update(len(group))
+        for start in range(0, len(alone), batch_size):
+            batch = alone[start:start + batch_size]
+            hidden = model.hidden_states(_right_padded([inputs[i] for i in batch], device))
+            conts = [list(requests[i][1]) for i in batch]
+            rows = torch.cat([hidden[r, split[i]:len(inputs[i])] for r, i in enumerate(batch)])
+            for i, result in zip(batch, _score(model, rows, [t for c in conts for t in c], list(map(len, conts))),
+                                 strict=True):
+                results[i] = result
+            bar.update(len(batch))
     return results  # type: ignore[return-value]
 
 
