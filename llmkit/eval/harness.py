@@ -21,7 +21,7 @@ import lm_eval.models  # noqa: F401  (fills lm-eval's registry first: `get_model
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from llmkit.eval.lm import generate_until, loglikelihood_tokens, prefix_token_id
+from llmkit.eval.lm import encode, generate_until, loglikelihood_tokens, prefix_token_id
 from llmkit.eval.perplexity import loglikelihood_rolling
 
 
@@ -64,7 +64,10 @@ class LlmkitLM(TemplateLM):
         return self.pretrained.replace("/", "__")
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
+        """As HFLM: the tokenizer's default (its own special tokens) unless told otherwise."""
+        if add_special_tokens is None:
+            return encode(self.tokenizer, string)
+        return self.tokenizer.encode(string, add_special_tokens=add_special_tokens)
 
     def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)

@@ -32,16 +32,24 @@ def prefix_token_id(tokenizer) -> int:
     return token
 
 
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids as lm-eval's HF model encodes text: with the tokenizer's own special tokens (a BOS
+    where its post-processor adds one; none for SmolLM2 or GPT-2), unless the text already starts
+    with the BOS token (a rendered chat template)."""
+    bos = tokenizer.decode([tokenizer.bos_id]) if tokenizer.bos_id is not None else None
+    return tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+
+
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-eval's split: trailing spaces move to the continuation, the whole string is encoded once and
     the continuation is what follows the context's tokens; an empty context becomes the prefix token."""
     if not context:
-        return [prefix_token_id(tokenizer)], tokenizer.encode(continuation)
+        return [prefix_token_id(tokenizer)], encode(tokenizer, continuation)
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    whole = tokenizer.encode(context + continuation)
-    context_ids = tokenizer.encode(context)
+    whole = encode(tokenizer, context + continuation)
+    context_ids = encode(tokenizer, context)
     return context_ids, whole[len(context_ids):]
 
 
@@ -139,7 +147,7 @@ def generate_until(model, tokenizer, prompts: Sequence[str], until: Sequence[str
     """
     stops = [s for s in until if s]
     keep = max(1, context_length(model) - max_gen_toks)
-    encoded = [tokenizer.encode(p)[-keep:] for p in prompts]
+    encoded = [encode(tokenizer, p)[-keep:] for p in prompts]
     params = SamplingParams(max_new_tokens=max_gen_toks, temperature=0.0 if samples == 1 else temperature,
                             n=samples, seed=None if samples == 1 else seed, stop=stops or None)
     outputs: list[str] = []

@@ -20,7 +20,7 @@ import re
 from collections.abc import Sequence
 
 from llmkit.errors import ConfigError
-from llmkit.eval.lm import context_length, loglikelihood_tokens, prefix_token_id
+from llmkit.eval.lm import context_length, encode, loglikelihood_tokens, prefix_token_id
 
 
 def rolling_windows(tokens: Sequence[int], prefix_token: int, max_len: int,
@@ -55,7 +55,7 @@ def loglikelihood_rolling(model, tokenizer, texts: Sequence[str], stride: int | 
     owners, windows = [], []
     counts = []
     for i, text in enumerate(texts):
-        ids = tokenizer.encode(text)
+        ids = encode(tokenizer, text)
         counts.append(len(ids))
         for window in rolling_windows(ids, prefix, limit, stride):
             owners.append(i)
