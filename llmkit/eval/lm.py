@@ -22,6 +22,7 @@ from llmkit.generate.sampling import SamplingParams
 from llmkit.model import KVCache
 
 _LOGIT_ROWS = 512  # positions per LM-head chunk: keeps (rows, vocab) float32 logits small
+_PREFILL_SCORES = 1 << 26  # rows x prompt length^2 of one generation batch (bounds the attention memory)
 
 
 def prefix_token_id(tokenizer) -> int:
@@ -150,13 +151,21 @@ def generate_until(model, tokenizer, prompts: Sequence[str], until: Sequence[str
     encoded = [encode(tokenizer, p)[-keep:] for p in prompts]
     params = SamplingParams(max_new_tokens=max_gen_toks, temperature=0.0 if samples == 1 else temperature,
                             n=samples, seed=None if samples == 1 else seed, stop=stops or None)
-    outputs: list[str] = []
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # similar lengths share a batch
+    outputs: list[list[str]] = [[] for _ in encoded]
     with tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False) as bar:
-        for start in range(0, len(encoded), batch_size):
-            for completion in complete(model, encoded[start:start + batch_size], params, tokenizer):
-                text = completion.text
-                for stop in stops:
-                    text = text.split(stop)[0]
-                outputs.append(text)
-            bar.update(min(batch_size, len(encoded) - start))
-    return outputs
+        start = 0
+        while start < len(order):
+            longest = len(encoded[order[start]])
+            # a padded prefill's attention holds rows x heads x T^2 scores: cap rows x T^2 at 2^26
+            rows = order[start:start + max(1, min(batch_size, _PREFILL_SCORES // longest ** 2))]
+            completions = complete(model, [encoded[i] for i in rows], params, tokenizer)
+            for r, i in enumerate(rows):
+                for completion in completions[r * samples:(r + 1) * samples]:
+                    text = completion.text
+                    for stop in stops:
+                        text = text.split(stop)[0]
+                    outputs[i].append(text)
+            bar.update(len(rows))
+            start += len(rows)
+    return [text for texts in outputs for text in texts]
