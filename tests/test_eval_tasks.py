@@ -195,3 +195,16 @@ def test_cli_eval_writes_report_equal_to_the_library(tmp_path, capsys):
     assert (out / "results.png").stat().st_size > 1000 and (out / "report.md").is_file()
     assert len((out / "samples" / "llmkit_local_mc.jsonl").read_text().splitlines()) == 6
     assert main(["eval", str(folder), "--tasks", "nope"]) == 1
+
+
+def test_generation_batches_equal_one_at_a_time():
+    from llmkit.eval.lm import generate_until
+
+    model, tok = tiny_model(std=0.5)
+    prompts = ["The quick brown fox", "To be", "def add(a, b):\n    return", "In the beginning God created"]
+    batched = generate_until(model, tok, prompts, ["\n"], 12, batch_size=4, progress=False)
+    single = [generate_until(model, tok, [p], ["\n"], 12, batch_size=1, progress=False)[0] for p in prompts]
+    assert batched == single and all("\n" not in t for t in batched) and any(batched)
+    drawn = generate_until(model, tok, prompts[:2], [], 6, samples=3, seed=1, progress=False)
+    assert len(drawn) == 6 and drawn == generate_until(model, tok, prompts[:2], [], 6, samples=3, seed=1,
+                                                       progress=False)
