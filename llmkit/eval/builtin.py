@@ -25,6 +25,7 @@ import functools
 import gzip
 import json
 import random
+import re
 
 from llmkit.data.sources import files, source_dir
 from llmkit.errors import ConfigError
@@ -133,8 +134,10 @@ def gsm(seed: int = 42, size: int = 200) -> list[dict]:
 
     files("reasoning_gym")  # record the pinned archive (checksum, license) like every other source
     data = reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=seed)
+    # the worked solution without GSM8K's final "#### 70" line: a CoT exemplar ends "The answer is 70."
     return [{"query": f"Question: {ex['question'].strip()}\nAnswer:", "answer": str(ex["answer"]),
-             "rationale": ex["metadata"].get("answer_cot", "")} for ex in data]
+             "rationale": re.sub(r"\n?####.*$", "", ex["metadata"].get("answer_cot", "")).strip()}
+            for ex in data]
 
 
 @functools.cache
