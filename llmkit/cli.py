@@ -356,6 +356,39 @@ def _serve(args: argparse.Namespace) -> None:
 
     serve(build_config(ServeConfig, None, {k: v for k, v in parsed_overrides(args, ServeConfig).items()
                                             if v is not None}))
+# ---- eval ----------------------------------------------------------------------------------------
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", help=MODEL_HELP)
+    p.add_argument("--tasks",
+                   help="comma-separated task names (see --list) or task files (.jsonl, lm-eval .yaml)")
+    p.add_argument("--shots", type=int, default=0, help="few-shot exemplars per prompt (seeded draw)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N docs of each task")
+    p.add_argument("--out", default="runs/eval", help="folder for results.json, report.md, results.png, samples/")
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
+    p.add_argument("--cot", action="store_true", help="chain-of-thought variant of generation tasks")
+    p.add_argument("--batch-size", type=int, default=16, help="requests per forward pass")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the few-shot draws")
+    p.add_argument("--list", action="store_true", help="list the known tasks and exit")
+
+
+@verb("eval", "score a model on tasks (multiple choice, generation, classification, code, ROUGE)", _eval_args)
+def _eval(args: argparse.Namespace) -> None:
+    from llmkit.errors import ConfigError
+    from llmkit.eval.runner import results_table, run_eval
+    from llmkit.eval.tasks import TASKS, known_tasks
+
+    if args.list:
+        for name in known_tasks():
+            print(f"{name:16s} {TASKS[name].kind}")
+        return
+    if not args.model or not args.tasks:
+        raise ConfigError("llmkit eval needs a MODEL and --tasks a,b (llmkit eval --list shows the tasks)")
+    result = run_eval(args.model, args.tasks.split(","), shots=args.shots, limit=args.limit, out=args.out,
+                      chat=args.chat, cot=args.cot, batch_size=args.batch_size, seed=args.seed)
+    print(results_table([result]), end="")
+    print(f"-> {args.out}/results.json, report.md, results.png")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,3 +47,24 @@ def plot_training_curves(metrics: str | os.PathLike | list[dict], out: str | os.
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def plot_task_scores(scores: dict[str, float], out: str | os.PathLike, title: str = "evaluation") -> Path:
+    """One bar per task (label: task and metric), scores in [0, 1], the value written on each bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(scores) + 2), 4))
+    bars = ax.bar(range(len(scores)), list(scores.values()), color="tab:blue")
+    ax.bar_label(bars, labels=[f"{v:.3f}" for v in scores.values()], padding=2, fontsize=8)
+    ax.set_xticks(range(len(scores)), list(scores), fontsize=8)
+    ax.set(ylim=(0, 1.05), ylabel="score", title=title)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -1,0 +1,324 @@
+"""The task registry and the five task types, with lm-eval's prompt and metric definitions.
+
+A task is data (a list of docs in one small schema) plus how to prompt and score it:
+
+- `multiple_choice`: docs `{"query", "choices", "gold"}`; each choice is scored by log-likelihood as
+  the continuation `target_delimiter + choice`. `acc` takes the best total log-likelihood,
+  `acc_norm` the best log-likelihood per character of the choice and `acc_bytes` per UTF-8 byte
+  (lm-eval 0.4's definitions, `ConfigurableTask.process_results`).
+- `classification`: the same scoring over a fixed label set (P(label | prompt)); `acc`, `macro_f1`.
+- `generation`: docs `{"query", "answer"}` (answer: a string or a list of accepted strings); greedy
+  decoding until a stop string, the answer extracted with a regex (lm-eval's `regex` filter:
+  `re.findall`, the `group_select`-th match, `fallback` when none), then `exact_match`
+  (and SQuAD's `f1` when `normalize="squad"`).
+- `code`: docs `{"query" (the prompt), "test", "entry_point"}`; completions run with their tests in the
+  sandbox (`llmkit.eval.sandbox`); `pass@k` by the unbiased estimator of Chen et al. (2021).
+- `summarization`: docs `{"query", "answer"}`; ROUGE-1/2/L F-measures (Google's `rouge-score`).
+
+Prompts are lm-eval's plain-text layout: `description`, then k exemplars each
+`query + target_delimiter + target + fewshot_delimiter`, then the query; with `chat=True` the same
+text becomes one user turn (the description the system turn) rendered by the tokenizer's chat
+template with the generation prompt, and choices follow it with no delimiter. Exemplars come from the
+task's pool (never the doc itself) by a seeded draw per doc, so `--limit` does not change them.
+`cot=True` is the chain-of-thought variant: exemplars show their worked solution before "The answer
+is X." and a zero-shot prompt ends with "Let's think step by step.".
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import random
+import re
+import string
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmkit.errors import ConfigError, DataError
+
+KINDS = ("multiple_choice", "classification", "generation", "code", "summarization")
+COT_ZERO_SHOT = "Let's think step by step."
+COT_ANSWER = r"answer is\s*\$?\s*(-?[\d,]*\.?\d+)"
+
+
+@dataclass
+class Task:
+    name: str
+    kind: str
+    load: Callable[[], list[dict]] = field(repr=False)  # the evaluation docs
+    fewshot_pool: Callable[[], list[dict]] | None = field(default=None, repr=False)  # None: the docs themselves
+    description: str = ""
+    target_delimiter: str = " "
+    fewshot_delimiter: str = "\n\n"
+    until: tuple[str, ...] = ("\n\n",)
+    max_gen_toks: int = 64
+    answer_regex: str | None = None  # generation: extract the answer (None: the whole stripped output)
+    group_select: int = 0  # which regex match: 0 the first, -1 the last
+    fallback: str = "[invalid]"
+    normalize: str = "strip"  # "none" | "strip" | "number" | "squad": how answers are compared
+    samples: int = 1  # code: completions per problem (1: greedy; n > 1: temperature 0.8)
+    source: str = ""  # the data's registry name (its license goes into the report)
+    default_limit: int | None = None  # a full run's size, when the data set is open-ended
+    max_shots: int | None = None  # 0: zero-shot only (the prompt already has exemplars, or they cannot fit)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ConfigError(f"task {self.name!r}: kind {self.kind!r} is unknown; expected one of {', '.join(KINDS)}")
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register(task: Task) -> Task:
+    TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    """A registered task by name, or one defined by a file (`.yaml` in lm-eval's format, or `.jsonl`)."""
+    if name in TASKS:
+        return TASKS[name]
+    if name.endswith((".yaml", ".yml", ".jsonl")):
+        return task_from_file(name)
+    import llmkit.eval.builtin  # noqa: F401  (registers the built-in tasks)
+
+    if name in TASKS:
+        return TASKS[name]
+    raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))} "
+                      "(or a task file: .jsonl, or an lm-eval .yaml over local JSONL)")
+
+
+def known_tasks() -> list[str]:
+    import llmkit.eval.builtin  # noqa: F401
+
+    return sorted(TASKS)
+
+
+# ---- docs and task files --------------------------------------------------------------------------
+
+
+def check_doc(doc, kind: str, where: str) -> dict:
+    """Raise DataError naming `where` (file:line) unless `doc` has the fields `kind` needs."""
+    def bad(what: str):
+        raise DataError(f"{where}: {what}; a {kind} row needs {_SCHEMA[kind]}")
+
+    if not isinstance(doc, dict):
+        bad(f"expected a JSON object, got {type(doc).__name__}")
+    if not isinstance(doc.get("query"), str):
+        bad("'query' is missing or not a string")
+    if kind in ("multiple_choice", "classification"):
+        choices, gold = doc.get("choices"), doc.get("gold")
+        if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) for c in choices)):
+            bad("'choices' must be a list of at least two strings")
+        if not (isinstance(gold, int) and not isinstance(gold, bool) and 0 <= gold < len(choices)):
+            bad(f"'gold' must be an index into the {len(choices)} choices, got {gold!r}")
+    elif kind == "code":
+        for key in ("test", "entry_point"):
+            if not isinstance(doc.get(key), str):
+                bad(f"{key!r} is missing or not a string")
+    else:
+        answer = doc.get("answer")
+        if not (isinstance(answer, str) or (isinstance(answer, list) and answer
+                                              and all(isinstance(a, str) for a in answer))):
+            bad("'answer' must be a string or a non-empty list of strings")
+    return doc
+
+
+_SCHEMA = {
+    "multiple_choice": '{"query": str, "choices": [str, ...], "gold": int}',
+    "classification": '{"query": str, "choices": [label, ...], "gold": int}',
+    "generation": '{"query": str, "answer": str or [str, ...]}',
+    "summarization": '{"query": str, "answer": str}',
+    "code": '{"query": prompt, "test": str, "entry_point": str}',
+}
+
+
+def read_jsonl(path: str | Path, kind: str) -> list[dict]:
+    """Docs of a JSONL task file, each checked; a bad row raises DataError naming its line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"task file {path} does not exist")
+    docs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: not valid JSON ({e.msg}); a {kind} row needs {_SCHEMA[kind]}") from None
+        docs.append(check_doc(row, kind, f"{path}:{number}"))
+    if not docs:
+        raise DataError(f"task file {path} has no rows; expected JSON lines like {_SCHEMA[kind]}")
+    return docs
+
+
+def _infer_kind(path: Path) -> str:
+    with open(path, encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        row = json.loads(first)
+    except json.JSONDecodeError:
+        raise DataError(f"{path}:1: not valid JSON; expected rows like {_SCHEMA['multiple_choice']} "
+                        f"or {_SCHEMA['generation']}") from None
+    return "multiple_choice" if isinstance(row, dict) and "choices" in row else "generation"
+
+
+def task_from_file(path: str | Path) -> Task:
+    """A task from a JSONL file (kind from its first row: `choices` means multiple choice) or from an
+    lm-eval task YAML over a local JSONL file in llmkit's schema (doc_to_text `{{query}}`, ...), so one
+    definition serves `lm_eval --include_path` and `llmkit eval`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"task file {path} does not exist")
+    if path.suffix == ".jsonl":
+        kind = _infer_kind(path)
+        return Task(path.stem, kind, lambda: read_jsonl(path, kind), until=("\n",) if kind == "generation" else ())
+    import yaml
+
+    spec = yaml.safe_load(path.read_text())
+    output_type = spec.get("output_type")
+    kind = {"multiple_choice": "multiple_choice", "generate_until": "generation"}.get(output_type)
+    if kind is None:
+        raise ConfigError(f"{path}: output_type {output_type!r} is not supported here; "
+                          "expected multiple_choice or generate_until")
+    expected = {"doc_to_text": "{{query}}", "doc_to_choice": "{{choices}}", "doc_to_target": "{{gold}}"}
+    if kind == "generation":
+        expected = {"doc_to_text": "{{query}}", "doc_to_target": "{{answer}}"}
+    for key, value in expected.items():
+        if str(spec.get(key, "")).replace(" ", "") != value:
+            raise ConfigError(f"{path}: {key} is {spec.get(key)!r}; llmkit reads task YAMLs over its JSONL schema, "
+                              f"expected {value!r}")
+    files = (spec.get("dataset_kwargs") or {}).get("data_files") or {}
+    split = spec.get("test_split", "test")
+    if spec.get("dataset_path") != "json" or split not in files:
+        raise ConfigError(f"{path}: expected dataset_path: json and dataset_kwargs.data_files.{split}: a JSONL file")
+    data = Path(files[split])  # lm-eval (datasets) reads it relative to the working folder; else beside the YAML
+    data = data if data.is_absolute() or data.is_file() else path.parent / data
+    gen = spec.get("generation_kwargs") or {}
+    regex, group, fallback = None, 0, "[invalid]"
+    for flt in (spec.get("filter_list") or [{}])[0].get("filter", []):
+        if flt.get("function") == "regex":
+            regex, group, fallback = flt["regex_pattern"], flt.get("group_select", 0), flt.get("fallback", fallback)
+    return Task(spec.get("task", path.stem), kind, lambda: read_jsonl(data, kind),
+                description=spec.get("description", ""), target_delimiter=spec.get("target_delimiter", " "),
+                fewshot_delimiter=spec.get("fewshot_delimiter", "\n\n"), until=tuple(gen.get("until", ["\n\n"])),
+                max_gen_toks=gen.get("max_gen_toks", 256), answer_regex=regex, group_select=group,
+                fallback=fallback, normalize="none")
+
+
+# ---- prompts ----------------------------------------------------------------------------------
+
+
+def target_text(task: Task, doc: dict, cot: bool = False) -> str:
+    """What an exemplar shows after its query."""
+    if task.kind in ("multiple_choice", "classification"):
+        return doc["choices"][doc["gold"]]
+    if task.kind == "code":
+        return doc.get("canonical_solution", "")
+    answer = doc["answer"] if isinstance(doc["answer"], str) else doc["answer"][0]
+    if cot and doc.get("rationale"):
+        return f"{doc['rationale'].strip()} The answer is {answer}."
+    return answer
+
+
+def exemplars(task: Task, docs_pool: list[dict], doc_index: int, doc: dict, shots: int, seed: int) -> list[dict]:
+    """`shots` exemplars for doc `doc_index`: a seeded draw from the pool, never the doc itself."""
+    if shots <= 0:
+        return []
+    pool = [d for d in docs_pool if d is not doc and d.get("query") != doc.get("query")]
+    if shots > len(pool):
+        raise ConfigError(f"task {task.name!r}: {shots}-shot needs {shots} exemplars but its pool has only "
+                          f"{len(pool)} other docs; use --shots {len(pool)} or fewer")
+    return random.Random(seed * 1_000_003 + doc_index).sample(pool, shots)
+
+
+def build_prompt(task: Task, doc: dict, shots: list[dict], tokenizer=None, chat: bool = False,
+                 cot: bool = False) -> str:
+    """lm-eval's context string (see the module docstring)."""
+    query = doc["query"]
+    if cot and not shots and task.kind == "generation":
+        query = f"{query}{'' if query.endswith((' ', chr(10))) else ' '}{COT_ZERO_SHOT}"
+    body = "".join(d["query"] + task.target_delimiter + target_text(task, d, cot) + task.fewshot_delimiter
+                   for d in shots) + query
+    if not chat:
+        return task.description + body
+    if tokenizer is None or tokenizer.chat_template is None:
+        raise ConfigError(f"task {task.name!r}: the chat variant needs a tokenizer with a chat template")
+    messages = ([{"role": "system", "content": task.description.strip()}] if task.description.strip() else [])
+    messages.append({"role": "user", "content": body})
+    return tokenizer.render_chat(messages, add_generation_prompt=True)
+
+
+# ---- metrics ----------------------------------------------------------------------------------
+
+
+def extract_answer(text: str, task: Task, cot: bool = False) -> str:
+    """lm-eval's regex filter: the `group_select`-th of `re.findall`, first non-empty group; else fallback."""
+    pattern = COT_ANSWER if cot and task.answer_regex else task.answer_regex
+    if pattern is None:
+        return text
+    matches = re.findall(pattern, text)
+    if cot and not matches and task.answer_regex:  # no "The answer is": the task's own pattern, last match
+        matches = re.findall(task.answer_regex, text)[-1:]
+    if not matches:
+        return task.fallback
+    try:
+        match = matches[task.group_select if not cot else -1]
+    except IndexError:
+        match = matches[0]
+    if isinstance(match, tuple):
+        match = next((m for m in match if m), match[0])
+    return match
+
+
+def normalize(text: str, how: str) -> str:
+    if how == "none":
+        return text
+    text = text.strip()
+    if how == "number":
+        return text.replace(",", "").rstrip(".")
+    if how == "squad":
+        text = "".join(c for c in text.lower() if c not in set(string.punctuation))
+        text = re.sub(r"\b(a|an|the)\b", " ", text)
+        return " ".join(text.split())
+    return text
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD v1.1's token-overlap F1 of normalized answers."""
+    pred, ref = normalize(prediction, "squad").split(), normalize(reference, "squad").split()
+    common = sum((collections.Counter(pred) & collections.Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c pass (Chen et al. 2021)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def macro_f1(golds: Sequence[int], preds: Sequence[int], n_labels: int) -> float:
+    scores = []
+    for label in range(n_labels):
+        tp = sum(g == label and p == label for g, p in zip(golds, preds, strict=True))
+        fp = sum(g != label and p == label for g, p in zip(golds, preds, strict=True))
+        fn = sum(g == label and p != label for g, p in zip(golds, preds, strict=True))
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / n_labels
+
+
+def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and lm-eval's standard error (sample standard deviation / sqrt(n))."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
