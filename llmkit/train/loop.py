@@ -211,14 +211,19 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
                 f.write(json.dumps(record) + "\n")
 
     def evaluate() -> dict[str, float]:
-        losses = []
+        losses, extras = [], {}
         model.eval()
         with torch.no_grad(), _autocast(device, amp_dtype):
             for batch in eval_batches():
-                losses.append(objective(forward_model, _to_device(batch, device))[0].float())
+                loss, metrics = objective(forward_model, _to_device(batch, device))
+                losses.append(loss.float())
+                for k, v in _extra_metrics(metrics).items():
+                    extras.setdefault(k, []).append(v)
         model.train()
         loss = dist_.all_reduce_mean(torch.stack(losses).mean(), world).item()
         result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        result.update({f"val_{k}": dist_.all_reduce_mean(torch.stack(v).mean(), world).item()
+                       for k, v in extras.items()})
         if bytes_per_token:
             result["val_bpb"] = loss / math.log(2) / bytes_per_token
         return result
@@ -236,21 +241,24 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
+            extra_sums: dict[str, torch.Tensor] = {}  # the objective's other metrics (rewards, accuracy, ...)
             for micro in range(config.grad_accum):
                 batch = _to_device(data.next_batch(), device)
                 sync = micro == config.grad_accum - 1
                 with _no_sync(model, sync):
                     with _autocast(device, amp_dtype):
                         try:
-                            loss, _ = objective(forward_model, batch)
+                            loss, metrics = objective(forward_model, batch)
                         except Exception as e:  # a compiler failure falls back to eager, anything else raises
                             if forward_model is model or not _is_compile_error(e):
                                 raise
                             tqdm.write(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); "
                                        "continuing without it")
                             forward_model = model
-                            loss, _ = objective(forward_model, batch)
+                            loss, metrics = objective(forward_model, batch)
                     (loss / config.grad_accum).backward()
+                for k, v in _extra_metrics(metrics).items():
+                    extra_sums[k] = extra_sums.get(k, 0) + v
                 loss_sum += loss.detach().float()
             loss_value = dist_.all_reduce_mean(loss_sum / config.grad_accum, world)
             grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -274,6 +282,7 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
 
             record = {"step": step, "loss": loss_value.item(), "lr": lr, "grad_norm": float(grad_norm),
                       "tokens_seen": tokens_seen, "elapsed_s": round(time.perf_counter() - started, 3)}
+            record.update({k: v.item() / config.grad_accum for k, v in extra_sums.items()})
             if step % max(config.log_every, 1) == 0 or step == 1:
                 elapsed = time.perf_counter() - window_start
                 if step_tokens:
@@ -330,6 +339,12 @@ def _resume(path, model, optimizer, data, model_config, metrics_path, world):
         metrics_path.write_text("".join(line + "\n" for line in kept))
         history = [json.loads(line) for line in kept]
     return step, state.get("tokens_seen", 0), history
+
+
+def _extra_metrics(metrics: dict) -> dict[str, torch.Tensor]:
+    """An objective's scalar metrics beyond the loss and token count, as detached fp32 tensors."""
+    return {k: v.detach().float() for k, v in metrics.items() if k not in ("loss", "tokens")
+            and isinstance(v, torch.Tensor) and v.numel() == 1}
 
 
 def _to_device(batch, device):
