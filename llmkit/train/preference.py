@@ -24,7 +24,13 @@ from llmkit.errors import ConfigError
 from llmkit.files import atomic_write_json, atomic_write_text
 from llmkit.model import Transformer, load
 from llmkit.tokenizer import Tokenizer
-from llmkit.train.align import PREFERENCE_LOSSES, bradley_terry_loss, check_beta, preference_loss, sequence_logps
+from llmkit.train.align import (
+    PREFERENCE_LOSSES,
+    bradley_terry_loss,
+    check_beta,
+    preference_loss,
+    sequence_logps,
+)
 from llmkit.train.loop import LoopConfig, TrainResult, resolve_device, train
 
 PACKAGED = ("movie_reviews", "arithmetic", "hhh_alignment")
