@@ -107,11 +107,11 @@ def test_classification_loss_and_loader_resume():
     after = [loader.next_batch() for _ in range(4)]  # crosses into epoch 2
     loader2 = BatchLoader(items, 2, lambda b: collate_classification(b, 0), seed=3)
     loader2.load_state_dict(state)
-    for a, b in zip(after, [loader2.next_batch() for _ in range(4)]):
+    for a, b in zip(after, [loader2.next_batch() for _ in range(4)], strict=True):
         assert all(torch.equal(a[k], b[k]) for k in a)
     loss, metrics = classification_loss(model, first[0])
-    rows = [model.classify(torch.tensor([ids]))[0] for ids, _ in
-            [(r[m.bool()].tolist(), None) for r, m in zip(first[0]["input_ids"], first[0]["attention_mask"])]]
+    rows = [model.classify(row[mask.bool()][None])[0]  # each row alone, unpadded
+            for row, mask in zip(first[0]["input_ids"], first[0]["attention_mask"], strict=True)]
     expected = F.cross_entropy(torch.stack(rows), first[0]["labels"])
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     assert 0 <= metrics["accuracy"] <= 1
