@@ -336,6 +336,40 @@ def _export(args: argparse.Namespace) -> None:
     print(f"{args.out}: {Path(args.out).stat().st_size / 1e6:.1f} MB, {len(types)} tensors ({mix})")
 
 
+# ---- finetune, merge-lora ----------------------------------------------------------------------
+
+
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    from llmkit.options import add_dataclass_arguments
+    from llmkit.train.finetune import FinetuneConfig
+
+    p.add_argument("--config", help="a YAML recipe (e.g. recipes/sft-lora.yaml); flags override it")
+    add_dataclass_arguments(p, FinetuneConfig)
+
+
+@verb("finetune", "SFT or classification fine-tuning: full, LoRA, QLoRA or prompt tuning", _finetune_args)
+def _finetune(args: argparse.Namespace) -> None:
+    from llmkit.options import build_config, parsed_overrides
+    from llmkit.train.finetune import FinetuneConfig, finetune
+
+    result = finetune(build_config(FinetuneConfig, args.config, parsed_overrides(args, FinetuneConfig)))
+    print(f"stopped at step {result.step} ({result.stopped}); checkpoint: {result.last_checkpoint}")
+
+
+def _merge_lora_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="the base model: " + MODEL_HELP)
+    p.add_argument("--adapter", required=True, help="a LoRA adapter folder (adapter_config.json + "
+                                                    "adapter_model.safetensors)")
+    p.add_argument("--out", required=True, help="where the merged HF checkpoint is written")
+
+
+@verb("merge-lora", "fold a LoRA adapter into its base model and save a plain HF checkpoint", _merge_lora_args)
+def _merge_lora(args: argparse.Namespace) -> None:
+    from llmkit.peft.lora import merge_adapter
+
+    print(f"merged checkpoint: {merge_adapter(args.model, args.adapter, args.out)}")
+
+
 # ---------------------------------------------------------------------------------------------
 
 

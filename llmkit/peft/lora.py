@@ -6,6 +6,7 @@
     save_adapter(model, "runs/adapter")      # adapter_config.json + adapter_model.safetensors (peft's format)
     load_adapter(base_model, "runs/adapter") # LoRA applied with the saved r, alpha, targets, then loaded
     merge_lora(model)                        # fold B A into W0 and drop the adapters: a plain Transformer
+    merge_adapter(base, adapter_folder, out) # files in, merged HF checkpoint out (`llmkit merge-lora`)
 
 `targets` are short names: q, k, v, o (attention), gate, up, down (MLP), or "all". `base_bits` 8 or
 4 stores every frozen block linear quantized (QLoRA, `llmkit.peft.qlora`). Each adapted layer is a
@@ -158,7 +159,8 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
             _set_module(model, name, QuantizedLinear(linear, config.base_bits))
     for name in linears:
         if _target_of(name) in config.targets:
-            _set_module(model, name, LoraLinear(model.get_submodule(name), config.r, config.alpha, config.dropout))
+            layer = LoraLinear(model.get_submodule(name), config.r, config.alpha, config.dropout)
+            _set_module(model, name, layer.train(model.training))  # an eval-mode model stays in eval mode
     if getattr(model, "score", None) is not None:
         model.score.weight.requires_grad_(True)
     model.lora_config = config
@@ -359,3 +361,15 @@ def load_adapter(model: nn.Module, folder: str | Path, base_bits: int = 0) -> nn
                               f"{tuple(state[key].shape) if key in state else 'no such tensor'}")
     model.load_state_dict(tensors, strict=False)
     return model
+
+
+def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
+    """Base model (folder, GGUF or registry name) + adapter folder -> a merged HF checkpoint with tokenizer."""
+    from llmkit.model import load
+
+    model, tokenizer = load(base, dtype=torch.float32)
+    merge_lora(load_adapter(model, adapter))
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return Path(out)
