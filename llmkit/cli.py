@@ -376,6 +376,62 @@ for _name, _help, _spec in (
          ("llmkit.train.distill", "DistillConfig", "distill"))):
     _add, _run = _config_verb(*_spec)
     verb(_name, _help, _add)(_run)
+# ---- finetune, merge-lora, memory ----------------------------------------------------------------------
+
+
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    from llmkit.options import add_dataclass_arguments
+    from llmkit.train.finetune import FinetuneConfig
+
+    p.add_argument("--config", help="a YAML recipe (e.g. recipes/sft-lora.yaml); flags override it")
+    add_dataclass_arguments(p, FinetuneConfig)
+
+
+@verb("finetune", "SFT or classification fine-tuning: full, LoRA, QLoRA or prompt tuning", _finetune_args)
+def _finetune(args: argparse.Namespace) -> None:
+    from llmkit.options import build_config, parsed_overrides
+    from llmkit.train.finetune import FinetuneConfig, finetune
+
+    result = finetune(build_config(FinetuneConfig, args.config, parsed_overrides(args, FinetuneConfig)))
+    print(f"stopped at step {result.step} ({result.stopped}); checkpoint: {result.last_checkpoint}")
+
+
+def _merge_lora_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="the base model: " + MODEL_HELP)
+    p.add_argument("--adapter", required=True, help="a LoRA adapter folder (adapter_config.json + "
+                                                    "adapter_model.safetensors)")
+    p.add_argument("--out", required=True, help="where the merged HF checkpoint is written")
+
+
+@verb("merge-lora", "fold a LoRA adapter into its base model and save a plain HF checkpoint", _merge_lora_args)
+def _merge_lora(args: argparse.Namespace) -> None:
+    from llmkit.peft.lora import merge_adapter
+
+    print(f"merged checkpoint: {merge_adapter(args.model, args.adapter, args.out)}")
+
+
+def _memory_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a preset (smollm2-135m, gpt2, ...), a checkpoint folder, a .gguf file or a model name")
+    p.add_argument("--method", default="full", choices=["full", "lora", "qlora"])
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
+                   help="bf16: 16-bit weights/grads/activations with fp32 AdamW moments (mixed precision)")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-targets", default="q,k,v,o,gate,up,down")
+    p.add_argument("--bits", type=int, default=4, choices=[4, 8], help="QLoRA base precision")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
+
+
+@verb("memory", "estimate fine-tuning memory: weights, gradients, optimizer states, activations", _memory_args)
+def _memory(args: argparse.Namespace) -> None:
+    from llmkit.analysis.accounting import render_training_memory, resolve_config, training_memory
+
+    targets = tuple(t.strip().removesuffix("_proj") for t in args.lora_targets.split(",") if t.strip())
+    m = training_memory(resolve_config(args.model), args.method, args.batch_size, args.seq_len, args.precision,
+                        args.lora_r, targets, args.bits)
+    print(json.dumps(m, indent=2) if args.json else render_training_memory(m))
+
 
 # ---------------------------------------------------------------------------------------------
 

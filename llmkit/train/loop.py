@@ -153,13 +153,17 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
           model_config: ModelConfig | None = None, eval_batches: Callable[[], Iterable] | None = None,
           tokens_per_step: int | None = None, bytes_per_token: float | None = None,
           flops_per_token: int | None = None, strategy: str = "auto",
-          write_extra: Callable[[Path], None] | None = None, run_config: dict | None = None) -> TrainResult:
+          write_extra: Callable[[Path], None] | None = None, run_config: dict | None = None,
+          save_weights: Callable[[Path, dict], None] | None = None,
+          load_weights: Callable[[Path], dict] | None = None) -> TrainResult:
     """Train `model` on `data` with `objective`; write metrics and checkpoints under `out_dir`.
 
     eval_batches: returns a fresh iterable over the same validation batches each call.
     tokens_per_step / flops_per_token: for throughput and MFU in the log (global, all ranks).
     bytes_per_token: UTF-8 bytes per token of the validation text, for bits per byte.
     write_extra: writes extra files (the tokenizer) into each checkpoint folder.
+    save_weights / load_weights: write and read the model state in another layout than an HF folder
+        (a LoRA run saves only its adapter); load_weights returns the full state dict to resume from.
     """
     config.validate()
     out_dir = Path(out_dir)
@@ -178,7 +182,8 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
     step, tokens_seen, history = 0, 0, []
     metrics_path = out_dir / "metrics.jsonl"
     if config.resume and (found := checkpoint.latest(out_dir)) is not None:
-        step, tokens_seen, history = _resume(found, model, optimizer, data, model_config, metrics_path, world)
+        step, tokens_seen, history = _resume(found, model, optimizer, data, model_config, metrics_path, world,
+                                             load_weights)
     elif world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text("")
@@ -200,7 +205,7 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
             path = checkpoint.save(out_dir, at_step, model_config, model_state, optimizer_state,
                                    {"tokens_seen": tokens_seen, "data": data.state_dict(),
                                     "world_size": world.size, "model_config": model_config.to_dict()},
-                                   keep_last=config.keep_last, write_extra=write_extra)
+                                   keep_last=config.keep_last, write_extra=write_extra, save_weights=save_weights)
         dist_.barrier(world)
         return path
 
@@ -310,7 +315,7 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
     return TrainResult(step=step, stopped=stopped, last_checkpoint=last_checkpoint, history=history)
 
 
-def _resume(path, model, optimizer, data, model_config, metrics_path, world):
+def _resume(path, model, optimizer, data, model_config, metrics_path, world, load_weights=None):
     state, optimizer_state, rng = checkpoint.load_state(path)
     saved = state.get("model_config")
     if model_config is not None and saved is not None:
@@ -325,7 +330,7 @@ def _resume(path, model, optimizer, data, model_config, metrics_path, world):
                           f"has {world.size}; resume with the same world size")
     from llmkit.formats import hf
 
-    _, tensors = hf.load_checkpoint(path)
+    tensors = load_weights(path) if load_weights is not None else hf.load_checkpoint(path)[1]
     try:
         dist_.load_full_state(model, optimizer, tensors, optimizer_state)
     except (RuntimeError, KeyError, ValueError) as e:
