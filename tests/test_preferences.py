@@ -2,6 +2,7 @@
 objectives on tiny models: bad input fails with one clear error, and a few steps move the margins."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,3 +139,22 @@ def test_dpo_refuses_bad_beta_and_a_foreign_reference(tokenizer):
     with pytest.raises(ConfigError, match="different tokenizer"):
         preference.check_same_tokenizer(tokenizer, other, "reference model 'x'")
     preference.check_same_tokenizer(tokenizer, tokenizer, "the same")
+
+
+def test_train_dpo_with_lora_caches_reference_logps(tmp_path, tokenizer):
+    lm = tiny(tokenizer, tie_embeddings=True)
+    lm.save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    rows = [{"prompt": f"What is {i} + 2?", "chosen": f" {i + 2}", "rejected": f" {i + 3}"} for i in range(40)]
+    data = write(tmp_path / "pairs.jsonl", rows)
+    config = preference.DPOConfig(model=str(tmp_path / "lm"), data=str(data), out_dir=str(tmp_path / "run"),
+                                  max_steps=6, batch_size=4, lora_r=2, lr=1e-2, eval_every=3, progress=False)
+    report = preference.train_dpo(config)
+    assert report["trainable_parameters"] < lm.num_parameters() / 5
+    assert (tmp_path / "run" / "reference_logps_train.json").is_file()
+    evals = report["evals"]
+    assert len(evals) == 2 and evals[0]["val_accuracy"] is not None
+    assert report["held_out_logps"]["before"] != report["held_out_logps"]["after"]
+    assert "adapter_model.safetensors" in {p.name for p in Path(report["checkpoint"]).iterdir()}
+    with pytest.raises(ConfigError, match="beta="):
+        preference.train_dpo(preference.DPOConfig(model=str(tmp_path / "lm"), data=str(data), beta=-1.0))

@@ -68,9 +68,9 @@ class DPOConfig(PreferenceConfig):
     reference: str | None = field(default=None, metadata={"help": "reference model (default: the starting policy)"})
     precompute_ref_logps: bool = field(default=True, metadata={"help": "compute reference log-probs once and "
                                                                          "cache them (the reference leaves memory)"})
-    lora_rank: int = field(default=0, metadata={"help": "> 0: train LoRA adapters of this rank instead of all "
-                                                        "weights (needs llmkit.peft)"})
+    lora_r: int = field(default=0, metadata={"help": "> 0: train LoRA adapters of this rank instead of all weights"})
     lora_alpha: float = 16.0
+    lora_targets: str = field(default="q,k,v,o,gate,up,down", metadata={"help": "LoRA target modules, or 'all'"})
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -268,16 +268,24 @@ def train_dpo(config: DPOConfig) -> dict:
     if reference is not None:
         reference.requires_grad_(False).eval().to(device)
     before = _logp_probe(policy, eval_rows, pad, device)
-    if config.lora_rank > 0:
-        _add_lora(policy, config)
+    save_weights = load_weights = None
+    if config.lora_r > 0:  # LoRA as `llmkit finetune` does it: adapters trained, checkpoints in peft's format
+        from llmkit.train.finetune import FinetuneConfig, prepare_model
+
+        lora = FinetuneConfig(method="lora", lora_r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                              lora_targets=config.lora_targets)
+        policy, save_weights, load_weights = prepare_model(lora, policy)
     eval_batches = prefs.fixed_batches(eval_rows, config.batch_size, pad)
     result = train(policy, dpo_objective(config.beta, config.loss_type, reference),
                    prefs.PreferenceBatches(rows, config.batch_size, pad, config.seed), config, config.out_dir,
                    eval_batches=lambda: eval_batches, write_extra=tokenizer.save_pretrained,
-                   run_config=dataclasses.asdict(config))
+                   run_config=dataclasses.asdict(config), save_weights=save_weights, load_weights=load_weights)
     after = _logp_probe(policy, eval_rows, pad, device)
+    from llmkit.train.finetune import peak_rss_mb
+
     report = {"command": "dpo", "config": dataclasses.asdict(config), "train_pairs": len(rows),
-              "eval_pairs": len(eval_rows), **_summary(result),
+              "eval_pairs": len(eval_rows), **_summary(result), "peak_rss_mb": round(peak_rss_mb()),
+              "trainable_parameters": sum(p.numel() for p in policy.parameters() if p.requires_grad),
               "held_out_logps": {"before": before, "after": after,
                                  "chosen_change": after["chosen"] - before["chosen"],
                                  "rejected_change": after["rejected"] - before["rejected"]}}
@@ -299,14 +307,6 @@ def _logp_probe(model: Transformer, rows: list[dict], pad: int, device) -> dict:
         rejected += r.tolist()
     model.train(was_training)
     return {"chosen": sum(chosen) / len(chosen), "rejected": sum(rejected) / len(rejected)}
-
-
-def _add_lora(model: Transformer, config: DPOConfig) -> None:
-    try:
-        from llmkit.peft import lora
-    except ImportError:
-        raise ConfigError("lora_rank > 0 needs llmkit.peft.lora, which this installation does not have") from None
-    lora.inject(model, rank=config.lora_rank, alpha=config.lora_alpha)
 
 
 # ---- reports ---------------------------------------------------------------------------------
