@@ -24,13 +24,13 @@ from llmkit.tokenizer import Tokenizer
 from llmkit.train import distributed as dist_
 from llmkit.train.align import distillation_loss
 from llmkit.train.loop import resolve_device, train
-from llmkit.train.preference import check_same_tokenizer
+from llmkit.train.preference import check_same_tokenizer, load_model
 from llmkit.train.pretrain import PretrainConfig, _eval_batches, build_model, train_and_val_dirs
 
 
 @dataclass
 class DistillConfig(PretrainConfig):
-    teacher: str = field(default="", metadata={"help": "the teacher: a checkpoint folder with its tokenizer"})
+    teacher: str = field(default="", metadata={"help": "the teacher: a checkpoint or run folder, or a model name"})
     model: str = field(default="llama-tiny", metadata={"help": "the student: a preset or a checkpoint folder"})
     temperature: float = field(default=2.0, metadata={"help": "softens both distributions (T > 0)"})
     alpha: float = field(default=0.5, metadata={"help": "weight of the soft-label term; 0 = hard labels only"})
@@ -58,13 +58,9 @@ def distill_objective(teacher: Transformer, temperature: float, alpha: float):
 
 def distill(config: DistillConfig) -> dict:
     config.validate()
-    if not Path(config.teacher).is_dir():
-        raise ConfigError(f"teacher {config.teacher!r} is not a checkpoint folder; expected one with config.json, "
-                          "model.safetensors and tokenizer.json")
     train_dir, val_dir = train_and_val_dirs(config.data)
     meta = read_meta(train_dir)
-    teacher = Transformer.from_pretrained(config.teacher, dtype=torch.float32)
-    teacher_tok = Tokenizer.from_pretrained(config.teacher)
+    teacher, teacher_tok = load_model(config.teacher)
     tokenizer_dir = Path(config.tokenizer) if config.tokenizer else Path(config.data) / "tokenizer"
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
     check_same_tokenizer(tokenizer, teacher_tok, f"teacher {config.teacher!r}")

