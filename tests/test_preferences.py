@@ -158,3 +158,14 @@ def test_train_dpo_with_lora_caches_reference_logps(tmp_path, tokenizer):
     assert "adapter_model.safetensors" in {p.name for p in Path(report["checkpoint"]).iterdir()}
     with pytest.raises(ConfigError, match="beta="):
         preference.train_dpo(preference.DPOConfig(model=str(tmp_path / "lm"), data=str(data), beta=-1.0))
+
+
+def test_hhh_alignment_is_evaluation_only():
+    with pytest.raises(ConfigError, match="evaluation only"):
+        preference.load_pairs("hhh_alignment", "train", 10, 0)
+    if not sources.is_fetched("bigbench_hhh"):
+        pytest.skip("bigbench_hhh is not fetched (a 358 MB download)")
+    pairs = prefs.hhh_alignment()
+    assert len(pairs) == 221
+    assert {p.source.split("/")[1] for p in pairs} == {"harmless", "helpful", "honest", "other"}
+    assert all(p.prompt.endswith("Assistant:") and p.chosen != p.rejected for p in pairs)

@@ -82,6 +82,9 @@ def load_pairs(spec: str, split: str, n: int, seed: int) -> list[prefs.Preferenc
     if spec == "arithmetic":
         return prefs.arithmetic_pairs(n, seed=seed if split == "train" else seed + 10_000)
     if spec == "hhh_alignment":
+        if split == "train":
+            raise ConfigError("hhh_alignment (221 pairs) is for evaluation only; train on other pairs and pass "
+                              "--eval-data hhh_alignment (or --eval-hhh for `llmkit reward`)")
         return prefs.hhh_alignment()
     pairs = prefs.read_jsonl(spec)
     held = [p for i, p in enumerate(pairs) if prefs.is_held_out(f"{i}")]
