@@ -169,3 +169,16 @@ def test_hhh_alignment_is_evaluation_only():
     assert len(pairs) == 221
     assert {p.source.split("/")[1] for p in pairs} == {"harmless", "helpful", "honest", "other"}
     assert all(p.prompt.endswith("Assistant:") and p.chosen != p.rejected for p in pairs)
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, tokenizer, capsys):
+    from llmkit.cli import main
+
+    lm = tiny(tokenizer, tie_embeddings=True)
+    lm.save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    same = write(tmp_path / "same.jsonl", [{"prompt": "a", "chosen": " b", "rejected": " b"}])
+    assert main(["dpo", "--model", str(tmp_path / "lm"), "--beta", "0", "--out-dir", str(tmp_path / "o")]) == 1
+    assert main(["reward", "--model", str(tmp_path / "lm"), "--data", str(same), "--out-dir", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "beta=0.0 is invalid" in err[0] and "chosen and rejected are identical" in err[1]
