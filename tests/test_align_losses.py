@@ -202,3 +202,20 @@ def test_sequence_logps_sums_scored_tokens():
     total, count = align.sequence_logps(logits, torch.tensor([[-100, 1, 1]]))
     close(total, [math.log(0.1) + math.log(0.8)])
     assert count.tolist() == [2]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_distillation_kl_matches_trl(temperature):
+    """trl 1.16's forward KL (generalised JSD with beta 0) of its distillation trainer, at temperature T."""
+    pytest.importorskip("trl")
+    from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+    g = torch.Generator().manual_seed(0)
+    hs, ht = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    ws, wt = torch.randn(11, 8, generator=g), torch.randn(11, 8, generator=g)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    expected, _, _ = _chunked_divergence_loss(hs, ht, ws, wt, mask, beta=0.0, temperature=temperature)
+    labels = torch.zeros(2, 5, dtype=torch.long).masked_fill(mask == 0, -100)
+    _, kl, _ = align.distillation_loss(hs @ ws.T, ht @ wt.T, labels, temperature=temperature, alpha=1.0)
+    torch.testing.assert_close(kl, expected, rtol=1e-5, atol=1e-6)
