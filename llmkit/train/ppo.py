@@ -324,6 +324,10 @@ def plot_rollouts(history: list[dict], out: Path) -> Path:
     ax_r.set(xlabel="PPO iteration (rollout)", ylabel="mean reward-model score", title="reward of rollouts")
     ax_kl.plot(it, [h["kl"] for h in history], "o-", color="tab:red", label="KL(policy || reference)")
     ax_kl.set(xlabel="PPO iteration (rollout)", ylabel="nats per sequence", title="KL to the reference")
+    ax_coef = ax_kl.twinx()
+    ax_coef.plot(it, [h["kl_coef"] for h in history], "--", color="tab:gray", label="KL coefficient")
+    ax_coef.set(ylabel="KL coefficient")
+    ax_kl.legend(handles=ax_kl.lines + ax_coef.lines, loc="lower right")
     for ax in (ax_r, ax_kl):
         ax.grid(alpha=0.3)
     fig.tight_layout()
