@@ -389,6 +389,101 @@ def _eval(args: argparse.Namespace) -> None:
                       chat=args.chat, cot=args.cot, batch_size=args.batch_size, seed=args.seed)
     print(results_table([result]), end="")
     print(f"-> {args.out}/results.json, report.md, results.png")
+# ---- align: reward, dpo, ppo, distill ----------------------------------------------------------
+
+
+def _config_verb(module: str, config_name: str, function: str):
+    """A verb whose flags are a dataclass's fields (plus --config for a YAML recipe) and whose run calls
+    `function(config)` in `module`; it prints the function's summary line."""
+
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        import importlib
+
+        from llmkit.options import add_dataclass_arguments
+
+        p.add_argument("--config", help="a YAML recipe (see recipes/); flags override it")
+        add_dataclass_arguments(p, getattr(importlib.import_module(module), config_name))
+
+    def run(args: argparse.Namespace) -> None:
+        import importlib
+
+        from llmkit.options import build_config, parsed_overrides
+
+        mod = importlib.import_module(module)
+        cls = getattr(mod, config_name)
+        config = build_config(cls, args.config, parsed_overrides(args, cls))
+        getattr(mod, function)(config)
+        print(f"done; report: {config.out_dir}/report.json")
+
+    return add_arguments, run
+
+
+for _name, _help, _spec in (
+        ("reward", "train a reward model (scalar head, Bradley-Terry loss) on preference pairs",
+         ("llmkit.train.preference", "RewardConfig", "train_reward")),
+        ("dpo", "direct preference optimisation (DPO, or IPO with --loss-type ipo) against a frozen reference",
+         ("llmkit.train.preference", "DPOConfig", "train_dpo")),
+        ("ppo", "RLHF: PPO on rollouts scored by a reward model, with a KL penalty to the reference",
+         ("llmkit.train.ppo", "PPOConfig", "run_ppo")),
+        ("distill", "knowledge distillation: a student trained on a teacher's soft labels (+ hard labels)",
+         ("llmkit.train.distill", "DistillConfig", "distill"))):
+    _add, _run = _config_verb(*_spec)
+    verb(_name, _help, _add)(_run)
+# ---- finetune, merge-lora, memory ----------------------------------------------------------------------
+
+
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    from llmkit.options import add_dataclass_arguments
+    from llmkit.train.finetune import FinetuneConfig
+
+    p.add_argument("--config", help="a YAML recipe (e.g. recipes/sft-lora.yaml); flags override it")
+    add_dataclass_arguments(p, FinetuneConfig)
+
+
+@verb("finetune", "SFT or classification fine-tuning: full, LoRA, QLoRA or prompt tuning", _finetune_args)
+def _finetune(args: argparse.Namespace) -> None:
+    from llmkit.options import build_config, parsed_overrides
+    from llmkit.train.finetune import FinetuneConfig, finetune
+
+    result = finetune(build_config(FinetuneConfig, args.config, parsed_overrides(args, FinetuneConfig)))
+    print(f"stopped at step {result.step} ({result.stopped}); checkpoint: {result.last_checkpoint}")
+
+
+def _merge_lora_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="the base model: " + MODEL_HELP)
+    p.add_argument("--adapter", required=True, help="a LoRA adapter folder (adapter_config.json + "
+                                                    "adapter_model.safetensors)")
+    p.add_argument("--out", required=True, help="where the merged HF checkpoint is written")
+
+
+@verb("merge-lora", "fold a LoRA adapter into its base model and save a plain HF checkpoint", _merge_lora_args)
+def _merge_lora(args: argparse.Namespace) -> None:
+    from llmkit.peft.lora import merge_adapter
+
+    print(f"merged checkpoint: {merge_adapter(args.model, args.adapter, args.out)}")
+
+
+def _memory_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a preset (smollm2-135m, gpt2, ...), a checkpoint folder, a .gguf file or a model name")
+    p.add_argument("--method", default="full", choices=["full", "lora", "qlora"])
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
+                   help="bf16: 16-bit weights/grads/activations with fp32 AdamW moments (mixed precision)")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-targets", default="q,k,v,o,gate,up,down")
+    p.add_argument("--bits", type=int, default=4, choices=[4, 8], help="QLoRA base precision")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
+
+
+@verb("memory", "estimate fine-tuning memory: weights, gradients, optimizer states, activations", _memory_args)
+def _memory(args: argparse.Namespace) -> None:
+    from llmkit.analysis.accounting import render_training_memory, resolve_config, training_memory
+
+    targets = tuple(t.strip().removesuffix("_proj") for t in args.lora_targets.split(",") if t.strip())
+    m = training_memory(resolve_config(args.model), args.method, args.batch_size, args.seq_len, args.precision,
+                        args.lora_r, targets, args.bits)
+    print(json.dumps(m, indent=2) if args.json else render_training_memory(m))
 
 
 # ---------------------------------------------------------------------------------------------

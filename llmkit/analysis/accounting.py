@@ -18,11 +18,15 @@ BYTES_PER_PARAM = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}
 
 
 def resolve_config(path_or_preset: str) -> ModelConfig:
-    """A checkpoint folder's config, or a named preset."""
-    from llmkit.formats import hf
+    """A checkpoint folder's config, a GGUF file's or registry model's (metadata only), or a named preset."""
+    from llmkit.formats import gguf, hf, named
 
-    if Path(path_or_preset).exists():
+    if Path(path_or_preset).is_dir():
         return hf.read_config(Path(path_or_preset))
+    if Path(path_or_preset).is_file() or path_or_preset in named.MODELS:
+        path = named.resolve(path_or_preset)
+        reader = gguf._open(path)
+        return gguf.config_from_metadata(gguf._metadata(reader), {t.name for t in reader.tensors}, str(path))
     if path_or_preset in PRESETS:
         return ModelConfig.from_preset(path_or_preset)
     raise ConfigError(f"{path_or_preset!r} is neither a checkpoint folder nor a preset; "
@@ -101,3 +105,84 @@ def measure_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = 
     known[key] = 2 * size**3 / best
     atomic_write_json(cache, known)
     return known[key]
+
+
+# ---- training memory -------------------------------------------------------------------------
+
+# Bytes per parameter of weights, gradients and AdamW's two moments (kept in fp32 as in mixed precision).
+_TRAIN_BYTES = {"bf16": {"weights": 2, "grads": 2, "optimizer": 8}, "fp32": {"weights": 4, "grads": 4, "optimizer": 8}}
+_LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def _linear_shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) of each block linear."""
+    q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+    shapes = {"q": (c.d_model, q), "k": (c.d_model, kv), "v": (c.d_model, kv), "o": (q, c.d_model),
+              "up": (c.d_model, c.d_ff), "down": (c.d_ff, c.d_model)}
+    if c.gated_mlp:
+        shapes["gate"] = (c.d_model, c.d_ff)
+    return shapes
+
+
+def activation_elements_per_token(c: ModelConfig) -> int:
+    """Activations autograd keeps per token (elements), counted from what our blocks save for backward:
+    per layer the block input and norm output twice (attention, MLP), q, k, v and the attention output,
+    and the MLP's gate, activation, up and product; then the logits and their log-softmax."""
+    kv = c.n_kv_head * c.head_dim
+    mlp = 4 * c.d_ff if c.gated_mlp else 2 * c.d_ff
+    per_layer = 4 * c.d_model + c.n_head * c.head_dim * 2 + 2 * kv + mlp
+    return c.n_layer * per_layer + 2 * c.vocab_size
+
+
+def training_memory(config: ModelConfig, method: str = "full", batch_size: int = 1, seq_len: int = 512,
+                    precision: str = "bf16", lora_r: int = 8, lora_targets: tuple[str, ...] = _LINEARS,
+                    base_bits: int = 4, group_size: int = 64) -> dict[str, Any]:
+    """Estimated training memory in bytes: weights, gradients, optimizer states, activations.
+
+    full: every weight has a gradient and AdamW's two fp32 moments (bf16: 2 + 2 + 8 = 12 bytes per
+    parameter, so a 7B model needs ~84 GB before activations). lora: the base is frozen (weights
+    only); the adapters r·(in + out) per targeted linear carry fp32 weights, gradients and moments.
+    qlora: as lora, with the block linears stored in `base_bits` (+ an fp16 scale and zero per
+    group of `group_size` for 4 bits, an fp32 scale per row for 8). Activations: see
+    `activation_elements_per_token`, at the activation precision, times batch_size·seq_len.
+    """
+    if method not in ("full", "lora", "qlora"):
+        raise ConfigError(f"method={method!r}; expected full, lora or qlora")
+    if precision not in _TRAIN_BYTES:
+        raise ConfigError(f"precision={precision!r}; expected one of {sorted(_TRAIN_BYTES)}")
+    b = _TRAIN_BYTES[precision]
+    with torch.device("meta"):
+        from llmkit.model import Transformer
+
+        params = Transformer(config).num_parameters()
+    shapes = _linear_shapes(config)
+    unknown = [t for t in lora_targets if t not in shapes]
+    if method != "full" and unknown:
+        raise ConfigError(f"LoRA target(s) {unknown} are not linears of this model; it has {sorted(shapes)}")
+    block_linear = config.n_layer * sum(i * o for i, o in shapes.values())
+    if method == "full":
+        trainable, weights = params, params * b["weights"]
+    else:
+        trainable = config.n_layer * sum(lora_r * (shapes[t][0] + shapes[t][1]) for t in lora_targets)
+        if method == "lora":
+            weights = params * b["weights"] + trainable * 4
+        else:
+            per_weight = base_bits / 8 + (4 / group_size if base_bits == 4 else 0)
+            rows = config.n_layer * sum(o for _, o in shapes.values())
+            quantized = block_linear * per_weight + (rows * 4 if base_bits == 8 else 0)
+            weights = (params - block_linear) * b["weights"] + quantized + trainable * 4
+    grads = trainable * (b["grads"] if method == "full" else 4)
+    optimizer = trainable * b["optimizer"]
+    act_bytes = 2 if precision == "bf16" else 4
+    activations = activation_elements_per_token(config) * batch_size * seq_len * act_bytes
+    parts = {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations}
+    parts = {k: int(v) for k, v in parts.items()}
+    return {"method": method, "precision": precision, "parameters": params, "trainable_parameters": trainable,
+            "batch_size": batch_size, "seq_len": seq_len, "bytes": parts, "total_bytes": sum(parts.values())}
+
+
+def render_training_memory(m: dict[str, Any]) -> str:
+    parts = ", ".join(f"{k} {human(v, 'B')}" for k, v in m["bytes"].items())
+    return (f"{m['method']} fine-tuning ({m['precision']}, batch {m['batch_size']} x {m['seq_len']} tokens): "
+            f"{human(m['total_bytes'], 'B')} = {parts}; trainable {m['trainable_parameters']:,} of "
+            f"{m['parameters']:,} parameters")

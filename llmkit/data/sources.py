@@ -142,10 +142,12 @@ register(Source(
     "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
     ("bigbench/benchmark_tasks/truthful_qa/task_mc.json", "bigbench/benchmark_tasks/social_iqa/task.json",
      "bigbench/benchmark_tasks/strategyqa/task.json", "bigbench/benchmark_tasks/arithmetic/*/task.json",
-     "bigbench/benchmark_tasks/squad_shifts/squaddev_v1.1.json", "bigbench/benchmark_tasks/gem/xsum/task.json"),
+     "bigbench/benchmark_tasks/squad_shifts/squaddev_v1.1.json", "bigbench/benchmark_tasks/gem/xsum/task.json",
+     "bigbench/benchmark_tasks/hhh_alignment/*/task.json"),
     "Apache-2.0 (BIG-bench); task data under their own terms: TruthfulQA Apache-2.0, Social IQa CC-BY-4.0, "
-    "StrategyQA MIT, SQuAD v1.1 CC-BY-SA-4.0, XSum (GEM) CC-BY-SA-4.0",
-    "BIG-bench task files: truthful_qa (MC), social_iqa, strategyqa, arithmetic, SQuAD v1.1 dev, gem/xsum",
+    "StrategyQA MIT, SQuAD v1.1 CC-BY-SA-4.0, XSum (GEM) CC-BY-SA-4.0, hhh_alignment Apache-2.0 (Askell et al. 2021)",
+    "BIG-bench task files: truthful_qa (MC), social_iqa, strategyqa, arithmetic, SQuAD v1.1 dev, gem/xsum, "
+    "hhh_alignment (221 preference pairs, evaluation only)",
     download="index",
 ))
 register(Source(
@@ -173,14 +175,23 @@ def source_dir(name: str) -> Path:
 
 
 def is_fetched(name: str) -> bool:
-    return (source_dir(name) / MANIFEST).is_file()
+    return _fetched_as_registered(get(name), source_dir(name))
+
+
+def _fetched_as_registered(source: Source, folder: Path) -> bool:
+    """A complete copy made from this very registry entry; a copy made from an older entry (other
+    files, another version) is stale and is fetched again."""
+    try:
+        return json.loads((folder / MANIFEST).read_text())["source"] == json.loads(json.dumps(asdict(source)))
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def fetch(name: str, quiet: bool = True) -> Path:
     """Download, verify and unpack source `name` into the cache; return its folder. No-op if done."""
     source = get(name)
     final = source_dir(name)
-    if (final / MANIFEST).is_file():
+    if _fetched_as_registered(source, final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=final.parent))
@@ -191,9 +202,9 @@ def fetch(name: str, quiet: bool = True) -> Path:
         files = _unpack(source, archive, unpacked)
         manifest = {"source": asdict(source), "archive": archive.name, "files": files}
         (unpacked / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if (final / MANIFEST).is_file():  # another process finished the same fetch meanwhile
+        if _fetched_as_registered(source, final):  # another process finished the same fetch meanwhile
             return final
-        if final.exists():  # a stale folder without a manifest (not written by this version)
+        if final.exists():  # a stale folder: no manifest, or made from an older registry entry
             shutil.rmtree(final)
         try:
             os.replace(unpacked, final)

@@ -51,14 +51,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save(out_dir: Path, step: int, config: ModelConfig, model_state: dict[str, torch.Tensor],
          optimizer_state: dict, state: dict[str, Any], keep_last: int = 2,
-         write_extra: Callable[[Path], None] | None = None) -> Path:
-    """Write checkpoint `step` atomically, point `latest` at it and prune to `keep_last`."""
+         write_extra: Callable[[Path], None] | None = None,
+         save_weights: Callable[[Path, dict[str, torch.Tensor]], None] | None = None) -> Path:
+    """Write checkpoint `step` atomically, point `latest` at it and prune to `keep_last`.
+
+    save_weights: writes the model state in another layout (a LoRA adapter) instead of an HF folder."""
     root = checkpoint_dir(out_dir)
     final = root / f"step-{step:07d}"
     tmp = root / f"step-{step:07d}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    hf.save_checkpoint(tmp, config, model_state)
+    if save_weights is not None:
+        save_weights(tmp, model_state)
+    else:
+        hf.save_checkpoint(tmp, config, model_state)
     if write_extra is not None:
         write_extra(tmp)  # e.g. the tokenizer files
     (tmp / STATE_DIR).mkdir()

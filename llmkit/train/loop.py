@@ -153,13 +153,17 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
           model_config: ModelConfig | None = None, eval_batches: Callable[[], Iterable] | None = None,
           tokens_per_step: int | None = None, bytes_per_token: float | None = None,
           flops_per_token: int | None = None, strategy: str = "auto",
-          write_extra: Callable[[Path], None] | None = None, run_config: dict | None = None) -> TrainResult:
+          write_extra: Callable[[Path], None] | None = None, run_config: dict | None = None,
+          save_weights: Callable[[Path, dict], None] | None = None,
+          load_weights: Callable[[Path], dict] | None = None) -> TrainResult:
     """Train `model` on `data` with `objective`; write metrics and checkpoints under `out_dir`.
 
     eval_batches: returns a fresh iterable over the same validation batches each call.
     tokens_per_step / flops_per_token: for throughput and MFU in the log (global, all ranks).
     bytes_per_token: UTF-8 bytes per token of the validation text, for bits per byte.
     write_extra: writes extra files (the tokenizer) into each checkpoint folder.
+    save_weights / load_weights: write and read the model state in another layout than an HF folder
+        (a LoRA run saves only its adapter); load_weights returns the full state dict to resume from.
     """
     config.validate()
     out_dir = Path(out_dir)
@@ -178,7 +182,8 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
     step, tokens_seen, history = 0, 0, []
     metrics_path = out_dir / "metrics.jsonl"
     if config.resume and (found := checkpoint.latest(out_dir)) is not None:
-        step, tokens_seen, history = _resume(found, model, optimizer, data, model_config, metrics_path, world)
+        step, tokens_seen, history = _resume(found, model, optimizer, data, model_config, metrics_path, world,
+                                             load_weights)
     elif world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text("")
@@ -200,7 +205,7 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
             path = checkpoint.save(out_dir, at_step, model_config, model_state, optimizer_state,
                                    {"tokens_seen": tokens_seen, "data": data.state_dict(),
                                     "world_size": world.size, "model_config": model_config.to_dict()},
-                                   keep_last=config.keep_last, write_extra=write_extra)
+                                   keep_last=config.keep_last, write_extra=write_extra, save_weights=save_weights)
         dist_.barrier(world)
         return path
 
@@ -211,14 +216,19 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
                 f.write(json.dumps(record) + "\n")
 
     def evaluate() -> dict[str, float]:
-        losses = []
+        losses, extras = [], {}
         model.eval()
         with torch.no_grad(), _autocast(device, amp_dtype):
             for batch in eval_batches():
-                losses.append(objective(forward_model, _to_device(batch, device))[0].float())
+                loss, metrics = objective(forward_model, _to_device(batch, device))
+                losses.append(loss.float())
+                for k, v in _extra_metrics(metrics).items():
+                    extras.setdefault(k, []).append(v)
         model.train()
         loss = dist_.all_reduce_mean(torch.stack(losses).mean(), world).item()
         result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        result.update({f"val_{k}": dist_.all_reduce_mean(torch.stack(v).mean(), world).item()
+                       for k, v in extras.items()})
         if bytes_per_token:
             result["val_bpb"] = loss / math.log(2) / bytes_per_token
         return result
@@ -236,21 +246,24 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
+            extra_sums: dict[str, torch.Tensor] = {}  # the objective's other metrics (rewards, accuracy, ...)
             for micro in range(config.grad_accum):
                 batch = _to_device(data.next_batch(), device)
                 sync = micro == config.grad_accum - 1
                 with _no_sync(model, sync):
                     with _autocast(device, amp_dtype):
                         try:
-                            loss, _ = objective(forward_model, batch)
+                            loss, metrics = objective(forward_model, batch)
                         except Exception as e:  # a compiler failure falls back to eager, anything else raises
                             if forward_model is model or not _is_compile_error(e):
                                 raise
                             tqdm.write(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); "
                                        "continuing without it")
                             forward_model = model
-                            loss, _ = objective(forward_model, batch)
+                            loss, metrics = objective(forward_model, batch)
                     (loss / config.grad_accum).backward()
+                for k, v in _extra_metrics(metrics).items():
+                    extra_sums[k] = extra_sums.get(k, 0) + v
                 loss_sum += loss.detach().float()
             loss_value = dist_.all_reduce_mean(loss_sum / config.grad_accum, world)
             grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -274,6 +287,7 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
 
             record = {"step": step, "loss": loss_value.item(), "lr": lr, "grad_norm": float(grad_norm),
                       "tokens_seen": tokens_seen, "elapsed_s": round(time.perf_counter() - started, 3)}
+            record.update({k: v.item() / config.grad_accum for k, v in extra_sums.items()})
             if step % max(config.log_every, 1) == 0 or step == 1:
                 elapsed = time.perf_counter() - window_start
                 if step_tokens:
@@ -301,7 +315,7 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
     return TrainResult(step=step, stopped=stopped, last_checkpoint=last_checkpoint, history=history)
 
 
-def _resume(path, model, optimizer, data, model_config, metrics_path, world):
+def _resume(path, model, optimizer, data, model_config, metrics_path, world, load_weights=None):
     state, optimizer_state, rng = checkpoint.load_state(path)
     saved = state.get("model_config")
     if model_config is not None and saved is not None:
@@ -316,7 +330,7 @@ def _resume(path, model, optimizer, data, model_config, metrics_path, world):
                           f"has {world.size}; resume with the same world size")
     from llmkit.formats import hf
 
-    _, tensors = hf.load_checkpoint(path)
+    tensors = load_weights(path) if load_weights is not None else hf.load_checkpoint(path)[1]
     try:
         dist_.load_full_state(model, optimizer, tensors, optimizer_state)
     except (RuntimeError, KeyError, ValueError) as e:
@@ -330,6 +344,12 @@ def _resume(path, model, optimizer, data, model_config, metrics_path, world):
         metrics_path.write_text("".join(line + "\n" for line in kept))
         history = [json.loads(line) for line in kept]
     return step, state.get("tokens_seen", 0), history
+
+
+def _extra_metrics(metrics: dict) -> dict[str, torch.Tensor]:
+    """An objective's scalar metrics beyond the loss and token count, as detached fp32 tensors."""
+    return {k: v.detach().float() for k, v in metrics.items() if k not in ("loss", "tokens")
+            and isinstance(v, torch.Tensor) and v.numel() == 1}
 
 
 def _to_device(batch, device):

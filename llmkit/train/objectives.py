@@ -2,6 +2,11 @@
 
 `metrics` holds detached scalars the loop logs; `tokens` (the number of scored tokens) feeds the
 throughput counters.
+
+- continued pretraining and SFT: `causal_lm_loss` (SFT batches carry IGNORE_INDEX labels on the
+  prompt, the template and the padding; `llmkit.data.chat` builds them), also named `sft_loss`;
+- sequence classification: `classification_loss` on `Transformer.classify` (last real token ->
+  linear head -> cross-entropy).
 """
 
 from __future__ import annotations
@@ -9,7 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from llmkit.data.chat import IGNORE_INDEX
+
+__all__ = ["IGNORE_INDEX", "OBJECTIVES", "causal_lm_loss", "classification_loss", "sft_loss"]
 
 
 def _inputs_and_labels(batch):
@@ -30,3 +37,21 @@ def causal_lm_loss(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]
         logits = logits.float()
     loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
     return loss, {"loss": loss.detach(), "tokens": (y != IGNORE_INDEX).sum()}
+
+
+# SFT is the causal-LM loss on masked labels: the mask lives in the data, not in the loss.
+sft_loss = causal_lm_loss
+
+
+def classification_loss(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Cross-entropy of `model.classify` on a dict with `input_ids`, `attention_mask` and one class id
+    per row in `labels`; metrics add the batch accuracy."""
+    logits = model.classify(batch["input_ids"], batch.get("attention_mask")).float()
+    labels = batch["labels"]
+    loss = F.cross_entropy(logits, labels)
+    accuracy = (logits.argmax(-1) == labels).float().mean()
+    return loss, {"loss": loss.detach(), "accuracy": accuracy.detach(), "tokens": (batch["attention_mask"].sum() if "attention_mask" in batch
+                                                                   else batch["input_ids"].new_tensor(batch["input_ids"].numel()))}
+
+
+OBJECTIVES = {"pretrain": causal_lm_loss, "sft": sft_loss, "classify": classification_loss}

