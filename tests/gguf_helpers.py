@@ -58,3 +58,16 @@ def smollm2():
 
     model, tok = llmkit.load(SMOLLM2)
     return model, tok, resolve(SMOLLM2)
+
+
+@functools.cache
+def smollm2_hf_folder():
+    """SmolLM2-135M-Instruct saved once per session as an HF folder (for transformers, peft, lm-eval)."""
+    import tempfile
+    from pathlib import Path
+
+    model, tok, _ = smollm2()
+    folder = Path(tempfile.mkdtemp(prefix="llmkit-smollm2-hf-"))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

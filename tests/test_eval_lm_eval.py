@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from gguf_helpers import smollm2
+from gguf_helpers import smollm2, smollm2_hf_folder
 
 from llmkit.eval import evaluate
 
@@ -22,12 +22,8 @@ TASKS = "llmkit_local_mc,llmkit_local_gen"
 
 
 @pytest.fixture(scope="module")
-def smol_folder(tmp_path_factory):
-    model, tok, _ = smollm2()
-    folder = tmp_path_factory.mktemp("smollm2-hf")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+def smol_folder():
+    return smollm2_hf_folder()
 
 
 def _lm_eval(backend: str, folder: Path, out: Path) -> tuple[dict, dict]:

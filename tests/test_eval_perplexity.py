@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from gguf_helpers import needs_llamacpp, smollm2, tiny_model
+from gguf_helpers import needs_llamacpp, smollm2, smollm2_hf_folder, tiny_model
 
 from llmkit.errors import ConfigError
 from llmkit.eval.lm import loglikelihood_tokens
@@ -71,12 +71,8 @@ def test_stride_gives_more_context_and_lower_perplexity():
 
 
 @pytest.fixture(scope="module")
-def smol_hf_folder(tmp_path_factory):
-    model, tok, _ = smollm2()
-    folder = tmp_path_factory.mktemp("smollm2-hf")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+def smol_hf_folder():
+    return smollm2_hf_folder()
 
 
 @pytest.mark.slow

@@ -41,12 +41,7 @@ def plot_training_curves(metrics: str | os.PathLike | list[dict], out: str | os.
     ax_ppl.set(xlabel="step", ylabel="perplexity", title=f"{title}: validation perplexity", yscale="log")
     for ax in (ax_loss, ax_ppl):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_task_scores(scores: dict[str, float], out: str | os.PathLike, title: str = "evaluation") -> Path:
@@ -62,6 +57,35 @@ def plot_task_scores(scores: dict[str, float], out: str | os.PathLike, title: st
     ax.set_xticks(range(len(scores)), list(scores), fontsize=8)
     ax.set(ylim=(0, 1.05), ylabel="score", title=title)
     ax.grid(axis="y", alpha=0.3)
+    return _save(fig, out)
+
+
+def plot_ppo_rollouts(history: list[dict], out: str | os.PathLike) -> Path:
+    """PPO: mean reward of each rollout, and the KL to the reference with the (adaptive) KL coefficient."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    it = [h["iteration"] for h in history]
+    fig, (ax_r, ax_kl) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_r.plot(it, [h["reward"] for h in history], "o-", color="tab:green")
+    ax_r.set(xlabel="PPO iteration (rollout)", ylabel="mean reward-model score", title="reward of rollouts")
+    ax_kl.plot(it, [h["kl"] for h in history], "o-", color="tab:red", label="KL(policy || reference)")
+    ax_kl.set(xlabel="PPO iteration (rollout)", ylabel="nats per sequence", title="KL to the reference")
+    ax_coef = ax_kl.twinx()
+    ax_coef.plot(it, [h["kl_coef"] for h in history], "--", color="tab:gray", label="KL coefficient")
+    ax_coef.set(ylabel="KL coefficient")
+    ax_kl.legend(handles=ax_kl.lines + ax_coef.lines, loc="lower right")
+    for ax in (ax_r, ax_kl):
+        ax.grid(alpha=0.3)
+    return _save(fig, out)
+
+
+def _save(fig, out: str | os.PathLike) -> Path:
+    """Write `fig` as a PNG at `out` (folders created) and free it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from llmkit.analysis.plots import plot_ppo_rollouts
 from llmkit.data import preferences as prefs
 from llmkit.errors import ConfigError, DataError
 from llmkit.files import atomic_write_json, atomic_write_text
@@ -307,34 +308,9 @@ def run_ppo(config: PPOConfig) -> dict:
     report = {"command": "ppo", "config": dataclasses.asdict(config), "steps": result.step, "stopped": result.stopped,
               "rollouts": rollouts.history, "before": before, "after": after}
     atomic_write_json(out_dir / "report.json", report)
-    plot_rollouts(rollouts.history, out_dir / "reward_kl.png")
+    plot_ppo_rollouts(rollouts.history, out_dir / "reward_kl.png")
     atomic_write_text(out_dir / "report.md", render_report(report))
     return report
-
-
-def plot_rollouts(history: list[dict], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    it = [h["iteration"] for h in history]
-    fig, (ax_r, ax_kl) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_r.plot(it, [h["reward"] for h in history], "o-", color="tab:green")
-    ax_r.set(xlabel="PPO iteration (rollout)", ylabel="mean reward-model score", title="reward of rollouts")
-    ax_kl.plot(it, [h["kl"] for h in history], "o-", color="tab:red", label="KL(policy || reference)")
-    ax_kl.set(xlabel="PPO iteration (rollout)", ylabel="nats per sequence", title="KL to the reference")
-    ax_coef = ax_kl.twinx()
-    ax_coef.plot(it, [h["kl_coef"] for h in history], "--", color="tab:gray", label="KL coefficient")
-    ax_coef.set(ylabel="KL coefficient")
-    ax_kl.legend(handles=ax_kl.lines + ax_coef.lines, loc="lower right")
-    for ax in (ax_r, ax_kl):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
 
 
 def render_report(report: dict) -> str:
