@@ -28,7 +28,7 @@ import torch
 
 from llmkit.data.labelled import SENTIMENT_WORDS, movie_reviews, sentiment_prompt, sentiment_rows, split
 from llmkit.files import atomic_write_json
-from llmkit.model import load
+from llmkit.model import load, pool_last
 from llmkit.peft.lora import load_adapter
 from llmkit.train.finetune import FinetuneConfig, add_classification_head, finetune, peak_rss_mb
 
@@ -67,8 +67,7 @@ def score_lm(model, tokenizer, rows, max_len, batch_size=32) -> dict:
     correct = greedy = 0
     for start in range(0, len(rows), batch_size):
         ids, mask = _padded(encoded[start:start + batch_size], tokenizer.eos_id)
-        logits = model(ids, attention_mask=mask)
-        last = logits[torch.arange(len(ids)), mask.sum(1) - 1]
+        last = model.lm_head(pool_last(model.hidden_states(ids, mask), mask))  # next-token logits only
         labels = torch.tensor([r.label for r in rows[start:start + batch_size]])
         correct += int((last[:, word_ids].argmax(-1) == labels).sum())
         greedy += int((last.argmax(-1) == word_ids[labels]).sum())
