@@ -127,7 +127,8 @@ def run_zeroshot(args) -> dict:
 def _finetune(args, task, method, rows_file, val_file, out) -> dict:
     config = FinetuneConfig(
         model=MODEL, method=method, task=task, data=str(rows_file), val_data=str(val_file), max_len=args.max_len,
-        batch_size=args.batch_size, max_steps=args.train // args.batch_size, lr=args.lr, warmup_steps=10,
+        batch_size=args.batch_size, max_steps=args.train // args.batch_size, lr=args.lr,
+        warmup_steps=max(1, args.train // args.batch_size // 5),
         lora_r=args.r, lora_alpha=2.0 * args.r, lora_dropout=0.05, lora_targets="q,k,v,o,gate,up,down",
         qlora_bits=args.bits, eval_every=0, save_every=0, out_dir=str(out), seed=0, device="cpu")
     finetune(config)
