@@ -89,6 +89,16 @@ def measure(name: str, batch: int, seq: int, steps: int) -> dict:
             "step_s": round(step_s, 2)}
 
 
+def table(stored: dict) -> str:
+    lines = ["| method | trainable | weights: estimate / measured | training: estimate / measured | "
+             "peak RSS | step |", "|---|---:|---:|---:|---:|---:|"]
+    for r in stored["results"]:
+        lines.append(f"| {r['method']} | {r['trainable_parameters']:,} | {r['estimated_weights_mb']:.0f} / "
+                     f"{r['measured_weights_mb']:.0f} MB | {r['estimated_training_mb']:.0f} / "
+                     f"{r['measured_training_mb']:.0f} MB | {r['measured_peak_rss_mb']:.0f} MB | {r['step_s']:.0f} s |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", choices=sorted(METHODS), help="measure one method (in this process)")
@@ -96,7 +106,11 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=65)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--table", action="store_true", help="print the Markdown table of the stored results")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.out).read_text())))
+        return
     if args.method:
         print(json.dumps(measure(args.method, args.batch, args.seq, args.steps)))
         return
