@@ -94,8 +94,8 @@ def table(stored: dict) -> str:
              "peak RSS | step |", "|---|---:|---:|---:|---:|---:|"]
     for r in stored["results"]:
         lines.append(f"| {r['method']} | {r['trainable_parameters']:,} | {r['estimated_weights_mb']:.0f} / "
-                     f"{r['measured_weights_mb']:.0f} MB | {r['estimated_training_mb']:.0f} / "
-                     f"{r['measured_training_mb']:.0f} MB | {r['measured_peak_rss_mb']:.0f} MB | {r['step_s']:.0f} s |")
+                     f"{r['measured_weights_mb']:.0f} MiB | {r['estimated_training_mb']:.0f} / "
+                     f"{r['measured_training_mb']:.0f} MiB | {r['measured_peak_rss_mb']:.0f} MiB | {r['step_s']:.0f} s |")
     return "\n".join(lines)
 
 

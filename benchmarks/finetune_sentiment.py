@@ -182,7 +182,7 @@ def table(results: dict) -> str:
     setup = results["setup"]
     lines = [f"Rotten Tomatoes: {setup['train']} training / {setup['test']} test reviews (seeded split), prompts cut "
              f"at {setup['max_len']} tokens; {setup['machine']}.", "",
-             "| method | test accuracy | greedy hit | trainable parameters | train time | peak RSS (training) |",
+             "| method | test accuracy | greedy hit | trainable parameters | wall time | peak RSS |",
              "|---|---:|---:|---:|---:|---:|"]
     for part in PARTS:
         if part not in results:
