@@ -191,7 +191,7 @@ def table(results: dict) -> str:
         greedy = f"{r['greedy_hit']:.3f}" if "greedy_hit" in r else "–"
         peak = r.get("train_peak_rss_mb", r.get("peak_rss_mb"))
         lines.append(f"| {r['method']} | {r['accuracy']:.3f} | {greedy} | {r['trainable_parameters']:,} | "
-                     f"{r['wall_s']:.0f} s | {peak:,.0f} MB |")
+                     f"{r['wall_s']:.0f} s | {peak:,.0f} MiB |")
     return "\n".join(lines)
 
 
