@@ -104,7 +104,7 @@ def test_training_changes_only_adapters_and_head(tmp_path, num_labels):
 
 def _peft_logits(folder, adapter, ids, classifier):
     auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
-    hf = auto.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    hf = auto.from_pretrained(folder, dtype=torch.float32).eval()
     hf.config.pad_token_id = 0  # transformers' classifier pools by the pad id (IDS never contain it)
     peft_model = PeftModel.from_pretrained(hf, adapter).eval()
     with torch.no_grad():

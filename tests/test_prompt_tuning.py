@@ -45,7 +45,7 @@ def test_peft_loads_our_prompt(tmp_path):
     model.save_pretrained(tmp_path / "base")
     tuned = PromptTuning(model, num_virtual_tokens=3, seed=5)
     save_prompt(tuned, tmp_path / "prompt")
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "base", torch_dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()
     peft_model = PeftModel.from_pretrained(hf, tmp_path / "prompt").eval()
     with torch.no_grad():
         theirs = peft_model(input_ids=IDS).logits[:, 3:]  # peft returns the virtual positions too

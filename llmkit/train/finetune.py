@@ -198,10 +198,31 @@ def prepare_model(config: FinetuneConfig, model: Transformer):
     return model, save, load_
 
 
+def _proc_status_mb(key: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    """Peak resident memory of this process: since the last `reset_peak_rss()` where Linux allows
+    resetting it (VmHWM), else since the start (Linux reports ru_maxrss in KiB, macOS in bytes)."""
+    if (hwm := _proc_status_mb("VmHWM")) is not None:
+        return hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window (Linux: writing 5 to /proc/self/clear_refs resets VmHWM)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 @torch.no_grad()
@@ -252,6 +273,8 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     data = BatchLoader(train_items, config.batch_size, collate, seed=config.seed)
     val_batches = BatchLoader(val_items, config.batch_size, collate, shuffle=False).batches()
     val_loss_before = mean_loss(trained, OBJECTIVES[config.task], val_batches)
+    load_peak, rss_before = peak_rss_mb(), _proc_status_mb("VmRSS")
+    reset_peak_rss()  # the training peak, not that of reading (and dequantizing) the checkpoint
     result = train(trained, OBJECTIVES[config.task], data, config, config.out_dir, model_config=model.config,
                    eval_batches=lambda: val_batches, write_extra=tokenizer.save_pretrained,
                    run_config=dataclasses.asdict(config), save_weights=save_weights, load_weights=load_weights)
@@ -261,7 +284,8 @@ def finetune(config: FinetuneConfig) -> TrainResult:
         "trainable_parameters": trainable_parameters(trained), "total_parameters": total_params,
         "val_loss_before": val_loss_before,
         "val_loss": next((r["val_loss"] for r in reversed(result.history) if "val_loss" in r), None),
-        "wall_s": round(time.perf_counter() - started, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
+        "wall_s": round(time.perf_counter() - started, 1), "train_peak_rss_mb": round(peak_rss_mb(), 1),
+        "load_peak_rss_mb": round(load_peak, 1), "rss_at_train_start_mb": rss_before,
         "checkpoint": str(result.last_checkpoint),
     }
     if config.task == "classify":

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from llmkit.data.chat import IGNORE_INDEX
+from llmkit.model import Transformer
 
 __all__ = ["IGNORE_INDEX", "OBJECTIVES", "causal_lm_loss", "classification_loss", "sft_loss"]
 
@@ -32,11 +33,17 @@ def causal_lm_loss(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]
 
     The mean is over scored tokens, computed in at least fp32 even under autocast."""
     x, y, mask = _inputs_and_labels(batch)
-    logits = model(x, attention_mask=mask) if mask is not None else model(x)
+    scored = y != IGNORE_INDEX
+    if isinstance(model, Transformer) and model.lm_head is not None and not bool(scored.all()):
+        # SFT scores a few positions: run the LM head (vocab-wide logits) on those alone.
+        logits, y = model.lm_head(model.hidden_states(x, mask)[scored]), y[scored]
+    else:
+        logits = (model(x, attention_mask=mask) if mask is not None else model(x)).flatten(0, 1)
+        y = y.flatten()
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
-    return loss, {"loss": loss.detach(), "tokens": (y != IGNORE_INDEX).sum()}
+    loss = F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX)
+    return loss, {"loss": loss.detach(), "tokens": scored.sum()}
 
 
 # SFT is the causal-LM loss on masked labels: the mask lives in the data, not in the loss.
