@@ -1,4 +1,4 @@
-"""Atomic writes, checksums and the cache folder: the bottom floor (imports nothing of llmkit).
+"""Atomic writes, checksums, JSONL rows and the cache folder: the bottom floor (imports only llmkit.errors).
 
 A killed process must never leave a half-written file under its final name, so every write goes
 to a temporary file in the same folder, is fsynced, and is then renamed over the target.
@@ -13,6 +13,9 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from llmkit.errors import DataError
 
 
 def cache_dir() -> Path:
@@ -82,3 +85,20 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
         while chunk := f.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_jsonl_rows(path: str | os.PathLike, expected: str) -> Iterator[tuple[str, Any]]:
+    """(`file:line`, parsed value) for each non-empty line of a JSONL file. A missing file or a line that
+    is not JSON raises DataError naming it; `expected` says what the file should hold."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; expected {expected}")
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg}); expected {expected}") from None
+            yield f"{path}:{n}", row

@@ -66,7 +66,7 @@ def test_cli_reports_errors_in_one_line(tmp_path, capsys):
     assert err.strip() == ("llmkit data: error: --sources entry 'kjv:x' has weight 'x'; expected NAME:NUMBER, "
                            "e.g. kjv:0.5")
     assert main(["tokenizer", "train", "--data", str(tmp_path), "--vocab-size", "600", "--out", str(tmp_path)]) == 1
-    assert f"corpus file {tmp_path / 'train.jsonl'} does not exist" in capsys.readouterr().err
+    assert f"{tmp_path / 'train.jsonl'} does not exist; expected a train.jsonl" in capsys.readouterr().err
     assert main(["data", "fetch", "nosuch"]) == 1
     assert "unknown source 'nosuch'" in capsys.readouterr().err
 
@@ -81,5 +81,8 @@ def test_prepare_errors(tmp_path):
     assert parse_weights("kjv:0.25, bbcnews") == {"kjv": 0.25, "bbcnews": 1.0}
     bad = tmp_path / "train.jsonl"
     bad.write_text('{"id": "a", "text": "x"}\nnot json\n')
-    with pytest.raises(DataError, match=f"corpus file {bad} line 2 is not a JSON object with 'id' and 'text'"):
+    with pytest.raises(DataError, match=f"{bad}:2: not valid JSON .*expected a train.jsonl/val.jsonl"):
+        read_jsonl(bad)
+    bad.write_text('{"id": "a", "text": "x"}\n["a list"]\n')
+    with pytest.raises(DataError, match=f"{bad}:2: not a JSON object with 'id' and 'text'"):
         read_jsonl(bad)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from llmkit.errors import DataError
+from llmkit.files import read_jsonl_rows
 from llmkit.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # cross_entropy's ignore_index, as in transformers / trl
@@ -92,18 +93,8 @@ def _fields(row: dict, names: tuple[str, ...], where: str) -> list[str]:
 
 
 def read_jsonl(path: str | Path) -> Iterable[tuple[str, dict]]:
-    """(file:line, row) for each non-empty line of a JSONL file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file; expected a JSONL file of SFT examples")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{n}", json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    """(file:line, row) for each non-empty line of a JSONL file of SFT examples."""
+    return read_jsonl_rows(path, "a JSONL file of SFT examples (messages, instruction/output or prompt/completion)")
 
 
 def load_examples(path: str | Path, tokenizer: Tokenizer) -> list[Example]:

@@ -29,6 +29,7 @@ import torch
 
 from llmkit.data import sources
 from llmkit.errors import DataError
+from llmkit.files import atomic_write_text, read_jsonl_rows
 
 IGNORE_INDEX = -100
 
@@ -75,31 +76,19 @@ def _short(value) -> str:
 def read_jsonl(path: str | os.PathLike) -> list[PreferencePair]:
     """Pairs from a JSONL file of {"prompt", "chosen", "rejected"} objects (text or chat form)."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"preference file {path} does not exist; expected JSONL with prompt, chosen and rejected")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg}); expected one object per line") from None
-            missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(row, dict) or k not in row]
-            if missing:
-                raise DataError(f"{where}: missing {missing}; expected keys prompt, chosen, rejected")
-            pairs.append(check_pair(PreferencePair(row["prompt"], row["chosen"], row["rejected"],
-                                                   row.get("source", path.name)), where))
+    for where, row in read_jsonl_rows(path, "JSONL with one {prompt, chosen, rejected} object per line"):
+        missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise DataError(f"{where}: missing {missing}; expected keys prompt, chosen, rejected")
+        pairs.append(check_pair(PreferencePair(row["prompt"], row["chosen"], row["rejected"],
+                                               row.get("source", path.name)), where))
     if not pairs:
         raise DataError(f"preference file {path} has no pairs")
     return pairs
 
 
 def write_jsonl(pairs: Iterable[PreferencePair], path: str | os.PathLike) -> Path:
-    from llmkit.files import atomic_write_text
-
     lines = [json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "source": p.source})
              for p in pairs]
     atomic_write_text(Path(path), "".join(line + "\n" for line in lines))

@@ -32,7 +32,7 @@ from llmkit.data.text import (
     strip_boilerplate,
 )
 from llmkit.errors import ConfigError, DataError
-from llmkit.files import atomic_path, atomic_write_json, atomic_write_text
+from llmkit.files import atomic_path, atomic_write_json, atomic_write_text, read_jsonl_rows
 
 
 @dataclass
@@ -142,20 +142,13 @@ def write_jsonl(path: Path, docs: Iterable[Document]) -> None:
 
 def read_jsonl(path: str | os.PathLike) -> list[Document]:
     """Documents written by `prepare` (one JSON object per line with id, source, text)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"corpus file {path} does not exist; expected a train.jsonl/val.jsonl written by `llmkit data prepare`")
+    expected = "a train.jsonl/val.jsonl written by `llmkit data prepare` (JSON objects with 'id' and 'text')"
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                docs.append(Document(str(row["id"]), row["text"], row.get("source", "")))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataError(f"corpus file {path} line {n} is not a JSON object with 'id' and 'text'; "
-                                "expected the format `llmkit data prepare` writes") from None
+    for where, row in read_jsonl_rows(path, expected):
+        try:
+            docs.append(Document(str(row["id"]), row["text"], row.get("source", "")))
+        except (KeyError, TypeError, AttributeError):
+            raise DataError(f"{where}: not a JSON object with 'id' and 'text'; expected {expected}") from None
     return docs
 
 

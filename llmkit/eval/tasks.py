@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmkit.errors import ConfigError, DataError
+from llmkit.files import read_jsonl_rows
 
 KINDS = ("multiple_choice", "classification", "generation", "code", "summarization")
 COT_ZERO_SHOT = "Let's think step by step."
@@ -138,17 +139,8 @@ _SCHEMA = {
 def read_jsonl(path: str | Path, kind: str) -> list[dict]:
     """Docs of a JSONL task file, each checked; a bad row raises DataError naming its line."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"task file {path} does not exist")
-    docs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: not valid JSON ({e.msg}); a {kind} row needs {_SCHEMA[kind]}") from None
-        docs.append(check_doc(row, kind, f"{path}:{number}"))
+    docs = [check_doc(row, kind, where) for where, row in read_jsonl_rows(path, f"a {kind} task file of rows "
+                                                                                f"with {_SCHEMA[kind]}")]
     if not docs:
         raise DataError(f"task file {path} has no rows; expected JSON lines like {_SCHEMA[kind]}")
     return docs
