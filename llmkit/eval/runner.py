@@ -7,6 +7,7 @@ programs for the sandbox), scored with the task's metrics; `write_report` turns 
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -25,13 +26,13 @@ def evaluate(model, tokenizer, tasks, shots: int = 0, limit: int | None = None, 
     Returns {"results": {task: {metric: value, metric_stderr: value, ...}}, "samples": {task: [...]},
     "config": {...}}; `limit` keeps each task's first N docs (else the task's default size).
     """
-    if isinstance(tasks, (str, T.Task)):
+    if isinstance(tasks, (str, os.PathLike, T.Task)):
         tasks = [tasks]
     if shots < 0:
         raise ConfigError(f"shots={shots} is invalid; expected an integer >= 0")
     if limit is not None and limit < 1:
         raise ConfigError(f"limit={limit} is invalid; expected an integer >= 1 (or none for every doc)")
-    resolved = [t if isinstance(t, T.Task) else T.get_task(t) for t in tasks]
+    resolved = [t if isinstance(t, T.Task) else T.get_task(os.fspath(t)) for t in tasks]
     for task in resolved:
         if task.max_shots is not None and shots > task.max_shots:
             raise ConfigError(f"task {task.name!r} takes at most {task.max_shots} shots, got shots={shots}")
