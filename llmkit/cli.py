@@ -7,6 +7,7 @@ process exits with status 1.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Callable
@@ -150,45 +151,58 @@ def _tokenizer(args: argparse.Namespace) -> None:
     args.tokenizer_run(args)
 
 
-# ---- pretrain ----------------------------------------------------------------------------------
+# ---- verbs run by a dataclass config: pretrain, speedrun, finetune, reward, dpo, ppo, distill ----------
 
 
-def _pretrain_args(p: argparse.ArgumentParser) -> None:
-    from llmkit.options import add_dataclass_arguments
-    from llmkit.train.pretrain import PretrainConfig
+def recipe_verb(name: str, help: str, module: str, config_name: str, function: str,
+                summary: Callable[[object, object], str] | None = None) -> None:
+    """Register a verb whose flags are the fields of dataclass `config_name` (plus --config, a YAML
+    recipe the flags override) and whose run calls `function(config)` in `module`, then prints
+    `summary(result, config)`. Modules are imported only when the verb is used."""
 
-    p.add_argument("--config", help="a YAML recipe (e.g. recipes/pretrain-tiny.yaml); flags override it")
-    add_dataclass_arguments(p, PretrainConfig)
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        from llmkit.options import add_dataclass_arguments
 
+        p.add_argument("--config", help="a YAML recipe (see recipes/); flags override it")
+        add_dataclass_arguments(p, getattr(importlib.import_module(module), config_name))
 
-@verb("pretrain", "next-token pretraining on token shards (also under torchrun)", _pretrain_args)
-def _pretrain(args: argparse.Namespace) -> None:
-    from llmkit.options import build_config, parsed_overrides
-    from llmkit.train.pretrain import PretrainConfig, pretrain
+    def run(args: argparse.Namespace) -> None:
+        from llmkit.options import build_config, parsed_overrides
 
-    config = build_config(PretrainConfig, args.config, parsed_overrides(args, PretrainConfig))
-    result = pretrain(config)
-    print(f"stopped at step {result.step} ({result.stopped}); checkpoint: {result.last_checkpoint}")
+        mod = importlib.import_module(module)
+        cls = getattr(mod, config_name)
+        config = build_config(cls, args.config, parsed_overrides(args, cls))
+        result = getattr(mod, function)(config)
+        if summary is not None:
+            print(summary(result, config))
 
-
-# ---- speedrun ----------------------------------------------------------------------------------
-
-
-def _speedrun_args(p: argparse.ArgumentParser) -> None:
-    from llmkit.options import add_dataclass_arguments
-    from llmkit.speedrun import SpeedrunConfig
-
-    p.add_argument("--config", help="a YAML recipe (e.g. recipes/speedrun.yaml); flags override it")
-    add_dataclass_arguments(p, SpeedrunConfig)
+    verb(name, help, add_arguments)(run)
 
 
-@verb("speedrun", "raw packaged text -> tokenizer -> pretrained model -> report, within a time budget",
-      _speedrun_args)
-def _speedrun(args: argparse.Namespace) -> None:
-    from llmkit.options import build_config, parsed_overrides
-    from llmkit.speedrun import SpeedrunConfig, speedrun
+def _stopped(result, config) -> str:
+    return f"stopped at step {result.step} ({result.stopped}); checkpoint: {result.last_checkpoint}"
 
-    speedrun(build_config(SpeedrunConfig, args.config, parsed_overrides(args, SpeedrunConfig)))
+
+def _report(result, config) -> str:
+    return f"done; report: {config.out_dir}/report.json"
+
+
+for _spec in (
+        ("pretrain", "next-token pretraining on token shards (also under torchrun)",
+         "llmkit.train.pretrain", "PretrainConfig", "pretrain", _stopped),
+        ("speedrun", "raw packaged text -> tokenizer -> pretrained model -> report, within a time budget",
+         "llmkit.speedrun", "SpeedrunConfig", "speedrun", None),
+        ("finetune", "SFT or classification fine-tuning: full, LoRA, QLoRA or prompt tuning",
+         "llmkit.train.finetune", "FinetuneConfig", "finetune", _stopped),
+        ("reward", "train a reward model (scalar head, Bradley-Terry loss) on preference pairs",
+         "llmkit.train.preference", "RewardConfig", "train_reward", _report),
+        ("dpo", "direct preference optimisation (DPO, or IPO with --loss-type ipo) against a frozen reference",
+         "llmkit.train.preference", "DPOConfig", "train_dpo", _report),
+        ("ppo", "RLHF: PPO on rollouts scored by a reward model, with a KL penalty to the reference",
+         "llmkit.train.ppo", "PPOConfig", "run_ppo", _report),
+        ("distill", "knowledge distillation: a student trained on a teacher's soft labels (+ hard labels)",
+         "llmkit.train.distill", "DistillConfig", "distill", _report)):
+    recipe_verb(*_spec)
 
 
 # ---- generate, chat, next ----------------------------------------------------------------------
@@ -389,64 +403,9 @@ def _eval(args: argparse.Namespace) -> None:
                       chat=args.chat, cot=args.cot, batch_size=args.batch_size, seed=args.seed)
     print(results_table([result]), end="")
     print(f"-> {args.out}/results.json, report.md, results.png")
-# ---- align: reward, dpo, ppo, distill ----------------------------------------------------------
 
 
-def _config_verb(module: str, config_name: str, function: str):
-    """A verb whose flags are a dataclass's fields (plus --config for a YAML recipe) and whose run calls
-    `function(config)` in `module`; it prints the function's summary line."""
-
-    def add_arguments(p: argparse.ArgumentParser) -> None:
-        import importlib
-
-        from llmkit.options import add_dataclass_arguments
-
-        p.add_argument("--config", help="a YAML recipe (see recipes/); flags override it")
-        add_dataclass_arguments(p, getattr(importlib.import_module(module), config_name))
-
-    def run(args: argparse.Namespace) -> None:
-        import importlib
-
-        from llmkit.options import build_config, parsed_overrides
-
-        mod = importlib.import_module(module)
-        cls = getattr(mod, config_name)
-        config = build_config(cls, args.config, parsed_overrides(args, cls))
-        getattr(mod, function)(config)
-        print(f"done; report: {config.out_dir}/report.json")
-
-    return add_arguments, run
-
-
-for _name, _help, _spec in (
-        ("reward", "train a reward model (scalar head, Bradley-Terry loss) on preference pairs",
-         ("llmkit.train.preference", "RewardConfig", "train_reward")),
-        ("dpo", "direct preference optimisation (DPO, or IPO with --loss-type ipo) against a frozen reference",
-         ("llmkit.train.preference", "DPOConfig", "train_dpo")),
-        ("ppo", "RLHF: PPO on rollouts scored by a reward model, with a KL penalty to the reference",
-         ("llmkit.train.ppo", "PPOConfig", "run_ppo")),
-        ("distill", "knowledge distillation: a student trained on a teacher's soft labels (+ hard labels)",
-         ("llmkit.train.distill", "DistillConfig", "distill"))):
-    _add, _run = _config_verb(*_spec)
-    verb(_name, _help, _add)(_run)
-# ---- finetune, merge-lora, memory ----------------------------------------------------------------------
-
-
-def _finetune_args(p: argparse.ArgumentParser) -> None:
-    from llmkit.options import add_dataclass_arguments
-    from llmkit.train.finetune import FinetuneConfig
-
-    p.add_argument("--config", help="a YAML recipe (e.g. recipes/sft-lora.yaml); flags override it")
-    add_dataclass_arguments(p, FinetuneConfig)
-
-
-@verb("finetune", "SFT or classification fine-tuning: full, LoRA, QLoRA or prompt tuning", _finetune_args)
-def _finetune(args: argparse.Namespace) -> None:
-    from llmkit.options import build_config, parsed_overrides
-    from llmkit.train.finetune import FinetuneConfig, finetune
-
-    result = finetune(build_config(FinetuneConfig, args.config, parsed_overrides(args, FinetuneConfig)))
-    print(f"stopped at step {result.step} ({result.stopped}); checkpoint: {result.last_checkpoint}")
+# ---- merge-lora, memory ----------------------------------------------------------------------
 
 
 def _merge_lora_args(p: argparse.ArgumentParser) -> None:
