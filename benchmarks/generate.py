@@ -7,7 +7,9 @@ them alike), with `--threads` threads:
 - tg128: decode tok/s at batch 1: (128 - 1) / (time of generate(128 tokens) - time of generate(1));
 - tg128 x8: decode throughput at batch 8, the same way, 8 * 127 tokens.
 Greedy, EOS ignored. Systems: transformers fp32, llmkit fp32, llmkit with weight-only int8 and
-int4 linear layers (`llmkit.generate.fast`), and, when `--model` is a GGUF file or registry name,
+int4 linear layers (`llmkit.generate.fast`; the LM head int8 in both), llmkit decoding with its
+compiled step (`compile=True`, the default here; `--no-compile` for eager; compilation happens in
+the warm-up, on the shapes that are then timed), and, when `--model` is a GGUF file or registry name,
 llama.cpp on that very file as the anchor (llama-cpp-python; batch-1 figures only, since it decodes
 one sequence at a time). The accuracy cost of each llmkit variant against
 transformers fp32 is measured on the same run: logits of a teacher-forced sequence (max abs error,
@@ -94,7 +96,7 @@ def prefill_seconds(kind, model, ids) -> float:
 
 
 @torch.inference_mode()
-def generate_seconds(kind, model, ids, new_tokens: int) -> tuple[float, torch.Tensor]:
+def generate_seconds(kind, model, ids, new_tokens: int, compile: bool = False) -> tuple[float, torch.Tensor]:
     start = time.perf_counter()
     if kind == "llamacpp":
         new = model.generate(ids[0].tolist(), new_tokens)
@@ -105,15 +107,15 @@ def generate_seconds(kind, model, ids, new_tokens: int) -> tuple[float, torch.Te
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     else:
-        out = model.generate(ids, max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+        out = model.generate(ids, max_new_tokens=new_tokens, temperature=0, ignore_eos=True, compile=compile)
     elapsed = time.perf_counter() - start
     assert out.shape[1] == ids.shape[1] + new_tokens, "generation stopped early"
     return elapsed, out
 
 
-def decode_tok_s(kind, model, ids, new_tokens: int) -> float:
-    t_all, _ = generate_seconds(kind, model, ids, new_tokens)
-    t_one, _ = generate_seconds(kind, model, ids, 1)
+def decode_tok_s(kind, model, ids, new_tokens: int, compile: bool = False) -> float:
+    t_all, _ = generate_seconds(kind, model, ids, new_tokens, compile)
+    t_one, _ = generate_seconds(kind, model, ids, 1, compile)
     return ids.shape[0] * (new_tokens - 1) / max(t_all - t_one, 1e-9)
 
 
@@ -161,6 +163,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--variants", default="fp32,int8,int4", help="llmkit variants: fp32, int8, int4")
     p.add_argument("--accuracy-only", action="store_true", help="skip the timings")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="llmkit decodes with its compiled step (the first call per shape compiles, in the warm-up)")
     p.add_argument("--llamacpp", type=lambda v: v.lower() != "false", default=True,
                    help="with a GGUF --model, also time llama.cpp on that file (the anchor); 'false' to skip")
     p.add_argument("--out", default="benchmarks/results/generate.json")
@@ -203,16 +207,18 @@ def main() -> None:
         args.reps = 0
 
     for kind, model in systems.values() if args.reps else []:  # warm-up: first calls allocate and pick kernels
-        prefill_seconds(kind, model, long_prompt[:, :64])
-        generate_seconds(kind, model, short, 4)
+        prefill_seconds(kind, model, long_prompt[:, :64])  # and compile, on the very shapes timed below
+        generate_seconds(kind, model, short, 4 if kind == "hf" else args.new, args.compile)
+        if kind == "llmkit":
+            generate_seconds(kind, model, batch, args.new, args.compile)
 
     runs = {name: {"pp": [], "tg": [], "tg_batch": []} for name in systems}
     for rep in range(args.reps):
         for name, (kind, model) in systems.items():
             runs[name]["pp"].append(args.prompt / prefill_seconds(kind, model, long_prompt))
-            runs[name]["tg"].append(decode_tok_s(kind, model, short, args.new))
+            runs[name]["tg"].append(decode_tok_s(kind, model, short, args.new, args.compile))
             if kind != "llamacpp":  # llama-cpp-python decodes one sequence at a time
-                runs[name]["tg_batch"].append(decode_tok_s(kind, model, batch, args.new))
+                runs[name]["tg_batch"].append(decode_tok_s(kind, model, batch, args.new, args.compile))
             print(f"rep {rep} {name}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs[name].items() if v), flush=True)
 
     labels = {"pp": f"prefill_tok_s_pp{args.prompt}", "tg": f"decode_tok_s_tg{args.new}_batch1",
@@ -241,7 +247,7 @@ def main() -> None:
 
     report = {
         "benchmark": "generate", "model": str(args.model or f"{args.preset} preset, random weights (seed 0)"),
-        "threads": args.threads, "reps": args.reps, "greedy": True, "ignore_eos": True,
+        "threads": args.threads, "reps": args.reps, "greedy": True, "ignore_eos": True, "llmkit_compiled": args.compile,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "loadavg_before": [round(x, 2) for x in load_before],
                     "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
@@ -249,8 +255,9 @@ def main() -> None:
                      "python": platform.python_version()},
         "results": results, "ratio_vs_transformers": ratios, "ratio_vs_llamacpp": ratios_llamacpp, "accuracy_vs_transformers_fp32": cost,
         "notes": ("int8/int4: weight-only, PyTorch's packed CPU kernels with bf16 activations for <= 16 rows, "
-                  "bf16 GEMM on the same dequantized weights for prefill; norms, attention, KV cache and "
-                  "logits stay fp32. Random weights give flat distributions, so top-1 agreement and greedy "
+                  "bf16 GEMM on the same dequantized weights for prefill; q/k/v and gate/up fused into one "
+                  "layer each; the LM head int8 in both (int4 blocks); norms, attention, KV cache and "
+                  "logits stay fp32. Accuracy is measured with eager decoding. Random weights give flat distributions, so top-1 agreement and greedy "
                   "divergence are pessimistic; KL is the fairer accuracy figure."),
     }
     text = json.dumps(report, indent=2)

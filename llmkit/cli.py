@@ -212,25 +212,9 @@ MODEL_HELP = "an HF checkpoint folder with a tokenizer, a .gguf file, or a model
 
 
 def _load_model(spec: str, quantize: str | None = None, threads: int | None = None):
-    """Folders go through generate.chat.load; GGUF files and registry names through llmkit.load."""
-    from pathlib import Path
-
     from llmkit.generate.chat import load
 
-    if Path(spec).is_dir():
-        return load(spec, quantize, threads)
-    import torch
-
-    from llmkit.model import load as load_any
-
-    if threads:
-        torch.set_num_threads(threads)
-    model, tokenizer = load_any(spec)
-    if quantize:
-        from llmkit.generate.fast import quantize as swap
-
-        swap(model, bits=int(quantize[3:]))
-    return model, tokenizer
+    return load(spec, quantize, threads)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:

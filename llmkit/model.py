@@ -153,13 +153,20 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c.d_model, c.n_kv_head * c.head_dim, bias=c.bias)
         self.v_proj = nn.Linear(c.d_model, c.n_kv_head * c.head_dim, bias=c.bias)
         self.o_proj = nn.Linear(c.n_head * c.head_dim, c.d_model, bias=c.bias)
+        self.qkv_proj = None  # q, k and v in one layer, set by inference-only rewrites (generate/fast.py)
         self.dropout = c.dropout
+
+    def project_qkv(self, x):
+        if self.qkv_proj is not None:
+            return self.qkv_proj(x).split([self.n_head * self.head_dim, *[self.n_kv_head * self.head_dim] * 2], -1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x, rope, mask, is_causal, kv_cache, layer, start):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k, v = self.project_qkv(x)
+        q = q.reshape(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.reshape(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.reshape(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
@@ -187,9 +194,13 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(c.d_model, c.d_ff, bias=c.bias) if c.gated_mlp else None
         self.up_proj = nn.Linear(c.d_model, c.d_ff, bias=c.bias)
         self.down_proj = nn.Linear(c.d_ff, c.d_model, bias=c.bias)
+        self.gate_up_proj = None  # gate and up in one layer, set by inference-only rewrites (generate/fast.py)
         self.act = _ACTIVATIONS[c.activation]
 
     def forward(self, x):
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, -1)
+            return self.down_proj(self.act(gate) * up)
         if self.gate_proj is not None:
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(self.act(self.up_proj(x)))

@@ -287,6 +287,14 @@ def test_compiled_decode_equals_eager():
     assert engine._COMPILED[model] is not None
     assert comp.token_ids == eager.token_ids
     torch.testing.assert_close(torch.tensor(comp.logprobs), torch.tensor(eager.logprobs), rtol=0, atol=1e-5)
+    # another prompt and length whose cache rounds up to the same CACHE_BUCKET reuses the compiled step
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    again = llmkit.generate(model, None, [4, 5, 6, 7, 8], max_new_tokens=engine.CACHE_BUCKET - 10, temperature=0,
+                            ignore_eos=True, compile=True)
+    assert len(again.token_ids) == engine.CACHE_BUCKET - 10
+    assert counters["stats"]["unique_graphs"] == graphs, "a length in the same bucket compiled again"
 
 
 # ---- bad input -------------------------------------------------------------------------------

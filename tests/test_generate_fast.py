@@ -9,7 +9,7 @@ import llmkit
 from llmkit import KVCache, ModelConfig, Transformer
 from llmkit.errors import ConfigError
 from llmkit.generate import engine
-from llmkit.generate.fast import SMALL_BATCH, PackedLinear, quantize
+from llmkit.generate.fast import SMALL_BATCH, PackedLinear, _fused, quantize
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -41,7 +41,9 @@ def test_int4_rejects_shapes_its_kernel_cannot_pack():
 def test_quantized_model_decodes_consistently_with_its_prefill(bits):
     torch.manual_seed(0)
     model = quantize(Transformer(ModelConfig.from_preset("llama-tiny", max_seq_len=128)).eval(), bits=bits)
-    assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 2 * 7 + 1
+    # per block: qkv, o, gate_up, down (q/k/v and gate/up fused); and the LM head, int8 by default
+    assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 2 * 4 + 1
+    assert model.lm_head.bits == 8
     ids = torch.randint(0, 512, (1, 48))
     cache = KVCache(model.config, 1, 48)
     step = engine.DecodeStep(model)
@@ -53,3 +55,35 @@ def test_quantized_model_decodes_consistently_with_its_prefill(bits):
             torch.testing.assert_close(logits, full[0, t][None], rtol=0, atol=5e-2 * float(full.abs().max()))
     out = llmkit.generate(model, None, [1, 2, 3], max_new_tokens=8, temperature=0, ignore_eos=True)
     assert len(out.token_ids) == 8
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_fused_layer_quantizes_to_exactly_its_parts(bits):
+    # groups run along the inputs (int4) or whole rows (int8), so stacking rows changes nothing
+    torch.manual_seed(0)
+    parts = [nn.Linear(64, n, bias=True) for n in (64, 32, 32)]
+    fused = PackedLinear(_fused(*parts), bits=bits, group_size=32)
+    alone = [PackedLinear(p, bits=bits, group_size=32) for p in parts]
+    assert torch.equal(fused.weight_bf16, torch.cat([a.weight_bf16 for a in alone]))
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(fused(x), torch.cat([a(x) for a in alone], -1), rtol=0, atol=1e-2)
+
+
+def test_quantized_model_keeps_its_fp_predictions_and_head_bits_are_separate():
+    torch.manual_seed(0)
+    base = Transformer(ModelConfig.from_preset("llama-tiny", max_seq_len=128)).eval()
+    ids = torch.randint(0, 512, (1, 40))
+    with torch.no_grad():
+        reference = torch.log_softmax(base(ids), -1)
+    import copy
+
+    kls = []
+    for bits, head_bits, max_kl in [(8, 8, 1e-5), (4, 8, 2e-4), (4, 4, 1e-3)]:  # measured 6e-7, 2e-5, 1e-4
+        model = quantize(copy.deepcopy(base), bits=bits, head_bits=head_bits)
+        assert model.lm_head.bits == head_bits and model.blocks[0].mlp.down_proj.bits == bits
+        with torch.no_grad():
+            got = torch.log_softmax(model(ids), -1)
+        kl = float((reference.exp() * (reference - got)).sum(-1).mean())
+        assert kl < max_kl, (bits, head_bits, kl)
+        kls.append(kl)
+    assert kls == sorted(kls)  # fewer bits, further from the full-precision model

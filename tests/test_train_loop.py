@@ -132,6 +132,17 @@ def test_schedules():
     assert lr_factor(70, "constant", 10, 100) == 1.0
 
 
+def test_a_wall_clock_budget_ends_the_decay_even_when_steps_run_out_first(tmp_path):
+    # max_steps far beyond what 1.5 s allows: a step-based cosine would still be near its peak
+    # when the budget stops the run; the time-aware schedule has decayed to its floor.
+    config = quiet(max_steps=1_000_000, max_minutes=0.025, warmup_steps=0, lr=1e-3, min_lr_ratio=0.1)
+    result = train(tiny_model(), causal_lm_loss, RandomWindows(text_tokens(), 1, 16), config, tmp_path)
+    lrs = [r["lr"] for r in result.history if "lr" in r]
+    assert result.stopped == "budget" and result.step < 1_000_000
+    assert lrs == sorted(lrs, reverse=True)  # decays monotonically with time
+    assert lrs[-1] < 1e-4 * 1.1 and lrs[len(lrs) // 2] < 0.7e-3  # at the floor at the end, lower at half time
+
+
 def test_nan_guard_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path):
     calls = {"n": 0}
 

@@ -9,7 +9,6 @@ streams the assistant's reply; `chat_loop` is the terminal loop around it (`/res
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
 
@@ -28,19 +27,17 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     return sorted({i for i in (tokenizer.token_to_id(t) for t in END_OF_TURN) if i is not None})
 
 
-def load(path: str, quantize: str | None = None, threads: int | None = None) -> tuple[Transformer, Tokenizer]:
-    """Model and tokenizer of an HF checkpoint folder; `quantize` "int8"/"int4" swaps in packed linears."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ConfigError(f"model {path!r} is not a folder; expected an HF checkpoint folder "
-                          "(config.json, model.safetensors, tokenizer.json)")
+def load(spec: str, quantize: str | None = None, threads: int | None = None) -> tuple[Transformer, Tokenizer]:
+    """Model and tokenizer of an HF folder, a .gguf file or a registry name, ready to chat with:
+    `quantize` "int8"/"int4" swaps in packed linears (generate/fast.py), `threads` sets torch's."""
+    from llmkit.model import load as load_any
+
+    if quantize not in (None, "int8", "int4"):
+        raise ConfigError(f"quantize={quantize!r}; expected 'int8' or 'int4'")
     if threads:
         torch.set_num_threads(threads)
-    model = Transformer.from_pretrained(folder)
-    tokenizer = Tokenizer.from_pretrained(folder)
+    model, tokenizer = load_any(spec)
     if quantize:
-        if quantize not in ("int8", "int4"):
-            raise ConfigError(f"quantize={quantize!r}; expected 'int8' or 'int4'")
         from llmkit.generate.fast import quantize as swap
 
         swap(model, bits=int(quantize[3:]))

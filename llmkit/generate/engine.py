@@ -101,6 +101,12 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
 # ---- the decode step, compiled when possible --------------------------------------------------
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+CACHE_BUCKET = 64  # compiled decoding allocates the KV cache in multiples of this many slots
+
+
+def forget_compiled(model: Transformer) -> None:
+    """Drop `model`'s compiled decode step (after its modules were swapped): it does not re-check them."""
+    _COMPILED.pop(model, None)
 
 
 class DecodeStep:
@@ -121,7 +127,12 @@ class DecodeStep:
         if compile:
             if model not in _COMPILED:
                 try:
-                    _COMPILED[model] = torch.compile(model.decode_step, dynamic=False)
+                    # Guards on the model's modules are skipped: checking them costs ~1 ms a step,
+                    # and the model is not rebuilt between steps (quantize() calls forget_compiled).
+                    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+                    if model.device.type == "cpu":  # call the step's ~300 kernels from C++, not Python
+                        options["cpp_wrapper"] = True
+                    _COMPILED[model] = torch.compile(model.decode_step, dynamic=False, options=options)
                 except Exception as e:  # noqa: BLE001 - any failure means: run eagerly
                     warnings.warn(f"torch.compile is unavailable ({type(e).__name__}: {e}); decoding eagerly",
                                   stacklevel=2)
@@ -330,7 +341,11 @@ def run(model: Transformer, prompts: list[list[int]], params: SamplingParams, to
             s.end("length")
         return
 
-    cache, logits = prefill(model, prompts, seqs, steps)
+    room = steps
+    if compile:  # a compiled step is specialised to the cache's length: round it up, so calls share one
+        width = max(len(p) for p in prompts)
+        room = -(-(width + steps) // CACHE_BUCKET) * CACHE_BUCKET - width
+    cache, logits = prefill(model, prompts, seqs, room)
     step_fn = DecodeStep(model, compile)
     for _ in range(steps):
         tokens, chunks = sample_next(logits, seqs)

@@ -110,13 +110,18 @@ def all_reduce_mean(value: torch.Tensor, world: World) -> torch.Tensor:
     return value
 
 
+def max_over_ranks(values: list[float], world: World) -> list[float]:
+    """Each value's maximum over the ranks, so every rank takes the same decision from them."""
+    if not world.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def any_rank(flag: bool, world: World) -> bool:
     """True if `flag` is set on any rank, so every rank stops (or saves) together."""
-    if not world.distributed:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return bool(t.item() > 0)
+    return max_over_ranks([float(flag)], world)[0] > 0
 
 
 def barrier(world: World) -> None:

@@ -46,7 +46,9 @@ class LoopConfig:
     """Optimisation and bookkeeping for `train`; recipes and CLI flags fill it."""
 
     max_steps: int = field(default=1000, metadata={"help": "optimizer steps"})
-    max_minutes: float | None = field(default=None, metadata={"help": "wall-clock budget; stops and saves when spent"})
+    max_minutes: float | None = field(default=None, metadata={
+        "help": "wall-clock budget; stops and saves when spent, and the schedule then runs on whichever of "
+                "steps or time is further along, so its decay ends when the budget does"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of the peak"})
@@ -239,10 +241,11 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
     bar = tqdm(total=config.max_steps, initial=step, desc="train", disable=not (config.progress and world.is_main),
                dynamic_ncols=True)
     window_start, window_tokens = time.perf_counter(), 0
+    budget_used = 0.0  # fraction of max_minutes spent, the same on every rank
     with _StopSignal() as stop:
         while step < config.max_steps:
-            lr = config.lr * lr_factor(step, config.schedule, config.warmup_steps, config.max_steps,
-                                       config.min_lr_ratio, config.decay_fraction)
+            lr = config.lr * lr_factor(_schedule_step(step, budget_used, config), config.schedule,
+                                       config.warmup_steps, config.max_steps, config.min_lr_ratio, config.decay_fraction)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
@@ -298,13 +301,15 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
                 window_start, window_tokens = time.perf_counter(), 0
             log(record)
 
-            budget_spent = config.max_minutes is not None and time.perf_counter() - started > 60 * config.max_minutes
-            must_stop = dist_.any_rank(stop.received is not None or budget_spent, world)
+            if config.max_minutes is not None:
+                budget_used = (time.perf_counter() - started) / (60 * config.max_minutes)
+            signalled, budget_used = dist_.max_over_ranks([float(stop.received is not None), budget_used], world)
+            must_stop = signalled > 0 or budget_used > 1
             if eval_batches is not None and config.eval_every and step % config.eval_every == 0 \
                     and step < config.max_steps and not must_stop:
                 log({"step": step, **evaluate()})
             if must_stop:
-                stopped = "signal" if stop.received is not None else "budget"
+                stopped = "signal" if signalled > 0 else "budget"
                 break
             if config.save_every and step % config.save_every == 0 and step < config.max_steps:
                 last_checkpoint = save(step)
@@ -313,6 +318,17 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
             log({"step": step, **evaluate()})
         last_checkpoint = save(step)
     return TrainResult(step=step, stopped=stopped, last_checkpoint=last_checkpoint, history=history)
+
+
+def _schedule_step(step: int, budget_used: float, config: LoopConfig) -> int:
+    """The step the schedule reads. Under a wall-clock budget it is the step or the budget's used
+    fraction of `max_steps`, whichever is further: when steps run slower than planned, the cosine or
+    WSD decay still ends with the budget instead of being cut off at a high learning rate. (Time makes
+    the schedule depend on the machine's speed: runs that must resume exactly set no budget.) Warmup
+    counts steps only."""
+    if config.max_minutes is None or step < config.warmup_steps:
+        return step
+    return max(step, min(config.max_steps - 1, int(budget_used * config.max_steps)))
 
 
 def _resume(path, model, optimizer, data, model_config, metrics_path, world, load_weights=None):
