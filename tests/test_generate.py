@@ -297,6 +297,24 @@ def test_compiled_decode_equals_eager():
     assert counters["stats"]["unique_graphs"] == graphs, "a length in the same bucket compiled again"
 
 
+@pytest.mark.slow
+def test_compiled_steps_of_differently_built_models_stay_apart():
+    # module guards are skipped for speed: each model must still run its own graph, not the first's
+    from llmkit.generate.fast import quantize
+
+    full = tiny()
+    packed = quantize(tiny(), bits=8)
+    kw = dict(max_new_tokens=10, temperature=0, ignore_eos=True, logprobs=0)
+    eager = [llmkit.generate(m, None, [1, 2, 3], **kw) for m in (full, packed)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = [llmkit.generate(m, None, [1, 2, 3], compile=True, **kw) for m in (full, packed)]
+    assert not [w for w in caught if "decoding eagerly" in str(w.message)]
+    for e, c in zip(eager, compiled):
+        assert c.token_ids == e.token_ids
+        torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(e.logprobs), rtol=0, atol=1e-4)
+
+
 # ---- bad input -------------------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ sample the same tokens for the same request.
 
 from __future__ import annotations
 
+import types
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -104,6 +105,16 @@ _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 CACHE_BUCKET = 64  # compiled decoding allocates the KV cache in multiples of this many slots
 
 
+def _own_decode_step(model: Transformer):
+    """`model.decode_step` bound to a copy of the function with its own code object. Dynamo keeps
+    compiled graphs and their guards per code object; with module guards skipped, models sharing one
+    would run each other's graphs (a quantized model the fp32 model's, which fails into eager)."""
+    f = type(model).decode_step
+    own = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    own.__kwdefaults__ = f.__kwdefaults__
+    return types.MethodType(own, model)
+
+
 def forget_compiled(model: Transformer) -> None:
     """Drop `model`'s compiled decode step (after its modules were swapped): it does not re-check them."""
     _COMPILED.pop(model, None)
@@ -128,11 +139,12 @@ class DecodeStep:
             if model not in _COMPILED:
                 try:
                     # Guards on the model's modules are skipped: checking them costs ~1 ms a step,
-                    # and the model is not rebuilt between steps (quantize() calls forget_compiled).
+                    # the model is not rebuilt between steps (quantize() calls forget_compiled), and
+                    # each model compiles its own copy of the step, so no other model's graph matches.
                     options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
                     if model.device.type == "cpu":  # call the step's ~300 kernels from C++, not Python
                         options["cpp_wrapper"] = True
-                    _COMPILED[model] = torch.compile(model.decode_step, dynamic=False, options=options)
+                    _COMPILED[model] = torch.compile(_own_decode_step(model), dynamic=False, options=options)
                 except Exception as e:  # noqa: BLE001 - any failure means: run eagerly
                     warnings.warn(f"torch.compile is unavailable ({type(e).__name__}: {e}); decoding eagerly",
                                   stacklevel=2)
