@@ -12,21 +12,39 @@ from llmkit.generate import engine
 from llmkit.generate.fast import SMALL_BATCH, PackedLinear, _fused, quantize
 
 
+def quantized_weight(lin, bits):
+    """The weight the packed kernels should compute with, from the quantizers themselves."""
+    from llmkit.generate.fast import _quantize_int4, _quantize_int8
+
+    w = lin.weight.detach().float()
+    if bits == 8:
+        q, scale = _quantize_int8(w)
+        return q.float() * scale[:, None]
+    return _quantize_int4(w, 32)[3]
+
+
 @pytest.mark.parametrize("bits", [8, 4])
-def test_packed_kernel_and_bf16_path_compute_the_same_quantized_weight(bits):
+def test_packed_kernel_and_int8_gemm_compute_the_quantized_weight(bits):
     torch.manual_seed(0)
     lin = nn.Linear(128, 64, bias=True)
     q = PackedLinear(lin, bits=bits, group_size=32)
+    w_q = quantized_weight(lin, bits)
     x = torch.randn(3 * SMALL_BATCH, 128)
     with torch.no_grad():
-        reference = x @ q.weight_bf16.float().T + lin.bias
-    small = torch.cat([q(x[i:i + 4]) for i in range(0, len(x), 4)])  # packed kernel
-    large = q(x)  # bf16 GEMM
+        reference = x @ w_q.T + lin.bias
+        small = torch.cat([q(x[i:i + 4]) for i in range(0, len(x), 4)])  # packed kernel, bf16 activations
+        large = q(x)  # int8 GEMM, int8 activations per row
     scale = float(reference.abs().max())
-    torch.testing.assert_close(small, reference, rtol=0, atol=2e-2 * scale)
+    torch.testing.assert_close(small, reference, rtol=0, atol=1e-2 * scale)
     torch.testing.assert_close(large, reference, rtol=0, atol=2e-2 * scale)
+    # the int8 GEMM is exactly the int8 weight times the int8 activations, rescaled
+    from llmkit.generate.fast import _int8_rows
+
+    xq, xs = _int8_rows(x)
+    exact = (xq.double() @ q.w8.double().T) * xs.double() * q.w8_scale.double() + lin.bias.double()
+    torch.testing.assert_close(large.double(), exact, rtol=1e-5, atol=1e-5)
     # and the quantized weight is close to the original, closer with 8 bits than with 4
-    err = (q.weight_bf16.float() - lin.weight).abs().max() / lin.weight.abs().max()
+    err = (w_q - lin.weight).abs().max() / lin.weight.abs().max()
     assert err < (0.01 if bits == 8 else 0.1)
 
 
@@ -48,7 +66,7 @@ def test_quantized_model_decodes_consistently_with_its_prefill(bits):
     cache = KVCache(model.config, 1, 48)
     step = engine.DecodeStep(model)
     with torch.no_grad():
-        full = model(ids)  # 48 rows: the bf16 GEMM path
+        full = model(ids)  # 48 rows: the int8 GEMM path
         model(ids[:, :SMALL_BATCH + 8], kv_cache=cache)
         for t in range(SMALL_BATCH + 8, 48):
             logits = step(ids[:, t], cache)  # one row: the packed kernel
@@ -64,7 +82,8 @@ def test_a_fused_layer_quantizes_to_exactly_its_parts(bits):
     parts = [nn.Linear(64, n, bias=True) for n in (64, 32, 32)]
     fused = PackedLinear(_fused(*parts), bits=bits, group_size=32)
     alone = [PackedLinear(p, bits=bits, group_size=32) for p in parts]
-    assert torch.equal(fused.weight_bf16, torch.cat([a.weight_bf16 for a in alone]))
+    assert torch.equal(fused.w8, torch.cat([a.w8 for a in alone]))
+    assert torch.equal(fused.w8_scale, torch.cat([a.w8_scale for a in alone]))
     x = torch.randn(2, 64)
     torch.testing.assert_close(fused(x), torch.cat([a(x) for a in alone], -1), rtol=0, atol=1e-2)
 
@@ -87,3 +106,13 @@ def test_quantized_model_keeps_its_fp_predictions_and_head_bits_are_separate():
         assert kl < max_kl, (bits, head_bits, kl)
         kls.append(kl)
     assert kls == sorted(kls)  # fewer bits, further from the full-precision model
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_int8_prefill_off_runs_large_batches_on_the_exact_quantized_weight(bits):
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 64, bias=False)
+    q = PackedLinear(lin, bits=bits, group_size=32, int8_prefill=False)
+    x = torch.randn(2 * SMALL_BATCH, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), x @ quantized_weight(lin, bits).T, rtol=1e-5, atol=1e-5)
