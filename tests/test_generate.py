@@ -310,7 +310,7 @@ def test_compiled_steps_of_differently_built_models_stay_apart():
         warnings.simplefilter("always")
         compiled = [llmkit.generate(m, None, [1, 2, 3], compile=True, **kw) for m in (full, packed)]
     assert not [w for w in caught if "decoding eagerly" in str(w.message)]
-    for e, c in zip(eager, compiled):
+    for e, c in zip(eager, compiled, strict=True):
         assert c.token_ids == e.token_ids
         torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(e.logprobs), rtol=0, atol=1e-4)
 
