@@ -4,13 +4,14 @@ Same config, same weights, same batch, same precision, same optimizer (AdamW, fu
 process: forward + cross-entropy + backward + clip + step, timed over `--steps` after warmup.
 Prints JSON (tokens/s of each and the ratio) and writes benchmarks/results/train.json.
 
-    python benchmarks/train.py --preset llama-8m --batch 8 --seq 256 --steps 10
+    python benchmarks/train.py --preset llama-8m --batch 8 --seq 256 --steps 10   # fp32 and bf16, eager and compiled
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -50,8 +51,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--compile", action="store_true", help="also measure llmkit under torch.compile")
+    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure llmkit under torch.compile (the loop's `compile: true`)")
     p.add_argument("--out", default="benchmarks/results/train.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -59,7 +61,6 @@ def main() -> None:
     from transformers import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    amp = torch.bfloat16 if args.precision == "bf16" else None
     config = ModelConfig.from_preset(args.preset)
     torch.manual_seed(0)
     ours = Transformer(config).train()
@@ -70,24 +71,31 @@ def main() -> None:
         theirs = LlamaForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa").train()
     x = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     y = torch.roll(x, -1, dims=1)
+    compiled = torch.compile(ours) if args.compile else None
 
-    results = {}
-    # Interleave the two so that a noisy neighbour slows both alike; keep the best of two rounds.
-    for _ in range(2):
-        results["transformers"] = max(results.get("transformers", 0.0),
-                                      measure(theirs, x, y, args.steps, args.warmup, hf=True, amp=amp))
-        results["llmkit"] = max(results.get("llmkit", 0.0), measure(ours, x, y, args.steps, args.warmup, amp=amp))
-    if args.compile:
-        results["llmkit_compiled"] = measure(torch.compile(ours), x, y, args.steps, args.warmup, amp=amp)
+    results, ratios = {}, {}
+    for precision in args.precisions.split(","):
+        amp = {"fp32": None, "bf16": torch.bfloat16}[precision]
+        r = {}
+        # Interleave the systems so that a noisy neighbour slows them alike; keep the best of two rounds.
+        for _ in range(2):
+            r["transformers"] = max(r.get("transformers", 0.0),
+                                    measure(theirs, x, y, args.steps, args.warmup, hf=True, amp=amp))
+            r["llmkit"] = max(r.get("llmkit", 0.0), measure(ours, x, y, args.steps, args.warmup, amp=amp))
+            if compiled is not None:
+                r["llmkit_compiled"] = max(r.get("llmkit_compiled", 0.0),
+                                           measure(compiled, x, y, args.steps, args.warmup, amp=amp))
+        results[precision] = {k: round(v, 1) for k, v in r.items()}
+        ratios[precision] = {k: round(v / r["transformers"], 3) for k, v in r.items() if k != "transformers"}
+        print(precision, results[precision], ratios[precision], flush=True)
     report = {
         "benchmark": "train_tokens_per_s", "preset": args.preset, "batch": args.batch, "seq": args.seq,
-        "precision": args.precision, "threads": args.threads, "steps": args.steps,
-        "parameters": ours.num_parameters(), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-        "tokens_per_s": {k: round(v, 1) for k, v in results.items()},
-        "ratio_llmkit_vs_transformers": round(results["llmkit"] / results["transformers"], 3),
+        "threads": args.threads, "steps": args.steps, "parameters": ours.num_parameters(),
+        "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "loadavg_after": [round(v, 2) for v in os.getloadavg()],
+        "tokens_per_s": results, "ratio_vs_transformers": ratios,
+        "notes": "best of two interleaved rounds; compiled runs after a warm-up that compiles them",
     }
-    if "llmkit_compiled" in results:
-        report["ratio_llmkit_compiled_vs_transformers"] = round(results["llmkit_compiled"] / results["transformers"], 3)
     print(json.dumps(report, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
