@@ -211,12 +211,6 @@ for _spec in (
 MODEL_HELP = "an HF checkpoint folder with a tokenizer, a .gguf file, or a model name (smollm2-135m-instruct)"
 
 
-def _load_model(spec: str, quantize: str | None = None, threads: int | None = None):
-    from llmkit.generate.chat import load
-
-    return load(spec, quantize, threads)
-
-
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help=MODEL_HELP)
     g = p.add_argument_group("sampling (OpenAI names; applied in vLLM's order, see llmkit/generate/sampling.py)")
@@ -257,8 +251,9 @@ def _generate(args: argparse.Namespace) -> None:
     import dataclasses
 
     from llmkit.generate import generate, stream
+    from llmkit.generate.chat import load
 
-    model, tokenizer = _load_model(args.model, args.quantize, args.threads)
+    model, tokenizer = load(args.model, args.quantize, args.threads)
     sampling = dict(_sampling_from(args), n=args.n, num_beams=args.num_beams, logprobs=args.logprobs)
     if args.json or args.num_beams > 1 or args.n > 1:
         outs = generate(model, tokenizer, args.prompt, **sampling)
@@ -283,9 +278,9 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
 @verb("chat", "chat in the terminal with the model's chat template (streaming; /reset, /system, /history)",
       _chat_args)
 def _chat(args: argparse.Namespace) -> None:
-    from llmkit.generate.chat import ChatSession, chat_loop
+    from llmkit.generate.chat import ChatSession, chat_loop, load
 
-    model, tokenizer = _load_model(args.model, args.quantize, args.threads)
+    model, tokenizer = load(args.model, args.quantize, args.threads)
     chat_loop(ChatSession(model, tokenizer, system=args.system, **_sampling_from(args)))
 
 
@@ -298,9 +293,9 @@ def _next_args(p: argparse.ArgumentParser) -> None:
 
 @verb("next", "the k most likely next tokens after a text, with probabilities", _next_args)
 def _next(args: argparse.Namespace) -> None:
-    from llmkit.generate.chat import next_tokens
+    from llmkit.generate.chat import load, next_tokens
 
-    model, tokenizer = _load_model(args.model)
+    model, tokenizer = load(args.model)
     top = next_tokens(model, tokenizer, args.text, args.top_k)
     if args.json:
         print(json.dumps([{"id": i, "token": t, "probability": p} for i, t, p in top], indent=2))

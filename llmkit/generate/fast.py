@@ -69,7 +69,7 @@ class PackedLinear(nn.Module):
             q, scale = _quantize_int8(w)
             self.register_buffer("packed", q)
             self.register_buffer("scales", scale.to(torch.bfloat16))
-            w8, w8_scale = q, scale
+            dequant = q.float() * scale[:, None]
         elif bits == 4:
             if self.in_features % group_size or self.out_features % 8:
                 raise ConfigError(f"int4 needs in_features ({self.in_features}) divisible by group_size "
@@ -78,16 +78,15 @@ class PackedLinear(nn.Module):
             self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
             self.register_buffer("scales", torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
                                  .to(torch.bfloat16))
-            w8, w8_scale = _quantize_int8(dequant)
         else:
             raise ConfigError(f"bits={bits}; expected 8 or 4")
         self.int8_prefill = int8_prefill
-        if int8_prefill:
-            self.register_buffer("w8", w8)  # (out, in) int8, for the prefill GEMM
+        if int8_prefill:  # int8 per output channel: the int8 weight itself, or the int4 one re-quantized
+            w8, w8_scale = (q, scale) if bits == 8 else _quantize_int8(dequant)
+            self.register_buffer("w8", w8)  # (out, in), for the prefill GEMM
             self.register_buffer("w8_scale", w8_scale.float())
-        else:  # the exact quantized weight, dequantized, for an fp32 GEMM: slower, no activation rounding
-            self.register_buffer("weight_dequantized", (q.float() * scale[:, None] if bits == 8 else dequant)
-                                 .to(linear.weight.dtype))
+        else:  # the exact quantized weight for a GEMM in the model's dtype: slower, no activation rounding
+            self.register_buffer("weight_dequantized", dequant.to(linear.weight.dtype))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -326,7 +326,7 @@ def _schedule_step(step: int, budget_used: float, config: LoopConfig) -> int:
     WSD decay still ends with the budget instead of being cut off at a high learning rate. (Time makes
     the schedule depend on the machine's speed: runs that must resume exactly set no budget.) Warmup
     counts steps only."""
-    if config.max_minutes is None or step < config.warmup_steps:
+    if step < config.warmup_steps:  # (without a budget, budget_used stays 0)
         return step
     return max(step, min(config.max_steps - 1, int(budget_used * config.max_steps)))
 
