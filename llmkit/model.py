@@ -18,7 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmkit.config import ModelConfig
+from llmkit.data.chat import IGNORE_INDEX
 from llmkit.errors import ConfigError
+from llmkit.losses import linear_cross_entropy
 from llmkit.tokenizer import Tokenizer
 
 # ---------------------------------------------------------------------------------------------
@@ -274,19 +276,32 @@ class Transformer(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
-        """Logits of shape (batch, seq, vocab) for `input_ids` of shape (batch, seq).
+                positions: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of shape (batch, seq, vocab) for `input_ids` of shape (batch, seq), or, given `labels`,
+        the mean next-token cross-entropy.
 
         attention_mask: 1 for real tokens, 0 for (left) padding; either over the new tokens only or,
             as in transformers, over cached + new tokens.
         positions: explicit position ids; by default they count real tokens per row, continuing
             from the cache.
         kv_cache: a `KVCache`; the new keys/values are appended to it and it advances.
+        labels: (batch, seq) target ids already aligned with the inputs (the next token of each
+            position; IGNORE_INDEX where unscored). The loss is computed chunk by chunk from the
+            hidden states (`llmkit.losses`), so the logits are never materialised. Going through
+            `forward` keeps DDP, FSDP2 and torch.compile wrappers in the path.
         """
         if self.lm_head is None:
             raise ConfigError(f"this model is a classifier (num_labels={self.config.num_labels}) without "
                               "an LM head; call model.classify(input_ids, attention_mask)")
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, positions, kv_cache))
+        hidden = self.hidden_states(input_ids, attention_mask, positions, kv_cache)
+        if labels is None:
+            return self.lm_head(hidden)
+        if type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
+            return linear_cross_entropy(hidden, self.lm_head.weight, labels)
+        # A rewritten head (LoRA, quantized) computes its own logits, for the scored positions only.
+        scored = labels != IGNORE_INDEX
+        return F.cross_entropy(self.lm_head(hidden[scored]).float(), labels[scored])
 
     def classify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Class logits (batch, num_labels) (a reward when num_labels is 1) read off the last real token

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from llmkit.data.chat import IGNORE_INDEX
 from llmkit.model import Transformer
+from llmkit.train.distributed import unwrap
 
 __all__ = ["IGNORE_INDEX", "OBJECTIVES", "causal_lm_loss", "classification_loss", "sft_loss"]
 
@@ -31,18 +32,15 @@ def causal_lm_loss(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]
     """Next-token cross-entropy (teacher forcing). `batch` is `(x, y)` with y = x shifted left,
     or a dict with `input_ids`, `labels` (IGNORE_INDEX where unscored) and `attention_mask`.
 
-    The mean is over scored tokens, computed in at least fp32 even under autocast."""
+    The mean is over scored tokens, computed in at least fp32 even under autocast. A Transformer
+    (also under DDP, FSDP2 or torch.compile) computes it from its hidden states without the logits."""
     x, y, mask = _inputs_and_labels(batch)
     scored = y != IGNORE_INDEX
-    if isinstance(model, Transformer) and model.lm_head is not None and not bool(scored.all()):
-        # SFT scores a few positions: run the LM head (vocab-wide logits) on those alone.
-        logits, y = model.lm_head(model.hidden_states(x, mask)[scored]), y[scored]
+    if isinstance(unwrap(model), Transformer):
+        loss = model(x, attention_mask=mask, labels=y)
     else:
         logits = (model(x, attention_mask=mask) if mask is not None else model(x)).flatten(0, 1)
-        y = y.flatten()
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    loss = F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX)
+        loss = F.cross_entropy(logits.float(), y.flatten(), ignore_index=IGNORE_INDEX)
     return loss, {"loss": loss.detach(), "tokens": scored.sum()}
 
 
