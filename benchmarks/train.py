@@ -8,7 +8,8 @@ from the hidden states without materialising the logits. The systems take turns 
 rounds so that the noise of a shared machine hits them alike; tokens/s come from the median step.
 Prints JSON (tokens/s of each and the ratio) and writes benchmarks/results/train.json.
 
-    python benchmarks/train.py --preset llama-8m --batch 8 --seq 256   # fp32 and bf16, eager and compiled
+    python benchmarks/train.py              # the speedrun's model and batch: fp32 and bf16, eager and compiled
+    python benchmarks/train.py --preset llama-8m --vocab-size 0 --batch 8 --out benchmarks/results/train_llama-8m.json
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from llmkit import ModelConfig, Transformer
+from llmkit.speedrun import SpeedrunConfig
 from llmkit.train.objectives import causal_lm_loss
 
 
@@ -57,9 +59,11 @@ def timed(step, n: int) -> list[float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="llama-8m")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=256)
+    run = SpeedrunConfig()  # by default the main job's model and batch: what `make demo` trains
+    p.add_argument("--preset", default=run.model)
+    p.add_argument("--vocab-size", type=int, default=run.vocab_size, help="0 keeps the preset's vocabulary")
+    p.add_argument("--batch", type=int, default=run.batch_size)
+    p.add_argument("--seq", type=int, default=run.context)
     p.add_argument("--steps", type=int, default=4, help="steps of each system per round")
     p.add_argument("--rounds", type=int, default=8, help="rounds in which the systems take turns")
     p.add_argument("--warmup", type=int, default=3)
@@ -74,7 +78,7 @@ def main() -> None:
     from transformers import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    config = ModelConfig.from_preset(args.preset)
+    config = ModelConfig.from_preset(args.preset, **({"vocab_size": args.vocab_size} if args.vocab_size else {}))
     torch.manual_seed(0)
     ours = Transformer(config).train()
     import tempfile
@@ -105,7 +109,7 @@ def main() -> None:
         spread[precision] = {name: [round(min(t), 3), round(max(t), 3)] for name, t in times.items()}
         print(precision, results[precision], ratios[precision], flush=True)
     report = {
-        "benchmark": "train_tokens_per_s", "preset": args.preset, "batch": args.batch, "seq": args.seq,
+        "benchmark": "train_tokens_per_s", "preset": args.preset, "vocab_size": config.vocab_size, "batch": args.batch, "seq": args.seq,
         "threads": args.threads, "steps_per_round": args.steps, "rounds": args.rounds, "parameters": ours.num_parameters(),
         "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
         "loadavg_after": [round(v, 2) for v in os.getloadavg()],
