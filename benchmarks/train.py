@@ -27,11 +27,12 @@ import torch.nn.functional as F
 
 from llmkit import ModelConfig, Transformer
 from llmkit.speedrun import SpeedrunConfig
+from llmkit.train.loop import adamw
 from llmkit.train.objectives import causal_lm_loss
 
 
 def make_step(model, x, y, hf: bool, amp: torch.dtype | None):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    optimizer = adamw(model, lr=1e-4, weight_decay=0.1)  # the loop's, for both
 
     def step() -> float:
         with torch.autocast("cpu", dtype=amp, enabled=amp is not None):

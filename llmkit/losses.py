@@ -23,8 +23,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     `ignore_index`, equal to `F.cross_entropy(hidden @ weight.T, labels)` without its logits.
 
     hidden (..., d), weight (vocab, d), labels (...). Under autocast the matmuls run in the autocast
-    dtype and the softmax in fp32, as the unfused path does. The gradient is computed in the forward
-    pass, so it supports one backward (not double backward). No scored position gives NaN, as torch.
+    dtype and the softmax in fp32, as the unfused path does. The gradients are computed in the forward
+    pass, only for the inputs that need one (none under `torch.no_grad`, so evaluation costs one
+    matmul, not three); one backward is supported, not double backward. No scored position gives
+    NaN, as in torch.
     """
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"labels have shape {tuple(labels.shape)}; expected {tuple(hidden.shape[:-1])}, "
@@ -35,7 +37,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         hidden, labels = hidden[scored], labels[scored]
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-    return _LinearCrossEntropy.apply(hidden, weight, labels, dtype)
+    grad = torch.is_grad_enabled()
+    return _LinearCrossEntropy.apply(hidden, weight, labels, dtype, grad and hidden.requires_grad,
+                                     grad and weight.requires_grad)
 
 
 def _chunk_rows(vocab: int, device: torch.device) -> int:
@@ -47,13 +51,13 @@ def _chunk_rows(vocab: int, device: torch.device) -> int:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, dtype):
+    def forward(ctx, hidden, weight, labels, dtype, grad_of_hidden, grad_of_weight):
         n = hidden.shape[0]
         with torch.autocast(hidden.device.type, enabled=False):
             h = hidden if dtype is None else hidden.to(dtype)
             w = weight if dtype is None else weight.to(dtype)
-            grad_hidden = torch.empty_like(hidden)
-            grad_weight = torch.zeros_like(weight)
+            grad_hidden = torch.empty_like(hidden) if grad_of_hidden else None
+            grad_weight = torch.zeros_like(weight) if grad_of_weight else None
             exact = torch.promote_types(w.dtype, torch.float32)  # the softmax's dtype: at least fp32
             total = torch.zeros((), dtype=exact, device=hidden.device)
             rows = max(1, min(n, _chunk_rows(weight.shape[0], hidden.device)))
@@ -71,16 +75,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs.sub_(peak).exp_()  # in place, from here on: softmax, then softmax minus one-hot
                 norm = probs.sum(1, keepdim=True)
                 total += (peak + norm.log() - target).sum()  # logsumexp - target logit
+                if not (grad_of_hidden or grad_of_weight):
+                    continue
                 probs.div_(norm)
                 probs[arange[:r], y_i] -= 1
                 grad_logits = probs if w.dtype == exact else low[:r].copy_(probs)
-                if h.dtype == hidden.dtype:
+                if grad_of_hidden and h.dtype == hidden.dtype:
                     torch.mm(grad_logits, w, out=grad_hidden[start:start + rows])
-                else:
+                elif grad_of_hidden:
                     grad_hidden[start:start + rows] = grad_logits @ w
-                if w.dtype == weight.dtype:
+                if grad_of_weight and w.dtype == weight.dtype:
                     grad_weight.addmm_(grad_logits.t(), h_i)
-                else:
+                elif grad_of_weight:
                     grad_weight += grad_logits.t() @ h_i
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.n = n
@@ -89,6 +95,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
         scale = grad_loss / ctx.n
-        return grad_hidden * scale.to(grad_hidden.dtype), grad_weight * scale.to(grad_weight.dtype), None, None
+        grad_hidden, grad_weight = (None if g is None else g * scale.to(g.dtype) for g in ctx.saved_tensors)
+        return grad_hidden, grad_weight, None, None, None, None

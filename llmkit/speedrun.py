@@ -28,7 +28,7 @@ from llmkit.errors import ConfigError
 from llmkit.files import atomic_write_json, atomic_write_text
 from llmkit.model import Transformer
 from llmkit.tokenizer import Tokenizer
-from llmkit.train.loop import autocast_dtype, param_groups, resolve_device
+from llmkit.train.loop import adamw, autocast_dtype, resolve_device
 from llmkit.train.objectives import causal_lm_loss
 from llmkit.train.pretrain import PretrainConfig, pretrain
 
@@ -67,25 +67,40 @@ def _stage(timings: dict, name: str, started: float) -> None:
     print(f"[speedrun] {name}: {timings[name]} s", flush=True)
 
 
-def seconds_per_step(model: Transformer, config: SpeedrunConfig, precision: str, steps: int = 3) -> float:
-    """Time the real training step (forward, backward, AdamW) on random tokens; the first is warmup
-    (and, compiled, fills inductor's cache so the real run does not compile from scratch again)."""
+def seconds_per_step(model: Transformer, config: SpeedrunConfig, precisions: tuple[str, ...],
+                     rounds: int = 3) -> dict[str, float]:
+    """Median time of the real training step (forward, backward, the loop's AdamW) on random tokens
+    in each precision. Every precision warms up first (compiled, that fills inductor's cache so the
+    real run does not compile from scratch again), then they take turns, so the cold start of a
+    fresh process and a noisy neighbour do not favour the one timed last."""
     device = resolve_device("auto")
-    probe = Transformer(model.config).to(device).train()
-    step_model = torch.compile(probe) if config.compile else probe
-    optimizer = torch.optim.AdamW(param_groups(probe, 0.1), lr=1e-4)
-    amp = autocast_dtype(precision, device)
     x = torch.randint(0, model.config.vocab_size, (config.batch_size, config.context), device=device)
-    times = []
-    for _ in range(steps + 1):
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+    steps = {}
+    for precision in precisions:
+        probe = Transformer(model.config).to(device).train()
+        steps[precision] = _training_step(probe, torch.compile(probe) if config.compile else probe,
+                                          autocast_dtype(precision, device), x)
+        steps[precision]()
+    times = {precision: [] for precision in precisions}
+    for _ in range(rounds):
+        for precision, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[precision].append(time.perf_counter() - start)
+    return {precision: sorted(t)[len(t) // 2] for precision, t in times.items()}
+
+
+def _training_step(model: Transformer, step_model, amp: torch.dtype | None, x: torch.Tensor):
+    optimizer = adamw(model, lr=1e-4, weight_decay=0.1)
+
+    def step() -> None:
+        with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss, _ = causal_lm_loss(step_model, (x, torch.roll(x, -1, 1)))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-    return sorted(times[1:])[len(times[1:]) // 2]
+
+    return step
 
 
 def speedrun(config: SpeedrunConfig) -> Path:
@@ -115,13 +130,9 @@ def speedrun(config: SpeedrunConfig) -> Path:
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     shape = Transformer(ModelConfig.from_preset(config.model, vocab_size=tokenizer.vocab_size))
-    if config.precision == "auto":  # time both; the faster one trains
-        timed = {p: seconds_per_step(shape, config, p) for p in ("fp32", "bf16")}
-        precision = min(timed, key=timed.get)
-        print(f"[speedrun] s/step: {', '.join(f'{p} {t:.3f}' for p, t in timed.items())} -> {precision}", flush=True)
-    else:
-        precision = config.precision
-        timed = {precision: seconds_per_step(shape, config, precision)}
+    timed = seconds_per_step(shape, config, ("fp32", "bf16") if config.precision == "auto" else (config.precision,))
+    precision = min(timed, key=timed.get)  # auto: the faster one trains
+    print(f"[speedrun] s/step: {', '.join(f'{p} {t:.3f}' for p, t in timed.items())} -> {precision}", flush=True)
     per_step = timed[precision]
     train_seconds = deadline - time.perf_counter() - 60 * config.reserve_minutes
     # The timing is rough (the first steps of a fresh process run slower than later ones, ~1.4x in

@@ -129,3 +129,27 @@ def test_no_scored_position_is_nan_as_in_torch_and_bad_shapes_are_refused():
     assert math.isnan(reference(hidden, weight, labels).item())
     with pytest.raises(ValueError, match=r"labels have shape \(3,\); expected \(4,\)"):
         linear_cross_entropy(hidden, weight, torch.zeros(3, dtype=torch.long))
+
+
+def test_only_the_gradients_that_are_needed_are_computed(monkeypatch):
+    monkeypatch.setattr(losses, "_chunk_rows", lambda vocab, device: 16)
+    g = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(64, 32, generator=g), torch.randn(200, 32, generator=g)
+    labels = torch.randint(0, 200, (64,), generator=g)
+
+    def matmuls(fn):
+        with torch.profiler.profile() as prof:
+            fn()
+        return sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm_"))
+
+    with torch.no_grad():  # evaluation: the logits of 4 chunks, nothing else
+        h = hidden.clone().requires_grad_()
+        assert matmuls(lambda: linear_cross_entropy(h, weight, labels)) == 4
+        torch.testing.assert_close(linear_cross_entropy(h, weight, labels), reference(hidden, weight, labels))
+    frozen_head = weight.clone()  # e.g. LoRA: the head is frozen, the hidden states are not
+    h = hidden.clone().requires_grad_()
+    assert matmuls(lambda: linear_cross_entropy(h, frozen_head, labels).backward()) == 8
+    h_ref = hidden.clone().requires_grad_()
+    reference(h_ref, frozen_head, labels).backward()
+    torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-5, atol=1e-7)
+    assert frozen_head.grad is None

@@ -130,6 +130,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95),
+          eps: float = 1e-8) -> torch.optim.AdamW:
+    """The loop's optimizer: AdamW with decay on matrices only, fused (one kernel for all tensors,
+    5x faster than the per-tensor loop on a 2-core CPU) where torch has the fused kernel."""
+    device = next(model.parameters()).device
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps,
+                             fused=device.type in ("cpu", "cuda"))
+
+
 class _StopSignal:
     """Turns SIGTERM/SIGINT into a flag checked between steps, so the loop saves before exiting."""
 
@@ -177,9 +186,7 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
     torch.manual_seed(config.seed)
     model.to(device)
     model = dist_.wrap(model, strategy, world, device)
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
-                                  betas=(config.beta1, config.beta2), eps=config.eps,
-                                  fused=device.type in ("cpu", "cuda"))  # one pass per tensor: 5x on CPU
+    optimizer = adamw(model, config.lr, config.weight_decay, (config.beta1, config.beta2), config.eps)
 
     step, tokens_seen, history = 0, 0, []
     metrics_path = out_dir / "metrics.jsonl"
