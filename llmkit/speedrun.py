@@ -68,9 +68,9 @@ def _stage(timings: dict, name: str, started: float) -> None:
 
 
 def seconds_per_step(model: Transformer, config: SpeedrunConfig, precisions: tuple[str, ...],
-                     rounds: int = 3) -> dict[str, float]:
+                     rounds: int = 5) -> dict[str, float]:
     """Median time of the real training step (forward, backward, the loop's AdamW) on random tokens
-    in each precision. Every precision warms up first (compiled, that fills inductor's cache so the
+    in each precision. Every precision warms up first (two steps) (compiled, that fills inductor's cache so the
     real run does not compile from scratch again), then they take turns, so the cold start of a
     fresh process and a noisy neighbour do not favour the one timed last."""
     device = resolve_device("auto")
@@ -80,6 +80,7 @@ def seconds_per_step(model: Transformer, config: SpeedrunConfig, precisions: tup
         probe = Transformer(model.config).to(device).train()
         steps[precision] = _training_step(probe, torch.compile(probe) if config.compile else probe,
                                           autocast_dtype(precision, device), x)
+        steps[precision]()
         steps[precision]()
     times = {precision: [] for precision in precisions}
     for _ in range(rounds):
