@@ -70,9 +70,9 @@ def _stage(timings: dict, name: str, started: float) -> None:
 def seconds_per_step(model: Transformer, config: SpeedrunConfig, precisions: tuple[str, ...],
                      rounds: int = 5) -> dict[str, float]:
     """Median time of the real training step (forward, backward, the loop's AdamW) on random tokens
-    in each precision. Every precision warms up first (two steps) (compiled, that fills inductor's cache so the
-    real run does not compile from scratch again), then they take turns, so the cold start of a
-    fresh process and a noisy neighbour do not favour the one timed last."""
+    in each precision. Each precision first takes two warm-up steps (compiled, they fill inductor's
+    cache, so the real run does not compile from scratch again); then the precisions take turns, so
+    that the cold start of a fresh process and a noisy neighbour do not favour either."""
     device = resolve_device("auto")
     x = torch.randint(0, model.config.vocab_size, (config.batch_size, config.context), device=device)
     steps = {}
