@@ -301,7 +301,8 @@ class Transformer(nn.Module):
             return linear_cross_entropy(hidden, self.lm_head.weight, labels)
         # A rewritten head (LoRA, quantized) computes its own logits, for the scored positions only.
         scored = labels != IGNORE_INDEX
-        return F.cross_entropy(self.lm_head(hidden[scored]).float(), labels[scored])
+        logits = self.lm_head(hidden[scored])
+        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels[scored])
 
     def classify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Class logits (batch, num_labels) (a reward when num_labels is 1) read off the last real token

@@ -69,10 +69,10 @@ def _stage(timings: dict, name: str, started: float) -> None:
 
 def seconds_per_step(model: Transformer, config: SpeedrunConfig, precisions: tuple[str, ...],
                      rounds: int = 5) -> dict[str, float]:
-    """Median time of the real training step (forward, backward, the loop's AdamW) on random tokens
-    in each precision. Each precision first takes two warm-up steps (compiled, they fill inductor's
-    cache, so the real run does not compile from scratch again); then the precisions take turns, so
-    that the cold start of a fresh process and a noisy neighbour do not favour either."""
+    """Median time of the real training step (forward, backward, clipping, the loop's AdamW) on
+    random tokens in each precision. Each precision first takes two warm-up steps (compiled, they
+    fill inductor's cache, so the real run does not compile from scratch again); then the precisions
+    take turns, so that the cold start of a fresh process and a noisy neighbour do not favour either."""
     device = resolve_device("auto")
     x = torch.randint(0, model.config.vocab_size, (config.batch_size, config.context), device=device)
     steps = {}
@@ -98,6 +98,7 @@ def _training_step(model: Transformer, step_model, amp: torch.dtype | None, x: t
         with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss, _ = causal_lm_loss(step_model, (x, torch.roll(x, -1, 1)))
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

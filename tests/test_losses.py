@@ -153,3 +153,17 @@ def test_only_the_gradients_that_are_needed_are_computed(monkeypatch):
     reference(h_ref, frozen_head, labels).backward()
     torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-5, atol=1e-7)
     assert frozen_head.grad is None
+
+
+def test_the_logits_path_upcasts_half_precision_and_keeps_float64():
+    class Fixed(torch.nn.Module):  # not a Transformer: causal_lm_loss takes its logits
+        def __init__(self, dtype):
+            super().__init__()
+            self.dtype = dtype
+
+        def forward(self, x):
+            return torch.tensor([[[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]]], dtype=self.dtype)
+
+    x, y = torch.tensor([[0, 1]]), torch.tensor([[1, 2]])
+    assert causal_lm_loss(Fixed(torch.float64), (x, y))[0].dtype == torch.float64
+    assert causal_lm_loss(Fixed(torch.bfloat16), (x, y))[0].dtype == torch.float32

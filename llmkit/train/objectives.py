@@ -40,7 +40,8 @@ def causal_lm_loss(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]
         loss = model(x, attention_mask=mask, labels=y)
     else:
         logits = (model(x, attention_mask=mask) if mask is not None else model(x)).flatten(0, 1)
-        loss = F.cross_entropy(logits.float(), y.flatten(), ignore_index=IGNORE_INDEX)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least fp32, float64 stays
+        loss = F.cross_entropy(logits, y.flatten(), ignore_index=IGNORE_INDEX)
     return loss, {"loss": loss.detach(), "tokens": scored.sum()}
 
 
