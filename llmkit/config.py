@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmkit.errors import ConfigError
+from llmkit.rope import check_rope_scaling
 
 POS_EMBEDDINGS = ("rope", "learned")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 
@@ -38,12 +40,27 @@ class ModelConfig:
     max_seq_len: int = 2048
     pos_embedding: str = "rope"  # "rope" (rotary) or "learned" (absolute, GPT-2)
     rope_theta: float = 10000.0
-    rope_scaling: float = 1.0  # linear position interpolation: positions are divided by this
+    # Long-context RoPE scaling in transformers' `rope_scaling` form: None, or a dict with "rope_type"
+    # ("linear", "dynamic", "yarn", "llama3") and that type's keys ("factor", ...); see llmkit/rope.py.
+    rope_scaling: dict | None = None
     norm: str = "rmsnorm"  # "rmsnorm" or "layernorm"
     norm_eps: float = 1e-5
+    norm_offset: float = 0.0  # an RMSNorm gain is (offset + weight): Gemma stores weight - 1 (offset 1.0)
     activation: str = "silu"
     gated_mlp: bool = True  # SwiGLU-style down(act(gate(x)) * up(x)) instead of down(act(up(x)))
     bias: bool = False  # biases on every linear layer (GPT-2) or none (Llama)
+    qkv_bias: bool = False  # biases on the q, k, v projections only (Qwen2); implied by `bias`
+    qk_norm: bool = False  # RMSNorm over head_dim on queries and keys before RoPE (Gemma-3, Qwen3)
+    sandwich_norm: bool = False  # a second norm after attention and after the MLP, before the residual add (Gemma-2/3)
+    embed_scale: bool = False  # token embeddings multiplied by sqrt(d_model) (Gemma)
+    attn_scale: float | None = None  # softmax scale of attention scores; None means 1/sqrt(head_dim)
+    # Sliding-window (local) attention: each query sees the last `sliding_window` positions (itself
+    # included) in the layers whose `layer_types` entry is "sliding_attention"; the others are
+    # "full_attention". layer_types None means every layer is full, or every layer sliding when
+    # sliding_window is set (Mistral).
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
+    rope_local_theta: float | None = None  # RoPE base of the sliding layers (Gemma-3: 10,000); None: rope_theta
     tie_embeddings: bool = False  # LM head shares the token-embedding matrix
     dropout: float = 0.0
     init_std: float = 0.02
@@ -87,15 +104,31 @@ class ModelConfig:
             raise ConfigError(f"activation={self.activation!r}; expected one of {ACTIVATIONS}")
         if self.pos_embedding == "rope" and self.head_dim % 2:
             raise ConfigError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
-        if not self.rope_theta > 0 or not self.rope_scaling > 0:
-            raise ConfigError(f"rope_theta ({self.rope_theta}) and rope_scaling ({self.rope_scaling}) "
+        if not self.rope_theta > 0 or (self.rope_local_theta is not None and not self.rope_local_theta > 0):
+            raise ConfigError(f"rope_theta ({self.rope_theta}) and rope_local_theta ({self.rope_local_theta}) "
                               "must be positive")
+        check_rope_scaling(self.rope_scaling)
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int)
+                                                or isinstance(self.sliding_window, bool) or self.sliding_window <= 0):
+            raise ConfigError(f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.n_layer or any(t not in LAYER_TYPES for t in self.layer_types):
+                raise ConfigError(f"layer_types must list one of {LAYER_TYPES} for each of the {self.n_layer} "
+                                  f"layers, got {self.layer_types!r}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ConfigError("layer_types has sliding_attention layers but sliding_window is not set")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.norm_eps > 0:
             raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}")
         if not isinstance(self.num_labels, int) or isinstance(self.num_labels, bool) or self.num_labels < 0:
             raise ConfigError(f"num_labels must be an integer >= 0 (0: a language model), got {self.num_labels!r}")
+
+    def layer_type(self, layer: int) -> str:
+        """ "full_attention" or "sliding_attention" for block `layer`."""
+        if self.layer_types is not None:
+            return self.layer_types[layer]
+        return "full_attention" if self.sliding_window is None else "sliding_attention"
 
     # ---- plain dict round trip (our own YAML/JSON, strict about unknown keys) ----
     def to_dict(self) -> dict[str, Any]:
@@ -158,8 +191,8 @@ class ModelConfig:
                 "initializer_range": self.init_std, "tie_word_embeddings": True, **tokens,
             }
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
-        if self.rope_scaling != 1.0:
-            rope = {"rope_type": "linear", "rope_theta": self.rope_theta, "factor": self.rope_scaling}
+        if self.rope_scaling is not None:
+            rope = {**self.rope_scaling, "rope_theta": self.rope_theta}
         return {
             "architectures": ["LlamaForCausalLM"], "model_type": "llama",
             "vocab_size": self.vocab_size, "hidden_size": self.d_model,
@@ -168,8 +201,7 @@ class ModelConfig:
             "head_dim": self.head_dim, "max_position_embeddings": self.max_seq_len,
             "hidden_act": _HF_ACT[self.activation], "rms_norm_eps": self.norm_eps,
             "rope_theta": self.rope_theta,  # transformers < 5 reads these two ...
-            "rope_scaling": None if self.rope_scaling == 1.0 else {"rope_type": "linear",
-                                                                     "factor": self.rope_scaling},
+            "rope_scaling": None if self.rope_scaling is None else dict(self.rope_scaling),
             "rope_parameters": rope,  # ... and transformers >= 5 this one
             "attention_bias": self.bias, "mlp_bias": self.bias, "attention_dropout": self.dropout,
             "tie_word_embeddings": self.tie_embeddings, "initializer_range": self.init_std, **tokens,
@@ -217,9 +249,10 @@ class ModelConfig:
             raise ConfigError(f"config.json: unsupported hidden_act {act!r}")
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "linear"):
-            raise ConfigError(f"config.json: rope_type {rope_type!r} is not supported; "
-                              "llmkit implements 'default' and 'linear' RoPE")
+        scaling = None
+        if rope_type != "default":
+            scaling = {"rope_type": rope_type, **{k: v for k, v in rope.items() if k not in ("rope_type", "type",
+                                                                                            "rope_theta")}}
         theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
         if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
             raise ConfigError("config.json: attention_bias and mlp_bias differ; llmkit's `bias` "
@@ -230,7 +263,7 @@ class ModelConfig:
             n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
             d_model=hf["hidden_size"], head_dim=hf.get("head_dim"), d_ff=hf["intermediate_size"],
             max_seq_len=hf.get("max_position_embeddings", 2048), pos_embedding="rope",
-            rope_theta=float(theta), rope_scaling=float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0,
+            rope_theta=float(theta), rope_scaling=scaling,
             norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), activation=_FROM_HF_ACT[act],
             gated_mlp=True, bias=bool(hf.get("attention_bias", False)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),

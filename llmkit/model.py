@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmkit import rope
 from llmkit.config import ModelConfig
 from llmkit.data.chat import IGNORE_INDEX
 from llmkit.errors import ConfigError
@@ -29,10 +30,7 @@ from llmkit.tokenizer import Tokenizer
 
 def rope_cos_sin(config: ModelConfig, positions: torch.Tensor, dtype: torch.dtype):
     """cos and sin of shape (batch, seq, head_dim) for integer `positions` of shape (batch, seq)."""
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, device=positions.device,
-                                                         dtype=torch.int64).float() / dim))
-    inv_freq = inv_freq / config.rope_scaling  # linear position interpolation
+    inv_freq, _ = rope.inv_freq(config.head_dim, config.rope_theta, config.rope_scaling, positions.device)
     freqs = positions.float()[..., None] * inv_freq  # fp32 even under autocast: positions are large
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)

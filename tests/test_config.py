@@ -55,6 +55,6 @@ def test_a_combination_transformers_cannot_run_says_so():
 
 def test_unsupported_rope_type_in_hf_config():
     hf = ModelConfig.from_preset("llama-tiny").to_hf_config()
-    hf["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}
-    with pytest.raises(ConfigError, match="rope_type 'yarn' is not supported"):
+    hf["rope_parameters"] = {"rope_type": "longrope", "factor": 4.0, "rope_theta": 1e4}
+    with pytest.raises(ConfigError, match="rope_scaling type 'longrope' is not supported"):
         ModelConfig.from_hf_config(hf)

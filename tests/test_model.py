@@ -54,7 +54,7 @@ def test_transformers_checkpoint_loads_with_same_logits(tmp_path, make):
 @pytest.mark.parametrize("preset_overrides", [
     dict(n_layer=2, n_head=8, n_kv_head=2, d_model=64, d_ff=160, vocab_size=256, tie_embeddings=False),
     dict(n_layer=2, n_head=4, n_kv_head=4, d_model=64, d_ff=128, vocab_size=256, tie_embeddings=True,
-         rope_scaling=2.0),
+         rope_scaling={"rope_type": "linear", "factor": 2.0}),
 ], ids=["llama-gqa-untied", "llama-tied-scaled"])
 def test_llmkit_llama_checkpoint_loads_in_transformers(tmp_path, preset_overrides):
     ours = randomize_norms(Transformer(ModelConfig.from_preset("llama-tiny", **preset_overrides)).eval())

@@ -156,7 +156,8 @@ def config_from_metadata(meta: dict, tensor_names: set[str], source: str) -> Mod
             head_dim=int(head_dim), d_ff=int(_require(meta, a + "feed_forward_length", source)),
             max_seq_len=int(meta.get(a + "context_length", 2048)), pos_embedding="rope",
             rope_theta=float(meta.get(a + "rope.freq_base", 10000.0)),
-            rope_scaling=float(meta.get(a + "rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0,
+            rope_scaling=({"rope_type": "linear", "factor": float(meta[a + "rope.scaling.factor"])}
+                          if scaling == "linear" else None),
             norm="rmsnorm", norm_eps=float(meta.get(a + "attention.layer_norm_rms_epsilon", 1e-5)),
             activation="silu", gated_mlp=True, bias="blk.0.attn_q.bias" in tensor_names,
             tie_embeddings="output.weight" not in tensor_names,
@@ -333,9 +334,11 @@ def _write_metadata(w, c: ModelConfig, token_meta: dict, quant: str, name: str |
     if c.head_dim * c.n_head != c.d_model:
         w.add_key_length(c.head_dim)
         w.add_value_length(c.head_dim)
-    if c.rope_scaling != 1.0:
+    if c.rope_scaling is not None:
+        if c.rope_scaling.get("rope_type") != "linear":
+            raise ConfigError(f"GGUF export of rope_scaling {c.rope_scaling.get('rope_type')!r} is not supported")
         w.add_rope_scaling_type(_gguf().RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(c.rope_scaling)
+        w.add_rope_scaling_factor(c.rope_scaling["factor"])
     for key, value in token_meta.items():
         if key == "tokenizer.ggml.token_type":
             w.add_array(key, [int(v) for v in value])
