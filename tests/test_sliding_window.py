@@ -29,7 +29,7 @@ def gemma_like(**overrides) -> Transformer:
     torch.manual_seed(0)
     model = Transformer(config).eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:  # perturbed norms and biases, so a dropped one changes the logits
                 p.add_(0.1 * torch.randn_like(p))
         model.lm_head.weight.mul_(4.0)  # peaked distributions: greedy paths are not decided by rounding
