@@ -507,13 +507,12 @@ class Transformer(nn.Module):
         slot = slot.reshape(1)
         masks = {}
         for layer, kind in self._first_layer_of_each_kind().items():
-            k_slots = kv_cache.key_slots(layer, slot, 1)
+            visible = key_mask
             if kv_cache.windows[layer] is not None:  # a ring: its entries hold the window's slots
+                k_slots = kv_cache.key_slots(layer, slot, 1)
                 visible = key_mask.gather(1, k_slots.clamp(min=0).expand(key_mask.shape[0], -1)) & (k_slots >= 0)
             elif kind == SLIDING:  # a window as long as the cache: mask the slots it has left behind
-                visible = key_mask & (k_slots > slot - self.config.sliding_window)
-            else:
-                visible = key_mask
+                visible = key_mask & (kv_cache.key_slots(layer, slot, 1) > slot - self.config.sliding_window)
             masks[kind] = (visible[:, None, None, :], False)
         return self.lm_head(self._trunk(input_ids, positions, Step(slot, masks), kv_cache))
 
