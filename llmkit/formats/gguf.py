@@ -183,10 +183,10 @@ def config_from_metadata(meta: dict, tensor_names: set[str], source: str) -> Mod
         n_kv_head=int(meta.get(a + "attention.head_count_kv") or n_head), d_model=d_model,
         head_dim=int(head_dim), d_ff=int(_require(meta, a + "feed_forward_length", source)),
         max_seq_len=int(meta.get(a + "context_length", 2048)), pos_embedding="rope",
-        rope_theta=float(meta.get(a + "rope.freq_base", 10000.0)),
-        rope_scaling=({"rope_type": "linear", "factor": float(meta[a + "rope.scaling.factor"])}
+        rope_theta=_f32(meta.get(a + "rope.freq_base", 10000.0)),
+        rope_scaling=({"rope_type": "linear", "factor": _f32(meta[a + "rope.scaling.factor"])}
                       if scaling == "linear" else None),
-        norm="rmsnorm", norm_eps=float(meta.get(a + "attention.layer_norm_rms_epsilon", 1e-5)),
+        norm="rmsnorm", norm_eps=_f32(meta.get(a + "attention.layer_norm_rms_epsilon", 1e-5)),
         activation="silu", gated_mlp=True, tie_embeddings="output.weight" not in tensor_names,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id"))
@@ -224,7 +224,12 @@ def _gemma3_fields(meta: dict, fields: dict, source: str) -> dict:
     scalar = fields["d_model"] // fields["n_head"] if n_layer == 62 else fields["head_dim"]
     return dict(activation="gelu_tanh", norm_offset=1.0, qk_norm=True, sandwich_norm=True, embed_scale=True,
                 attn_scale=float(scalar) ** -0.5, sliding_window=window or None, layer_types=types,
-                rope_local_theta=float(meta.get("gemma3.rope.freq_base_swa", GEMMA3_LOCAL_THETA)))
+                rope_local_theta=_f32(meta.get("gemma3.rope.freq_base_swa", GEMMA3_LOCAL_THETA)))
+
+
+def _f32(value) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-06, not 9.99999997e-07)."""
+    return float(str(np.float32(value)))
 
 
 def dequantize(data: np.ndarray, type_name: str, shape: tuple[int, ...], name: str, source: str) -> np.ndarray:
