@@ -172,7 +172,7 @@ def test_hf_model_type_names_the_fields(changes, message):
         return
     with pytest.raises(ConfigError, match="no transformers model_type computes this combination of fields: " + ".*"
                        + message):
-        config.hf_model_type
+        config.hf_model_type  # noqa: B018 - the property raises
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -264,9 +264,12 @@ _SAMPLE = ("token_embd.weight", "output_norm.weight", "blk.0.attn_q.weight", "bl
            "blk.5.ffn_down.weight", "output.weight")
 
 
+_GGUFReader = gguf.GGUFReader
+
+
 @functools.cache
 def _reader(path: str):
-    return gguf.GGUFReader(path)
+    return _GGUFReader(path)
 
 
 def _one_parse(path):
@@ -277,8 +280,12 @@ def _one_parse(path):
 @functools.cache
 def _real(name: str):
     """(llmkit's contents with the sample tensors, transformers' config, transformers' sample tensors by GGUF name)."""
-    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
-                                                          get_gguf_hf_weights_map, load_gguf_checkpoint)
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        load_gguf_checkpoint,
+    )
 
     path = str(resolve(name))
     with _one_parse(path):
