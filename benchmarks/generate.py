@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from llmkit import ModelConfig, Transformer
+from llmkit.generate.engine import generate_tensor
 from llmkit.generate.fast import quantize
 
 ACCURACY_TEXT = (
@@ -107,7 +108,7 @@ def generate_seconds(kind, model, ids, new_tokens: int, compile: bool = False) -
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     else:
-        out = model.generate(ids, max_new_tokens=new_tokens, temperature=0, ignore_eos=True, compile=compile)
+        out = generate_tensor(model, ids, max_new_tokens=new_tokens, temperature=0, ignore_eos=True, compile=compile)
     elapsed = time.perf_counter() - start
     assert out.shape[1] == ids.shape[1] + new_tokens, "generation stopped early"
     return elapsed, out

@@ -2,10 +2,11 @@
 
 from llmkit.config import PRESETS, ModelConfig
 from llmkit.errors import ConfigError, DataError, FormatError, LlmkitError
-from llmkit.generate import generate, stream  # the functions shadow the subpackage's name
+from llmkit.generate import generate, generate_tensor, stream  # the functions shadow the subpackage's name
 from llmkit.model import KVCache, Transformer, load
 from llmkit.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 __all__ = ["PRESETS", "ConfigError", "DataError", "FormatError", "KVCache", "LlmkitError", "ModelConfig",
-           "Tokenizer", "Transformer", "__version__", "generate", "load", "stream"]
+           "Tokenizer", "Transformer", "__version__", "generate",
+           "generate_tensor", "load", "stream"]

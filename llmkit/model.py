@@ -1,16 +1,20 @@
-"""The Transformer: one decoder-only class whose variants (GPT-2, Llama, ...) are config fields.
+"""The Transformer: one decoder-only class whose variants (GPT-2, Llama, Qwen2, Gemma-3) are config fields.
 
-Reads top to bottom: rotary embeddings, the KV cache, attention, MLP, block, model. Attention
-goes through `F.scaled_dot_product_attention` (flash / memory-efficient kernels where the device
-has them), grouped-query attention shares each key/value head across a group of query heads, and
-a preallocated `KVCache` serves prefill followed by token-by-token decoding, including
-left-padded batches of prompts with different lengths.
+Reads top to bottom: rotary embeddings, the KV cache, attention masks, attention, MLP, block, model.
+Every caller -- training, evaluation, generation, the server, beam search, PPO -- runs the same
+trunk (`Transformer._trunk`: embed -> RoPE -> blocks -> final norm), entered either through
+`forward`/`hidden_states` (checked inputs, any length, exact-size cache reads) or through
+`decode_step` (one token per row with shapes that never change, for `torch.compile`). Attention
+goes through `F.scaled_dot_product_attention`; grouped-query attention shares each key/value head
+across a group of query heads; sliding-window layers see only the last `sliding_window` positions
+and keep only that many in the cache (a ring buffer), so their memory stops growing with the context.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,16 +28,28 @@ from llmkit.errors import ConfigError
 from llmkit.losses import linear_cross_entropy
 from llmkit.tokenizer import Tokenizer
 
+FULL, SLIDING = "full_attention", "sliding_attention"
+
 # ---------------------------------------------------------------------------------------------
 # Rotary position embeddings (the "rotate half" layout used by transformers' Llama)
 
 
-def rope_cos_sin(config: ModelConfig, positions: torch.Tensor, dtype: torch.dtype):
-    """cos and sin of shape (batch, seq, head_dim) for integer `positions` of shape (batch, seq)."""
-    inv_freq, _ = rope.inv_freq(config.head_dim, config.rope_theta, config.rope_scaling, positions.device)
+def rope_cos_sin(config: ModelConfig, positions: torch.Tensor, dtype: torch.dtype, kind: str = FULL):
+    """cos and sin of shape (batch, seq, head_dim) for integer `positions` of shape (batch, seq).
+
+    Sliding layers of a model with `rope_local_theta` (Gemma-3) use that base without scaling;
+    every other layer uses `rope_theta` with `rope_scaling` (llmkit/rope.py)."""
+    theta, scaling = config.rope_theta, config.rope_scaling
+    if kind == SLIDING and config.rope_local_theta is not None:
+        theta, scaling = config.rope_local_theta, None
+    seq_len = int(positions.max()) + 1 if rope.is_dynamic(scaling) else None
+    inv_freq, factor = rope.inv_freq(config.head_dim, theta, scaling, config.max_seq_len, seq_len, positions.device)
     freqs = positions.float()[..., None] * inv_freq  # fp32 even under autocast: positions are large
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = emb.cos(), emb.sin()
+    if factor != 1.0:
+        cos, sin = cos * factor, sin * factor
+    return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -47,42 +63,95 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # KV cache
 
 
+def ring_slots(filled: int | torch.Tensor, window: int) -> torch.Tensor:
+    """Which cache slot each of a ring buffer's `window` entries holds once slots 0..filled-1 were
+    written (slot s lives at entry s % window); -1 for an entry never written."""
+    device = filled.device if isinstance(filled, torch.Tensor) else None
+    entry = torch.arange(window, device=device)
+    slots = (filled - 1) - ((filled - 1 - entry) % window)
+    return torch.where(slots >= 0, slots, -1)
+
+
 class KVCache:
     """Preallocated keys and values for every layer of one batch.
 
-    `valid[b, s]` says whether cached slot s of row b holds a real token (left padding does not),
-    and `next_position[b]` is the position id the next token of row b gets, so a left-padded batch
-    decodes exactly as each prompt would alone.
+    Slots are shared by every row: slot s of each row is written by the same forward call.
+    `valid[b, s]` says whether slot s of row b holds a real token (left padding does not), and
+    `next_position[b]` is the position id the next token of row b gets, so a left-padded batch
+    decodes exactly as each prompt would alone. A full-attention layer keeps every slot; a
+    sliding-window layer whose window is shorter than the cache keeps only the last `window` slots,
+    slot s at entry s % window (a ring buffer).
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
         self.max_len = max_len or config.max_seq_len
-        shape = (batch_size, config.n_kv_head, self.max_len, config.head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.sliding = [config.sliding_window if config.layer_type(i) == SLIDING else None
+                        for i in range(config.n_layer)]
+        self.windows = self._ring_sizes(self.sliding, self.max_len)
+        shapes = [(batch_size, config.n_kv_head, window or self.max_len, config.head_dim) for window in self.windows]
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
         self.valid = torch.zeros(batch_size, self.max_len, dtype=torch.bool, device=device)
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.length = 0  # slots filled so far (the same for every row)
+
+    @staticmethod
+    def _ring_sizes(sliding: list[int | None], max_len: int) -> list[int | None]:
+        """A sliding layer's buffer is a ring of `window` entries when the window is shorter than the cache."""
+        return [w if w is not None and w < max_len else None for w in sliding]
 
     @property
     def batch_size(self) -> int:
         return self.valid.shape[0]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor):
-        """Write this step's keys/values at `start` and return everything cached so far.
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by keys and values (what grows with the context)."""
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
-        A tensor `start` (the fixed-shape path of `Transformer.decode_step`) writes one slot in place
-        and returns the whole preallocated buffers, so shapes never change from step to step.
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor):
+        """Write the new keys/values (batch, heads, new, head_dim) at slots start.. and return what the
+        new queries attend to, in the order of `key_slots`.
+
+        A tensor `start` (the fixed-shape path of `Transformer.decode_step`, one token) writes in place
+        and returns the whole buffers, so shapes never change from step to step.
         """
+        keys, values, window = self.keys[layer], self.values[layer], self.windows[layer]
         if isinstance(start, torch.Tensor):
-            self.keys[layer].index_copy_(2, start, k)
-            self.values[layer].index_copy_(2, start, v)
-            return self.keys[layer], self.values[layer]
-        end = start + k.shape[2]
-        self.keys[layer][:, :, start:end] = k
-        self.values[layer][:, :, start:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+            entry = start if window is None else start % window
+            keys.index_copy_(2, entry, k)
+            values.index_copy_(2, entry, v)
+            return keys, values
+        new, end = k.shape[2], start + k.shape[2]
+        if window is None:
+            keys[:, :, start:end] = k
+            values[:, :, start:end] = v
+            return keys[:, :, :end], values[:, :, :end]
+        if new == 1:
+            keys[:, :, start % window] = k[:, :, 0]
+            values[:, :, start % window] = v[:, :, 0]
+            return keys[:, :, :min(end, window)], values[:, :, :min(end, window)]
+        old = min(start, window)  # several new tokens: attend to the ring as it was, then keep the last ones
+        k_all, v_all = torch.cat([keys[:, :, :old], k], 2), torch.cat([values[:, :, :old], v], 2)
+        kept = min(new, window)
+        entries = torch.arange(end - kept, end, device=k.device) % window
+        keys.index_copy_(2, entries, k[:, :, -kept:])
+        values.index_copy_(2, entries, v[:, :, -kept:])
+        return k_all, v_all
+
+    def key_slots(self, layer: int, start: int | torch.Tensor, new: int) -> torch.Tensor:
+        """The slot of each key that `update(layer, ...)` returns for `new` tokens written at `start`."""
+        window = self.windows[layer]
+        if isinstance(start, torch.Tensor):
+            return torch.arange(self.max_len, device=start.device) if window is None else ring_slots(start + 1, window)
+        device = self.valid.device
+        if window is None:
+            return torch.arange(start + new, device=device)
+        if new == 1:
+            return ring_slots(start + 1, window).to(device)[:min(start + 1, window)]
+        return torch.cat([ring_slots(start, window).to(device)[:min(start, window)],
+                          torch.arange(start, start + new, device=device)])
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep row `rows[i]` as the new row i (beam search picks its beams; `n` samples copy a prompt)."""
@@ -98,25 +167,31 @@ class KVCache:
 
         Rows are right-aligned, so the next token of every row goes into the same slot, and leading
         slots that no row uses are dropped: a continuously batched decode joins new rows this way and
-        compacts the cache when rows leave.
+        compacts the cache when rows leave. Ring buffers move each kept slot to its new entry.
         """
         used = [int(c.valid[:, :c.length].any(0).int().argmax()) if c.batch_size else c.length for c in caches]
         length = max(c.length - u for c, u in zip(caches, used, strict=True))
         first = caches[0]
-        _, heads, _, dim = first.keys[0].shape
         out = object.__new__(cls)
         out.max_len, out.length = length + room, length
-        batch, like = sum(c.batch_size for c in caches), first.keys[0]
-        out.keys = [like.new_zeros(batch, heads, out.max_len, dim) for _ in first.keys]
-        out.values = [like.new_zeros(batch, heads, out.max_len, dim) for _ in first.keys]
+        out.sliding = first.sliding
+        out.windows = cls._ring_sizes(out.sliding, out.max_len)
+        batch = sum(c.batch_size for c in caches)
+        out.keys = [k.new_zeros(batch, k.shape[1], w or out.max_len, k.shape[3]) for k, w in zip(first.keys, out.windows, strict=True)]
+        out.values = [k.new_zeros(k.shape) for k in out.keys]
         out.valid = first.valid.new_zeros(batch, out.max_len)
         out.next_position = torch.cat([c.next_position for c in caches])
         row = 0
         for c, u in zip(caches, used, strict=True):
-            rows, span = slice(row, row + c.batch_size), c.length - u
-            for new, old in zip(out.keys + out.values, c.keys + c.values, strict=True):
-                new[rows, :, length - span:length] = old[:, :, u:c.length]
-            out.valid[rows, length - span:length] = c.valid[:, u:c.length]
+            rows, shift = slice(row, row + c.batch_size), length - c.length  # new slot = old slot + shift
+            for layer in range(len(out.keys)):
+                kept = out.sliding[layer] or c.length  # a sliding layer needs only its last `window` slots
+                old = torch.arange(max(u, c.length - kept), c.length, device=out.valid.device)
+                src = old if c.windows[layer] is None else old % c.windows[layer]
+                dst = old + shift if out.windows[layer] is None else (old + shift) % out.windows[layer]
+                for new, before in ((out.keys[layer], c.keys[layer]), (out.values[layer], c.values[layer])):
+                    new[rows, :, dst] = before[:, :, src]
+            out.valid[rows, length - (c.length - u):length] = c.valid[:, u:c.length]
             row += c.batch_size
         return out
 
@@ -127,13 +202,51 @@ class KVCache:
 
 
 # ---------------------------------------------------------------------------------------------
+# Attention masks: which keys each new query sees, computed once per forward for each layer kind
+
+
+@dataclass
+class Step:
+    """Where one forward call writes its keys/values (`start`: first cache slot; a 0-d tensor on the
+    fixed-shape decode path) and, per layer kind, SDPA's (mask, is_causal)."""
+
+    start: int | torch.Tensor
+    masks: dict[str, tuple[torch.Tensor | None, bool]]
+
+
+def _mask(q_slots: torch.Tensor, k_slots: torch.Tensor, key_valid: torch.Tensor | None, window: int | None):
+    """Bool mask (batch, 1, queries, keys) or (queries, keys): key slot <= query slot, inside the window,
+    and a real token. A padding query would see no key at all (SDPA would return NaN): it sees itself."""
+    q, k = q_slots[:, None], k_slots[None, :]
+    mask = (k <= q) & (k >= 0)
+    if window is not None:
+        mask &= k > q - window
+    if key_valid is None:
+        return mask
+    return ((mask & key_valid[:, None, :]) | (k == q))[:, None]
+
+
+# ---------------------------------------------------------------------------------------------
 # Layers
 
 
-def _norm(config: ModelConfig) -> nn.Module:
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm whose gain is `offset + weight` (Gemma stores weight - 1 and uses offset 1)."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
+        super().__init__(dim, eps=eps)
+        self.offset = offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.offset:
+            return super().forward(x)
+        return F.rms_norm(x.float(), self.normalized_shape, self.weight.float() + self.offset, self.eps).to(x.dtype)
+
+
+def _norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.d_model, eps=config.norm_eps)
-    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=True)
+        return RMSNorm(dim or config.d_model, config.norm_eps, config.norm_offset)
+    return nn.LayerNorm(dim or config.d_model, eps=config.norm_eps, bias=True)
 
 
 _ACTIVATIONS = {
@@ -144,49 +257,72 @@ _ACTIVATIONS = {
 }
 
 
+@torch.no_grad()
+def fused_linear(*linears: nn.Linear) -> nn.Linear:
+    """One linear layer whose outputs are those of `linears`, concatenated (the weights stacked)."""
+    first = linears[0]
+    out = nn.Linear(first.in_features, sum(m.out_features for m in linears), bias=first.bias is not None,
+                    device=first.weight.device, dtype=first.weight.dtype)
+    out.weight.copy_(torch.cat([m.weight for m in linears]))
+    if first.bias is not None:
+        out.bias.copy_(torch.cat([m.bias for m in linears]))
+    return out
+
+
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         c = config
+        self.layer, self.kind = layer, c.layer_type(layer)
         self.n_head, self.n_kv_head, self.head_dim = c.n_head, c.n_kv_head, c.head_dim
-        self.q_proj = nn.Linear(c.d_model, c.n_head * c.head_dim, bias=c.bias)
-        self.k_proj = nn.Linear(c.d_model, c.n_kv_head * c.head_dim, bias=c.bias)
-        self.v_proj = nn.Linear(c.d_model, c.n_kv_head * c.head_dim, bias=c.bias)
+        qkv_bias = c.bias or c.qkv_bias
+        self.q_proj = nn.Linear(c.d_model, c.n_head * c.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(c.d_model, c.n_kv_head * c.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(c.d_model, c.n_kv_head * c.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(c.n_head * c.head_dim, c.d_model, bias=c.bias)
-        self.qkv_proj = None  # q, k and v in one layer, set by inference-only rewrites (generate/fast.py)
+        self.q_norm = _norm(c, c.head_dim) if c.qk_norm else None
+        self.k_norm = _norm(c, c.head_dim) if c.qk_norm else None
+        self.scale = c.attn_scale
         self.dropout = c.dropout
 
+    def fuse(self) -> None:
+        """Compute q, k and v with one matmul (`qkv_proj`): an inference-time layout of the same weights."""
+        if isinstance(self.q_proj, nn.Linear) and not hasattr(self, "qkv_proj"):
+            self.qkv_proj = fused_linear(self.q_proj, self.k_proj, self.v_proj)
+            del self.q_proj, self.k_proj, self.v_proj
+
     def project_qkv(self, x):
-        if self.qkv_proj is not None:
+        if hasattr(self, "qkv_proj"):
             return self.qkv_proj(x).split([self.n_head * self.head_dim, *[self.n_kv_head * self.head_dim] * 2], -1)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-    def forward(self, x, rope, mask, is_causal, kv_cache, layer, start):
+    def forward(self, x, rope_cs, step: Step, kv_cache: KVCache | None):
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x)
         q = q.reshape(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.reshape(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.reshape(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope_cs is not None:
+            q, k = apply_rope(q, *rope_cs), apply_rope(k, *rope_cs)
         if kv_cache is not None:
-            k, v = kv_cache.update(layer, k, v, start)
+            k, v = kv_cache.update(self.layer, k, v, step.start)
+        mask, is_causal = step.masks[self.kind]
+        dropout = self.dropout if self.training else 0.0
         if T == 1 and self.n_kv_head != self.n_head:
             # One query per row (decoding): fold each group of query heads into the query axis of
             # its key/value head. Same result as enable_gqa, without SDPA's slow CPU path for it.
             q = q.view(B, self.n_kv_head, self.n_head // self.n_kv_head, self.head_dim)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                               dropout_p=self.dropout if self.training else 0.0)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale)
             return self.o_proj(y.reshape(B, 1, self.n_head * self.head_dim))
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout,
+                                           scale=self.scale, enable_gqa=self.n_kv_head != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
 class MLP(nn.Module):
-    """down(act(gate(x)) * up(x)) when gated (SwiGLU), else down(act(up(x))) (GPT-2)."""
+    """down(act(gate(x)) * up(x)) when gated (SwiGLU, GeGLU), else down(act(up(x))) (GPT-2)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -194,11 +330,16 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(c.d_model, c.d_ff, bias=c.bias) if c.gated_mlp else None
         self.up_proj = nn.Linear(c.d_model, c.d_ff, bias=c.bias)
         self.down_proj = nn.Linear(c.d_ff, c.d_model, bias=c.bias)
-        self.gate_up_proj = None  # gate and up in one layer, set by inference-only rewrites (generate/fast.py)
         self.act = _ACTIVATIONS[c.activation]
 
+    def fuse(self) -> None:
+        """Compute gate and up with one matmul (`gate_up_proj`): an inference-time layout of the same weights."""
+        if isinstance(self.gate_proj, nn.Linear) and not hasattr(self, "gate_up_proj"):
+            self.gate_up_proj = fused_linear(self.gate_proj, self.up_proj)
+            del self.gate_proj, self.up_proj
+
     def forward(self, x):
-        if self.gate_up_proj is not None:
+        if hasattr(self, "gate_up_proj"):
             gate, up = self.gate_up_proj(x).chunk(2, -1)
             return self.down_proj(self.act(gate) * up)
         if self.gate_proj is not None:
@@ -207,20 +348,29 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); with `sandwich_norm` each
+    sublayer's output is normalised again before it is added (Gemma)."""
 
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
         self.attn_norm = _norm(config)
-        self.attn = Attention(config)
+        self.attn = Attention(config, layer)
+        self.attn_post_norm = _norm(config) if config.sandwich_norm else None
         self.mlp_norm = _norm(config)
         self.mlp = MLP(config)
+        self.mlp_post_norm = _norm(config) if config.sandwich_norm else None
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope, mask, is_causal, kv_cache, start):
-        x = x + self.drop(self.attn(self.attn_norm(x), rope, mask, is_causal, kv_cache, self.layer, start))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
+    def forward(self, x, rope_cs, step: Step, kv_cache: KVCache | None):
+        h = self.attn(self.attn_norm(x), rope_cs, step, kv_cache)
+        if self.attn_post_norm is not None:
+            h = self.attn_post_norm(h)
+        x = x + self.drop(h)
+        h = self.mlp(self.mlp_norm(x))
+        if self.mlp_post_norm is not None:
+            h = self.mlp_post_norm(h)
+        return x + self.drop(h)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,11 +408,19 @@ class Transformer(nn.Module):
                 if name.endswith("bias"):
                     p.zero_()
                 else:
-                    p.fill_(1.0)  # norm gains
+                    p.fill_(1.0 - self.config.norm_offset if self.config.norm == "rmsnorm" else 1.0)  # gains of 1
             else:
                 scale = 1 / math.sqrt(2 * self.config.n_layer) if name.endswith(("o_proj.weight",
                                                                                   "down_proj.weight")) else 1.0
                 nn.init.normal_(p, mean=0.0, std=std * scale)
+
+    def fuse_projections(self) -> Transformer:
+        """q/k/v and gate/up each as one matmul (one kernel call instead of three or two per block,
+        which matters when decoding one token); the same weights, for inference. Returns self."""
+        for block in self.blocks:
+            block.attn.fuse()
+            block.mlp.fuse()
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -312,7 +470,9 @@ class Transformer(nn.Module):
         return self.score(pool_last(hidden, attention_mask))
 
     def hidden_states(self, input_ids, attention_mask=None, positions=None, kv_cache=None):
-        """The final-norm hidden states (batch, seq, d_model) that the LM head (or any head) reads."""
+        """The final-norm hidden states (batch, seq, d_model) that the LM head (or any head) reads.
+
+        Checks its inputs, writes the new keys/values into `kv_cache` (if any) and advances it."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -323,57 +483,62 @@ class Transformer(nn.Module):
                               f"{'KV cache' if kv_cache is not None else 'model context'} of {limit}")
         new_mask = self._new_token_mask(attention_mask, B, T, past)
         if positions is None:
-            positions = self._positions(new_mask, B, T, past, kv_cache, input_ids.device)
-
-        x = self.embed(input_ids)
-        if self.pos_embed is not None:
-            if int(positions.max()) >= self.config.max_seq_len:
-                raise ConfigError(f"position {int(positions.max())} is beyond the learned position table "
-                                  f"of {self.config.max_seq_len}")
-            x = x + self.pos_embed(positions)
-        x = self.drop(x)
-        rope = rope_cos_sin(self.config, positions, x.dtype) if self.pos_embedding_is_rope else None
-
-        mask, is_causal = self._attention_mask(new_mask, B, T, past, kv_cache, input_ids.device)
-        for block in self.blocks:
-            x = block(x, rope, mask, is_causal, kv_cache, past)
+            positions = self._positions(new_mask, B, T, kv_cache, input_ids.device)
+        if self.pos_embed is not None and int(positions.max()) >= self.config.max_seq_len:
+            raise ConfigError(f"position {int(positions.max())} is beyond the learned position table "
+                              f"of {self.config.max_seq_len}")
+        step = Step(past, self._masks(new_mask, T, past, kv_cache, input_ids.device))
+        hidden = self._trunk(input_ids, positions, step, kv_cache)
         if kv_cache is not None:
             kv_cache.length = past + T
             kv_cache.next_position += T if new_mask is None else new_mask.sum(1)
-        return self.norm(x)
+        return hidden
 
     def decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
                     key_mask: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
         """Logits (batch, 1, vocab) for one new token per row, with shapes that never change.
 
-        The fixed-shape twin of `forward(..., kv_cache=...)` for one token, so that `torch.compile`
-        traces it once for a whole decode loop (gpt-fast's static cache): keys/values are written at
-        cache slot `slot` (a 0-d long tensor) and attention reads the whole preallocated cache,
-        masked by `key_mask` (bool, batch x max_len, true for the slots each row may see, `slot`
-        included). `positions` (batch, 1) are the tokens' position ids. It skips validation and the
-        cache's bookkeeping (`valid`, `length`, `next_position`): its caller keeps those.
+        The entry of the trunk for `torch.compile` (gpt-fast's static cache): keys/values are written at
+        cache slot `slot` (a 0-d long tensor) and attention reads the whole preallocated cache, masked
+        by `key_mask` (bool, batch x max_len, true for the slots each row may see, `slot` included).
+        `positions` (batch, 1) are the tokens' position ids. Its caller (generate.engine.DecodeStep)
+        has checked the inputs and keeps the cache's bookkeeping (`valid`, `length`, `next_position`).
         """
+        slot = slot.reshape(1)
+        masks = {}
+        for layer, kind in self._first_layer_of_each_kind().items():
+            k_slots = kv_cache.key_slots(layer, slot, 1)
+            if kv_cache.windows[layer] is not None:  # a ring: its entries hold the window's slots
+                visible = key_mask.gather(1, k_slots.clamp(min=0).expand(key_mask.shape[0], -1)) & (k_slots >= 0)
+            elif kind == SLIDING:  # a window as long as the cache: mask the slots it has left behind
+                visible = key_mask & (k_slots > slot - self.config.sliding_window)
+            else:
+                visible = key_mask
+            masks[kind] = (visible[:, None, None, :], False)
+        return self.lm_head(self._trunk(input_ids, positions, Step(slot, masks), kv_cache))
+
+    def _trunk(self, input_ids: torch.Tensor, positions: torch.Tensor, step: Step,
+               kv_cache: KVCache | None) -> torch.Tensor:
+        """embed -> positions -> blocks -> final norm: the one forward every entry point runs."""
+        c = self.config
         x = self.embed(input_ids)
+        if c.embed_scale:
+            x = x * torch.tensor(c.d_model ** 0.5, dtype=x.dtype)  # rounded to the dtype, as Gemma does
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
-        rope = rope_cos_sin(self.config, positions, x.dtype) if self.pos_embedding_is_rope else None
-        mask = key_mask[:, None, None, :]
-        slot = slot.reshape(1)
+        x = self.drop(x)
+        ropes = {}
+        if self.pos_embedding_is_rope:
+            ropes = {kind: rope_cos_sin(c, positions, x.dtype, kind) for kind in step.masks}
         for block in self.blocks:
-            x = block(x, rope, mask, False, kv_cache, slot)
-        return self.lm_head(self.norm(x))
+            x = block(x, ropes.get(block.attn.kind), step, kv_cache)
+        return self.norm(x)
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **sampling):
-        """Generate after each row of `input_ids` (batch, seq; left-padded where `attention_mask` is 0).
-
-        Returns a long tensor (batch * n, seq + new) of prompt + generated tokens, padded on the right
-        with the pad (or EOS) id, like transformers' `generate`. `sampling` takes the arguments of
-        `llmkit.generate` (max_new_tokens, temperature, top_p, ..., num_beams for beam search).
-        """
-        from llmkit.generate.engine import generate_tensor
-
-        return generate_tensor(self, input_ids, attention_mask, **sampling)
+    def _first_layer_of_each_kind(self) -> dict[int, str]:
+        kinds: dict[str, int] = {}
+        for i in range(self.config.n_layer):
+            kinds.setdefault(self.config.layer_type(i), i)
+        return {i: kind for kind, i in kinds.items()}
 
     @property
     def pos_embedding_is_rope(self) -> bool:
@@ -391,35 +556,35 @@ class Transformer(nn.Module):
         return None if bool(mask.all()) else mask
 
     @staticmethod
-    def _positions(new_mask, B, T, past, kv_cache, device):
+    def _positions(new_mask, B, T, kv_cache, device):
         start = kv_cache.next_position[:, None] if kv_cache is not None else torch.zeros(B, 1, dtype=torch.long,
                                                                                          device=device)
         if new_mask is None:
             return start + torch.arange(T, device=device)
         return start + (new_mask.long().cumsum(1) - 1).clamp(min=0)
 
-    @staticmethod
-    def _attention_mask(new_mask, B, T, past, kv_cache, device):
-        """(mask, is_causal) for SDPA; the fast paths need no mask tensor at all."""
+    def _masks(self, new_mask, T, past, kv_cache, device) -> dict[str, tuple[torch.Tensor | None, bool]]:
+        """SDPA's (mask, is_causal) for each layer kind; the common cases need no mask tensor at all."""
         if kv_cache is not None:
             kv_cache.valid[:, past:past + T] = True if new_mask is None else new_mask
             padded = not bool(kv_cache.valid[:, :past + T].all())
         else:
             padded = new_mask is not None
-        if not padded:
-            if past == 0:
-                return None, T > 1
-            if T == 1:
-                return None, False  # one new token sees every cached one
-        key_valid = kv_cache.valid[:, :past + T] if kv_cache is not None else new_mask
-        q_pos = torch.arange(past, past + T, device=device)[:, None]
-        k_pos = torch.arange(past + T, device=device)[None, :]
-        causal = k_pos <= q_pos  # (T, S)
-        if key_valid is None:
-            return causal, False
-        # A padding query would see no key at all (and SDPA would return NaN); let it see itself.
-        mask = (causal & key_valid[:, None, :]) | (k_pos == q_pos)
-        return mask[:, None], False
+        q_slots = torch.arange(past, past + T, device=device)
+        masks = {}
+        for layer, kind in self._first_layer_of_each_kind().items():
+            window = self.config.sliding_window if kind == SLIDING else None
+            if not padded and T == 1:
+                masks[kind] = (None, False)  # one new token sees every key the cache returns
+            elif not padded and past == 0 and (window is None or T <= window):
+                masks[kind] = (None, T > 1)
+            elif kv_cache is None:
+                masks[kind] = (_mask(q_slots, q_slots, new_mask, window), False)
+            else:
+                k_slots = kv_cache.key_slots(layer, past, T)
+                key_valid = kv_cache.valid[:, k_slots.clamp(min=0)] if padded else None
+                masks[kind] = (_mask(q_slots, k_slots, key_valid, window), False)
+        return masks
 
     # ---- accounting ---------------------------------------------------------------------------
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

@@ -32,7 +32,13 @@ def check_rope_scaling(scaling: dict[str, Any] | None) -> None:
         raise ConfigError(f"rope_scaling {kind!r} needs a positive 'factor', got {factor!r}")
 
 
-def inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None, device=None) -> tuple[torch.Tensor, float]:
+def is_dynamic(scaling: dict[str, Any] | None) -> bool:
+    """Whether the frequencies depend on the length of the current forward (dynamic NTK)."""
+    return scaling is not None and scaling.get("rope_type") == "dynamic"
+
+
+def inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None, max_position_embeddings: int,
+             seq_len: int | None = None, device=None) -> tuple[torch.Tensor, float]:
     """(inverse frequencies of shape (head_dim/2,), attention factor) for one layer kind."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim))
     if scaling is None:

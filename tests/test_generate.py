@@ -11,6 +11,7 @@ import llmkit
 from llmkit import KVCache, ModelConfig, Transformer
 from llmkit.errors import ConfigError
 from llmkit.generate import engine
+from llmkit.generate.engine import generate_tensor
 from llmkit.generate.text import TextTracker
 from llmkit.tokenizer import Tokenizer
 
@@ -66,7 +67,7 @@ def test_greedy_is_token_identical_to_transformers(tmp_path, family):
     prompt = torch.tensor([[5, 17, 99, 3, 42, 7, 8]])
     with torch.no_grad():
         expected = hf.generate(prompt, max_new_tokens=64, do_sample=False, min_new_tokens=64)
-    got = ours.generate(prompt, max_new_tokens=64, temperature=0, min_tokens=64)
+    got = generate_tensor(ours, prompt, max_new_tokens=64, temperature=0, min_tokens=64)
     assert got.shape == (1, 7 + 64)
     assert torch.equal(got, expected)
 
@@ -78,7 +79,7 @@ def test_left_padded_batch_greedy_matches_transformers(tmp_path):
     with torch.no_grad():
         expected = hf.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
                                min_new_tokens=24, pad_token_id=0)
-    got = ours.generate(ids, mask, max_new_tokens=24, temperature=0, min_tokens=24)
+    got = generate_tensor(ours, ids, mask, max_new_tokens=24, temperature=0, min_tokens=24)
     assert torch.equal(got[:, 6:], expected[:, 6:])
 
 

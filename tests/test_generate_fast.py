@@ -9,7 +9,8 @@ import llmkit
 from llmkit import KVCache, ModelConfig, Transformer
 from llmkit.errors import ConfigError
 from llmkit.generate import engine
-from llmkit.generate.fast import SMALL_BATCH, PackedLinear, _fused, quantize
+from llmkit.generate.fast import SMALL_BATCH, PackedLinear, quantize
+from llmkit.model import fused_linear
 
 
 def quantized_weight(lin, bits):
@@ -80,7 +81,7 @@ def test_a_fused_layer_quantizes_to_exactly_its_parts(bits):
     # groups run along the inputs (int4) or whole rows (int8), so stacking rows changes nothing
     torch.manual_seed(0)
     parts = [nn.Linear(64, n, bias=True) for n in (64, 32, 32)]
-    fused = PackedLinear(_fused(*parts), bits=bits, group_size=32)
+    fused = PackedLinear(fused_linear(*parts), bits=bits, group_size=32)
     alone = [PackedLinear(p, bits=bits, group_size=32) for p in parts]
     assert torch.equal(fused.w8, torch.cat([a.w8 for a in alone]))
     assert torch.equal(fused.w8_scale, torch.cat([a.w8_scale for a in alone]))

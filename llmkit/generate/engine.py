@@ -380,7 +380,7 @@ def complete(model: Transformer, prompts: list[list[int]], params: SamplingParam
     return out
 
 
-# ---- tensors in, tensors out (Transformer.generate) --------------------------------------------
+# ---- tensors in, tensors out (transformers' `model.generate`) --------------------------------------------
 
 
 def generate_tensor(model: Transformer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -111,26 +111,14 @@ class PackedLinear(nn.Module):
 
 
 @torch.no_grad()
-def _fused(*linears: nn.Linear) -> nn.Linear:
-    """One linear layer whose outputs are those of `linears`, concatenated (the weights stacked)."""
-    first = linears[0]
-    out = nn.Linear(first.in_features, sum(m.out_features for m in linears), bias=first.bias is not None,
-                    device=first.weight.device, dtype=first.weight.dtype)
-    out.weight.copy_(torch.cat([m.weight for m in linears]))
-    if first.bias is not None:
-        out.bias.copy_(torch.cat([m.bias for m in linears]))
-    return out
-
-
-@torch.no_grad()
 def quantize(model: nn.Module, bits: int = 8, group_size: int = 32, head_bits: int = 8,
              int8_prefill: bool = True) -> nn.Module:
     """Swap, in place, every linear layer of `model.blocks` for a `PackedLinear` of `bits`, and the LM
     head for one of `head_bits`.
 
-    Layers that read the same input are fused first (q, k, v into `qkv_proj`; gate and up into
-    `gate_up_proj`): one packed call instead of three or two, which matters at batch 1, where each
-    call costs about as much in overhead as in reading weights. Quantizing the groups of a fused
+    Layers that read the same input are fused first (`Transformer.fuse_projections`: q, k, v into
+    `qkv_proj`; gate and up into `gate_up_proj`): one packed call instead of three or two, which
+    matters at batch 1, where each call costs about as much in overhead as in reading weights. Quantizing the groups of a fused
     layer is the same as quantizing its parts, since groups run along the inputs.
 
     `int8_prefill=False` runs prefill on the exact quantized weights in the model's dtype (no
@@ -145,14 +133,7 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int = 32, head_bits: i
     """
     if model.device.type != "cpu":
         raise ConfigError(f"quantize() uses PyTorch's CPU packed kernels; the model is on {model.device}")
-    for block in model.blocks:
-        attn, mlp = block.attn, block.mlp
-        if attn.qkv_proj is None and isinstance(attn.q_proj, nn.Linear):
-            attn.qkv_proj = _fused(attn.q_proj, attn.k_proj, attn.v_proj)
-            attn.q_proj = attn.k_proj = attn.v_proj = None
-        if mlp.gate_proj is not None and mlp.gate_up_proj is None and isinstance(mlp.gate_proj, nn.Linear):
-            mlp.gate_up_proj = _fused(mlp.gate_proj, mlp.up_proj)
-            mlp.gate_proj = mlp.up_proj = None
+    model.fuse_projections()
     for parent in list(model.blocks.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
