@@ -319,29 +319,21 @@ def test_real_gguf_tensors_equal_transformers_gguf_loader(name, model_type):
 
 
 @pytest.mark.slow
-def test_real_qwen25_config():
-    ours, theirs, _ = _real(QWEN25)
+@pytest.mark.parametrize("name, shape", [(QWEN25, (24, 896, 14, 2, 64, 4864, 151936)),
+                                         (GEMMA3, (18, 640, 4, 1, 256, 2048, 262144))])
+def test_real_gguf_config(name, shape):
+    ours, theirs, _ = _real(name)
     c = ours.config
     print(c)
-    assert (c.n_layer, c.d_model, c.n_head, c.n_kv_head, c.head_dim, c.d_ff, c.vocab_size) == \
-        (24, 896, 14, 2, 64, 4864, 151936)
-    assert c.qkv_bias and not c.bias and c.rope_theta == 1e6 and not c.tie_embeddings and c.sliding_window is None
-    # transformers keeps the float32 epsilon (9.99999997e-07); llmkit reads it back as the 1e-06 it was written from
-    assert ModelConfig.from_hf_config(theirs.to_dict()).replace(name=c.name, norm_eps=1e-6) == c
-
-
-@pytest.mark.slow
-def test_real_gemma3_config():
-    ours, theirs, _ = _real(GEMMA3)
-    c = ours.config
-    print(c)
-    assert (c.n_layer, c.d_model, c.n_head, c.n_kv_head, c.head_dim, c.d_ff, c.vocab_size) == \
-        (18, 640, 4, 1, 256, 2048, 262144)
-    assert c.sliding_window == 512 and c.layer_types == [S, S, S, S, S, F] * 3
-    assert (c.rope_theta, c.rope_local_theta, c.attn_scale) == (1e6, 1e4, 256 ** -0.5)
-    assert c.norm_offset == 1.0 and c.qk_norm and c.sandwich_norm and c.embed_scale and c.tie_embeddings
-    # transformers' reading of the same metadata (its Gemma3TextConfig defaults fill what GGUF omits)
-    # transformers keeps the float32 epsilon (9.99999997e-07); llmkit reads it back as the 1e-06 it was written from
+    assert (c.n_layer, c.d_model, c.n_head, c.n_kv_head, c.head_dim, c.d_ff, c.vocab_size) == shape
+    if name == QWEN25:
+        assert c.qkv_bias and not c.bias and c.rope_theta == 1e6 and not c.tie_embeddings and c.sliding_window is None
+    else:
+        assert c.sliding_window == 512 and c.layer_types == [S, S, S, S, S, F] * 3
+        assert (c.rope_theta, c.rope_local_theta, c.attn_scale) == (1e6, 1e4, 256 ** -0.5)
+        assert c.norm_offset == 1.0 and c.qk_norm and c.sandwich_norm and c.embed_scale and c.tie_embeddings
+    # transformers' reading of the same metadata (its config classes' defaults fill what GGUF omits); it keeps
+    # the float32 epsilon (9.99999997e-07), which llmkit reads back as the 1e-06 it was written from
     assert ModelConfig.from_hf_config(theirs.to_dict()).replace(name=c.name, norm_eps=1e-6) == c
 
 
