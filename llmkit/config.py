@@ -1,9 +1,12 @@
 """ModelConfig: every architecture llmkit runs is one set of these fields.
 
-GPT-2 style (learned positions, LayerNorm, GELU, biases, tied embeddings) and Llama style (RoPE,
-RMSNorm, SwiGLU, grouped-query attention, no biases) are both points in this space; the model
-reads the fields, never a family name. `to_hf_config` / `from_hf_config` translate to and from
-the `config.json` that Hugging Face transformers writes for `gpt2` and `llama`.
+GPT-2 style (learned positions, LayerNorm, GELU, biases, tied embeddings), Llama style (RoPE,
+RMSNorm, SwiGLU, grouped-query attention, no biases), Qwen2 (Llama with q/k/v biases) and Gemma-3
+(offset norms, q/k norms, sandwich norms, scaled embeddings, sliding-window layers with their own
+RoPE base) are all points in this space; the model reads the fields, never a family name.
+`to_hf_config` / `from_hf_config` translate to and from the `config.json` that Hugging Face
+transformers writes for `gpt2`, `llama`, `qwen2` and `gemma3_text`; `hf_model_type` says which
+family a set of fields is, or names the fields that keep it out of each.
 """
 
 from __future__ import annotations
@@ -154,83 +157,106 @@ class ModelConfig:
     # ---- Hugging Face config.json ----
     @property
     def hf_model_type(self) -> str:
-        """The transformers `model_type` that computes exactly this network."""
-        if (self.pos_embedding, self.norm, self.gated_mlp) == ("learned", "layernorm", False):
-            if self.bias and self.tie_embeddings and self.n_kv_head == self.n_head \
-                    and self.head_dim * self.n_head == self.d_model:
-                return "gpt2"
-        if (self.pos_embedding, self.norm, self.gated_mlp) == ("rope", "rmsnorm", True):
-            return "llama"
-        raise ConfigError(
-            "no transformers model_type computes this combination "
-            f"(pos_embedding={self.pos_embedding}, norm={self.norm}, gated_mlp={self.gated_mlp}, "
-            f"bias={self.bias}, tie_embeddings={self.tie_embeddings}); "
-            "supported: gpt2 (learned/layernorm/plain MLP/biases/tied) and llama (rope/rmsnorm/gated)")
+        """The transformers `model_type` that computes exactly this network (gpt2, llama, qwen2, gemma3_text)."""
+        misfits = {family: _misfits(self, family) for family in HF_FAMILIES}
+        for family, wrong in misfits.items():
+            if not wrong:
+                return family
+        detail = "; ".join(f"{family} needs {', '.join(wrong)}" for family, wrong in misfits.items())
+        raise ConfigError(f"no transformers model_type computes this combination of fields: {detail}")
 
     def to_hf_config(self) -> dict[str, Any]:
-        hf = self._to_hf_config()
+        model_type = self.hf_model_type
+        hf = {"gpt2": self._to_hf_gpt2, "llama": self._to_hf_llama, "qwen2": self._to_hf_qwen2,
+              "gemma3_text": self._to_hf_gemma3}[model_type]()
+        causal, classifier = HF_FAMILIES[model_type]
+        hf = {"architectures": [classifier if self.num_labels else causal], "model_type": model_type, **hf,
+              "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id}
         if self.num_labels:
-            family = hf["architectures"][0].removesuffix("LMHeadModel").removesuffix("ForCausalLM")
-            hf["architectures"] = [f"{family}ForSequenceClassification"]
             hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
             hf["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
         return hf
 
-    def _to_hf_config(self) -> dict[str, Any]:
-        model_type = self.hf_model_type
-        tokens = {"bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
-                  "pad_token_id": self.pad_token_id}
-        if model_type == "gpt2":
-            return {
-                "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-                "vocab_size": self.vocab_size, "n_positions": self.max_seq_len, "n_embd": self.d_model,
-                "n_layer": self.n_layer, "n_head": self.n_head, "n_inner": self.d_ff,
-                "activation_function": "gelu_new" if self.activation == "gelu_tanh" else _HF_ACT[self.activation],
-                "layer_norm_epsilon": self.norm_eps, "resid_pdrop": self.dropout,
-                "embd_pdrop": self.dropout, "attn_pdrop": self.dropout,
-                "initializer_range": self.init_std, "tie_word_embeddings": True, **tokens,
-            }
-        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
-        if self.rope_scaling is not None:
-            rope = {**self.rope_scaling, "rope_theta": self.rope_theta}
+    def _to_hf_gpt2(self) -> dict[str, Any]:
         return {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": self.vocab_size, "n_positions": self.max_seq_len, "n_embd": self.d_model,
+            "n_layer": self.n_layer, "n_head": self.n_head, "n_inner": self.d_ff,
+            "activation_function": "gelu_new" if self.activation == "gelu_tanh" else _HF_ACT[self.activation],
+            "layer_norm_epsilon": self.norm_eps, "resid_pdrop": self.dropout,
+            "embd_pdrop": self.dropout, "attn_pdrop": self.dropout,
+            "initializer_range": self.init_std, "tie_word_embeddings": True,
+        }
+
+    def _to_hf_decoder(self) -> dict[str, Any]:
+        """The keys llama, qwen2 and gemma3_text share."""
+        rope = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
+        return {
             "vocab_size": self.vocab_size, "hidden_size": self.d_model,
             "intermediate_size": self.d_ff, "num_hidden_layers": self.n_layer,
             "num_attention_heads": self.n_head, "num_key_value_heads": self.n_kv_head,
-            "head_dim": self.head_dim, "max_position_embeddings": self.max_seq_len,
-            "hidden_act": _HF_ACT[self.activation], "rms_norm_eps": self.norm_eps,
+            "head_dim": self.head_dim, "max_position_embeddings": self.max_seq_len, "rms_norm_eps": self.norm_eps,
             "rope_theta": self.rope_theta,  # transformers < 5 reads these two ...
             "rope_scaling": None if self.rope_scaling is None else dict(self.rope_scaling),
             "rope_parameters": rope,  # ... and transformers >= 5 this one
-            "attention_bias": self.bias, "mlp_bias": self.bias, "attention_dropout": self.dropout,
-            "tie_word_embeddings": self.tie_embeddings, "initializer_range": self.init_std, **tokens,
+            "attention_dropout": self.dropout, "tie_word_embeddings": self.tie_embeddings,
+            "initializer_range": self.init_std,
         }
+
+    def _to_hf_llama(self) -> dict[str, Any]:
+        return {**self._to_hf_decoder(), "hidden_act": _HF_ACT[self.activation], "attention_bias": self.bias,
+                "mlp_bias": self.bias}
+
+    def _to_hf_qwen2(self) -> dict[str, Any]:
+        # transformers 5 reads layer_types; 4.x makes layers >= max_window_layers sliding.
+        types = [self.layer_type(i) for i in range(self.n_layer)]
+        sliding = "sliding_attention" in types
+        leading_full = next((i for i, t in enumerate(types) if t == "sliding_attention"), self.n_layer)
+        return {**self._to_hf_decoder(), "hidden_act": _HF_ACT[self.activation], "use_sliding_window": sliding,
+                "sliding_window": self.sliding_window if sliding else None, "max_window_layers": leading_full,
+                "layer_types": types}
+
+    def _to_hf_gemma3(self) -> dict[str, Any]:
+        hf = self._to_hf_decoder()
+        local = self.rope_theta if self.rope_local_theta is None else self.rope_local_theta
+        # transformers 5 keeps one RoPE per layer type; rope_scaling applies to the full-attention layers.
+        hf["rope_parameters"] = {"full_attention": hf["rope_parameters"],
+                                 "sliding_attention": {"rope_type": "default", "rope_theta": local}}
+        scalar = self.head_dim if self.attn_scale is None else self.attn_scale ** -2
+        return {**hf, "rope_local_base_freq": local, "hidden_activation": _HF_ACT[self.activation],
+                "query_pre_attn_scalar": round(scalar) if abs(scalar - round(scalar)) < 1e-6 else scalar,
+                "sliding_window": self.sliding_window,
+                "layer_types": [self.layer_type(i) for i in range(self.n_layer)], "attention_bias": False,
+                "final_logit_softcapping": None, "attn_logit_softcapping": None}
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        """Build from the contents of a transformers `config.json` (`model_type` gpt2 or llama)."""
+        """Build from the contents of a transformers `config.json` (gpt2, llama, qwen2 or gemma3_text)."""
         model_type = hf.get("model_type")
         architecture = (hf.get("architectures") or [""])[0]
         num_labels = 0
         if architecture.endswith("ForSequenceClassification"):
             num_labels = len(hf.get("id2label") or {}) or int(hf.get("num_labels", 2))
+        readers = {"gpt2": cls._from_hf_gpt2, "llama": cls._from_hf_llama, "mistral": cls._from_hf_llama,
+                   "qwen2": cls._from_hf_qwen2, "gemma3_text": cls._from_hf_gemma3}
+        if model_type == "gemma3":
+            raise ConfigError(f"{source}: model_type 'gemma3' is the multimodal Gemma3ForConditionalGeneration; "
+                              "llmkit reads text-only Gemma-3 checkpoints (model_type 'gemma3_text')")
+        if model_type not in readers:
+            raise ConfigError(f"{source}: unsupported model_type {model_type!r}; llmkit reads "
+                              f"{', '.join(repr(m) for m in readers)}")
         try:
-            if model_type == "gpt2":
-                return cls._from_hf_gpt2(hf).replace(num_labels=num_labels)
-            if model_type in ("llama", "mistral"):
-                return cls._from_hf_llama(hf).replace(num_labels=num_labels)
+            config = readers[model_type](hf, source).replace(num_labels=num_labels)
         except KeyError as e:
             raise ConfigError(f"{source}: model_type {model_type!r} needs the key {e.args[0]!r}, "
                               "which is missing") from None
-        raise ConfigError(f"{source}: unsupported model_type {model_type!r}; "
-                          "llmkit reads 'gpt2' and 'llama' checkpoints")
+        config.hf_model_type  # noqa: B018 - refuses a config.json no llmkit family computes
+        return config
 
     @classmethod
-    def _from_hf_gpt2(cls, hf: dict[str, Any]) -> ModelConfig:
+    def _from_hf_gpt2(cls, hf: dict[str, Any], source: str) -> ModelConfig:
         act = hf.get("activation_function", "gelu_new")
         if act not in _FROM_HF_ACT:
-            raise ConfigError(f"config.json: unsupported activation_function {act!r}")
+            raise ConfigError(f"{source}: unsupported activation_function {act!r}")
         return cls(
             name=hf.get("_name_or_path") or "gpt2", vocab_size=hf["vocab_size"],
             n_layer=hf["n_layer"], n_head=hf["n_head"], d_model=hf["n_embd"],
@@ -243,34 +269,128 @@ class ModelConfig:
         )
 
     @classmethod
-    def _from_hf_llama(cls, hf: dict[str, Any]) -> ModelConfig:
-        act = hf.get("hidden_act", "silu")
+    def _from_hf_decoder(cls, hf: dict[str, Any], source: str, act_key: str, defaults: dict[str, Any],
+                         **fields: Any) -> ModelConfig:
+        """The keys llama, qwen2 and gemma3_text share; `defaults`: the config class's own defaults."""
+        act = hf.get(act_key, "silu")
         if act not in _FROM_HF_ACT:
-            raise ConfigError(f"config.json: unsupported hidden_act {act!r}")
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        scaling = None
-        if rope_type != "default":
-            scaling = {"rope_type": rope_type, **{k: v for k, v in rope.items() if k not in ("rope_type", "type",
-                                                                                            "rope_theta")}}
-        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-        if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
-            raise ConfigError("config.json: attention_bias and mlp_bias differ; llmkit's `bias` "
-                              "field sets both")
-        return cls(
-            name=hf.get("_name_or_path") or "llama", vocab_size=hf["vocab_size"],
+            raise ConfigError(f"{source}: unsupported {act_key} {act!r}")
+        theta, scaling = _hf_rope(hf.get("rope_parameters") or hf.get("rope_scaling") or {},
+                                  hf.get("rope_theta", defaults.get("rope_theta", 10000.0)))
+        values = dict(
+            name=hf.get("_name_or_path") or hf["model_type"], vocab_size=hf["vocab_size"],
             n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
             n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
             d_model=hf["hidden_size"], head_dim=hf.get("head_dim"), d_ff=hf["intermediate_size"],
             max_seq_len=hf.get("max_position_embeddings", 2048), pos_embedding="rope",
-            rope_theta=float(theta), rope_scaling=scaling,
-            norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), activation=_FROM_HF_ACT[act],
-            gated_mlp=True, bias=bool(hf.get("attention_bias", False)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            rope_theta=theta, rope_scaling=scaling,
+            norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), activation=_FROM_HF_ACT[act], gated_mlp=True,
+            tie_embeddings=bool(hf.get("tie_word_embeddings", defaults.get("tie_word_embeddings", False))),
             dropout=hf.get("attention_dropout", 0.0), init_std=hf.get("initializer_range", 0.02),
-            bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
-            pad_token_id=hf.get("pad_token_id"),
-        )
+            **{k: hf.get(k, defaults.get(k)) for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+        return cls(**{**values, **fields})
+
+    @classmethod
+    def _from_hf_llama(cls, hf: dict[str, Any], source: str) -> ModelConfig:
+        if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
+            raise ConfigError(f"{source}: attention_bias and mlp_bias differ; llmkit's `bias` field sets both")
+        return cls._from_hf_decoder(hf, source, "hidden_act", {}, bias=bool(hf.get("attention_bias", False)))
+
+    @classmethod
+    def _from_hf_qwen2(cls, hf: dict[str, Any], source: str) -> ModelConfig:
+        window = hf.get("sliding_window", 4096) if hf.get("use_sliding_window", False) else None
+        types = hf.get("layer_types")
+        if types is None and window is not None:  # transformers' rule for configs without layer_types
+            types = ["sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
+                     for i in range(hf["num_hidden_layers"])]
+        return cls._from_hf_decoder(hf, source, "hidden_act", {}, qkv_bias=True, **_hf_layers(types, window))
+
+    @classmethod
+    def _from_hf_gemma3(cls, hf: dict[str, Any], source: str) -> ModelConfig:
+        for key in ("final_logit_softcapping", "attn_logit_softcapping", "attention_bias",
+                    "use_bidirectional_attention"):
+            if hf.get(key):
+                raise ConfigError(f"{source}: {key}={hf[key]!r} is not supported for gemma3_text "
+                                  "(llmkit's Gemma-3 has no soft-capping, no attention biases and is causal)")
+        rope = hf.get("rope_parameters") or {}
+        if "full_attention" in rope or "sliding_attention" in rope:  # transformers >= 5: one per layer type
+            full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+        else:  # transformers 4: rope_scaling applies to the global layers, the local ones have their own base
+            full, local = rope or hf.get("rope_scaling") or {}, {}
+        local_theta, local_scaling = _hf_rope(local, hf.get("rope_local_base_freq", 10000.0))
+        if local_scaling is not None:
+            raise ConfigError(f"{source}: rope_parameters.sliding_attention has rope_type "
+                              f"{local_scaling['rope_type']!r}; llmkit scales only the full-attention layers")
+        types = hf.get("layer_types")
+        if types is None:  # transformers' rule: every `sliding_window_pattern`-th layer is global
+            pattern = hf.get("sliding_window_pattern", 6)
+            types = ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                     for i in range(hf["num_hidden_layers"])]
+        theta, scaling = _hf_rope(full, hf.get("rope_theta", 1_000_000.0))
+        return cls._from_hf_decoder(
+            hf, source, "hidden_activation", _GEMMA3_DEFAULTS, rope_theta=theta, rope_scaling=scaling,
+            rope_local_theta=local_theta, norm_offset=1.0, qk_norm=True, sandwich_norm=True, embed_scale=True,
+            attn_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
+            **_hf_layers(types, hf.get("sliding_window", 4096)))
+
+
+# transformers model_type -> (causal LM class, sequence-classification class)
+HF_FAMILIES = {
+    "gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification"),
+    "llama": ("LlamaForCausalLM", "LlamaForSequenceClassification"),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
+    "gemma3_text": ("Gemma3ForCausalLM", "Gemma3TextForSequenceClassification"),
+}
+
+# Gemma3TextConfig's defaults where they matter when a key is absent.
+_GEMMA3_DEFAULTS = {"tie_word_embeddings": True, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
+
+# The fields each family fixes (field -> required value); the others (sizes, theta, eps, ...) are free.
+_NOT_GEMMA = dict(norm_offset=0.0, qk_norm=False, sandwich_norm=False, embed_scale=False, attn_scale=None,
+                  rope_local_theta=None)
+_FAMILY_FIELDS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(pos_embedding="learned", norm="layernorm", gated_mlp=False, bias=True, tie_embeddings=True,
+                 rope_scaling=None, **_NOT_GEMMA),
+    "llama": dict(pos_embedding="rope", norm="rmsnorm", gated_mlp=True, **_NOT_GEMMA),
+    "qwen2": dict(pos_embedding="rope", norm="rmsnorm", gated_mlp=True, bias=False, qkv_bias=True, **_NOT_GEMMA),
+    "gemma3_text": dict(pos_embedding="rope", norm="rmsnorm", gated_mlp=True, bias=False, qkv_bias=False,
+                        norm_offset=1.0, qk_norm=True, sandwich_norm=True, embed_scale=True),
+}
+
+
+def _misfits(c: ModelConfig, family: str) -> list[str]:
+    """What keeps `c` out of `family`, as 'field=wanted (got value)' strings; empty when it fits."""
+    wrong = [f"{k}={v!r} (got {getattr(c, k)!r})" for k, v in _FAMILY_FIELDS[family].items() if getattr(c, k) != v]
+    sliding = c.sliding_window is not None and any(c.layer_type(i) == "sliding_attention" for i in range(c.n_layer))
+    if family in ("gpt2", "llama") and sliding:
+        wrong.append(f"no sliding_attention layers (got sliding_window={c.sliding_window})")
+    if family == "gpt2" and (c.n_kv_head != c.n_head or c.head_dim * c.n_head != c.d_model):
+        wrong.append(f"n_kv_head=n_head and head_dim*n_head=d_model (got n_kv_head={c.n_kv_head}, "
+                     f"head_dim={c.head_dim})")
+    if family == "llama" and c.qkv_bias and not c.bias:
+        wrong.append("bias=True with qkv_bias (its attention_bias covers q, k, v and o)")
+    return wrong
+
+
+def _hf_rope(params: dict[str, Any], theta: float) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from a transformers rope dict (v5 `rope_parameters` or v4 `rope_scaling`,
+    whose theta is a separate key); the scaling keys are kept as they are, and validated by llmkit.rope."""
+    kind = params.get("rope_type", params.get("type", "default"))
+    theta = float(params.get("rope_theta", theta))
+    if kind == "default":
+        return theta, None
+    scaling = {"rope_type": kind, **{k: v for k, v in params.items() if k not in ("rope_type", "type", "rope_theta")}}
+    check_rope_scaling(scaling)
+    return theta, scaling
+
+
+def _hf_layers(types: list[str] | None, window: int | None) -> dict[str, Any]:
+    """llmkit's (layer_types, sliding_window): None for uniform stacks (all full: no window either)."""
+    if types is None or window is None or all(t == "full_attention" for t in types):
+        return {"layer_types": None, "sliding_window": None}
+    if all(t == "sliding_attention" for t in types):
+        return {"layer_types": None, "sliding_window": int(window)}
+    return {"layer_types": list(types), "sliding_window": int(window)}
 
 
 _GPT2 = dict(pos_embedding="learned", norm="layernorm", activation="gelu_tanh", gated_mlp=False,

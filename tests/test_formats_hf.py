@@ -30,7 +30,8 @@ def test_unknown_model_type(checkpoint):
     config = json.loads((checkpoint / "config.json").read_text())
     config["model_type"] = "mamba"
     (checkpoint / "config.json").write_text(json.dumps(config))
-    with pytest.raises(FormatError, match=r"config\.json: unsupported model_type 'mamba'; llmkit reads 'gpt2' and 'llama'"):
+    with pytest.raises(FormatError, match=r"config\.json: unsupported model_type 'mamba'; llmkit reads 'gpt2', 'llama', "
+                                         r"'mistral', 'qwen2', 'gemma3_text'"):
         Transformer.from_pretrained(checkpoint)
 
 

@@ -1,12 +1,15 @@
 """GGUF files (llama.cpp's format) in and out: file <-> (ModelConfig, llmkit-named tensors, Tokenizer).
 
-Reading parses with the `gguf` package (llama.cpp's own reader), dequantizes every tensor to
-float32 with the package's dequantizers (so our weights are bit-identical to what transformers'
-`gguf_file=` loader produces), undoes the row permutation llama.cpp's converter applies to the
-Q and K projections (its RoPE pairs adjacent dimensions; ours and transformers' pair i with
-i + head_dim/2), and rebuilds the tokenizer and chat template from the metadata. Writing does the
-reverse, quantizing each tensor to the type llama.cpp's quantizer would choose for the requested
-file type (`gguf_quants.RECIPES`). Like hf.py, this module never imports the model.
+Three architectures: `llama`, `qwen2` (llama + q/k/v biases) and `gemma3` (q/k norms, sandwich
+norms, scaled embeddings, sliding-window layers). Reading parses with the `gguf` package (llama.cpp's
+own reader), dequantizes every tensor to float32 with the package's dequantizers (so our weights
+are bit-identical to what transformers' `gguf_file=` loader produces) and undoes what llama.cpp's
+converter changed: for `llama` only, the row permutation of the Q and K projections (its llama RoPE
+pairs adjacent dimensions; ours and transformers' pair i with i + head_dim/2, as llama.cpp's NEOX
+RoPE of qwen2 and gemma3 does, so those are stored unpermuted); for `gemma3`, the +1 added to every
+norm weight (HF stores w with gain 1 + w). The tokenizer and chat template come from the metadata.
+Writing does the reverse, quantizing each tensor to the type llama.cpp's quantizer would choose for
+the requested file type (`gguf_quants.plan_types`). Like hf.py, this module never imports the model.
 """
 
 from __future__ import annotations
@@ -24,7 +27,14 @@ from llmkit.files import atomic_path
 from llmkit.formats.gguf_tokenizer import tokenizer_from_metadata, tokenizer_to_metadata
 from llmkit.tokenizer import Tokenizer
 
-ARCHITECTURES = ("llama",)
+ARCHITECTURES = ("llama", "qwen2", "gemma3")
+_HF_TO_ARCH = {"llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3"}
+
+# llama.cpp's gemma3: every 6th layer is global unless `sliding_window_pattern` says otherwise
+# (src/models/gemma3.cpp: load_swa_pattern(ml, 6)); sliding layers use RoPE base 10,000 unless
+# `rope.freq_base_swa` is set (llama-hparams.h: rope_freq_base_train_swa = 10000.0f).
+GEMMA3_SWA_PATTERN = 6
+GEMMA3_LOCAL_THETA = 10000.0
 
 # Tensor types we dequantize: llama.cpp's common file types (SmolLM2: Q4_1, Q8_0, F32;
 # Gemma-3 Q4_K_M: Q4_K, Q5_0, Q6_K, Q8_0; our K-quant exports also use Q3_K, Q5_K, IQ4_NL).
@@ -46,7 +56,7 @@ class GGUFContents:
 
     config: ModelConfig
     tensors: dict[str, torch.Tensor]
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None when read with with_tokenizer=False
     metadata: dict = field(repr=False)  # every key except the tokenizer's big arrays
     tensor_types: dict[str, str] = field(repr=False)  # GGUF tensor name -> its stored type
 
@@ -55,21 +65,40 @@ class GGUFContents:
 # Names: llama.cpp's tensor names <-> llmkit's
 
 
+def gguf_arch(config: ModelConfig) -> str:
+    """The llama.cpp architecture that computes `config` (llama, qwen2 or gemma3)."""
+    model_type = config.hf_model_type
+    if model_type not in _HF_TO_ARCH:
+        raise ConfigError(f"only llama-style models (llama, qwen2, gemma3: rope, rmsnorm, gated MLP) can be written "
+                          f"to GGUF; this config is {model_type}")
+    return _HF_TO_ARCH[model_type]
+
+
 def _names(config: ModelConfig) -> dict[str, str]:
-    """GGUF name -> llmkit name for a llama-architecture model."""
+    """GGUF name -> llmkit name for a llama, qwen2 or gemma3 model."""
+    c = config
     names = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight"}
-    if not config.tie_embeddings:
+    if not c.tie_embeddings:
         names["output.weight"] = "lm_head.weight"
-    parts = {"attn_norm": "attn_norm", "attn_q": "attn.q_proj", "attn_k": "attn.k_proj", "attn_v": "attn.v_proj",
-             "attn_output": "attn.o_proj", "ffn_norm": "mlp_norm", "ffn_gate": "mlp.gate_proj",
-             "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
-    for i in range(config.n_layer):
-        for ours_suffix in ("weight",) + (("bias",) if config.bias else ()):
-            for g, o in parts.items():
-                if ours_suffix == "bias" and g.endswith("norm"):
-                    continue
-                names[f"blk.{i}.{g}.{ours_suffix}"] = f"blocks.{i}.{o}.{ours_suffix}"
+    linears = {"attn_q": "attn.q_proj", "attn_k": "attn.k_proj", "attn_v": "attn.v_proj", "attn_output": "attn.o_proj",
+               "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    biased = set(linears) if c.bias else {"attn_q", "attn_k", "attn_v"} if c.qkv_bias else set()
+    norms = {"attn_norm": "attn_norm", "ffn_norm": "mlp_norm"}
+    if c.qk_norm:
+        norms.update(attn_q_norm="attn.q_norm", attn_k_norm="attn.k_norm")
+    if c.sandwich_norm:
+        norms.update(post_attention_norm="attn_post_norm", post_ffw_norm="mlp_post_norm")
+    for i in range(c.n_layer):
+        for g, o in {**norms, **linears}.items():
+            names[f"blk.{i}.{g}.weight"] = f"blocks.{i}.{o}.weight"
+            if g in biased:
+                names[f"blk.{i}.{g}.bias"] = f"blocks.{i}.{o}.bias"
     return names
+
+
+def _norm_shift(arch: str, gguf_name: str) -> float:
+    """What llama.cpp's converter adds to a stored weight: 1 to every gemma3 norm (gain 1 + w)."""
+    return 1.0 if arch == "gemma3" and gguf_name.endswith("norm.weight") else 0.0
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -148,23 +177,59 @@ def config_from_metadata(meta: dict, tensor_names: set[str], source: str) -> Mod
     vocab = meta.get(a + "vocab_size") or len(meta.get("tokenizer.ggml.tokens") or ()) or None
     if vocab is None:
         raise FormatError(f"{source}: neither {a}vocab_size nor tokenizer.ggml.tokens gives the vocabulary size")
+    fields = dict(
+        name=str(meta.get("general.name", "gguf")), vocab_size=int(vocab),
+        n_layer=int(_require(meta, a + "block_count", source)), n_head=n_head,
+        n_kv_head=int(meta.get(a + "attention.head_count_kv") or n_head), d_model=d_model,
+        head_dim=int(head_dim), d_ff=int(_require(meta, a + "feed_forward_length", source)),
+        max_seq_len=int(meta.get(a + "context_length", 2048)), pos_embedding="rope",
+        rope_theta=_f32(meta.get(a + "rope.freq_base", 10000.0)),
+        rope_scaling=({"rope_type": "linear", "factor": _f32(meta[a + "rope.scaling.factor"])}
+                      if scaling == "linear" else None),
+        norm="rmsnorm", norm_eps=_f32(meta.get(a + "attention.layer_norm_rms_epsilon", 1e-5)),
+        activation="silu", gated_mlp=True, tie_embeddings="output.weight" not in tensor_names,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"))
+    if arch == "llama":
+        fields["bias"] = "blk.0.attn_q.bias" in tensor_names
+    elif arch == "qwen2":
+        fields["qkv_bias"] = True
+    else:
+        fields.update(_gemma3_fields(meta, fields, source))
     try:
-        return ModelConfig(
-            name=str(meta.get("general.name", "gguf")), vocab_size=int(vocab),
-            n_layer=int(_require(meta, a + "block_count", source)), n_head=n_head,
-            n_kv_head=int(meta.get(a + "attention.head_count_kv") or n_head), d_model=d_model,
-            head_dim=int(head_dim), d_ff=int(_require(meta, a + "feed_forward_length", source)),
-            max_seq_len=int(meta.get(a + "context_length", 2048)), pos_embedding="rope",
-            rope_theta=float(meta.get(a + "rope.freq_base", 10000.0)),
-            rope_scaling=({"rope_type": "linear", "factor": float(meta[a + "rope.scaling.factor"])}
-                          if scaling == "linear" else None),
-            norm="rmsnorm", norm_eps=float(meta.get(a + "attention.layer_norm_rms_epsilon", 1e-5)),
-            activation="silu", gated_mlp=True, bias="blk.0.attn_q.bias" in tensor_names,
-            tie_embeddings="output.weight" not in tensor_names,
-            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
-            pad_token_id=meta.get("tokenizer.ggml.padding_token_id"))
+        return ModelConfig(**fields)
     except ConfigError as e:
         raise FormatError(f"{source}: the metadata describes an invalid model ({e})") from None
+
+
+def _gemma3_fields(meta: dict, fields: dict, source: str) -> dict:
+    """What llama.cpp's gemma3 graph computes beyond llama (src/models/gemma3.cpp)."""
+    for key in ("gemma3.final_logit_softcapping", "gemma3.attn_logit_softcapping"):
+        if meta.get(key):
+            raise FormatError(f"{source}: {key}={meta[key]} is not supported (llmkit's Gemma-3 has no soft-capping)")
+    n_layer, window = fields["n_layer"], int(meta.get("gemma3.attention.sliding_window") or 0)
+    pattern = meta.get("gemma3.attention.sliding_window_pattern", GEMMA3_SWA_PATTERN)
+    if isinstance(pattern, list):  # one flag per layer: is it sliding?
+        if len(pattern) != n_layer:
+            raise FormatError(f"{source}: gemma3.attention.sliding_window_pattern lists {len(pattern)} layers, "
+                              f"expected {n_layer}")
+        sliding = [bool(p) for p in pattern]
+    else:  # llama_hparams::set_swa_pattern: layer il is sliding when il % n < n - 1 (n = 0: all sliding)
+        n = int(pattern)
+        sliding = [n == 0 or il % n < n - 1 for il in range(n_layer)]
+    types = ["sliding_attention" if s else "full_attention" for s in sliding] if window else None
+    if types is not None and len(set(types)) == 1:  # uniform: llmkit says it with sliding_window alone
+        types, window = None, window if sliding[0] else 0
+    # llama.cpp scales queries by 1/sqrt(head_dim), except Gemma-3 27B (62 layers): 1/sqrt(d_model / n_head).
+    scalar = fields["d_model"] // fields["n_head"] if n_layer == 62 else fields["head_dim"]
+    return dict(activation="gelu_tanh", norm_offset=1.0, qk_norm=True, sandwich_norm=True, embed_scale=True,
+                attn_scale=float(scalar) ** -0.5, sliding_window=window or None, layer_types=types,
+                rope_local_theta=_f32(meta.get("gemma3.rope.freq_base_swa", GEMMA3_LOCAL_THETA)))
+
+
+def _f32(value) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-06, not 9.99999997e-07)."""
+    return float(str(np.float32(value)))
 
 
 def dequantize(data: np.ndarray, type_name: str, shape: tuple[int, ...], name: str, source: str) -> np.ndarray:
@@ -181,11 +246,13 @@ def dequantize(data: np.ndarray, type_name: str, shape: tuple[int, ...], name: s
     return np.asarray(out, dtype=np.float32).reshape(shape)
 
 
-def read_gguf(path: str | os.PathLike) -> GGUFContents:
+def read_gguf(path: str | os.PathLike, with_tokenizer: bool = True, only: set[str] | None = None) -> GGUFContents:
     """Read a GGUF model file: config, float32 tensors with llmkit names, tokenizer, metadata.
 
     Every check (architecture, names, shapes, types, tokenizer) runs before any tensor is
     dequantized, so a bad file fails fast with one `FormatError` naming the problem.
+    `with_tokenizer=False` skips the tokenizer (None); `only` dequantizes just those llmkit names
+    (for inspection and tests; every tensor is still checked).
     """
     path = Path(path)
     source = str(path)
@@ -193,20 +260,23 @@ def read_gguf(path: str | os.PathLike) -> GGUFContents:
     meta = _metadata(reader)
     stored = {t.name: t for t in reader.tensors}
     config = config_from_metadata(meta, set(stored), source)
-    tokenizer = tokenizer_from_metadata(meta, source)
-    if tokenizer.vocab_size != config.vocab_size:
-        raise FormatError(f"{source}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
-                          f"{config.vocab_size}")
+    arch = meta["general.architecture"]
+    tokenizer = None
+    if with_tokenizer:
+        tokenizer = tokenizer_from_metadata(meta, source)
+        if tokenizer.vocab_size != config.vocab_size:
+            raise FormatError(f"{source}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary "
+                              f"is {config.vocab_size}")
 
     names = _names(config)
     unknown = sorted(set(stored) - set(names))
     if unknown:
-        raise FormatError(f"{source}: unexpected tensor(s) {unknown[:5]} for a {config.n_layer}-layer llama; "
+        raise FormatError(f"{source}: unexpected tensor(s) {unknown[:5]} for a {config.n_layer}-layer {arch}; "
                           "refusing a partial load")
     shapes = _expected_shapes(config)
     for g, ours in names.items():
         if g not in stored:
-            raise FormatError(f"{source}: tensor {g!r} is missing (architecture llama, {config.n_layer} layers)")
+            raise FormatError(f"{source}: tensor {g!r} is missing (architecture {arch}, {config.n_layer} layers)")
         t = stored[g]
         shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists ne0 (the row length) first
         if shape != shapes[ours]:
@@ -218,14 +288,18 @@ def read_gguf(path: str | os.PathLike) -> GGUFContents:
 
     tensors: dict[str, torch.Tensor] = {}
     for g, ours in names.items():
+        if only is not None and ours not in only:
+            continue
         t = stored[g]
         w = dequantize(t.data, t.tensor_type.name, shapes[ours], g, source)
-        if g.endswith(("attn_q.weight", "attn_q.bias")):
+        if arch == "llama" and g.endswith(("attn_q.weight", "attn_q.bias")):
             w = unpermute_qk(w, config.n_head)
-        elif g.endswith(("attn_k.weight", "attn_k.bias")):
+        elif arch == "llama" and g.endswith(("attn_k.weight", "attn_k.bias")):
             w = unpermute_qk(w, config.n_kv_head)
+        elif shift := _norm_shift(arch, g):
+            w = w - np.float32(shift)
         tensors[ours] = torch.from_numpy(w if w.flags.writeable and w.flags.c_contiguous else np.array(w))
-    if config.tie_embeddings:
+    if config.tie_embeddings and "embed.weight" in tensors:
         tensors["lm_head.weight"] = tensors["embed.weight"]
     small = {k: v for k, v in meta.items() if not k.startswith(("tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
                                                                "tokenizer.ggml.merges", "tokenizer.ggml.scores"))}
@@ -251,7 +325,9 @@ def _expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
                        b + "mlp.down_proj.weight": (c.d_model, c.d_ff),
                        b + "attn.q_proj.bias": (q,), b + "attn.k_proj.bias": (kv,), b + "attn.v_proj.bias": (kv,),
                        b + "attn.o_proj.bias": (c.d_model,), b + "mlp.gate_proj.bias": (c.d_ff,),
-                       b + "mlp.up_proj.bias": (c.d_ff,), b + "mlp.down_proj.bias": (c.d_model,)})
+                       b + "mlp.up_proj.bias": (c.d_ff,), b + "mlp.down_proj.bias": (c.d_model,),
+                       b + "attn.q_norm.weight": (c.head_dim,), b + "attn.k_norm.weight": (c.head_dim,),
+                       b + "attn_post_norm.weight": (c.d_model,), b + "mlp_post_norm.weight": (c.d_model,)})
     return shapes
 
 
@@ -270,7 +346,7 @@ def is_gguf(path: str | os.PathLike) -> bool:
 
 def write_gguf(path: str | os.PathLike, config: ModelConfig, state_dict: dict[str, torch.Tensor],
                tokenizer: Tokenizer, quant: str = "F16", name: str | None = None) -> dict[str, str]:
-    """Write a llama-architecture GGUF at file type `quant` (see `gguf_quants.FILE_TYPES`), atomically.
+    """Write a llama, qwen2 or gemma3 GGUF at file type `quant` (see `gguf_quants.FILE_TYPES`), atomically.
 
     Returns GGUF tensor name -> the type it was stored as (llama.cpp's mixed recipe for K-quants).
     """
@@ -281,11 +357,8 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig, state_dict: dict[st
     if quant not in gguf_quants.FILE_TYPES:
         raise ConfigError(f"GGUF quantization {quant!r} is not supported; expected one of "
                           f"{', '.join(gguf_quants.FILE_TYPES)}")
-    if config.hf_model_type != "llama":
-        raise ConfigError("only llama-style models (rope, rmsnorm, gated MLP) can be written to GGUF; "
-                          f"this config is {config.hf_model_type}")
-    if config.bias:
-        raise ConfigError("GGUF export of llama models with biases is not supported (llama.cpp's llama has none)")
+    arch = gguf_arch(config)
+    _check_expressible(config, arch)
     token_meta = tokenizer_to_metadata(tokenizer)
     if tokenizer.vocab_size != config.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
@@ -295,15 +368,17 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig, state_dict: dict[st
     out_types: dict[str, str] = {}
     path = Path(path)
     with atomic_path(path) as tmp:
-        w = gguf.GGUFWriter(str(tmp), "llama")
+        w = gguf.GGUFWriter(str(tmp), arch)
         _write_metadata(w, config, token_meta, quant, name)
         for g, ours in _names(config).items():
             x = state_dict[ours].detach().to("cpu", torch.float32).numpy()
-            if g.endswith("attn_q.weight"):
+            if arch == "llama" and g.endswith("attn_q.weight"):
                 x = permute_qk(x, config.n_head)
-            elif g.endswith("attn_k.weight"):
+            elif arch == "llama" and g.endswith("attn_k.weight"):
                 x = permute_qk(x, config.n_kv_head)
-            type_name = plan[g]
+            elif shift := _norm_shift(arch, g):
+                x = x + np.float32(shift)
+            type_name = plan[g] if g in plan else "F32"  # biases and the extra norms stay F32, as in llama.cpp
             data = gguf_quants.quantize(np.ascontiguousarray(x), type_name)
             qtype = gguf.GGMLQuantizationType[type_name]
             w.add_tensor(g, data, raw_dtype=qtype if type_name not in ("F32", "F16") else None)
@@ -313,6 +388,27 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig, state_dict: dict[st
         w.write_tensors_to_file()
         w.close()
     return out_types
+
+
+def _check_expressible(c: ModelConfig, arch: str) -> None:
+    """Refuse, by name, what llama.cpp's graph for `arch` would compute differently."""
+    if arch == "llama" and c.bias:
+        raise ConfigError("GGUF export of llama models with biases is not supported (llama.cpp's llama has none)")
+    if arch == "qwen2" and c.sliding_window is not None:
+        raise ConfigError(f"GGUF export of a qwen2 model with sliding_window={c.sliding_window} is not supported "
+                          "(llama.cpp's qwen2 attends to every position)")
+    if arch == "qwen2" and c.head_dim * c.n_head != c.d_model:
+        raise ConfigError(f"GGUF export of a qwen2 model with head_dim={c.head_dim} != d_model/n_head is not "
+                          "supported (llama.cpp's qwen2 derives head_dim from d_model)")
+    if arch == "gemma3":
+        if c.activation != "gelu_tanh":
+            raise ConfigError(f"GGUF export of a gemma3 model with activation={c.activation!r} is not supported "
+                              "(llama.cpp's gemma3 uses gelu_tanh)")
+        scalar = c.d_model // c.n_head if c.n_layer == 62 else c.head_dim
+        scale = c.head_dim ** -0.5 if c.attn_scale is None else c.attn_scale
+        if abs(scale - scalar ** -0.5) > 1e-9 * scalar ** -0.5:
+            raise ConfigError(f"GGUF export of a gemma3 model with attn_scale={scale} is not supported: "
+                              f"llama.cpp's gemma3 with {c.n_layer} layers scales queries by {scalar}**-0.5")
 
 
 def _write_metadata(w, c: ModelConfig, token_meta: dict, quant: str, name: str | None) -> None:
@@ -339,6 +435,8 @@ def _write_metadata(w, c: ModelConfig, token_meta: dict, quant: str, name: str |
             raise ConfigError(f"GGUF export of rope_scaling {c.rope_scaling.get('rope_type')!r} is not supported")
         w.add_rope_scaling_type(_gguf().RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(c.rope_scaling["factor"])
+    if w.arch == "gemma3":
+        _write_gemma3_layers(w, c)
     for key, value in token_meta.items():
         if key == "tokenizer.ggml.token_type":
             w.add_array(key, [int(v) for v in value])
@@ -350,6 +448,17 @@ def _write_metadata(w, c: ModelConfig, token_meta: dict, quant: str, name: str |
             w.add_string(key, value)
         else:
             w.add_array(key, list(value))
+
+
+def _write_gemma3_layers(w, c: ModelConfig) -> None:
+    """Sliding window, which layers slide (only when not llama.cpp's default every-6th-global) and their RoPE base."""
+    sliding = [c.layer_type(i) == "sliding_attention" for i in range(c.n_layer)]
+    if not any(sliding):
+        return  # no sliding_window key: llama.cpp's gemma3 makes every layer global
+    w.add_sliding_window(c.sliding_window)
+    if sliding != [i % GEMMA3_SWA_PATTERN < GEMMA3_SWA_PATTERN - 1 for i in range(c.n_layer)]:
+        w.add_sliding_window_pattern(sliding)
+    w.add_rope_freq_base_swa(c.rope_theta if c.rope_local_theta is None else c.rope_local_theta)
 
 
 def export_gguf(spec: str | os.PathLike, out: str | os.PathLike, quant: str = "Q8_0") -> dict[str, str]:

@@ -1,7 +1,8 @@
 """Hugging Face checkpoint folders in and out: config.json + safetensors <-> (ModelConfig, tensors).
 
-Every weight-name mapping between llmkit and transformers lives in `_tensor_map`, one table per
-`model_type`. Loading checks the whole folder before a byte of weights is read: the config, each
+Every weight-name mapping between llmkit and transformers lives in `_tensor_map`: GPT-2's, and one
+for the llama / qwen2 / gemma3_text layout that the config's fields (biases, q/k norms, sandwich norms)
+fill in. Loading checks the whole folder before a byte of weights is read: the config, each
 safetensors header (a truncated file is caught by the tensor that runs past its end), the names
 and the shapes; any problem is one `FormatError` naming the file and the tensor. This module never
 imports the model: `Transformer.from_pretrained` / `save_pretrained` call it.
@@ -48,30 +49,9 @@ class _Entry:
 def _tensor_map(config: ModelConfig) -> list[_Entry]:
     c = config
     model_type = c.hf_model_type
+    if model_type != "gpt2":
+        return _decoder_map(c) + _score_entries(c)
     E: list[_Entry] = []
-    if model_type == "llama":
-        q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
-        E.append(_Entry("model.embed_tokens.weight", (c.vocab_size, c.d_model), ("embed.weight",)))
-        for i in range(c.n_layer):
-            h, o = f"model.layers.{i}", f"blocks.{i}"
-            E.append(_Entry(f"{h}.input_layernorm.weight", (c.d_model,), (f"{o}.attn_norm.weight",)))
-            for name, out_dim, in_dim in (("q", q, c.d_model), ("k", kv, c.d_model), ("v", kv, c.d_model),
-                                          ("o", c.d_model, q)):
-                E.append(_Entry(f"{h}.self_attn.{name}_proj.weight", (out_dim, in_dim),
-                                (f"{o}.attn.{name}_proj.weight",)))
-                if c.bias:
-                    E.append(_Entry(f"{h}.self_attn.{name}_proj.bias", (out_dim,), (f"{o}.attn.{name}_proj.bias",)))
-            E.append(_Entry(f"{h}.post_attention_layernorm.weight", (c.d_model,), (f"{o}.mlp_norm.weight",)))
-            for name, out_dim, in_dim in (("gate", c.d_ff, c.d_model), ("up", c.d_ff, c.d_model),
-                                          ("down", c.d_model, c.d_ff)):
-                E.append(_Entry(f"{h}.mlp.{name}_proj.weight", (out_dim, in_dim), (f"{o}.mlp.{name}_proj.weight",)))
-                if c.bias:
-                    E.append(_Entry(f"{h}.mlp.{name}_proj.bias", (out_dim,), (f"{o}.mlp.{name}_proj.bias",)))
-        E.append(_Entry("model.norm.weight", (c.d_model,), ("norm.weight",)))
-        if not c.tie_embeddings and not c.num_labels:
-            E.append(_Entry("lm_head.weight", (c.vocab_size, c.d_model), ("lm_head.weight",)))
-        return E + _score_entries(c)
-
     # gpt2: Conv1D weights are stored transposed ([in, out]); q, k, v are fused in c_attn.
     d, t = c.d_model, "transformer"
     E.append(_Entry(f"{t}.wte.weight", (c.vocab_size, d), ("embed.weight",)))
@@ -91,6 +71,43 @@ def _tensor_map(config: ModelConfig) -> list[_Entry]:
     E.append(_Entry(f"{t}.ln_f.weight", (d,), ("norm.weight",)))
     E.append(_Entry(f"{t}.ln_f.bias", (d,), ("norm.bias",)))
     return E + _score_entries(c)
+
+
+def _decoder_map(c: ModelConfig) -> list[_Entry]:
+    """llama, qwen2 and gemma3_text: one layout (model.layers.N...), with each family's extra tensors.
+
+    Gemma's norm weights are stored as HF stores them (gain = 1 + w; our norm_offset adds the 1).
+    """
+    q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+    biased = ("q", "k", "v", "o") if c.bias else ("q", "k", "v") if c.qkv_bias else ()
+    # HF norm name -> ours: Gemma-3 puts a second norm after each sublayer (sandwich) and its
+    # pre-MLP norm is pre_feedforward_layernorm; Llama's and Qwen2's is post_attention_layernorm.
+    norms = {"input_layernorm": "attn_norm"}
+    if c.sandwich_norm:
+        norms.update(post_attention_layernorm="attn_post_norm", pre_feedforward_layernorm="mlp_norm",
+                     post_feedforward_layernorm="mlp_post_norm")
+    else:
+        norms["post_attention_layernorm"] = "mlp_norm"
+    E = [_Entry("model.embed_tokens.weight", (c.vocab_size, c.d_model), ("embed.weight",))]
+    for i in range(c.n_layer):
+        h, o = f"model.layers.{i}", f"blocks.{i}"
+        E += [_Entry(f"{h}.{hf_norm}.weight", (c.d_model,), (f"{o}.{ours}.weight",)) for hf_norm, ours in norms.items()]
+        if c.qk_norm:
+            E += [_Entry(f"{h}.self_attn.{n}_norm.weight", (c.head_dim,), (f"{o}.attn.{n}_norm.weight",)) for n in "qk"]
+        for name, out_dim, in_dim in (("q", q, c.d_model), ("k", kv, c.d_model), ("v", kv, c.d_model),
+                                      ("o", c.d_model, q)):
+            E.append(_Entry(f"{h}.self_attn.{name}_proj.weight", (out_dim, in_dim), (f"{o}.attn.{name}_proj.weight",)))
+            if name in biased:
+                E.append(_Entry(f"{h}.self_attn.{name}_proj.bias", (out_dim,), (f"{o}.attn.{name}_proj.bias",)))
+        for name, out_dim, in_dim in (("gate", c.d_ff, c.d_model), ("up", c.d_ff, c.d_model),
+                                      ("down", c.d_model, c.d_ff)):
+            E.append(_Entry(f"{h}.mlp.{name}_proj.weight", (out_dim, in_dim), (f"{o}.mlp.{name}_proj.weight",)))
+            if c.bias:
+                E.append(_Entry(f"{h}.mlp.{name}_proj.bias", (out_dim,), (f"{o}.mlp.{name}_proj.bias",)))
+    E.append(_Entry("model.norm.weight", (c.d_model,), ("norm.weight",)))
+    if not c.tie_embeddings and not c.num_labels:
+        E.append(_Entry("lm_head.weight", (c.vocab_size, c.d_model), ("lm_head.weight",)))
+    return E
 
 
 def _score_entries(c: ModelConfig) -> list[_Entry]:
