@@ -5,6 +5,7 @@ The reference is llama.cpp itself: the ids it recorded for its tokenizer tests (
 no llama.cpp needed) and live `llama_cpp` on the real models (`needs_llamacpp`). Ids must be equal, not close.
 """
 
+import copy
 import functools
 import gzip
 import itertools
@@ -132,6 +133,21 @@ def test_gemma3_specials_and_template():
     assert [tok.id_to_token(i) for i in tok.encode("<start_of_turn>user\n")] == ["<start_of_turn>", "user", "\n"]
     assert tok.chat_template is None  # the base model's GGUF ships none (Gemma's instruct template is not in it)
     assert tok.decode(tok.encode("<end_of_turn>x"), skip_special_tokens=True) == "x"
+
+
+@pytest.mark.slow
+def test_gemma_chat_template_builtin():
+    """The built-in "gemma" template (google/gemma-3-*-it's, text only) on Gemma-3's tokenizer: one BOS,
+    turn markers as single tokens, the mask on the model's reply and its end-of-turn token."""
+    tok = copy.copy(tokenizer(GEMMA))
+    tok.chat_template = "gemma"
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi "},
+            {"role": "assistant", "content": "Hello."}]
+    assert tok.render_chat(chat) == ("<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
+                                     "<start_of_turn>model\nHello.<end_of_turn>\n")
+    ids, mask = tok.apply_chat_template(chat)
+    assert ids.count(tok.bos_id) == 1 and ids[0] == tok.bos_id
+    assert tok.decode([i for i, m in zip(ids, mask, strict=True) if m]) == "Hello.<end_of_turn>"
 
 
 @pytest.mark.slow

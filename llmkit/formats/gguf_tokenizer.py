@@ -4,7 +4,10 @@ llama.cpp stores a byte-level BPE ("gpt2" model) as its token strings, token typ
 the name of a pre-tokenizer (`tokenizer.ggml.pre`) whose regexes live in llama.cpp's source.
 We rebuild the same pipeline with HF `tokenizers` so that our ids equal llama.cpp's: e.g.
 `smollm` splits every digit on its own before GPT-2's regex (transformers' GGUF conversion has no
-entry for it and so differs on numbers).
+entry for it and so differs on numbers). A SentencePiece vocabulary ("llama" model: Gemma, Llama-2)
+comes as tokens with scores; we rebuild llama.cpp's `llm_tokenizer_spm` as a byte-fallback BPE (see
+`_sentencepiece`). Both are checked id for id against llama.cpp (tests/test_gguf_tokenizers.py).
+Writing supports byte-level BPE only.
 """
 
 from __future__ import annotations
