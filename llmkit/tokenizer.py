@@ -34,6 +34,22 @@ CHAT_TEMPLATES: dict[str, str] = {
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     ),
+    # Gemma-3 instruct, as google/gemma-3-*-it ships it (text content): the assistant's role is "model", a
+    # system message is prepended to the first user turn. The base models' GGUFs carry no template.
+    "gemma": (
+        "{{ bos_token }}"
+        "{% if messages[0]['role'] == 'system' %}{% set first_user_prefix = messages[0]['content'] + '\n\n' %}"
+        "{% set loop_messages = messages[1:] %}"
+        "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+        "{% for message in loop_messages %}"
+        "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+        "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+        "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+    ),
     # Llama-2 chat, as meta-llama/Llama-2-*-chat-hf ships it.
     "llama2": (
         "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
@@ -95,7 +111,7 @@ def gpt2_byte_decoder() -> dict[str, int]:
 
 
 def resolve_chat_template(template: str | None) -> str | None:
-    """A built-in name (chatml, llama2, alpaca, vicuna) becomes its Jinja; anything else is Jinja."""
+    """A built-in name (chatml, gemma, llama2, alpaca, vicuna) becomes its Jinja; anything else is Jinja."""
     if template is None:
         return None
     return CHAT_TEMPLATES.get(template, template)

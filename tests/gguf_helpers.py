@@ -24,6 +24,30 @@ CORPUS = [
     "Numbers 12345 and 3.14159 and 2026-11-22; emails like someone@example.com and URLs https://x.org",
 ] * 4
 
+# Hard cases for a tokenizer: digits, code, whitespace runs, scripts, emoji, special tokens written in text.
+TEXTS = [
+    "Hello world",
+    "The year 2024 had 366 days; 1,000,000 people paid $3.50 each (≈ €3.21).",
+    "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n",
+    "    four spaces, then\ttab\t\ttabs and   three spaces   ",
+    "\n\n\nnewlines\r\nwindows\r\n\n  \n",
+    "Ünïcödé: naïve café, Straße, Ærøskøbing, São Paulo",
+    "日本語のテキストと中文文本，还有한국어 문장.",
+    "Emoji 🙂🚀👩‍👩‍👧 and flags 🇫🇷🇯🇵",
+    "Arabic مرحبا بالعالم and Hebrew שלום עולם",
+    "हिन्दी देवनागरी लिपि",
+    "3.14159265358979 is π; e ≈ 2.71828; 10^9 = 1e9; 0x1F; 007",
+    "phone +1 (555) 123-4567, date 2026-11-22T16:15:00Z",
+    "<|im_start|>user\nWhat's 2+2?<|im_end|>\n<|im_start|>assistant\n",
+    "It's they're we've I'm you'll he'd IT'S THEY'RE",
+    "https://example.com/path?q=a%20b&x=1#frag user@mail.org",
+    "!!!??? ... --- *** ### @@@ ((( ))) [[[ ]]] {{{ }}}",
+    "SELECT name, COUNT(*) FROM users WHERE age >= 21 GROUP BY name;",
+    "const f = (x) => x ** 2; // arrow\nlet arr = [1, 2, 3].map(f);",
+    "   leading spaces and trailing   ",
+    "a\u0301 combining, zero\u200bwidth, nbsp\u00a0here, ligature ﬁ",
+]
+
 # CI sets LLMKIT_REQUIRE_LLAMACPP=1: there the llama.cpp tests run (and fail loudly) instead of skipping.
 needs_llamacpp = pytest.mark.skipif(not available() and not os.environ.get("LLMKIT_REQUIRE_LLAMACPP"),
                                     reason=INSTALL_HINT)

@@ -234,7 +234,9 @@ def test_missing_tokenizer(f32_file, tmp_path):
 def test_unsupported_tokenizers(f32_file, tmp_path):
     with pytest.raises(FormatError, match="tokenizer.ggml.pre is 'mystery'"):
         read_gguf(_rewrite(f32_file, tmp_path / "p.gguf", strings={"tokenizer.ggml.pre": "mystery"}))
-    with pytest.raises(FormatError, match="tokenizer.ggml.model is 'llama'"):
+    with pytest.raises(FormatError, match="tokenizer.ggml.model is 'bert'"):
+        read_gguf(_rewrite(f32_file, tmp_path / "w.gguf", strings={"tokenizer.ggml.model": "bert"}))
+    with pytest.raises(FormatError, match="tokenizer.ggml.scores is missing"):  # SentencePiece needs its scores
         read_gguf(_rewrite(f32_file, tmp_path / "s.gguf", strings={"tokenizer.ggml.model": "llama"}))
 
 

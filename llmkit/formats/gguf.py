@@ -14,7 +14,9 @@ the requested file type (`gguf_quants.plan_types`). Like hf.py, this module neve
 
 from __future__ import annotations
 
+import mmap
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,6 +151,63 @@ def _metadata(reader) -> dict:
         except Exception as e:
             raise FormatError(f"metadata key {key!r} cannot be decoded ({e})") from None
     return meta
+
+
+# GGUF value types (gguf.GGUFValueType) -> struct / numpy format; 8 is a string, 9 an array.
+_SCALAR_TYPES = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """A GGUF file's key/values (as `_metadata` gives them), parsed straight from the header bytes.
+
+    `gguf.GGUFReader` builds numpy views for every item of every array: 20-30 s for Gemma-3's
+    262k-token vocabulary on 2 cores; this reads the same keys in about a second and no tensor.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"{path}: no such GGUF file")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        try:
+            magic, version, _, n_kv = struct.unpack_from("<4sIQQ", buf, 0)
+            if magic != b"GGUF" or version not in (2, 3):
+                raise FormatError(f"{path}: not a GGUF v2/v3 file (starts with {magic!r}, version {version})")
+            meta, pos = {}, 24
+            for _ in range(n_kv):
+                key, pos = _gguf_string(buf, pos)
+                (kind,), pos = struct.unpack_from("<I", buf, pos), pos + 4
+                meta[key], pos = _gguf_value(buf, pos, kind)
+        except (struct.error, ValueError, KeyError, UnicodeDecodeError) as e:
+            if isinstance(e, FormatError):
+                raise
+            raise FormatError(f"{path}: unreadable GGUF header ({type(e).__name__}: {str(e)[:200]}); the file is "
+                              "truncated or corrupt") from None
+    return meta
+
+
+def _gguf_string(buf, pos: int) -> tuple[str, int]:
+    (n,) = struct.unpack_from("<Q", buf, pos)
+    end = pos + 8 + n
+    if end > len(buf):
+        raise ValueError(f"a string of {n} bytes at offset {pos} runs past the end")
+    return buf[pos + 8:end].decode("utf-8"), end
+
+
+def _gguf_value(buf, pos: int, kind: int):
+    if kind == 8:
+        return _gguf_string(buf, pos)
+    if kind != 9:
+        fmt = _SCALAR_TYPES[kind]
+        return struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
+    item, n = struct.unpack_from("<IQ", buf, pos)
+    pos += 12
+    if item in _SCALAR_TYPES:  # numbers: one numpy read
+        dtype = np.dtype(_SCALAR_TYPES[item].replace("?", "b1"))
+        return np.frombuffer(buf, dtype, n, pos).tolist(), pos + n * dtype.itemsize
+    values = []
+    for _ in range(n):
+        value, pos = _gguf_value(buf, pos, item)
+        values.append(value)
+    return values, pos
 
 
 def _require(meta: dict, key: str, source: str):
@@ -308,8 +367,7 @@ def read_gguf(path: str | os.PathLike, with_tokenizer: bool = True, only: set[st
 
 def read_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Only the tokenizer of a GGUF file (reads the metadata, dequantizes nothing)."""
-    path = Path(path)
-    return tokenizer_from_metadata(_metadata(_open(path)), str(path))
+    return tokenizer_from_metadata(read_metadata(path), str(path))
 
 
 def _expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -4,14 +4,17 @@ llama.cpp stores a byte-level BPE ("gpt2" model) as its token strings, token typ
 the name of a pre-tokenizer (`tokenizer.ggml.pre`) whose regexes live in llama.cpp's source.
 We rebuild the same pipeline with HF `tokenizers` so that our ids equal llama.cpp's: e.g.
 `smollm` splits every digit on its own before GPT-2's regex (transformers' GGUF conversion has no
-entry for it and so differs on numbers).
+entry for it and so differs on numbers). A SentencePiece vocabulary ("llama" model: Gemma, Llama-2)
+comes as tokens with scores; we rebuild llama.cpp's `llm_tokenizer_spm` as a byte-fallback BPE (see
+`_sentencepiece`). Both are checked id for id against llama.cpp (tests/test_gguf_tokenizers.py).
+Writing supports byte-level BPE only.
 """
 
 from __future__ import annotations
 
 import json
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
 from llmkit.errors import FormatError
@@ -53,23 +56,21 @@ def tokenizer_from_metadata(meta: dict, source: str) -> Tokenizer:
     if kind is None or "tokenizer.ggml.tokens" not in meta:
         missing = "tokenizer.ggml.model" if kind is None else "tokenizer.ggml.tokens"
         raise FormatError(f"{source}: the metadata has no tokenizer ({missing} is missing); expected "
-                          "tokenizer.ggml.model, tokenizer.ggml.tokens and tokenizer.ggml.merges")
-    if kind != "gpt2":
-        raise FormatError(f"{source}: tokenizer.ggml.model is {kind!r}; llmkit reads byte-level BPE "
-                          "tokenizers ('gpt2') only")
-    if "tokenizer.ggml.merges" not in meta:
-        raise FormatError(f"{source}: tokenizer.ggml.merges is missing; a 'gpt2' BPE tokenizer needs its merges")
+                          "tokenizer.ggml.model and tokenizer.ggml.tokens")
     tokens = list(meta["tokenizer.ggml.tokens"])
     types = list(meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
     if len(types) != len(tokens):
         raise FormatError(f"{source}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
-    vocab = {t: i for i, t in enumerate(tokens)}
-    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-    backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    backend.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "gpt-2"), source)
-    backend.decoder = decoders.ByteLevel()
-    added = [AddedToken(tokens[i], special=t == CONTROL, normalized=False)
-             for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED)]
+    if kind == "gpt2":
+        backend = _byte_level_bpe(meta, tokens, source)
+    elif kind == "llama":
+        backend = _sentencepiece(meta, tokens, types, source)
+    else:
+        raise FormatError(f"{source}: tokenizer.ggml.model is {kind!r}; llmkit reads byte-level BPE ('gpt2') and "
+                          "SentencePiece ('llama') tokenizers")
+    # llama.cpp matches these in the text before tokenizing (with `special`, as our encode does)
+    added = [AddedToken(tokens[i], special=t != USER_DEFINED, normalized=False)
+             for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED, UNKNOWN)]
     if added:
         backend.add_tokens(added)  # keeps their ids: every one is already in the vocabulary
 
@@ -78,10 +79,73 @@ def tokenizer_from_metadata(meta: dict, source: str) -> Tokenizer:
         return int(i) if i is not None and 0 <= int(i) < len(tokens) else None
 
     bos, eos, pad = special("bos"), special("eos"), special("padding")
-    if meta.get("tokenizer.ggml.add_bos_token") and bos is not None:
-        backend.post_processor = processors.TemplateProcessing(
-            single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A {tokens[bos]} $B", special_tokens=[(tokens[bos], bos)])
+    _add_bos_eos(backend, tokens, bos if meta.get("tokenizer.ggml.add_bos_token") else None,
+                 eos if meta.get("tokenizer.ggml.add_eos_token") else None)
     return Tokenizer(backend, bos, eos, pad, chat_template=meta.get("tokenizer.chat_template"))
+
+
+def _byte_level_bpe(meta: dict, tokens: list[str], source: str) -> Backend:
+    if "tokenizer.ggml.merges" not in meta:
+        raise FormatError(f"{source}: tokenizer.ggml.merges is missing; a 'gpt2' BPE tokenizer needs its merges")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    backend.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "gpt-2"), source)
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _sentencepiece(meta: dict, tokens: list[str], types: list[int], source: str) -> Backend:
+    """llama.cpp's SentencePiece tokenizer (`llm_tokenizer_spm`) as a BPE over the same vocabulary.
+
+    llama.cpp merges, anywhere in the text, the adjacent pair whose concatenation is the token with the
+    highest score (leftmost on ties) and spells what never became a token as `<0xNN>` bytes. A BPE whose
+    merges are every (left, right) split of every token, ranked by that token's score, with byte
+    fallback, makes the same choices. No pre-tokenizer: llama.cpp merges across spaces (escaped as "▁").
+    """
+    scores = meta.get("tokenizer.ggml.scores")
+    if scores is None or len(scores) != len(tokens):
+        found = "missing" if scores is None else f"{len(scores)} entries for {len(tokens)} tokens"
+        raise FormatError(f"{source}: tokenizer.ggml.scores is {found}; a SentencePiece ('llama') tokenizer "
+                          "ranks its merges by those scores")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    backend = Backend(models.BPE(vocab=vocab, merges=_merges_by_score(tokens, types, scores, vocab),
+                                 unk_token=tokens[int(unk)] if unk is not None else None,
+                                 fuse_unk=True, byte_fallback=True))
+    space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))  # llama.cpp's default for SPM
+    steps = [normalizers.Prepend("▁")] if space_prefix else []
+    backend.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
+    strip = [decoders.Strip(" ", 1, 0)] if space_prefix else []  # llama.cpp drops the prefix it added
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         *strip])
+    return backend
+
+
+def _merges_by_score(tokens: list[str], types: list[int], scores, vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """Every (left, right) split of every mergeable token into two tokens, best-scored token first.
+    Control, user-defined and unknown tokens are matched whole before tokenizing, never merged to."""
+    ranked = []
+    for i, token in enumerate(tokens):
+        if types[i] in (CONTROL, USER_DEFINED, UNKNOWN):
+            continue
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-float(scores[i]), i, vocab[left], left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def _add_bos_eos(backend: Backend, tokens: list[str], bos: int | None, eos: int | None) -> None:
+    """Add BOS / EOS around every encoding (with `add_special_tokens`) as llama.cpp does."""
+    if bos is None and eos is None:
+        return
+    first = f"{tokens[bos]} " if bos is not None else ""
+    last = f" {tokens[eos]}" if eos is not None else ""
+    specials = [(tokens[i], i) for i in dict.fromkeys(i for i in (bos, eos) if i is not None)]
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{first}$A{last}", pair=f"{first}$A{last} {first}$B:1{last}", special_tokens=specials)
 
 
 def _pre_name(backend: Backend) -> str:

@@ -39,8 +39,9 @@ class LlamaCpp:
     """One llama.cpp model and context, CPU only, deterministic (greedy, no sampling state)."""
 
     def __init__(self, path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None,
-                 logits_all: bool = True):
-        """`logits_all=False` for speed measurements: `generate` then skips copying every position's logits."""
+                 logits_all: bool = True, vocab_only: bool = False):
+        """`logits_all=False` for speed measurements: `generate` then skips copying every position's logits;
+        `vocab_only=True` loads the tokenizer alone (no weights: tokenize/detokenize only)."""
         try:
             from llama_cpp import Llama
         except (ImportError, OSError):
@@ -49,7 +50,7 @@ class LlamaCpp:
         self.n_ctx = n_ctx
         self.logits_all = logits_all
         self.llm = Llama(str(self.path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=logits_all,
-                         n_threads=n_threads or os.cpu_count(), n_gpu_layers=0, verbose=False)
+                         n_threads=n_threads or os.cpu_count(), n_gpu_layers=0, vocab_only=vocab_only, verbose=False)
 
     @property
     def vocab_size(self) -> int:
@@ -60,6 +61,7 @@ class LlamaCpp:
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
 
     def detokenize(self, ids: list[int]) -> str:
+        """llama.cpp's text for `ids` (control tokens such as BOS render as nothing)."""
         return self.llm.detokenize(list(ids)).decode("utf-8", errors="replace")
 
     def logits(self, ids: list[int]) -> np.ndarray:
