@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmkit.errors import ConfigError
-from llmkit.rope import check_rope_scaling
+from llmkit.rope import check_rope_scaling, rope_from_hf, rope_to_hf
 
 POS_EMBEDDINGS = ("rope", "learned")
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -190,19 +190,13 @@ class ModelConfig:
                 "embd_pdrop": self.dropout, "attn_pdrop": self.dropout,
                 "initializer_range": self.init_std, "tie_word_embeddings": True, **tokens,
             }
-        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
-        if self.rope_scaling is not None:
-            rope = {**self.rope_scaling, "rope_theta": self.rope_theta}
         return {
             "architectures": ["LlamaForCausalLM"], "model_type": "llama",
             "vocab_size": self.vocab_size, "hidden_size": self.d_model,
             "intermediate_size": self.d_ff, "num_hidden_layers": self.n_layer,
             "num_attention_heads": self.n_head, "num_key_value_heads": self.n_kv_head,
-            "head_dim": self.head_dim, "max_position_embeddings": self.max_seq_len,
-            "hidden_act": _HF_ACT[self.activation], "rms_norm_eps": self.norm_eps,
-            "rope_theta": self.rope_theta,  # transformers < 5 reads these two ...
-            "rope_scaling": None if self.rope_scaling is None else dict(self.rope_scaling),
-            "rope_parameters": rope,  # ... and transformers >= 5 this one
+            "head_dim": self.head_dim, "hidden_act": _HF_ACT[self.activation], "rms_norm_eps": self.norm_eps,
+            **rope_to_hf(self.rope_theta, self.rope_scaling, self.max_seq_len),  # max_position_embeddings too
             "attention_bias": self.bias, "mlp_bias": self.bias, "attention_dropout": self.dropout,
             "tie_word_embeddings": self.tie_embeddings, "initializer_range": self.init_std, **tokens,
         }
@@ -247,13 +241,6 @@ class ModelConfig:
         act = hf.get("hidden_act", "silu")
         if act not in _FROM_HF_ACT:
             raise ConfigError(f"config.json: unsupported hidden_act {act!r}")
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        scaling = None
-        if rope_type != "default":
-            scaling = {"rope_type": rope_type, **{k: v for k, v in rope.items() if k not in ("rope_type", "type",
-                                                                                            "rope_theta")}}
-        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
         if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
             raise ConfigError("config.json: attention_bias and mlp_bias differ; llmkit's `bias` "
                               "field sets both")
@@ -262,8 +249,7 @@ class ModelConfig:
             n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
             n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
             d_model=hf["hidden_size"], head_dim=hf.get("head_dim"), d_ff=hf["intermediate_size"],
-            max_seq_len=hf.get("max_position_embeddings", 2048), pos_embedding="rope",
-            rope_theta=float(theta), rope_scaling=scaling,
+            pos_embedding="rope", **rope_from_hf(hf),  # rope_theta, rope_scaling, max_seq_len
             norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), activation=_FROM_HF_ACT[act],
             gated_mlp=True, bias=bool(hf.get("attention_bias", False)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
