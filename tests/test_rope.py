@@ -6,13 +6,14 @@ import json
 
 import pytest
 import torch
-from gguf_helpers import tiny_model
+from gguf_helpers import CORPUS, needs_llamacpp, tiny_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from llmkit import ModelConfig, Transformer, rope
 from llmkit.errors import ConfigError, FormatError
 from llmkit.formats.gguf import config_from_metadata, read_gguf, write_gguf
+from llmkit.formats.llamacpp import LlamaCpp, agreement
 
 ATOL = 1e-5  # fp32 logits, as tests/test_model.py
 LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
@@ -149,10 +150,9 @@ def _meta(**rope_keys):
 
 
 def test_gguf_yarn_and_linear_keys_are_read():
-    config = config_from_metadata(_meta(type="yarn", factor=4.0, original_context_length=4096, yarn_beta_fast=16.0,
+    config = config_from_metadata(_meta(type="yarn", factor=4.0, original_context_length=4096, yarn_beta_fast=32.0,
                                         finetuned=True), set(), "m.gguf")
-    assert config.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096,
-                                   "beta_fast": 16.0}
+    assert config.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}
     assert config.max_seq_len == 16384
     config = config_from_metadata(_meta(type="linear", factor=2.0), set(), "m.gguf")
     assert config.rope_scaling == {"rope_type": "linear", "factor": 2.0} and config.max_seq_len == 4096
@@ -161,6 +161,7 @@ def test_gguf_yarn_and_linear_keys_are_read():
 @pytest.mark.parametrize("keys,names,message", [
     (dict(type="longrope", factor=4.0), set(), "rope.scaling.type 'longrope' is not supported"),
     (dict(type="yarn", factor=4.0, yarn_log_multiplier=0.1), set(), "yarn_log_multiplier = 0.1 is not supported"),
+    (dict(type="yarn", factor=4.0, yarn_beta_fast=16.0), set(), "yarn_beta_fast = 16.0 is not supported"),
     (dict(type="yarn"), set(), "'llama.rope.scaling.factor' is missing"),
     ({}, {"rope_freqs.weight"}, "'rope_freqs.weight' .* is not supported"),
 ])
@@ -176,7 +177,8 @@ def tiny():
 
 @pytest.mark.parametrize("scaling", [
     {"rope_type": "linear", "factor": 2.0},
-    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 16.0, "beta_slow": 2.0},
+    {"rope_type": "linear", "factor": 2.0, "original_max_position_embeddings": 128},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
 ])
 def test_gguf_export_writes_linear_and_yarn(tiny, tmp_path, scaling):
     model, tok = tiny
@@ -191,6 +193,8 @@ def test_gguf_export_writes_linear_and_yarn(tiny, tmp_path, scaling):
     ({"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64, **LLAMA3}, "'llama3'"),
     ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "attention_factor": 1.2},
      r"\['attention_factor'\] is not supported"),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 16},
+     r"\['beta_fast'\] is not supported"),
 ])
 def test_gguf_export_refuses_what_llamacpp_has_no_key_for(tiny, tmp_path, scaling, message):
     model, tok = tiny
@@ -251,3 +255,25 @@ def test_llmkit_checkpoint_with_scaling_gives_the_same_logits_in_transformers(tm
     x = _ids(3 * ORIGINAL, seed=2)
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, ours(x), rtol=0, atol=ATOL)
+
+
+@needs_llamacpp
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+], ids=["linear", "yarn"])
+def test_gguf_export_with_scaling_computes_as_llama_cpp(tmp_path, scaling):
+    """llama.cpp reads the keys we write and computes the same scaled RoPE past the trained context:
+    F32 weights, so the only difference is llama.cpp's f16 KV cache (0.02, as tests/test_gguf_llamacpp.py)."""
+    model, tok = tiny_model(d_model=128, d_ff=256, n_layer=2, std=0.1, seed=1)
+    model = Transformer.from_state_dict(model.config.replace(rope_scaling=scaling), model.state_dict()).eval()
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, model.config, model.state_dict(), tok, quant="F32")
+    ids = tok.encode(" ".join(CORPUS))[:120]  # well past the 32 trained positions
+    reference = LlamaCpp(path, n_ctx=256)
+    try:
+        with torch.no_grad():
+            stats = agreement(model(torch.tensor([ids]))[0].numpy(), reference.logits(ids))
+    finally:
+        reference.close()
+    assert stats["max_abs_diff"] < 0.02 and stats["mean_kl"] < 1e-4, stats

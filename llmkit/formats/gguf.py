@@ -160,9 +160,11 @@ def config_from_metadata(meta: dict, tensor_names: set[str], source: str) -> Mod
         raise FormatError(f"{source}: the metadata describes an invalid model ({e})") from None
 
 
-# llama.cpp's yarn keys that transformers' YaRN has no counterpart for, with their neutral values.
+# llama.cpp's yarn keys that llmkit reads only at their neutral values: the first four have no
+# counterpart in transformers' YaRN, and llama.cpp (0.3.x) ignores the betas in a file (it uses 32 and 1).
 _GGUF_YARN_NEUTRAL = {"rope.scaling.attn_factor": (1.0,), "rope.scaling.yarn_attn_factor": (1.0,),
-                      "rope.scaling.yarn_log_multiplier": (0.0,), "rope.scaling.yarn_ext_factor": (-1.0, 1.0)}
+                      "rope.scaling.yarn_log_multiplier": (0.0,), "rope.scaling.yarn_ext_factor": (-1.0, 1.0),
+                      "rope.scaling.yarn_beta_fast": (32.0,), "rope.scaling.yarn_beta_slow": (1.0,)}
 
 
 def _rope_from_metadata(meta: dict, a: str, tensor_names: set[str], source: str) -> dict:
@@ -184,13 +186,10 @@ def _rope_from_metadata(meta: dict, a: str, tensor_names: set[str], source: str)
         if a + "rope.scaling.original_context_length" in meta:
             scaling["original_max_position_embeddings"] = int(meta[a + "rope.scaling.original_context_length"])
         if kind == "yarn":
-            for key, ours in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
-                if a + "rope.scaling." + key in meta:
-                    scaling[ours] = float(meta[a + "rope.scaling." + key])
             for key, neutral in _GGUF_YARN_NEUTRAL.items():
                 if float(meta.get(a + key, neutral[0])) not in neutral:
                     raise FormatError(f"{source}: {a}{key} = {meta[a + key]} is not supported (llmkit computes "
-                                      f"transformers' YaRN, which has no such setting; expected {neutral[0]})")
+                                      f"YaRN as transformers and llama.cpp agree on it; expected {neutral[0]})")
         hf["rope_scaling"] = scaling
     try:
         return rope_from_hf(hf, source)
@@ -208,18 +207,16 @@ def _write_rope_scaling(w, c: ModelConfig) -> None:
         raise ConfigError(f"GGUF export of rope_scaling {kind!r} is not supported: llama.cpp has keys for linear "
                           "and yarn only (llama3 is a rope_freqs tensor, dynamic NTK does not exist there)")
     unmapped = sorted(set(scaling) & {"attention_factor", "mscale", "mscale_all_dim"})
-    if unmapped or scaling.get("truncate", True) is not True:
-        raise ConfigError(f"GGUF export of yarn with {unmapped or ['truncate']} is not supported: llama.cpp computes "
-                          "YaRN's default attention factor and truncated correction range only")
+    unmapped += [k for k, default in (("beta_fast", 32), ("beta_slow", 1), ("truncate", True))
+                 if scaling.get(k, default) != default]
+    if unmapped:
+        raise ConfigError(f"GGUF export of yarn with {unmapped} is not supported: llama.cpp computes YaRN's default "
+                          "attention factor, betas 32 and 1 and truncated correction range only")
     gguf = _gguf()
     w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if kind == "linear" else gguf.RopeScalingType.YARN)
     w.add_rope_scaling_factor(scaling["factor"])
     if "original_max_position_embeddings" in scaling:
         w.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
-    if "beta_fast" in scaling:
-        w.add_rope_scaling_yarn_beta_fast(scaling["beta_fast"])
-    if "beta_slow" in scaling:
-        w.add_rope_scaling_yarn_beta_slow(scaling["beta_slow"])
 
 
 def dequantize(data: np.ndarray, type_name: str, shape: tuple[int, ...], name: str, source: str) -> np.ndarray:
