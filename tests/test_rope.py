@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from llmkit import ModelConfig, Transformer, rope
+from llmkit.cli import main
 from llmkit.errors import ConfigError, FormatError
 from llmkit.formats.gguf import config_from_metadata, read_gguf, write_gguf
 from llmkit.formats.llamacpp import LlamaCpp, agreement
@@ -139,6 +140,16 @@ def test_bad_rope_scaling_in_config_json_names_the_file():
     with pytest.raises(ConfigError, match="config.json: rope_scaling partial_rotary_factor=0.5"):
         ModelConfig.from_hf_config(hf)
 
+
+
+def test_llmkit_info_shows_the_effective_context(tmp_path, capsys):
+    scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192}
+    hf = ModelConfig.from_preset("llama-tiny", max_seq_len=8192, rope_scaling=scaling).to_hf_config()
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    assert main(["info", str(tmp_path)]) == 0
+    assert "context: 32,768 positions (yarn RoPE scaling: original 8,192 x factor 4)" in capsys.readouterr().out
+    assert main(["info", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["effective_context"] == 32768
 
 # ---- GGUF: llama.cpp's rope.scaling.* keys ----
 
