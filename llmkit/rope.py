@@ -233,6 +233,9 @@ def rope_from_hf(hf: dict[str, Any], source: str = "config.json", rope: dict[str
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if not isinstance(rope, dict):
         raise ConfigError(f"{source}: rope_parameters / rope_scaling must be a JSON object, got {rope!r}")
+    if any(isinstance(v, dict) for v in rope.values()):
+        raise ConfigError(f"{source}: rope_parameters is nested by layer type ({sorted(rope)}); expected one "
+                          "rope dict (a family with several reads each with rope_from_hf(hf, rope=...))")
     max_pos = int(hf.get("max_position_embeddings", 2048))
     theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
     kind = rope.get("rope_type", rope.get("type", "default"))
@@ -241,8 +244,10 @@ def rope_from_hf(hf: dict[str, Any], source: str = "config.json", rope: dict[str
     scaling = {"rope_type": kind, **{k: v for k, v in rope.items() if k not in ("rope_type", "type", "rope_theta")}}
     if "partial_rotary_factor" not in scaling and hf.get("partial_rotary_factor", 1.0) != 1.0:
         scaling["partial_rotary_factor"] = hf["partial_rotary_factor"]  # so that check_rope_scaling refuses it
-    if kind in ("yarn", "llama3", "dynamic"):
-        scaling.setdefault(_ORIGINAL, hf.get(_ORIGINAL, max_pos))
+    if kind == "dynamic":  # transformers' dynamic NTK reads the trained length from max_position_embeddings
+        scaling[_ORIGINAL] = max_pos
+    elif kind in ("yarn", "llama3"):  # as transformers: a top-level value first (Phi-3), then the dict's
+        scaling[_ORIGINAL] = hf.get(_ORIGINAL, scaling.get(_ORIGINAL, max_pos))
     try:
         check_rope_scaling(scaling)
     except ConfigError as e:

@@ -139,6 +139,12 @@ def test_bad_rope_scaling_in_config_json_names_the_file():
     hf["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4, "partial_rotary_factor": 0.5}
     with pytest.raises(ConfigError, match="config.json: rope_scaling partial_rotary_factor=0.5"):
         ModelConfig.from_hf_config(hf)
+    hf["rope_parameters"] = {"full_attention": {"rope_type": "default"}, "sliding_attention": {"rope_type": "default"}}
+    with pytest.raises(ConfigError, match="config.json: rope_parameters is nested by layer type"):
+        ModelConfig.from_hf_config(hf)
+    nested = {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}
+    assert rope.rope_from_hf(hf, rope=nested) == {"rope_theta": 1e6, "max_seq_len": 256,
+                                                  "rope_scaling": {"rope_type": "linear", "factor": 8.0}}
 
 
 
