@@ -85,7 +85,7 @@ def plot(report: dict, out: Path) -> Path:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
-    fig.suptitle(f"{report['model']} on {report['document']}: RoPE scaling, factor "
+    fig.suptitle(f"{report['model']} on {report['document'].split(' (')[0]}: RoPE scaling, factor "
                  f"{report['settings']['factor']:g}", fontsize=10)
     return _save(fig, out)
 
