@@ -39,10 +39,15 @@ def _info_args(p: argparse.ArgumentParser) -> None:
 
 @verb("info", "config, parameter count, memory and FLOPs per token of a model", _info_args)
 def _info(args: argparse.Namespace) -> None:
+    from llmkit import rope
     from llmkit.analysis.accounting import model_summary, render_summary
+    from llmkit.config import ModelConfig
 
     summary = model_summary(args.path, seq_len=args.seq_len)
-    print(json.dumps(summary, indent=2) if args.json else render_summary(summary))
+    config = ModelConfig.from_dict(summary["config"])
+    summary["effective_context"] = rope.effective_context(config)
+    text = render_summary(summary) + f"\ncontext: {rope.describe(config)}"
+    print(json.dumps(summary, indent=2) if args.json else text)
 
 
 # ---- demo ------------------------------------------------------------------------------------

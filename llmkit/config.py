@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmkit.errors import ConfigError
-from llmkit.rope import check_rope_scaling
+from llmkit.rope import check_rope_scaling, rope_from_hf, rope_to_hf
 
 POS_EMBEDDINGS = ("rope", "learned")
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -189,15 +189,12 @@ class ModelConfig:
 
     def _to_hf_decoder(self) -> dict[str, Any]:
         """The keys llama, qwen2 and gemma3_text share."""
-        rope = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
         return {
             "vocab_size": self.vocab_size, "hidden_size": self.d_model,
             "intermediate_size": self.d_ff, "num_hidden_layers": self.n_layer,
             "num_attention_heads": self.n_head, "num_key_value_heads": self.n_kv_head,
-            "head_dim": self.head_dim, "max_position_embeddings": self.max_seq_len, "rms_norm_eps": self.norm_eps,
-            "rope_theta": self.rope_theta,  # transformers < 5 reads these two ...
-            "rope_scaling": None if self.rope_scaling is None else dict(self.rope_scaling),
-            "rope_parameters": rope,  # ... and transformers >= 5 this one
+            "head_dim": self.head_dim, "rms_norm_eps": self.norm_eps,
+            **rope_to_hf(self.rope_theta, self.rope_scaling, self.max_seq_len),  # max_position_embeddings too
             "attention_dropout": self.dropout, "tie_word_embeddings": self.tie_embeddings,
             "initializer_range": self.init_std,
         }
@@ -270,20 +267,18 @@ class ModelConfig:
 
     @classmethod
     def _from_hf_decoder(cls, hf: dict[str, Any], source: str, act_key: str, defaults: dict[str, Any],
-                         **fields: Any) -> ModelConfig:
-        """The keys llama, qwen2 and gemma3_text share; `defaults`: the config class's own defaults."""
+                         rope: dict[str, Any] | None = None, **fields: Any) -> ModelConfig:
+        """The keys llama, qwen2 and gemma3_text share; `defaults`: the config class's own defaults;
+        `rope`: the rope dict of the full-attention layers where a family keeps one per layer type."""
         act = hf.get(act_key, "silu")
         if act not in _FROM_HF_ACT:
             raise ConfigError(f"{source}: unsupported {act_key} {act!r}")
-        theta, scaling = _hf_rope(hf.get("rope_parameters") or hf.get("rope_scaling") or {},
-                                  hf.get("rope_theta", defaults.get("rope_theta", 10000.0)))
         values = dict(
             name=hf.get("_name_or_path") or hf["model_type"], vocab_size=hf["vocab_size"],
             n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
             n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
             d_model=hf["hidden_size"], head_dim=hf.get("head_dim"), d_ff=hf["intermediate_size"],
-            max_seq_len=hf.get("max_position_embeddings", 2048), pos_embedding="rope",
-            rope_theta=theta, rope_scaling=scaling,
+            pos_embedding="rope", **rope_from_hf({"rope_theta": 10000.0, **defaults, **hf}, source, rope),
             norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), activation=_FROM_HF_ACT[act], gated_mlp=True,
             tie_embeddings=bool(hf.get("tie_word_embeddings", defaults.get("tie_word_embeddings", False))),
             dropout=hf.get("attention_dropout", 0.0), init_std=hf.get("initializer_range", 0.02),
@@ -317,19 +312,17 @@ class ModelConfig:
             full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
         else:  # transformers 4: rope_scaling applies to the global layers, the local ones have their own base
             full, local = rope or hf.get("rope_scaling") or {}, {}
-        local_theta, local_scaling = _hf_rope(local, hf.get("rope_local_base_freq", 10000.0))
-        if local_scaling is not None:
+        local = rope_from_hf({"rope_theta": hf.get("rope_local_base_freq", 10000.0)}, source, local)
+        if local["rope_scaling"] is not None:
             raise ConfigError(f"{source}: rope_parameters.sliding_attention has rope_type "
-                              f"{local_scaling['rope_type']!r}; llmkit scales only the full-attention layers")
+                              f"{local['rope_scaling']['rope_type']!r}; llmkit scales only the full-attention layers")
         types = hf.get("layer_types")
         if types is None:  # transformers' rule: every `sliding_window_pattern`-th layer is global
             pattern = hf.get("sliding_window_pattern", 6)
             types = ["sliding_attention" if (i + 1) % pattern else "full_attention"
                      for i in range(hf["num_hidden_layers"])]
-        theta, scaling = _hf_rope(full, hf.get("rope_theta", 1_000_000.0))
         return cls._from_hf_decoder(
-            hf, source, "hidden_activation", _GEMMA3_DEFAULTS, rope_theta=theta, rope_scaling=scaling,
-            rope_local_theta=local_theta, norm_offset=1.0, qk_norm=True, sandwich_norm=True, embed_scale=True,
+            hf, source, "hidden_activation", _GEMMA3_DEFAULTS, full, rope_local_theta=local["rope_theta"], norm_offset=1.0, qk_norm=True, sandwich_norm=True, embed_scale=True,
             attn_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
             **_hf_layers(types, hf.get("sliding_window", 4096)))
 
@@ -343,7 +336,7 @@ HF_FAMILIES = {
 }
 
 # Gemma3TextConfig's defaults where they matter when a key is absent.
-_GEMMA3_DEFAULTS = {"tie_word_embeddings": True, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
+_GEMMA3_DEFAULTS = {"rope_theta": 1_000_000.0, "tie_word_embeddings": True, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
 
 # The fields each family fixes (field -> required value); the others (sizes, theta, eps, ...) are free.
 _NOT_GEMMA = dict(norm_offset=0.0, qk_norm=False, sandwich_norm=False, embed_scale=False, attn_scale=None,
@@ -370,18 +363,6 @@ def _misfits(c: ModelConfig, family: str) -> list[str]:
     if family == "llama" and c.qkv_bias and not c.bias:
         wrong.append("bias=True with qkv_bias (its attention_bias covers q, k, v and o)")
     return wrong
-
-
-def _hf_rope(params: dict[str, Any], theta: float) -> tuple[float, dict | None]:
-    """(rope_theta, rope_scaling) from a transformers rope dict (v5 `rope_parameters` or v4 `rope_scaling`,
-    whose theta is a separate key); the scaling keys are kept as they are, and validated by llmkit.rope."""
-    kind = params.get("rope_type", params.get("type", "default"))
-    theta = float(params.get("rope_theta", theta))
-    if kind == "default":
-        return theta, None
-    scaling = {"rope_type": kind, **{k: v for k, v in params.items() if k not in ("rope_type", "type", "rope_theta")}}
-    check_rope_scaling(scaling)
-    return theta, scaling
 
 
 def _hf_layers(types: list[str] | None, window: int | None) -> dict[str, Any]:

@@ -78,6 +78,8 @@ def test_greedy_chat_continuation_equals_llama_cpp_until_a_near_tie(name, prompt
     models' top two logits are within 0.5 of each other (a near-tie that 8-bit activations can flip)."""
     model, tok = loaded(name)
     ref = reference(name)
+    if tok.chat_template is None:  # the base Gemma-3 GGUF ships none: google/gemma-3-*-it's template
+        tok.chat_template = "gemma"
     ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)[0]
     theirs = ref.greedy(list(ids), 64, stop_ids=(tok.eos_id,))
     ours = llmkit.generate(model, tok, list(ids), max_new_tokens=64, temperature=0.0).token_ids

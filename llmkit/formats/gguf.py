@@ -228,11 +228,7 @@ def config_from_metadata(meta: dict, tensor_names: set[str], source: str) -> Mod
     n_head = int(_require(meta, a + "attention.head_count", source))
     d_model = int(_require(meta, a + "embedding_length", source))
     head_dim = meta.get(a + "attention.key_length") or meta.get(a + "rope.dimension_count") or d_model // n_head
-    scaling = meta.get(a + "rope.scaling.type", "none")
-    if scaling not in ("none", "linear"):
-        raise FormatError(f"{source}: rope scaling {scaling!r} is not supported; llmkit implements none and linear")
-    if "rope_freqs.weight" in tensor_names:
-        raise FormatError(f"{source}: tensor 'rope_freqs.weight' (Llama-3.1 frequency scaling) is not supported")
+    rope_fields = _rope_from_metadata(meta, a, tensor_names, source)
     vocab = meta.get(a + "vocab_size") or len(meta.get("tokenizer.ggml.tokens") or ()) or None
     if vocab is None:
         raise FormatError(f"{source}: neither {a}vocab_size nor tokenizer.ggml.tokens gives the vocabulary size")
@@ -241,10 +237,7 @@ def config_from_metadata(meta: dict, tensor_names: set[str], source: str) -> Mod
         n_layer=int(_require(meta, a + "block_count", source)), n_head=n_head,
         n_kv_head=int(meta.get(a + "attention.head_count_kv") or n_head), d_model=d_model,
         head_dim=int(head_dim), d_ff=int(_require(meta, a + "feed_forward_length", source)),
-        max_seq_len=int(meta.get(a + "context_length", 2048)), pos_embedding="rope",
-        rope_theta=_f32(meta.get(a + "rope.freq_base", 10000.0)),
-        rope_scaling=({"rope_type": "linear", "factor": _f32(meta[a + "rope.scaling.factor"])}
-                      if scaling == "linear" else None),
+        pos_embedding="rope", **rope_fields,  # rope_theta, rope_scaling, max_seq_len
         norm="rmsnorm", norm_eps=_f32(meta.get(a + "attention.layer_norm_rms_epsilon", 1e-5)),
         activation="silu", gated_mlp=True, tie_embeddings="output.weight" not in tensor_names,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
@@ -289,6 +282,65 @@ def _gemma3_fields(meta: dict, fields: dict, source: str) -> dict:
 def _f32(value) -> float:
     """A float32 metadata value as the decimal it was written from (1e-06, not 9.99999997e-07)."""
     return float(str(np.float32(value)))
+
+
+# llama.cpp's yarn keys that llmkit reads only at their neutral values: the first four have no
+# counterpart in transformers' YaRN, and llama.cpp (0.3.x) ignores the betas in a file (it uses 32 and 1).
+_GGUF_YARN_NEUTRAL = {"rope.scaling.attn_factor": (1.0,), "rope.scaling.yarn_attn_factor": (1.0,),
+                      "rope.scaling.yarn_log_multiplier": (0.0,), "rope.scaling.yarn_ext_factor": (-1.0, 1.0),
+                      "rope.scaling.yarn_beta_fast": (32.0,), "rope.scaling.yarn_beta_slow": (1.0,)}
+
+
+def _rope_from_metadata(meta: dict, a: str, tensor_names: set[str], source: str) -> dict:
+    """rope_theta, rope_scaling and max_seq_len from `<arch>.rope.*` keys (llama.cpp's none, linear, yarn),
+    through the same translation as config.json (llmkit.rope.rope_from_hf)."""
+    from llmkit.rope import rope_from_hf
+
+    kind = meta.get(a + "rope.scaling.type", "none")
+    if kind not in ("none", "linear", "yarn"):
+        raise FormatError(f"{source}: {a}rope.scaling.type {kind!r} is not supported; llmkit reads none, linear "
+                          "and yarn")
+    if "rope_freqs.weight" in tensor_names:
+        raise FormatError(f"{source}: tensor 'rope_freqs.weight' (llama.cpp's per-frequency factors, Llama-3.1's "
+                          "llama3 scaling) is not supported; load the checkpoint's config.json instead")
+    hf = {"max_position_embeddings": int(meta.get(a + "context_length", 2048)),
+          "rope_theta": _f32(meta.get(a + "rope.freq_base", 10000.0))}
+    if kind != "none":
+        scaling = {"rope_type": kind, "factor": _f32(_require(meta, a + "rope.scaling.factor", source))}
+        if a + "rope.scaling.original_context_length" in meta:
+            scaling["original_max_position_embeddings"] = int(meta[a + "rope.scaling.original_context_length"])
+        if kind == "yarn":
+            for key, neutral in _GGUF_YARN_NEUTRAL.items():
+                if float(meta.get(a + key, neutral[0])) not in neutral:
+                    raise FormatError(f"{source}: {a}{key} = {meta[a + key]} is not supported (llmkit computes "
+                                      f"YaRN as transformers and llama.cpp agree on it; expected {neutral[0]})")
+        hf["rope_scaling"] = scaling
+    try:
+        return rope_from_hf(hf, source)
+    except ConfigError as e:
+        raise FormatError(str(e)) from None
+
+
+def _write_rope_scaling(w, c: ModelConfig) -> None:
+    """llama.cpp's `<arch>.rope.scaling.*` keys for linear and yarn; the other types have none."""
+    scaling = c.rope_scaling
+    if scaling is None:
+        return
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ("linear", "yarn"):
+        raise ConfigError(f"GGUF export of rope_scaling {kind!r} is not supported: llama.cpp has keys for linear "
+                          "and yarn only (llama3 is a rope_freqs tensor, dynamic NTK does not exist there)")
+    unmapped = sorted(set(scaling) & {"attention_factor", "mscale", "mscale_all_dim"})
+    unmapped += [k for k, default in (("beta_fast", 32), ("beta_slow", 1), ("truncate", True))
+                 if scaling.get(k, default) != default]
+    if unmapped:
+        raise ConfigError(f"GGUF export of yarn with {unmapped} is not supported: llama.cpp computes YaRN's default "
+                          "attention factor, betas 32 and 1 and truncated correction range only")
+    gguf = _gguf()
+    w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if kind == "linear" else gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(scaling["factor"])
+    if "original_max_position_embeddings" in scaling:
+        w.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
 
 
 def dequantize(data: np.ndarray, type_name: str, shape: tuple[int, ...], name: str, source: str) -> np.ndarray:
@@ -488,11 +540,7 @@ def _write_metadata(w, c: ModelConfig, token_meta: dict, quant: str, name: str |
     if c.head_dim * c.n_head != c.d_model:
         w.add_key_length(c.head_dim)
         w.add_value_length(c.head_dim)
-    if c.rope_scaling is not None:
-        if c.rope_scaling.get("rope_type") != "linear":
-            raise ConfigError(f"GGUF export of rope_scaling {c.rope_scaling.get('rope_type')!r} is not supported")
-        w.add_rope_scaling_type(_gguf().RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(c.rope_scaling["factor"])
+    _write_rope_scaling(w, c)
     if w.arch == "gemma3":
         _write_gemma3_layers(w, c)
     for key, value in token_meta.items():
