@@ -389,6 +389,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smollm2-360m": dict(_LLAMA, vocab_size=49152, n_layer=32, n_head=15, n_kv_head=5, d_model=960,
                          d_ff=2560, max_seq_len=8192, rope_theta=100000.0, tie_embeddings=True,
                          bos_token_id=1, eos_token_id=2),
+    # The real checkpoints of wave 2's families (their GGUFs' metadata; tests/test_real_families.py).
+    "qwen2.5-0.5b": dict(_LLAMA, vocab_size=151936, n_layer=24, n_head=14, n_kv_head=2, d_model=896, d_ff=4864,
+                         max_seq_len=32768, rope_theta=1e6, norm_eps=1e-6, qkv_bias=True, tie_embeddings=True,
+                         bos_token_id=151643, eos_token_id=151645, pad_token_id=151643),
+    "gemma-3-270m": dict(_LLAMA, vocab_size=262144, n_layer=18, n_head=4, n_kv_head=1, d_model=640, head_dim=256,
+                         d_ff=2048, max_seq_len=32768, rope_theta=1e6, rope_local_theta=1e4, norm_eps=1e-6,
+                         activation="gelu_tanh", norm_offset=1.0, qk_norm=True, sandwich_norm=True,
+                         embed_scale=True, attn_scale=256 ** -0.5, sliding_window=512,
+                         layer_types=[("full" if i % 6 == 5 else "sliding") + "_attention" for i in range(18)],
+                         tie_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0),
     # Small Llama-style sizes for CPU work, named by their parameter count at an 8,192-token vocabulary.
     "llama-tiny": dict(_LLAMA, vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=192,
                        max_seq_len=256),

@@ -597,22 +597,24 @@ class Transformer(nn.Module):
 
     def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> int:
         """Matmul FLOPs per token: 2 per weight (LM head included even when tied) plus attention
-        scores and mixing (2·2·n_layer·seq·n_head·head_dim); training triples the forward (PaLM,
-        appendix B). `seq_len` defaults to the model's context."""
+        scores and mixing (2·2·seq·n_head·head_dim per layer, the window in place of seq on a sliding
+        layer); training triples the forward (PaLM, appendix B). `seq_len` defaults to the model's context."""
         c = self.config
         seq_len = seq_len or c.max_seq_len
         weights = self.num_parameters(exclude_embeddings=True)
         if c.tie_embeddings:
             weights += self.lm_head.weight.numel()
         norms = sum(p.numel() for n, p in self.named_parameters() if p.dim() < 2)
-        forward = 2 * (weights - norms) + 4 * c.n_layer * seq_len * c.n_head * c.head_dim
+        attended = sum(min(seq_len, c.sliding_window) if c.layer_type(i) == SLIDING else seq_len
+                       for i in range(c.n_layer))  # keys per query, summed over layers
+        forward = 2 * (weights - norms) + 4 * attended * c.n_head * c.head_dim
         return 3 * forward if training else forward
 
     # ---- checkpoints --------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None,
                         device: torch.device | str | None = None) -> Transformer:
-        """Load a Hugging Face checkpoint folder (model_type gpt2 or llama), a `.gguf` file (dequantized
+        """Load a Hugging Face checkpoint folder (gpt2, llama, qwen2, gemma3_text), a `.gguf` file (dequantized
         to float32), or a registry name such as `smollm2-135m-instruct` (fetched and cached)."""
         from llmkit.formats import named
 

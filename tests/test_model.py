@@ -105,15 +105,25 @@ def test_sharded_and_half_precision_checkpoints(tmp_path):
 # ---- KV cache ---------------------------------------------------------------------------------
 
 
+# Each family's own features on the llama-tiny shape; Gemma-3's window (4) is shorter than the sequences.
+FAMILIES = {
+    "llama": {},
+    "qwen2": dict(qkv_bias=True, rope_theta=1e6),
+    "gemma3": dict(activation="gelu_tanh", norm_offset=1.0, qk_norm=True, sandwich_norm=True, embed_scale=True,
+                   attn_scale=0.2, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                   rope_theta=1e6, rope_local_theta=1e4),
+}
+
+
 def tiny(family):
-    if family == "llama":
-        config = ModelConfig.from_preset("llama-tiny", n_head=8, n_kv_head=2)
+    if family in FAMILIES:
+        config = ModelConfig.from_preset("llama-tiny", n_head=8, n_kv_head=2, **FAMILIES[family])
     else:
         config = ModelConfig.from_preset("gpt2", n_layer=2, n_head=4, d_model=64, vocab_size=512, max_seq_len=256)
     return randomize_norms(Transformer(config).eval())
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", [*FAMILIES, "gpt2"])
 def test_prefill_then_decode_equals_full_forward(family):
     model = tiny(family)
     x = tokens(batch=2, seq=24, vocab=512)
@@ -127,7 +137,7 @@ def test_prefill_then_decode_equals_full_forward(family):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=ATOL)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", [*FAMILIES, "gpt2"])
 def test_left_padded_batch_equals_each_prompt_alone(family):
     model = tiny(family)
     prompts = [tokens(1, n, 512, seed=n)[0] for n in (5, 11, 8)]

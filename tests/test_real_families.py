@@ -15,6 +15,8 @@ import torch
 from gguf_helpers import needs_llamacpp
 
 import llmkit
+from llmkit.config import ModelConfig
+from llmkit.formats.gguf import config_from_metadata, read_metadata
 from llmkit.formats.llamacpp import LlamaCpp, agreement, margin, perplexity
 from llmkit.formats.named import resolve
 
@@ -22,6 +24,17 @@ pytestmark = [needs_llamacpp, pytest.mark.slow]
 
 MODELS = ["qwen2.5-coder-0.5b-instruct", "gemma-3-270m"]
 N_TOKENS = 2000
+
+
+PRESETS = {"qwen2.5-coder-0.5b-instruct": "qwen2.5-0.5b", "gemma-3-270m": "gemma-3-270m"}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_the_family_preset_is_the_real_checkpoints_config(name):
+    path = resolve(name)
+    real = config_from_metadata(read_metadata(path), {"token_embd.weight"}, str(path)).to_dict()
+    preset = ModelConfig.from_preset(PRESETS[name]).to_dict()
+    assert {**real, "name": None} == {**preset, "name": None}
 
 
 @functools.cache

@@ -3,7 +3,7 @@
 embeddings, a custom attention scale, q/k/v biases) decodes from its cache -- whose sliding layers
 keep only `window` slots in a ring buffer -- exactly as the full forward computes, dynamic, static,
 compiled, left-padded, chunked and continuously batched. Parity with transformers is in
-tests/test_families.py; these are the invariants that hold whatever the reference."""
+tests/test_families_formats.py; these are the invariants that hold whatever the reference."""
 
 import pytest
 import torch
@@ -130,3 +130,20 @@ def test_ring_slots_and_kv_memory():
     ringed = KVCache(config, 1, 4096).nbytes
     per_layer = full // 4
     assert ringed == per_layer + 3 * per_layer * WINDOW // 4096  # one full layer, three rings of WINDOW slots
+
+
+def test_flops_and_kv_summary_count_the_window():
+    """Attention FLOPs of a sliding layer stop at the window; `llmkit info`'s KV bytes are an allocated cache's."""
+    from llmkit.analysis.accounting import model_summary
+
+    model = gemma_like()
+    c, n = model.config, 100
+    full = Transformer(c.replace(sliding_window=None, layer_types=None))
+    attention = 4 * c.n_head * c.head_dim
+    assert full.flops_per_token(n, training=False) - model.flops_per_token(n, training=False) == \
+        attention * 3 * (n - WINDOW)  # three sliding layers attend to WINDOW keys, not n
+    summary = model_summary(c, seq_len=n)
+    assert summary["family"] is None  # q/k/v biases on Gemma-3's layout: no transformers family computes it
+    assert model_summary(c.replace(qkv_bias=False))["family"] == "gemma3_text"
+    assert summary["kv_cache_bytes"]["float32"] == KVCache(c, 1, n).nbytes
+    assert summary["kv_cache_bytes"]["bfloat16"] == KVCache(c, 1, n, dtype=torch.bfloat16).nbytes

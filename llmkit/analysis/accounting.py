@@ -34,21 +34,29 @@ def resolve_config(path_or_preset: str) -> ModelConfig:
 
 
 def model_summary(path_or_preset: str | ModelConfig, seq_len: int | None = None) -> dict[str, Any]:
-    from llmkit.model import Transformer
+    from llmkit.model import KVCache, Transformer
 
     config = path_or_preset if isinstance(path_or_preset, ModelConfig) else resolve_config(path_or_preset)
     with torch.device("meta"):
         model = Transformer(config)
     params = model.num_parameters()
     seq_len = seq_len or config.max_seq_len
+    try:
+        family = config.hf_model_type
+    except ConfigError:
+        family = None
     return {
         "config": config.to_dict(),
+        "family": family,
         "parameters": params,
         "non_embedding_parameters": model.num_parameters(exclude_embeddings=True),
         "weight_memory_bytes": {k: int(params * b) for k, b in BYTES_PER_PARAM.items()},
         "seq_len": seq_len,
         "flops_per_token_forward": model.flops_per_token(seq_len, training=False),
         "flops_per_token_training": model.flops_per_token(seq_len, training=True),
+        # one sequence of seq_len tokens; sliding-window layers hold their window only (a ring buffer)
+        "kv_cache_bytes": {str(dtype).removeprefix("torch."): KVCache(config, 1, seq_len, "meta", dtype).nbytes
+                           for dtype in (torch.float32, torch.bfloat16)},
     }
 
 
@@ -62,13 +70,15 @@ def human(n: float, unit: str = "") -> str:
 
 def render_summary(s: dict[str, Any]) -> str:
     c = s["config"]
-    lines = [f"model: {c['name']}",
+    lines = [f"model: {c['name']} (family: {s.get('family') or 'none of transformers'})",
              "  " + ", ".join(f"{k}={v}" for k, v in c.items() if k != "name"),
              f"parameters: {s['parameters']:,} ({human(s['parameters'])}); "
              f"non-embedding {s['non_embedding_parameters']:,}",
              "weight memory: " + ", ".join(f"{k} {human(v, 'B')}" for k, v in s["weight_memory_bytes"].items()),
              f"FLOPs per token at seq_len {s['seq_len']}: forward {human(s['flops_per_token_forward'])}, "
-             f"training {human(s['flops_per_token_training'])}"]
+             f"training {human(s['flops_per_token_training'])}",
+             f"KV cache of one {s['seq_len']}-token sequence: "
+             + ", ".join(f"{k} {human(v, 'B')}" for k, v in s["kv_cache_bytes"].items())]
     return "\n".join(lines)
 
 
