@@ -391,28 +391,42 @@ def test_export_refuses_what_llama_cpp_computes_differently(config, message, tmp
     assert not (tmp_path / "x.gguf").exists()
 
 
+def _rewrite_gguf(path, out, meta=None, drop=()):
+    """A copy of the GGUF at `path` with metadata values replaced (`meta`) and tensors left out (`drop`)."""
+    r = gguf.GGUFReader(str(path))
+    w = gguf.GGUFWriter(str(out), str(r.fields["general.architecture"].contents()))
+    for key, f in r.fields.items():
+        if not key.startswith("GGUF.") and key != "general.architecture":
+            value = (meta or {}).get(key, f.contents())
+            w.add_key_value(key, value, f.types[0], f.types[1] if len(f.types) > 1 else None)
+    for t in r.tensors:
+        if t.name not in drop:
+            w.add_tensor(t.name, t.data.copy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
 def test_bad_gguf_files(tmp_path):
+    """Each disagreement between a GGUF's metadata and its tensors is one error naming it, never a partial load."""
     _, config, tensors, path = _exported(_gemma3_exportable, tmp_path)
     data = path.read_bytes()
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) - 100])
     with pytest.raises(FormatError, match="truncated"):
         read_gguf(tmp_path / "cut.gguf")
-    r = gguf.GGUFReader(str(path))
-    w = gguf.GGUFWriter(str(tmp_path / "more.gguf"), "gemma3")  # metadata says 2 layers, the tensors hold 3
-    for key, f in r.fields.items():
-        if not key.startswith("GGUF.") and key != "general.architecture":
-            value = 2 if key == "gemma3.block_count" else f.contents()
-            if key == "gemma3.attention.sliding_window_pattern":
-                value = [True, False]
-            w.add_key_value(key, value, f.types[0], f.types[1] if len(f.types) > 1 else None)
-    for t in r.tensors:
-        w.add_tensor(t.name, t.data.copy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    # metadata says 2 layers, the tensors hold 3
+    more = _rewrite_gguf(path, tmp_path / "more.gguf", {"gemma3.block_count": 2,
+                                                        "gemma3.attention.sliding_window_pattern": [True, False]})
     with pytest.raises(FormatError, match=r"unexpected tensor\(s\) \['blk.2.attn_k.weight'.* for a 2-layer gemma3"):
-        read_gguf(tmp_path / "more.gguf")
+        read_gguf(more)
+    fewer = _rewrite_gguf(path, tmp_path / "fewer.gguf", drop={"blk.1.ffn_down.weight"})
+    with pytest.raises(FormatError, match=r"tensor 'blk.1.ffn_down.weight' is missing \(architecture gemma3, 3 layers\)"):
+        read_gguf(fewer)
+    wider = _rewrite_gguf(path, tmp_path / "wider.gguf", {"gemma3.feed_forward_length": 128})
+    with pytest.raises(FormatError, match=r"tensor 'blk.0.ffn_(gate|up|down).weight' has shape \[\d+, \d+\], expected"):
+        read_gguf(wider)
 
 
 # ---- logits: llama.cpp runs our exports --------------------------------------------------------
