@@ -9,6 +9,7 @@ trains on; the mask is derived from the rendered text, so it works for any prefi
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -361,7 +362,13 @@ class Tokenizer:
             end -= len(delta) - len(delta.rstrip())
             spans.append((start, end))
         encoding = self.backend.encode(text, add_special_tokens=False)
-        mask = [int(any(s < b and e > a for a, b in spans)) for s, e in encoding.offsets]
+        # A token is scored when it overlaps a span. The spans are disjoint and in order, so the only
+        # candidate is the last one starting before the token ends.
+        starts = [a for a, _ in spans]
+        mask = []
+        for s, e in encoding.offsets:
+            j = bisect.bisect_left(starts, e) - 1
+            mask.append(int(j >= 0 and spans[j][1] > s))
         return encoding.ids, mask
 
 
