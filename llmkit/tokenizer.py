@@ -225,16 +225,18 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> Tokenizer:
-        """Load a HF folder (`tokenizer.json` + `tokenizer_config.json`) or GPT-2 `vocab.json` + `merges.txt`.
+        """Load a HF folder (`tokenizer.json` + `tokenizer_config.json`) or GPT-2 `vocab.json` + `merges.txt`;
+        a `.gguf` file or a registry name (`smollm2-135m-instruct`) as `Transformer.from_pretrained` takes it.
 
         The chat template comes from `chat_template.jinja` when present, else from tokenizer_config.json.
         """
         folder = Path(path)
+        if not folder.exists() or folder.suffix == ".gguf":
+            from llmkit.formats import named  # the one naming rule of every loader (formats/named.py)
+
+            return named.read_tokenizer(path)
         if folder.is_file():
             folder = folder.parent
-        if not folder.is_dir():
-            raise FormatError(f"tokenizer folder {folder} does not exist; expected a folder with tokenizer.json "
-                              "(+ tokenizer_config.json) or vocab.json + merges.txt")
         config = _read_config(folder / "tokenizer_config.json")
         template = _pick_template(config.get("chat_template"))
         if (folder / "chat_template.jinja").is_file():  # where transformers >= 4.50 saves it

@@ -175,7 +175,8 @@ def test_empty_corpus():
 
 def test_missing_folder(tmp_path):
     missing = tmp_path / "nope"
-    with pytest.raises(FormatError, match=f"tokenizer folder {missing} does not exist; expected a folder with tokenizer.json"):
+    with pytest.raises(FormatError, match=f"{missing}: not a folder, not a .gguf file and not a known model name; "
+                                          "expected an HF checkpoint folder, a GGUF file or one of: gemma-3-270m"):
         Tokenizer.from_pretrained(missing)
     with pytest.raises(FormatError, match="has no tokenizer.json and no vocab.json \\+ merges.txt"):
         Tokenizer.from_pretrained(tmp_path)
@@ -220,3 +221,16 @@ def test_reads_a_folder_transformers_wrote(gpt2_dir, gpt2, lear, tmp_path):
     assert tok.encode(lear[:5000]) == gpt2.encode(lear[:5000]) == hf(lear[:5000])["input_ids"]
     assert (tok.bos_id, tok.eos_id) == (hf.bos_token_id, hf.eos_token_id) == (50256, 50256)
     assert tok.render_chat([{"role": "user", "content": "Kent."}]) == "user: Kent.\n"
+
+
+def test_a_registry_name_or_gguf_file_loads_the_tokenizer_llmkit_load_gives():
+    """One naming rule for every loader: Tokenizer.from_pretrained takes what llmkit.load takes, reading no weights."""
+    import llmkit
+    from llmkit.formats.named import resolve
+
+    _, expected = llmkit.load("smollm2-135m-instruct")
+    text = "Hello world: the tokenizer of a registry name. <|im_start|>user"
+    for spec in ("smollm2-135m-instruct", resolve("smollm2-135m-instruct")):
+        tok = Tokenizer.from_pretrained(spec)
+        assert tok.encode(text) == expected.encode(text)
+        assert (tok.bos_id, tok.eos_id, tok.chat_template) == (expected.bos_id, expected.eos_id, expected.chat_template)

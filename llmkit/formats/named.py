@@ -140,3 +140,13 @@ def read(spec: str | os.PathLike, with_tokenizer: bool = True
     if with_tokenizer:
         tokenizer = Tokenizer.from_pretrained(path)
     return config, tensors, tokenizer
+
+
+def read_tokenizer(spec: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a folder, GGUF file or registry name, reading no weights."""
+    from llmkit.formats import gguf
+
+    path = resolve(spec)
+    if path.is_file() and gguf.is_gguf(path):
+        return gguf.read_tokenizer(path)
+    return Tokenizer.from_pretrained(path)
