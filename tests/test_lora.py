@@ -10,7 +10,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from llmkit.config import ModelConfig
-from llmkit.errors import ConfigError
+from llmkit.errors import ConfigError, FormatError
 from llmkit.model import Transformer
 from llmkit.peft.lora import (
     LoraConfig,
@@ -194,3 +194,47 @@ def test_bad_configurations_are_named():
     with pytest.raises(ConfigError, match="GPT-2 adapters must target all three"):
         save_adapter(model, "/nonexistent-never-written")
     assert isinstance(model.blocks[0].attn.q_proj, LoraLinear)
+
+
+def _peft_adapter(tmp_path, **lora_fields):
+    """An adapter made by peft itself on our saved tiny Llama, its B weights random (a trained adapter)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    tiny().save_pretrained(tmp_path / "base")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()
+    peft_model = get_peft_model(hf, PeftLoraConfig(**{"r": 4, "lora_alpha": 8, **lora_fields}))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        return peft_model.eval()(input_ids=IDS).logits
+
+
+def test_peft_rank_and_alpha_patterns_load_with_peft_logits(tmp_path):
+    """Per-module r and alpha (peft's rank_pattern / alpha_pattern) change the scaling of those modules
+    only; loaded with one r and alpha they would be off, so the logits would differ."""
+    theirs = _peft_adapter(tmp_path, target_modules=["q_proj", "v_proj", "down_proj"],
+                           rank_pattern={"v_proj": 2, "layers.1.self_attn.q_proj": 6},
+                           alpha_pattern={"down_proj": 32, "q_proj": 3})
+    ours = load_adapter(Transformer.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    torch.testing.assert_close(outputs(ours), theirs, rtol=0, atol=ATOL)
+    merged = outputs(merge_lora(ours))
+    torch.testing.assert_close(merged, theirs, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("lora_bias", True, "sets lora_bias=True; llmkit loads plain LoRA only"),
+    ("layer_replication", [[0, 2], [1, 2]], "sets layer_replication="),
+    ("bias", "all", "bias='all': the adapter trains biases"),
+    ("some_future_field", 1, r"field\(s\) \['some_future_field'\] that llmkit does not know"),
+])
+def test_peft_fields_llmkit_does_not_compute_are_refused_by_name(tmp_path, field, value, message):
+    _peft_adapter(tmp_path, target_modules=["q_proj"])
+    path = tmp_path / "adapter" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
+    with pytest.raises(FormatError, match=message):
+        load_adapter(Transformer.from_pretrained(tmp_path / "base"), tmp_path / "adapter")

@@ -313,6 +313,7 @@ def read_adapter(folder: str | Path, model_config: ModelConfig) -> tuple[LoraCon
     if meta.get("peft_type") != "LORA" or meta.get("use_dora") or meta.get("use_rslora"):
         raise FormatError(f"{folder}: peft_type={meta.get('peft_type')!r}, use_dora={meta.get('use_dora')}, "
                           f"use_rslora={meta.get('use_rslora')}; expected plain LoRA")
+    _check_peft_fields(meta, folder, model_config)
     by_hf: dict[str, list[tuple[str, int | None]]] = {}
     for ours, (hf_module, slot) in _hf_modules(model_config).items():
         by_hf.setdefault(hf_module, []).append((ours, slot))
@@ -344,8 +345,78 @@ def read_adapter(folder: str | Path, model_config: ModelConfig) -> tuple[LoraCon
                            key=TARGETS.index))
     if not targets:
         raise FormatError(f"{folder}: the adapter holds no LoRA tensors")
+    r, alpha = _fold_patterns(ours_tensors, meta, r, alpha, _hf_modules(model_config))
     config = LoraConfig(r=r, alpha=alpha, dropout=float(meta.get("lora_dropout", 0.0)), targets=targets)
     return config, ours_tensors
+
+
+# peft LoraConfig fields (0.21) llmkit honours whatever their value: bookkeeping, what the tensors
+# themselves say (which modules and layers are adapted), initialisation (the weights are loaded), and
+# the per-module rank_pattern / alpha_pattern (_fold_patterns).
+_PEFT_HONOURED = {"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+                  "inference_mode", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
+                  "layers_to_transform", "layers_pattern", "init_lora_weights", "rank_pattern", "alpha_pattern",
+                  "megatron_core", "qalora_group_size", "runtime_config", "use_dora", "use_rslora",
+                  "fan_in_fan_out", "modules_to_save", "bias", "ensure_weight_tying"}
+# Fields that change what the adapter computes or the base it applies to: refused unless at peft's default.
+_PEFT_DEFAULTS = {"megatron_config": None, "trainable_token_indices": None, "loftq_config": {}, "eva_config": None,
+                  "corda_config": None, "lora_ga_config": None, "velora_config": None,
+                  "alora_invocation_tokens": None, "use_qalora": False, "monteclora_config": None,
+                  "layer_replication": None, "lora_bias": False, "target_parameters": None, "use_bdlora": None,
+                  "arrow_config": None, "kasa_config": None}
+
+
+def _check_peft_fields(meta: dict, folder: Path, model_config: ModelConfig) -> None:
+    """Every field of adapter_config.json is honoured or refused by name (nothing loads silently wrong)."""
+    unknown = sorted(set(meta) - _PEFT_HONOURED - set(_PEFT_DEFAULTS))
+    if unknown:
+        raise FormatError(f"{folder}: adapter_config.json has field(s) {unknown} that llmkit does not know; "
+                          "expected peft's LoraConfig fields (peft 0.21)")
+    changed = sorted(k for k, default in _PEFT_DEFAULTS.items() if k in meta and meta[k] not in (default, None))
+    if changed:
+        raise FormatError(f"{folder}: adapter_config.json sets {', '.join(f'{k}={meta[k]!r}' for k in changed)}; "
+                          "llmkit loads plain LoRA only (these fields must be at peft's defaults)")
+    if meta.get("bias", "none") != "none":
+        raise FormatError(f"{folder}: bias={meta['bias']!r}: the adapter trains biases; llmkit's LoRA expects 'none'")
+    saved = set(meta.get("modules_to_save") or ()) - {"score", "classifier"}
+    if saved:
+        raise FormatError(f"{folder}: modules_to_save={sorted(saved)}; llmkit keeps only a classifier head ('score')")
+    fan_in_fan_out = model_config.hf_model_type == "gpt2"
+    if "fan_in_fan_out" in meta and bool(meta["fan_in_fan_out"]) != fan_in_fan_out:
+        raise FormatError(f"{folder}: fan_in_fan_out={meta['fan_in_fan_out']} but a "
+                          f"{model_config.hf_model_type} model needs {fan_in_fan_out}")
+
+
+def _pattern(pattern: dict | None, hf_module: str, default: float) -> float:
+    """peft's rule: the first key that matches the end of the module's name (a name or a regex)."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?(?:{key})$", hf_module):
+            return value
+    return default
+
+
+def _fold_patterns(tensors: dict[str, torch.Tensor], meta: dict, r: int, alpha: float,
+                   modules: dict[str, tuple[str, int | None]]) -> tuple[int, float]:
+    """Per-module ranks and alphas (peft's rank_pattern / alpha_pattern) as one (r, alpha): each
+    module's B is multiplied by its scaling over the common one, and A and B are zero-padded to the
+    largest rank. B·A and so every output are unchanged; the padding stays zero when training on."""
+    ranks = {k.removesuffix(".lora_A"): t.shape[0] for k, t in tensors.items() if k.endswith(".lora_A")}
+    if not ranks:
+        return r, alpha
+    common_r = max(ranks.values())
+    common_scaling = alpha / r
+    for ours, rank in ranks.items():
+        hf_module, slot = modules[ours]
+        module_r = _pattern(meta.get("rank_pattern"), hf_module, r)
+        module_alpha = _pattern(meta.get("alpha_pattern"), hf_module, alpha)
+        expected = module_r if slot is None else module_r // 3
+        if rank != expected:
+            raise FormatError(f"adapter tensor {hf_module}.lora_A has rank {rank}; its adapter_config.json says "
+                              f"{expected} (r={r}, rank_pattern={meta.get('rank_pattern')})")
+        a, b = tensors[f"{ours}.lora_A"], tensors[f"{ours}.lora_B"] * ((module_alpha / module_r) / common_scaling)
+        tensors[f"{ours}.lora_A"] = torch.cat([a, a.new_zeros(common_r - rank, a.shape[1])])
+        tensors[f"{ours}.lora_B"] = torch.cat([b, b.new_zeros(b.shape[0], common_r - rank)], dim=1)
+    return common_r, common_scaling * common_r
 
 
 def load_adapter(model: nn.Module, folder: str | Path, base_bits: int = 0) -> nn.Module:
