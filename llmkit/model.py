@@ -386,6 +386,10 @@ class Transformer(nn.Module):
         self.pos_embed = nn.Embedding(c.max_seq_len, c.d_model) if c.pos_embedding == "learned" else None
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c, i) for i in range(c.n_layer))
+        first: dict[str, int] = {}
+        for i in range(c.n_layer):
+            first.setdefault(c.layer_type(i), i)
+        self.kind_layers = {i: kind for kind, i in first.items()}  # the first layer of each kind -> its kind
         self.norm = _norm(c)
         # A classifier keeps an LM head only when it costs nothing (tied to the embedding), as in HF.
         lm = not c.num_labels or c.tie_embeddings
@@ -506,7 +510,7 @@ class Transformer(nn.Module):
         """
         slot = slot.reshape(1)
         masks = {}
-        for layer, kind in self._first_layer_of_each_kind().items():
+        for layer, kind in self.kind_layers.items():
             visible = key_mask
             if kv_cache.windows[layer] is not None:  # a ring: its entries hold the window's slots
                 k_slots = kv_cache.key_slots(layer, slot, 1)
@@ -532,12 +536,6 @@ class Transformer(nn.Module):
         for block in self.blocks:
             x = block(x, ropes.get(block.attn.kind), step, kv_cache)
         return self.norm(x)
-
-    def _first_layer_of_each_kind(self) -> dict[int, str]:
-        kinds: dict[str, int] = {}
-        for i in range(self.config.n_layer):
-            kinds.setdefault(self.config.layer_type(i), i)
-        return {i: kind for kind, i in kinds.items()}
 
     @property
     def pos_embedding_is_rope(self) -> bool:
@@ -571,7 +569,7 @@ class Transformer(nn.Module):
             padded = new_mask is not None
         q_slots = torch.arange(past, past + T, device=device)
         masks = {}
-        for layer, kind in self._first_layer_of_each_kind().items():
+        for layer, kind in self.kind_layers.items():
             window = self.config.sliding_window if kind == SLIDING else None
             if not padded and T == 1:
                 masks[kind] = (None, False)  # one new token sees every key the cache returns

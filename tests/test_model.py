@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from llmkit import KVCache, ModelConfig, Transformer
+from llmkit.generate.engine import left_pad
 
 ATOL = 1e-5  # fp32 logits
 
@@ -141,12 +142,8 @@ def test_prefill_then_decode_equals_full_forward(family):
 def test_left_padded_batch_equals_each_prompt_alone(family):
     model = tiny(family)
     prompts = [tokens(1, n, 512, seed=n)[0] for n in (5, 11, 8)]
-    width = max(len(p) for p in prompts)
-    batch = torch.zeros(3, width, dtype=torch.long)
-    mask = torch.zeros(3, width, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        batch[i, width - len(p):] = p
-        mask[i, width - len(p):] = 1
+    batch, mask = left_pad([p.tolist() for p in prompts], 0, "cpu")
+    width = batch.shape[1]
     decode = tokens(3, 6, 512, seed=99)  # the same continuation fed to every row
 
     with torch.no_grad():

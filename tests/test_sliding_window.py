@@ -2,7 +2,8 @@
 (sliding and full layers, their own RoPE bases, QK-norm, sandwich norms, (1 + w) RMSNorm, scaled
 embeddings, a custom attention scale, q/k/v biases) decodes from its cache -- whose sliding layers
 keep only `window` slots in a ring buffer -- exactly as the full forward computes, dynamic, static,
-compiled, left-padded, chunked and continuously batched. Parity with transformers is in
+compiled, chunked and continuously batched (left padding past the window: tests/test_model.py's
+gemma3 family). Parity with transformers is in
 tests/test_families_formats.py; these are the invariants that hold whatever the reference."""
 
 import pytest
@@ -78,27 +79,6 @@ def test_chunked_prefill_across_the_ring_equals_the_full_forward():
             pieces.append(model(ids[:, start:start + size], kv_cache=cache))
             start += size
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=0, atol=ATOL)
-
-
-def test_left_padded_batch_past_the_window_equals_each_prompt_alone():
-    model = gemma_like()
-    prompts = [torch.randint(0, 300, (n,)) for n in (5, 13, 9)]
-    width = max(len(p) for p in prompts)
-    batch = torch.zeros(3, width, dtype=torch.long)
-    mask = torch.zeros(3, width, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        batch[i, width - len(p):] = p
-        mask[i, width - len(p):] = 1
-    decode = torch.randint(0, 300, (3, 20))
-    with torch.no_grad():
-        cache = KVCache(model.config, 3, width + 20)
-        prefill = model(batch, attention_mask=mask, kv_cache=cache)
-        steps = [model(decode[:, t:t + 1], kv_cache=cache) for t in range(20)]
-        for i, p in enumerate(prompts):
-            alone = model(torch.cat([p, decode[i]])[None])[0]
-            n = len(p)
-            torch.testing.assert_close(prefill[i, width - n:], alone[:n], rtol=0, atol=ATOL)
-            torch.testing.assert_close(torch.cat([s[i] for s in steps]), alone[n:], rtol=0, atol=ATOL)
 
 
 def test_generation_batched_compiled_and_scheduled_equals_alone():
