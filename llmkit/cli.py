@@ -278,6 +278,8 @@ def _generate(args: argparse.Namespace) -> None:
 def _chat_args(p: argparse.ArgumentParser) -> None:
     _sampling_args(p)
     p.add_argument("--system", default=None, help="the system prompt")
+    p.add_argument("--chat-template", default=None,
+                   help="replace the model's template: chatml, gemma, llama2, alpaca, vicuna, a .jinja file or Jinja")
 
 
 @verb("chat", "chat in the terminal with the model's chat template (streaming; /reset, /system, /history)",
@@ -285,7 +287,7 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
 def _chat(args: argparse.Namespace) -> None:
     from llmkit.generate.chat import ChatSession, chat_loop, load
 
-    model, tokenizer = load(args.model, args.quantize, args.threads)
+    model, tokenizer = load(args.model, args.quantize, args.threads, args.chat_template)
     chat_loop(ChatSession(model, tokenizer, system=args.system, **_sampling_from(args)))
 
 

@@ -9,6 +9,7 @@ streams the assistant's reply; `chat_loop` is the terminal loop around it (`/res
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 
@@ -27,9 +28,12 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     return sorted({i for i in (tokenizer.token_to_id(t) for t in END_OF_TURN) if i is not None})
 
 
-def load(spec: str, quantize: str | None = None, threads: int | None = None) -> tuple[Transformer, Tokenizer]:
+def load(spec: str, quantize: str | None = None, threads: int | None = None,
+         chat_template: str | None = None) -> tuple[Transformer, Tokenizer]:
     """Model and tokenizer of an HF folder, a .gguf file or a registry name, ready to chat with:
-    `quantize` "int8"/"int4" swaps in packed linears (generate/fast.py), `threads` sets torch's."""
+    `quantize` "int8"/"int4" swaps in packed linears (generate/fast.py), `threads` sets torch's,
+    `chat_template` (a built-in name, a .jinja file or a Jinja string) replaces the tokenizer's, as
+    vLLM's and llama.cpp's `--chat-template` do (base models such as Gemma-3-270M ship none)."""
     from llmkit.model import load as load_any
 
     if quantize not in (None, "int8", "int4"):
@@ -37,11 +41,23 @@ def load(spec: str, quantize: str | None = None, threads: int | None = None) -> 
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer = load_any(spec)
+    if chat_template:
+        tokenizer.chat_template = read_chat_template(chat_template)
     if quantize:
         from llmkit.generate.fast import quantize as swap
 
         swap(model, bits=int(quantize[3:]))
     return model, tokenizer
+
+
+def read_chat_template(option: str) -> str:
+    """`--chat-template`'s value as Jinja: a built-in name or a Jinja string as is, a .jinja file read."""
+    if option.endswith((".jinja", ".j2")):
+        path = Path(option)
+        if not path.is_file():
+            raise ConfigError(f"chat template file {option} does not exist")
+        return path.read_text(encoding="utf-8")
+    return option
 
 
 @torch.inference_mode()
@@ -65,7 +81,8 @@ class ChatSession:
     def __init__(self, model: Transformer, tokenizer, system: str | None = None, **sampling):
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError("this tokenizer has no chat template; `llmkit chat` needs one "
-                              "(tokenizer_config.json 'chat_template' or chat_template.jinja)")
+                              "(tokenizer_config.json 'chat_template', chat_template.jinja, or --chat-template "
+                              "NAME|FILE.jinja|JINJA)")
         self.model, self.tokenizer = model, tokenizer
         self.system = system
         self.history: list[dict] = []

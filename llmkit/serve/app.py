@@ -449,16 +449,13 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
 
 def serve(config: ServeConfig) -> None:
     """Load the model and run the server until interrupted."""
-    import torch
     import uvicorn
 
-    from llmkit.model import load
+    from llmkit.generate.chat import load
 
     if not config.model:
         raise ConfigError("serve needs a model: an HF folder, a .gguf file or a registry name")
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    model, tokenizer = load(config.model)
+    model, tokenizer = load(config.model, threads=config.threads, chat_template=config.chat_template)
     if config.served_model_name is None:
         config.served_model_name = Path(config.model).name if Path(config.model).exists() else config.model
     app = create_app(model, tokenizer, config)

@@ -20,3 +20,5 @@ class ServeConfig:
     max_tokens_limit: int = field(default=4096, metadata={"help": "largest max_tokens a request may ask"})
     max_request_bytes: int = field(default=4_000_000, metadata={"help": "largest request body"})
     threads: int | None = field(default=None, metadata={"help": "torch threads (default: torch's choice)"})
+    chat_template: str | None = field(default=None, metadata={
+        "help": "replace the model's chat template: chatml, gemma, llama2, alpaca, vicuna, a .jinja file or Jinja"})
