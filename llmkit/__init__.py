@@ -2,6 +2,7 @@
 
 from llmkit.config import PRESETS, ModelConfig
 from llmkit.errors import ConfigError, DataError, FormatError, LlmkitError
+from llmkit.formats import named as _named  # noqa: F401  (teaches Tokenizer.from_pretrained .gguf and registry names)
 from llmkit.generate import generate, generate_tensor, stream  # the functions shadow the subpackage's name
 from llmkit.model import KVCache, Transformer, load
 from llmkit.tokenizer import Tokenizer

@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -109,6 +109,18 @@ def gpt2_byte_decoder() -> dict[str, int]:
             byte_of[chr(256 + n)] = b
             n += 1
     return byte_of
+
+
+def _named_reader(spec: str | os.PathLike) -> Tokenizer:
+    raise FormatError(f"{spec} is not a tokenizer folder (no reader of .gguf files and registry names is loaded)")
+
+
+def register_named_reader(reader: Callable[[str | os.PathLike], Tokenizer]) -> None:
+    """formats/named.py hands in its reader of .gguf files and registry names when it is imported (as
+    `import llmkit` does), so `Tokenizer.from_pretrained` takes what `Transformer.from_pretrained`
+    takes while this floor never imports the formats above it."""
+    global _named_reader
+    _named_reader = reader
 
 
 def resolve_chat_template(template: str | None) -> str | None:
@@ -232,9 +244,7 @@ class Tokenizer:
         """
         folder = Path(path)
         if not folder.exists() or folder.suffix == ".gguf":
-            from llmkit.formats import named  # the one naming rule of every loader (formats/named.py)
-
-            return named.read_tokenizer(path)
+            return _named_reader(path)
         if folder.is_file():
             folder = folder.parent
         config = _read_config(folder / "tokenizer_config.json")

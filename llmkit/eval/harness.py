@@ -35,12 +35,12 @@ class LlmkitLM(TemplateLM):
         super().__init__()
         import torch
 
-        import llmkit
+        from llmkit.model import load
 
         torch_dtype = getattr(torch, dtype) if dtype not in (None, "auto") else None
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # lm-eval's CLI asks for cuda by default
-        self.model, self.tokenizer = llmkit.load(pretrained, dtype=torch_dtype, device=device)
+        self.model, self.tokenizer = load(pretrained, dtype=torch_dtype, device=device)
         self.model.eval()
         self.pretrained = str(pretrained)
         self.batch_size_per_gpu = 16 if str(batch_size).startswith("auto") else int(batch_size)

@@ -162,11 +162,11 @@ _SCORERS = {"multiple_choice": _score_choices, "classification": _score_choices,
 def run_eval(model_name: str, tasks: list[str], shots: int = 0, limit: int | None = None, out: str = "runs/eval",
              **options) -> dict:
     """`llmkit eval`: load the model (HF folder, .gguf or registry name), evaluate, write the report."""
-    import llmkit
+    from llmkit.model import load
 
     for name in tasks:  # fail on a bad task name before paying for the model
         T.get_task(name)
-    model, tokenizer = llmkit.load(model_name)
+    model, tokenizer = load(model_name)
     model.eval()
     result = evaluate(model, tokenizer, tasks, shots, limit, **options)
     write_report(result, out, model_name)

@@ -18,7 +18,7 @@ import torch
 from llmkit.config import ModelConfig
 from llmkit.errors import FormatError
 from llmkit.files import atomic_path, cache_dir, sha256_file
-from llmkit.tokenizer import Tokenizer
+from llmkit.tokenizer import Tokenizer, register_named_reader
 
 
 @dataclass(frozen=True)
@@ -150,3 +150,6 @@ def read_tokenizer(spec: str | os.PathLike) -> Tokenizer:
     if path.is_file() and gguf.is_gguf(path):
         return gguf.read_tokenizer(path)
     return Tokenizer.from_pretrained(path)
+
+
+register_named_reader(read_tokenizer)
