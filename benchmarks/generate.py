@@ -7,7 +7,7 @@ them alike), with `--threads` threads:
 - tg128: decode tok/s at batch 1: (128 - 1) / (time of generate(128 tokens) - time of generate(1));
 - tg128 x8: decode throughput at batch 8, the same way, 8 * 127 tokens.
 Greedy, EOS ignored. Systems: transformers fp32, llmkit fp32, llmkit with weight-only int8 and
-int4 linear layers (`llmkit.generate.fast`; the LM head int8 in both), llmkit decoding with its
+int4 linear layers (`llmkit.quant`; the LM head int8 in both), llmkit decoding with its
 compiled step (`compile=True`, the default here; `--no-compile` for eager; compilation happens in
 the warm-up, on the shapes that are then timed), and, when `--model` is a GGUF file or registry name,
 llama.cpp on that very file as the anchor (llama-cpp-python; batch-1 figures only, since it decodes
@@ -42,7 +42,7 @@ import torch
 
 from llmkit import ModelConfig, Transformer
 from llmkit.generate.engine import generate_tensor
-from llmkit.generate.fast import quantize
+from llmkit.quant import quantize
 
 ACCURACY_TEXT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "

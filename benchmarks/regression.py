@@ -10,7 +10,7 @@ Each probe measures, after a warm-up (which also compiles):
   loss from `model(x, labels=y)`;
 - prefill: ms of one 512-token forward of SmolLM2-135M-Instruct (the real GGUF);
 - decode_eager / decode_compiled / decode_compiled_int4: ms per one-token `DecodeStep` at batch 1
-  on that model, eager, compiled, and compiled after `llmkit.generate.fast.quantize(bits=4)`.
+  on that model, eager, compiled, and compiled after `quantize(bits=4)` (llmkit.quant, formerly llmkit.generate.fast).
 
 Each figure is the median step within a probe; a tree's figure is the median over its probes.
 Ratios are head/base time (below 1 is faster now). Writes benchmarks/results/regression.json with
@@ -36,13 +36,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # The probe uses only API that both trees have (llmkit.load, Transformer(x, labels=), DecodeStep,
-# KVCache(config, batch, length), generate.fast.quantize); it prints one JSON line.
+# KVCache(config, batch, length), quantize); it prints one JSON line.
 PROBE = r"""
 import json, statistics, sys, time
 import torch, llmkit
 from llmkit import KVCache, ModelConfig, Transformer
 from llmkit.generate.engine import DecodeStep
-from llmkit.generate.fast import quantize
+try:
+    from llmkit.quant import quantize
+except ImportError:  # trees before llmkit/quant/
+    from llmkit.generate.fast import quantize
 
 torch.set_num_threads(int(sys.argv[1]))
 steps = int(sys.argv[2])

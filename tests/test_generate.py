@@ -285,7 +285,7 @@ def test_compiled_decode_equals_eager():
                                logprobs=0, compile=True)
     # a fallback to eager would make this test meaningless
     assert not [w for w in caught if "decoding eagerly" in str(w.message)]
-    assert engine._COMPILED[model] is not None
+    assert engine._COMPILED[model][1] is not None
     assert comp.token_ids == eager.token_ids
     torch.testing.assert_close(torch.tensor(comp.logprobs), torch.tensor(eager.logprobs), rtol=0, atol=1e-5)
     # another prompt and length whose cache rounds up to the same CACHE_BUCKET reuses the compiled step
@@ -301,7 +301,7 @@ def test_compiled_decode_equals_eager():
 @pytest.mark.slow
 def test_compiled_steps_of_differently_built_models_stay_apart():
     # module guards are skipped for speed: each model must still run its own graph, not the first's
-    from llmkit.generate.fast import quantize
+    from llmkit.quant import quantize
 
     full = tiny()
     packed = quantize(tiny(), bits=8)
@@ -314,6 +314,24 @@ def test_compiled_steps_of_differently_built_models_stay_apart():
     for e, c in zip(eager, compiled, strict=True):
         assert c.token_ids == e.token_ids
         torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(e.logprobs), rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_model_whose_modules_are_swapped_after_compiling_is_compiled_again():
+    # the compiled step does not re-check modules: quantizing (or adding LoRA) in place must not reuse it
+    from llmkit.quant import quantize
+
+    model = tiny()
+    kw = dict(max_new_tokens=10, temperature=0, ignore_eos=True, logprobs=0)
+    llmkit.generate(model, None, [1, 2, 3], compile=True, **kw)
+    quantize(model, bits=8)
+    eager = llmkit.generate(model, None, [1, 2, 3], **kw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = llmkit.generate(model, None, [1, 2, 3], compile=True, **kw)
+    assert not [w for w in caught if "decoding eagerly" in str(w.message)]  # the stale graph fails into eager
+    assert compiled.token_ids == eager.token_ids
+    torch.testing.assert_close(torch.tensor(compiled.logprobs), torch.tensor(eager.logprobs), rtol=0, atol=1e-4)
 
 
 # ---- bad input -------------------------------------------------------------------------------

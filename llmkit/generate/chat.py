@@ -31,7 +31,7 @@ def end_of_turn_ids(tokenizer) -> list[int]:
 def load(spec: str, quantize: str | None = None, threads: int | None = None,
          chat_template: str | None = None) -> tuple[Transformer, Tokenizer]:
     """Model and tokenizer of an HF folder, a .gguf file or a registry name, ready to chat with:
-    `quantize` "int8"/"int4" swaps in packed linears (generate/fast.py), `threads` sets torch's,
+    `quantize` "int8"/"int4" swaps in packed linears (llmkit/quant), `threads` sets torch's,
     `chat_template` (a built-in name, a .jinja file or a Jinja string) replaces the tokenizer's, as
     vLLM's and llama.cpp's `--chat-template` do (base models such as Gemma-3-270M ship none)."""
     from llmkit.model import load as load_any
@@ -44,7 +44,7 @@ def load(spec: str, quantize: str | None = None, threads: int | None = None,
     if chat_template:
         tokenizer.chat_template = read_chat_template(chat_template)
     if quantize:
-        from llmkit.generate.fast import quantize as swap
+        from llmkit.quant import quantize as swap
 
         swap(model, bits=int(quantize[3:]))
     return model, tokenizer

@@ -115,9 +115,10 @@ def _own_decode_step(model: Transformer):
     return types.MethodType(own, model)
 
 
-def forget_compiled(model: Transformer) -> None:
-    """Drop `model`'s compiled decode step (after its modules were swapped): it does not re-check them."""
-    _COMPILED.pop(model, None)
+def _module_ids(model: Transformer) -> tuple[int, ...]:
+    """Which modules `model` is made of now: swapping any (quantize, LoRA) changes it, and the compiled
+    step, which does not re-check its modules, is compiled again."""
+    return tuple(map(id, model.modules()))
 
 
 class DecodeStep:
@@ -136,20 +137,22 @@ class DecodeStep:
         self.static = compile if static is None else static
         self.compiled = None
         if compile:
-            if model not in _COMPILED:
+            modules = _module_ids(model)
+            if _COMPILED.get(model, (None,))[0] != modules:
                 try:
-                    # Guards on the model's modules are skipped: checking them costs ~1 ms a step,
-                    # the model is not rebuilt between steps (quantize() calls forget_compiled), and
-                    # each model compiles its own copy of the step, so no other model's graph matches.
+                    # Guards on the model's modules are skipped: checking them costs ~1 ms a step;
+                    # a model whose modules were swapped is compiled again (_module_ids), and each
+                    # model compiles its own copy of the step, so no other model's graph matches.
                     options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
                     if model.device.type == "cpu":  # call the step's ~300 kernels from C++, not Python
                         options["cpp_wrapper"] = True
-                    _COMPILED[model] = torch.compile(_own_decode_step(model), dynamic=False, options=options)
+                    compiled = torch.compile(_own_decode_step(model), dynamic=False, options=options)
                 except Exception as e:  # noqa: BLE001 - any failure means: run eagerly
                     warnings.warn(f"torch.compile is unavailable ({type(e).__name__}: {e}); decoding eagerly",
                                   stacklevel=2)
-                    _COMPILED[model] = None
-            self.compiled = _COMPILED[model]
+                    compiled = None
+                _COMPILED[model] = (modules, compiled)
+            self.compiled = _COMPILED[model][1]
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (batch, vocab) for one new token per row (`tokens`, shape (batch,))."""
@@ -167,7 +170,8 @@ class DecodeStep:
             except Exception as e:  # noqa: BLE001
                 warnings.warn(f"the compiled decode step failed ({type(e).__name__}: {e}); decoding eagerly",
                               stacklevel=2)
-                _COMPILED[self.model] = self.compiled = None
+                _COMPILED[self.model] = (_module_ids(self.model), None)
+                self.compiled = None
         if logits is None:
             logits = self.model.decode_step(*args)
         cache.length = slot + 1

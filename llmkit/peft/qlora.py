@@ -2,7 +2,7 @@
 
 `QuantizedLinear` keeps int8 per-output-channel weights (1 byte each + one fp32 scale per row) or
 asymmetric int4 per group of `group_size` inputs, two weights per byte (0.5 byte + an fp16 scale and
-zero per group). Quantization reuses `llmkit.generate.fast`'s quantizers. The dequantized matrix
+zero per group). Quantization reuses `llmkit.quant.weights`' quantizers. The dequantized matrix
 is rebuilt for the matmul and again in backward (only the input's gradient is needed: the weight is
 frozen), so it is never kept alive between layers: that is where QLoRA's memory saving comes from.
 `apply_lora(model, LoraConfig(base_bits=4))` swaps every block linear for one.
@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmkit.errors import ConfigError
-from llmkit.generate.fast import _quantize_int4, _quantize_int8
+from llmkit.quant.weights import quantize_int4, quantize_int8
 
 
 class _DequantMatmul(torch.autograd.Function):
@@ -40,13 +40,13 @@ class QuantizedLinear(nn.Module):
         self.out_features, self.in_features = w.shape
         self.bits, self.group_size = bits, group_size
         if bits == 8:
-            q, scale = _quantize_int8(w)
+            q, scale = quantize_int8(w)
             self.register_buffer("qweight", q)
             self.register_buffer("scales", scale)
         elif bits == 4:
             if self.in_features % group_size or group_size % 2:
                 raise ConfigError(f"int4 needs in_features ({self.in_features}) divisible by group_size ({group_size})")
-            q, scale, zero, _ = _quantize_int4(w, group_size)
+            q, scale, zero, _ = quantize_int4(w, group_size)
             q = q.to(torch.uint8)
             self.register_buffer("qweight", q[:, 0::2] | (q[:, 1::2] << 4))  # two weights per byte
             self.register_buffer("scales", scale.half())

@@ -9,19 +9,20 @@ import llmkit
 from llmkit import KVCache, ModelConfig, Transformer
 from llmkit.errors import ConfigError
 from llmkit.generate import engine
-from llmkit.generate.fast import SMALL_BATCH, PackedLinear, quantize
 from llmkit.model import fused_linear
+from llmkit.quant import PackedLinear, quantize
+from llmkit.quant.linear import SMALL_BATCH
 
 
 def quantized_weight(lin, bits):
     """The weight the packed kernels should compute with, from the quantizers themselves."""
-    from llmkit.generate.fast import _quantize_int4, _quantize_int8
+    from llmkit.quant.weights import quantize_int4, quantize_int8
 
     w = lin.weight.detach().float()
     if bits == 8:
-        q, scale = _quantize_int8(w)
+        q, scale = quantize_int8(w)
         return q.float() * scale[:, None]
-    return _quantize_int4(w, 32)[3]
+    return quantize_int4(w, 32)[3]
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -39,9 +40,9 @@ def test_packed_kernel_and_int8_gemm_compute_the_quantized_weight(bits):
     torch.testing.assert_close(small, reference, rtol=0, atol=1e-2 * scale)
     torch.testing.assert_close(large, reference, rtol=0, atol=2e-2 * scale)
     # the int8 GEMM is exactly the int8 weight times the int8 activations, rescaled
-    from llmkit.generate.fast import _int8_rows
+    from llmkit.quant.weights import int8_rows
 
-    xq, xs = _int8_rows(x)
+    xq, xs = int8_rows(x)
     exact = (xq.double() @ q.w8.double().T) * xs.double() * q.w8_scale.double() + lin.bias.double()
     torch.testing.assert_close(large.double(), exact, rtol=1e-5, atol=1e-5)
     # and the quantized weight is close to the original, closer with 8 bits than with 4

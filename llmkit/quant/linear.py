@@ -17,7 +17,6 @@ the LM head for a `PackedLinear` that keeps:
 Everything else (embeddings, norms, attention, the KV cache, logits) stays in the model's dtype.
 The accuracy cost is measured in benchmarks/generate.py (logit error, top-1 agreement, KL).
 
-This belongs in llmkit/quant/ once that package exists; generation only needs `quantize`.
 """
 
 from __future__ import annotations
@@ -26,34 +25,9 @@ import torch
 import torch.nn as nn
 
 from llmkit.errors import ConfigError
-from llmkit.generate.engine import forget_compiled
+from llmkit.quant.weights import int8_rows, quantize_int4, quantize_int8
 
 SMALL_BATCH = 16  # rows at or below this use the packed kernel; above, the int8 GEMM
-
-
-def _quantize_int8(w: torch.Tensor):
-    """Symmetric per-output-channel int8: w ≈ q * scale."""
-    scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scale
-
-
-def _quantize_int4(w: torch.Tensor, group_size: int):
-    """Asymmetric int4 per group of inputs: w ≈ (q - 8) * scale + zero, q in [0, 15]."""
-    n, k = w.shape
-    g = w.reshape(n, k // group_size, group_size)
-    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-    scale = ((hi - lo) / 15.0).clamp(min=1e-8)
-    q = torch.round((g - lo) / scale).clamp(0, 15)
-    zero = lo + 8.0 * scale
-    dequant = ((q - 8.0) * scale + zero).reshape(n, k)
-    return q.reshape(n, k).to(torch.int32), scale[..., 0], zero[..., 0], dequant
-
-
-def _int8_rows(x: torch.Tensor):
-    """Symmetric per-row int8 of activations: x ≈ q * scale, scale of shape (rows, 1)."""
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127.0
-    return torch.round(x / scale).to(torch.int8), scale
 
 
 class PackedLinear(nn.Module):
@@ -66,7 +40,7 @@ class PackedLinear(nn.Module):
         self.bits = bits
         self.group_size = group_size
         if bits == 8:
-            q, scale = _quantize_int8(w)
+            q, scale = quantize_int8(w)
             self.register_buffer("packed", q)
             self.register_buffer("scales", scale.to(torch.bfloat16))
             dequant = q.float() * scale[:, None]
@@ -74,7 +48,7 @@ class PackedLinear(nn.Module):
             if self.in_features % group_size or self.out_features % 8:
                 raise ConfigError(f"int4 needs in_features ({self.in_features}) divisible by group_size "
                                   f"({group_size}) and out_features ({self.out_features}) divisible by 8")
-            q, scale, zero, dequant = _quantize_int4(w, group_size)
+            q, scale, zero, dequant = quantize_int4(w, group_size)
             self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
             self.register_buffer("scales", torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
                                  .to(torch.bfloat16))
@@ -82,7 +56,7 @@ class PackedLinear(nn.Module):
             raise ConfigError(f"bits={bits}; expected 8 or 4")
         self.int8_prefill = int8_prefill
         if int8_prefill:  # int8 per output channel: the int8 weight itself, or the int4 one re-quantized
-            w8, w8_scale = (q, scale) if bits == 8 else _quantize_int8(dequant)
+            w8, w8_scale = (q, scale) if bits == 8 else quantize_int8(dequant)
             self.register_buffer("w8", w8)  # (out, in), for the prefill GEMM
             self.register_buffer("w8_scale", w8_scale.float())
         else:  # the exact quantized weight for a GEMM in the model's dtype: slower, no activation rounding
@@ -99,7 +73,7 @@ class PackedLinear(nn.Module):
             else:
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales)
         elif self.int8_prefill:
-            xq, x_scale = _int8_rows(x2.float())
+            xq, x_scale = int8_rows(x2.float())
             y = torch._int_mm(xq, self.w8.t()) * x_scale * self.w8_scale
         else:
             y = x2 @ self.weight_dequantized.to(x2.dtype).T
@@ -140,5 +114,4 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int = 32, head_bits: i
                 setattr(parent, name, PackedLinear(child, bits, group_size, int8_prefill))
     if isinstance(model.lm_head, nn.Linear):
         model.lm_head = PackedLinear(model.lm_head, head_bits, group_size, int8_prefill)
-    forget_compiled(model)
     return model.eval()
