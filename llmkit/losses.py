@@ -167,6 +167,13 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
     return -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
 
 
+def check_preference_loss(beta: float, loss_type: str) -> None:
+    """Refuse a bad beta or loss type before any model is loaded."""
+    check_beta(beta)
+    if loss_type not in PREFERENCE_LOSSES:
+        raise ConfigError(f"loss_type={loss_type!r}; expected one of {PREFERENCE_LOSSES}")
+
+
 def preference_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
                     ref_rejected_logps: torch.Tensor, beta: float, loss_type: str = "sigmoid",
                     chosen_tokens: torch.Tensor | None = None, rejected_tokens: torch.Tensor | None = None
@@ -177,9 +184,7 @@ def preference_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, re
     beta * (log pi - log ref) (detached), whose difference is the margin. IPO divides each
     log-ratio by the response's token count (`chosen_tokens`, `rejected_tokens`), as trl does.
     """
-    check_beta(beta)
-    if loss_type not in PREFERENCE_LOSSES:
-        raise ConfigError(f"loss_type={loss_type!r}; expected one of {PREFERENCE_LOSSES}")
+    check_preference_loss(beta, loss_type)
     chosen_ratio = chosen_logps - ref_chosen_logps
     rejected_ratio = rejected_logps - ref_rejected_logps
     if loss_type == "sigmoid":
@@ -278,6 +283,14 @@ def entropy(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Ten
 # ---- distillation ----------------------------------------------------------------------------
 
 
+def check_distillation(temperature: float, alpha: float) -> None:
+    """Refuse a bad temperature or soft-label weight before any model is loaded."""
+    if not temperature > 0:
+        raise ConfigError(f"temperature={temperature!r}; expected a number > 0")
+    if not 0 <= alpha <= 1:
+        raise ConfigError(f"alpha={alpha!r}; expected the soft-label weight in [0, 1]")
+
+
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                       temperature: float = 2.0, alpha: float = 0.5,
                       ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -285,10 +298,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
     Both terms are means over the positions whose label is not `ignore_index`; the T^2 keeps the
     soft term's gradients on the scale of the hard term's (Hinton et al.). Returns (loss, kl, ce)."""
-    if not temperature > 0:
-        raise ConfigError(f"temperature={temperature!r}; expected a number > 0")
-    if not 0 <= alpha <= 1:
-        raise ConfigError(f"alpha={alpha!r}; expected the soft-label weight in [0, 1]")
+    check_distillation(temperature, alpha)
     if student_logits.shape != teacher_logits.shape:
         raise ConfigError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                           f"{tuple(teacher_logits.shape)} differ; the two models need the same vocabulary")

@@ -12,19 +12,25 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from llmkit.data.shards import ShardLoader, read_meta
 from llmkit.errors import ConfigError
+from llmkit.losses import check_distillation
 from llmkit.model import load
 from llmkit.tokenizer import Tokenizer, check_same_tokenizer
 from llmkit.train import checkpoint
 from llmkit.train import distributed as dist_
 from llmkit.train.loop import TrainResult, resolve_device, train
 from llmkit.train.objectives import distill_objective
-from llmkit.train.pretrain import PretrainConfig, build_model, held_out_batches, train_and_val_dirs
+from llmkit.train.pretrain import (
+    PretrainConfig,
+    build_model,
+    held_out_batches,
+    tokenizer_folder,
+    train_and_val_dirs,
+)
 from llmkit.train.report import run_summary, write_report
 
 
@@ -38,10 +44,7 @@ class DistillConfig(PretrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature={self.temperature!r}; expected a number > 0")
-        if not 0 <= self.alpha <= 1:
-            raise ConfigError(f"alpha={self.alpha!r}; expected the soft-label weight in [0, 1]")
+        check_distillation(self.temperature, self.alpha)
 
 
 def run(config: DistillConfig) -> TrainResult:
@@ -49,8 +52,7 @@ def run(config: DistillConfig) -> TrainResult:
     train_dir, val_dir = train_and_val_dirs(config.data)
     meta = read_meta(train_dir)
     teacher, teacher_tok = load(checkpoint.resolve(config.teacher), dtype=torch.float32)
-    tokenizer_dir = Path(config.tokenizer) if config.tokenizer else Path(config.data) / "tokenizer"
-    tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = Tokenizer.from_pretrained(tokenizer_folder(config))
     check_same_tokenizer(tokenizer, teacher_tok, f"teacher {config.teacher!r}")
     torch.manual_seed(config.seed)
     student = build_model(config, teacher.config.vocab_size)

@@ -18,9 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from llmkit.data import preferences as prefs
-from llmkit.errors import ConfigError
 from llmkit.files import atomic_write_json
-from llmkit.losses import PREFERENCE_LOSSES, check_beta
+from llmkit.losses import PREFERENCE_LOSSES, check_preference_loss
 from llmkit.model import Transformer, load
 from llmkit.tokenizer import check_same_tokenizer
 from llmkit.train import checkpoint
@@ -90,9 +89,7 @@ def _logp_probe(model: Transformer, rows: list[dict], pad: int, device) -> dict:
 
 def run(config: DPOConfig) -> TrainResult:
     config.validate()
-    check_beta(config.beta)
-    if config.loss_type not in PREFERENCE_LOSSES:
-        raise ConfigError(f"loss_type={config.loss_type!r}; expected one of {PREFERENCE_LOSSES}")
+    check_preference_loss(config.beta, config.loss_type)
     torch.manual_seed(config.seed)
     policy, tokenizer = load(checkpoint.resolve(config.model), dtype=torch.float32)
     if config.reference:

@@ -1,8 +1,10 @@
 """The one training loop. Every objective (pretraining, SFT, classification, reward, DPO,
 distillation) is a function `(model, batch) -> (loss, metrics)` run by `train`.
 
-Per optimizer step: `grad_accum` micro-batches (forward under autocast, backward of loss /
-grad_accum), gradient clipping, a NaN/inf guard, AdamW with the scheduled learning rate. Around
+Per optimizer step (`TrainingStep`, which the speedrun's calibration times too): `grad_accum`
+micro-batches (forward under autocast, backward of loss / grad_accum), gradient clipping, a NaN/inf
+guard, AdamW with the scheduled learning rate. `train` returns a `TrainResult`, as every recipe
+around it does (theirs with the report they wrote). Around
 it: periodic evaluation, metrics.jsonl + a tqdm bar, atomic checkpoints with everything needed to
 resume bit-exactly (optimizer, RNG, data position), SIGTERM/SIGINT handling, a wall-clock budget,
 and the same code under torchrun (DDP or FSDP2).

@@ -75,6 +75,11 @@ def held_out_batches(val_dir: Path, config: PretrainConfig, world: dist_.World):
     return lambda: batches
 
 
+def tokenizer_folder(config: PretrainConfig) -> Path:
+    """Where the run's tokenizer is: `config.tokenizer`, else the one beside the shards."""
+    return Path(config.tokenizer) if config.tokenizer else Path(config.data) / "tokenizer"
+
+
 def _bytes_per_token(batches, tokenizer: Tokenizer | None) -> float | None:
     """UTF-8 bytes per scored token of the validation batches (special tokens carry no bytes)."""
     if tokenizer is None:
@@ -93,7 +98,7 @@ def run(config: PretrainConfig) -> TrainResult:
         raise ConfigError(f"context and batch_size must be positive, got {config.context} and {config.batch_size}")
     torch.manual_seed(config.seed)  # the initial weights are part of the run's identity
     model = build_model(config, meta["vocab_size"])
-    tokenizer_dir = Path(config.tokenizer) if config.tokenizer else Path(config.data) / "tokenizer"
+    tokenizer_dir = tokenizer_folder(config)
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir) if (tokenizer_dir / "tokenizer.json").is_file() else None
     if config.tokenizer and tokenizer is None:
         raise ConfigError(f"tokenizer folder {tokenizer_dir} has no tokenizer.json")
