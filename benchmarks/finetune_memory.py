@@ -29,9 +29,9 @@ METHODS = {"full": ("full", 0), "lora": ("lora", 0), "qlora-int8": ("qlora", 8),
 
 
 def rss_mb() -> float:
-    from llmkit.train.finetune import _proc_status_mb
+    from llmkit.train.memory import rss_mb as resident
 
-    return _proc_status_mb("VmRSS")
+    return resident()
 
 
 def release() -> None:
@@ -48,7 +48,7 @@ def measure(name: str, batch: int, seq: int, steps: int) -> dict:
     from llmkit.formats import gguf, named
     from llmkit.model import Transformer
     from llmkit.peft.lora import LoraConfig, apply_lora, trainable_parameters
-    from llmkit.train.finetune import peak_rss_mb, reset_peak_rss
+    from llmkit.train.memory import peak_rss_mb, reset_peak_rss
     from llmkit.train.objectives import causal_lm_loss
 
     method, bits = METHODS[name]

@@ -31,7 +31,9 @@ from llmkit.data.labelled import SENTIMENT_WORDS, movie_reviews, sentiment_promp
 from llmkit.files import atomic_write_json
 from llmkit.model import load, pool_last
 from llmkit.peft.lora import load_adapter
-from llmkit.train.finetune import FinetuneConfig, add_classification_head, finetune, peak_rss_mb
+from llmkit.train import finetune
+from llmkit.train.finetune import FinetuneConfig, add_classification_head
+from llmkit.train.memory import peak_rss_mb
 
 MODEL = "smollm2-135m-instruct"
 RESULTS = Path(__file__).parent / "results" / "finetune_sentiment.json"
@@ -131,7 +133,7 @@ def _finetune(args, task, method, rows_file, val_file, out) -> dict:
         warmup_steps=max(1, args.train // args.batch_size // 5),
         lora_r=args.r, lora_alpha=2.0 * args.r, lora_dropout=0.05, lora_targets="q,k,v,o,gate,up,down",
         qlora_bits=args.bits, eval_every=0, save_every=0, out_dir=str(out), seed=0, device="cpu")
-    finetune(config)
+    finetune.run(config)
     return json.loads((out / "report.json").read_text())
 
 

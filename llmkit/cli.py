@@ -194,19 +194,19 @@ def _report(result, config) -> str:
 
 for _spec in (
         ("pretrain", "next-token pretraining on token shards (also under torchrun)",
-         "llmkit.train.pretrain", "PretrainConfig", "pretrain", _stopped),
+         "llmkit.train.pretrain", "PretrainConfig", "run", _stopped),
         ("speedrun", "raw packaged text -> tokenizer -> pretrained model -> report, within a time budget",
          "llmkit.speedrun", "SpeedrunConfig", "speedrun", None),
         ("finetune", "SFT or classification fine-tuning: full, LoRA, QLoRA or prompt tuning",
-         "llmkit.train.finetune", "FinetuneConfig", "finetune", _stopped),
+         "llmkit.train.finetune", "FinetuneConfig", "run", _stopped),
         ("reward", "train a reward model (scalar head, Bradley-Terry loss) on preference pairs",
-         "llmkit.train.preference", "RewardConfig", "train_reward", _report),
+         "llmkit.train.reward", "RewardConfig", "run", _report),
         ("dpo", "direct preference optimisation (DPO, or IPO with --loss-type ipo) against a frozen reference",
-         "llmkit.train.preference", "DPOConfig", "train_dpo", _report),
+         "llmkit.train.dpo", "DPOConfig", "run", _report),
         ("ppo", "RLHF: PPO on rollouts scored by a reward model, with a KL penalty to the reference",
-         "llmkit.train.ppo", "PPOConfig", "run_ppo", _report),
+         "llmkit.train.ppo", "PPOConfig", "run", _report),
         ("distill", "knowledge distillation: a student trained on a teacher's soft labels (+ hard labels)",
-         "llmkit.train.distill", "DistillConfig", "distill", _report)):
+         "llmkit.train.distill", "DistillConfig", "run", _report)):
     recipe_verb(*_spec)
 
 

@@ -1,19 +1,78 @@
-"""Cross-entropy straight from hidden states: the LM head and the loss, one chunk of rows at a time.
+"""Every objective's loss, as functions of tensors (no model inside): the one place losses live.
 
-The logits of a training batch (tokens x vocab, fp32) are the largest activation of a small model's
-step, and log-softmax, its backward and the zero-filled gradient each pass over all of them.
-`linear_cross_entropy` never holds them: for each chunk of rows it computes the logits, the loss
-and the gradients of both inputs at once (softmax minus one-hot, two matmuls), and keeps only the
-gradients, which are the size of the inputs. Memory falls from tokens x vocab to chunk x vocab,
-and the loss of a llama-8m step (8 x 256 tokens, vocab 8192) runs 1.5-2x faster on a 2-core CPU
-(142-160 ms against 230-360 ms, forward and backward; benchmarks/train.py times whole steps).
+The objectives in `llmkit.train.objectives` run a model on a batch and call one of these. Each
+follows the paper and the reference implementation a user would compare with (trl), so the numbers
+mean the same thing here as there:
+
+- next-token and SFT cross-entropy: `linear_cross_entropy` straight from hidden states (what
+  `Transformer(x, labels=y)` computes), `cross_entropy` from logits; classification uses the latter.
+- Bradley-Terry reward loss: P(chosen > rejected) = sigmoid(r_c - r_r)  (Ouyang et al. 2022).
+- DPO (Rafailov et al. 2023): -log sigmoid(beta * ((log pi_c - log ref_c) - (log pi_r - log ref_r)));
+  IPO (Azar et al. 2023): ((h_c - h_r) - 1 / (2 beta))^2 on per-token averaged log-ratios, as trl.
+- PPO (Schulman et al. 2017; Ziegler et al. 2019): the clipped surrogate, the clipped value loss,
+  GAE, per-token KL estimators (Schulman's k1/k2/k3), entropy.
+- Distillation (Hinton et al. 2015): T^2 * KL(teacher_T || student_T) mixed with hard-label CE.
+
+Sequence-level inputs have shape (batch,); token-level ones (batch, steps) with a 0/1 `mask`.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from llmkit.data.chat import IGNORE_INDEX
+from llmkit.errors import ConfigError
+
+PREFERENCE_LOSSES = ("sigmoid", "ipo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def check_beta(beta: float) -> None:
+    if not beta > 0:
+        raise ConfigError(f"beta={beta!r} is invalid; expected a number > 0 (the strength of the KL "
+                          "regularisation toward the reference model)")
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None, dim=None) -> torch.Tensor:
+    if mask is None:
+        return x.mean() if dim is None else x.mean(dim)
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (unbiased variance, as trl); padding stays 0."""
+    mean = masked_mean(x, mask)
+    centred = x - mean
+    var = masked_mean(centred ** 2, mask) * (mask.sum() / (mask.sum() - 1).clamp(min=1))
+    out = centred * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+# ---- cross-entropy -------------------------------------------------------------------------
+#
+# Cross-entropy straight from hidden states: the LM head and the loss, one chunk of rows at a time.
+#
+# The logits of a training batch (tokens x vocab, fp32) are the largest activation of a small model's
+# step, and log-softmax, its backward and the zero-filled gradient each pass over all of them.
+# `linear_cross_entropy` never holds them: for each chunk of rows it computes the logits, the loss
+# and the gradients of both inputs at once (softmax minus one-hot, two matmuls), and keeps only the
+# gradients, which are the size of the inputs. Memory falls from tokens x vocab to chunk x vocab,
+# and the loss of a llama-8m step (8 x 256 tokens, vocab 8192) runs 1.5-2x faster on a 2-core CPU
+# (142-160 ms against 230-360 ms, forward and backward; benchmarks/train.py times whole steps).
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Mean cross-entropy of (..., vocab) logits against (...) labels over the positions that are not
+    `ignore_index`, in at least fp32 (float64 stays) even under autocast."""
+    logits = logits.flatten(0, -2)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits, labels.flatten(), ignore_index=ignore_index)
 
 
 @torch.compiler.disable  # tuned eager code (in-place, reused buffers); tracing it only adds copies
@@ -98,3 +157,154 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = grad_loss / ctx.n
         grad_hidden, grad_weight = (None if g is None else g * scale.to(g.dtype) for g in ctx.saved_tensors)
         return grad_hidden, grad_weight, None, None, None, None
+
+
+# ---- reward model and direct preference optimisation -----------------------------------------
+
+
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """-log sigmoid(r_chosen - r_rejected), averaged: the negative log-likelihood of the preferences."""
+    return -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+
+
+def check_preference_loss(beta: float, loss_type: str) -> None:
+    """Refuse a bad beta or loss type before any model is loaded."""
+    check_beta(beta)
+    if loss_type not in PREFERENCE_LOSSES:
+        raise ConfigError(f"loss_type={loss_type!r}; expected one of {PREFERENCE_LOSSES}")
+
+
+def preference_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+                    ref_rejected_logps: torch.Tensor, beta: float, loss_type: str = "sigmoid",
+                    chosen_tokens: torch.Tensor | None = None, rejected_tokens: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO (loss_type "sigmoid") or IPO ("ipo") on summed response log-probs of shape (batch,).
+
+    Returns (loss, chosen_rewards, rejected_rewards) with the implicit rewards
+    beta * (log pi - log ref) (detached), whose difference is the margin. IPO divides each
+    log-ratio by the response's token count (`chosen_tokens`, `rejected_tokens`), as trl does.
+    """
+    check_preference_loss(beta, loss_type)
+    chosen_ratio = chosen_logps - ref_chosen_logps
+    rejected_ratio = rejected_logps - ref_rejected_logps
+    if loss_type == "sigmoid":
+        loss = -F.logsigmoid(beta * (chosen_ratio - rejected_ratio)).mean()
+    else:
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ConfigError("IPO averages log-ratios per token; pass chosen_tokens and rejected_tokens")
+        delta = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
+        loss = ((delta - 1 / (2 * beta)) ** 2).mean()
+    return loss, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor,
+                   ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log p(label) over scored positions, number of scored positions), each (batch,).
+
+    `labels` are aligned with `logits` (already shifted): position t scores labels[t]."""
+    scored = labels != ignore_index
+    lp = token_logps(logits, labels.clamp(min=0))
+    return (lp * scored).sum(-1), scored.sum(-1)
+
+
+def token_logps(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] at each position, in fp32 (batch, steps)."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[..., None])[..., 0]
+
+
+# ---- PPO -------------------------------------------------------------------------------------
+
+
+def kl_estimate(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || ref) from tokens sampled from pi (Schulman, "Approximating KL
+    divergence", 2020), with log r = ref_logp - logp:  k1 = -log r (unbiased, can be negative),
+    k2 = (log r)^2 / 2 (low variance, biased), k3 = (r - 1) - log r (unbiased and >= 0)."""
+    log_r = ref_logps - logps
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k2":
+        return 0.5 * log_r ** 2
+    if estimator == "k3":
+        return torch.expm1(log_r) - log_r
+    raise ConfigError(f"kl estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over (batch, steps), right-padded where mask is 0.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t, A_t = delta_t + gamma * lam * A_{t+1}, with V = 0 after
+    the last real step; returns (advantages, returns = advantages + values), zero on padding."""
+    mask = mask.to(values.dtype)
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(values)
+    last = torch.zeros_like(values[:, 0])
+    steps = values.shape[1]
+    for t in reversed(range(steps)):
+        next_value = values[:, t + 1] if t + 1 < steps else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def ppo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                    clip_range: float = 0.2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The clipped surrogate: mean of max(-A r, -A clip(r, 1 - eps, 1 + eps)), r = pi / pi_old.
+
+    Returns (loss, clip fraction, approximate KL(old || new) = mean((log r)^2) / 2)."""
+    log_ratio = logps - old_logps
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clip_fraction = masked_mean((clipped > unclipped).float(), mask)
+    approx_kl = masked_mean(0.5 * log_ratio ** 2, mask)
+    return loss, clip_fraction.detach(), approx_kl.detach()
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                   clip_range: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """0.5 * mean(max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2)); returns (loss, clip fraction)."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    unclipped = (values - returns) ** 2
+    clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+    return loss, masked_mean((clipped > unclipped).float(), mask).detach()
+
+
+def entropy(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean entropy (nats) of the next-token distributions at the masked positions."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return masked_mean(-(logp.exp() * logp).sum(-1), mask)
+
+
+# ---- distillation ----------------------------------------------------------------------------
+
+
+def check_distillation(temperature: float, alpha: float) -> None:
+    """Refuse a bad temperature or soft-label weight before any model is loaded."""
+    if not temperature > 0:
+        raise ConfigError(f"temperature={temperature!r}; expected a number > 0")
+    if not 0 <= alpha <= 1:
+        raise ConfigError(f"alpha={alpha!r}; expected the soft-label weight in [0, 1]")
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                      temperature: float = 2.0, alpha: float = 0.5,
+                      ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, labels).
+
+    Both terms are means over the positions whose label is not `ignore_index`; the T^2 keeps the
+    soft term's gradients on the scale of the hard term's (Hinton et al.). Returns (loss, kl, ce)."""
+    check_distillation(temperature, alpha)
+    if student_logits.shape != teacher_logits.shape:
+        raise ConfigError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                          f"{tuple(teacher_logits.shape)} differ; the two models need the same vocabulary")
+    scored = labels != ignore_index
+    s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kl = masked_mean((t.exp() * (t - s)).sum(-1), scored)
+    ce = F.cross_entropy(student_logits.float().flatten(0, -2), labels.flatten(), ignore_index=ignore_index)
+    return alpha * temperature ** 2 * kl + (1 - alpha) * ce, kl.detach(), ce.detach()

@@ -10,6 +10,7 @@ however fast the steps turn out; a short timing of the real step only sets an up
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import platform
@@ -28,9 +29,10 @@ from llmkit.errors import ConfigError
 from llmkit.files import atomic_write_json, atomic_write_text
 from llmkit.model import Transformer
 from llmkit.tokenizer import Tokenizer
-from llmkit.train.loop import adamw, autocast_dtype, resolve_device
+from llmkit.train import pretrain
+from llmkit.train.loop import TrainingStep, adamw, autocast_dtype, resolve_device
 from llmkit.train.objectives import causal_lm_loss
-from llmkit.train.pretrain import PretrainConfig, pretrain
+from llmkit.train.pretrain import PretrainConfig
 
 DEFAULT_PROMPTS = ("The history of the city", "In a statement on Monday, the government", "Scientists have found that")
 
@@ -69,17 +71,19 @@ def _stage(timings: dict, name: str, started: float) -> None:
 
 def seconds_per_step(model: Transformer, config: SpeedrunConfig, precisions: tuple[str, ...],
                      rounds: int = 5) -> dict[str, float]:
-    """Median time of the real training step (forward, backward, clipping, the loop's AdamW) on
-    random tokens in each precision. Each precision first takes two warm-up steps (compiled, they
+    """Median time of the loop's own training step (`TrainingStep`: forward, backward, clipping, AdamW)
+    on random tokens in each precision. Each precision first takes two warm-up steps (compiled, they
     fill inductor's cache, so the real run does not compile from scratch again); then the precisions
     take turns, so that the cold start of a fresh process and a noisy neighbour do not favour either."""
     device = resolve_device("auto")
     x = torch.randint(0, model.config.vocab_size, (config.batch_size, config.context), device=device)
+    batch = (x, torch.roll(x, -1, 1))
     steps = {}
     for precision in precisions:
         probe = Transformer(model.config).to(device).train()
-        steps[precision] = _training_step(probe, torch.compile(probe) if config.compile else probe,
-                                          autocast_dtype(precision, device), x)
+        step = TrainingStep(probe, causal_lm_loss, adamw(probe, lr=1e-4, weight_decay=0.1), device,
+                            amp_dtype=autocast_dtype(precision, device), compile=config.compile)
+        steps[precision] = functools.partial(step, lambda: batch)
         steps[precision]()
         steps[precision]()
     times = {precision: [] for precision in precisions}
@@ -89,20 +93,6 @@ def seconds_per_step(model: Transformer, config: SpeedrunConfig, precisions: tup
             step()
             times[precision].append(time.perf_counter() - start)
     return {precision: sorted(t)[len(t) // 2] for precision, t in times.items()}
-
-
-def _training_step(model: Transformer, step_model, amp: torch.dtype | None, x: torch.Tensor):
-    optimizer = adamw(model, lr=1e-4, weight_decay=0.1)
-
-    def step() -> None:
-        with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss, _ = causal_lm_loss(step_model, (x, torch.roll(x, -1, 1)))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
 
 
 def speedrun(config: SpeedrunConfig) -> Path:
@@ -153,7 +143,7 @@ def speedrun(config: SpeedrunConfig) -> Path:
         min_lr_ratio=config.min_lr_ratio, precision=precision, compile=config.compile,
         eval_every=config.eval_every,
         eval_batches=config.eval_batches, save_every=0, keep_last=1, seed=config.seed, log_every=10)
-    result = pretrain(pre)
+    result = pretrain.run(pre)
     _stage(timings, "pretrain", started)
 
     started = time.perf_counter()

@@ -384,6 +384,16 @@ class Tokenizer:
         return encoding.ids, mask
 
 
+def check_same_tokenizer(a: Tokenizer, b: Tokenizer, what: str) -> None:
+    """Log-prob ratios and distillation compare the same token ids, so two models must share a tokenizer."""
+    va, vb = a.backend.get_vocab(), b.backend.get_vocab()
+    if va != vb or (a.bos_id, a.eos_id) != (b.bos_id, b.eos_id):
+        differ = sum(1 for t, i in va.items() if vb.get(t) != i) + len(set(vb) - set(va))
+        raise ConfigError(f"{what} has a different tokenizer from the policy ({len(vb)} vs {len(va)} tokens, "
+                          f"{differ} tokens differ, bos/eos {b.bos_id}/{b.eos_id} vs {a.bos_id}/{a.eos_id}); "
+                          "expected the same tokenizer, since their token log-probs are compared id by id")
+
+
 class _NonEmpty:
     """An iterator over texts that remembers whether any was non-empty (the trainer does not tell)."""
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llmkit import losses as align
 from llmkit.errors import ConfigError
-from llmkit.train import align
+from llmkit.train.ppo import AdaptiveKLController
 
 TOL = dict(rtol=0, atol=1e-6)
 
@@ -53,7 +54,7 @@ def test_beta_must_be_positive(beta):
     with pytest.raises(ConfigError, match="beta=.*expected a number > 0"):
         align.preference_loss(*(torch.zeros(1),) * 4, beta=beta)
     with pytest.raises(ConfigError, match="beta="):
-        align.AdaptiveKLController(beta)
+        AdaptiveKLController(beta)
 
 
 def _trl_dpo_loss(loss_type, beta, policy_tokens, ref_logps, completion_mask):
@@ -169,9 +170,9 @@ def test_entropy_and_whiten():
 
 
 def test_adaptive_kl_controller():
-    fixed = align.AdaptiveKLController(0.1)
+    fixed = AdaptiveKLController(0.1)
     assert fixed.update(kl=50.0, n_steps=64) == 0.1
-    adaptive = align.AdaptiveKLController(0.1, target=6.0, horizon=1000)
+    adaptive = AdaptiveKLController(0.1, target=6.0, horizon=1000)
     close(adaptive.update(kl=12.0, n_steps=100), 0.1 * (1 + 0.2 * 0.1))  # error clipped at +0.2
     close(adaptive.update(kl=6.0 * 0.9, n_steps=100), 0.1 * 1.02 * (1 - 0.1 * 0.1))
 

@@ -11,7 +11,8 @@ from llmkit.config import ModelConfig
 from llmkit.model import Transformer
 from llmkit.peft.lora import load_adapter
 from llmkit.tokenizer import Tokenizer
-from llmkit.train.finetune import FinetuneConfig, finetune
+from llmkit.train import finetune
+from llmkit.train.finetune import FinetuneConfig
 
 QA = [("Who wrote King Lear?", "Shakespeare."), ("When?", "Around 1606."), ("Where?", "London."),
       ("Is it sad?", "Very."), ("Who dies?", "Most of them.")]
@@ -65,7 +66,7 @@ def test_classify_each_method(base, tmp_path, method, lr):
     config = FinetuneConfig(model=str(base / "model"), data=str(base / "cls.jsonl"), task="classify", method=method,
                             max_steps=6, batch_size=8, lr=lr, warmup_steps=0, val_fraction=0.25, progress=False, device="cpu",
                             eval_every=0, out_dir=str(tmp_path), prompt_tokens=2, lora_r=2)
-    result = finetune(config)
+    result = finetune.run(config)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["val_loss"] < report["val_loss_before"]
     assert 0 <= report["val_accuracy"] <= 1
@@ -106,7 +107,7 @@ def test_lora_sft_on_smollm2_lowers_held_out_loss(tmp_path):
     config = FinetuneConfig(model="smollm2-135m-instruct", data="movie_reviews", method="lora", max_examples=32,
                             val_fraction=0.002, max_len=48, batch_size=8, max_steps=4, lr=1e-3, warmup_steps=0,
                             progress=False, eval_every=0, out_dir=str(tmp_path), lora_r=8)
-    finetune(config)
+    finetune.run(config)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["val_examples"] >= 16
     assert report["val_loss"] < report["val_loss_before"] - 0.1, report

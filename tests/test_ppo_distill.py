@@ -10,9 +10,10 @@ from llmkit.data.shards import write_shards
 from llmkit.errors import ConfigError
 from llmkit.model import Transformer
 from llmkit.tokenizer import Tokenizer
-from llmkit.train import ppo
-from llmkit.train.distill import DistillConfig, distill
-from llmkit.train.preference import reward_model_from
+from llmkit.train import distill, ppo
+from llmkit.train.distill import DistillConfig
+from llmkit.train.objectives import response_forward
+from llmkit.train.reward import reward_model_from
 
 TEXT = ["the movie was great and i loved every minute of it. ", "a dull and boring film, i hated it. "] * 40
 
@@ -39,7 +40,7 @@ def test_ppo_runs_logs_and_starts_at_the_reference(models, tmp_path):
     config = ppo.PPOConfig(policy=str(root / "lm"), reward_model=str(root / "rm"), prompts=str(root / "prompts.txt"),
                            out_dir=str(tmp_path), iterations=2, rollout_size=4, mini_batch=2, ppo_epochs=2,
                            response_tokens=6, eval_prompts=2, lr=1e-3, progress=False, seed=3)
-    report = ppo.run_ppo(config)
+    report = ppo.run(config).report
     assert report["steps"] == 2 * 2 * 2 and len(report["rollouts"]) == 2
     first = report["rollouts"][0]
     assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # the first rollout comes from the reference itself
@@ -66,7 +67,7 @@ def test_ppo_bad_input(models, tmp_path):
     config = ppo.PPOConfig(policy=str(root / "lm"), reward_model=str(foreign), prompts=str(root / "prompts.txt"),
                            out_dir=str(tmp_path / "run"), iterations=1, rollout_size=2, mini_batch=2, progress=False)
     with pytest.raises(ConfigError, match="different tokenizer"):
-        ppo.run_ppo(config)
+        ppo.run(config)
 
 
 def test_gae_on_rollout_shapes_matches_the_value_head_forward(models):
@@ -76,7 +77,7 @@ def test_gae_on_rollout_shapes_matches_the_value_head_forward(models):
     prompts = [[1, 2, 3], [4, 5]]
     responses = [[6, 7], [8, 9]]
     batch = ppo.pack(prompts, responses)
-    logps, values, _ = ppo.response_forward(model, batch)
+    logps, values, _ = response_forward(model, batch)
     assert torch.count_nonzero(values) == 0  # the value head starts at zero
     # the log-probs equal a plain forward pass on each row alone
     for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
@@ -92,9 +93,9 @@ def test_distill_soft_labels_and_hard_label_baseline(models, tmp_path):
     write_shards(TEXT[:4], tokenizer, data / "val", workers=1, progress=False)
     common = dict(teacher=str(root / "lm"), data=str(data), tokenizer=str(root / "lm"), context=32, batch_size=4,
                   max_steps=4, warmup_steps=0, eval_every=0, eval_batches=1, save_every=0, progress=False)
-    soft = distill(DistillConfig(**common, out_dir=str(tmp_path / "soft"), alpha=0.5))
-    hard = distill(DistillConfig(**common, out_dir=str(tmp_path / "hard"), alpha=0.0))
+    soft = distill.run(DistillConfig(**common, out_dir=str(tmp_path / "soft"), alpha=0.5)).report
+    hard = distill.run(DistillConfig(**common, out_dir=str(tmp_path / "hard"), alpha=0.0)).report
     assert soft["steps"] == hard["steps"] == 4
     assert soft["held_out_perplexity"] != hard["held_out_perplexity"]
     with pytest.raises(ConfigError, match="temperature"):
-        distill(DistillConfig(**common, out_dir=str(tmp_path / "bad"), temperature=0.0))
+        distill.run(DistillConfig(**common, out_dir=str(tmp_path / "bad"), temperature=0.0))

@@ -11,8 +11,8 @@ from llmkit.config import ModelConfig
 from llmkit.data import preferences as prefs
 from llmkit.errors import ConfigError, DataError
 from llmkit.model import Transformer
-from llmkit.tokenizer import Tokenizer
-from llmkit.train import preference
+from llmkit.tokenizer import Tokenizer, check_same_tokenizer
+from llmkit.train import dpo, objectives, preference, reward
 from llmkit.train.loop import LoopConfig, train
 
 TEXTS = ["the movie was great and I loved it", "a dull film, I hated it", "What is 2 + 2? 4 5",
@@ -94,11 +94,11 @@ def test_reward_training_separates_pairs(tmp_path, tokenizer):
     pairs = [prefs.PreferencePair("review:", " great loved it", " dull hated it"),
              prefs.PreferencePair("film:", " loved it, great", " hated it, dull")] * 4
     rows = prefs.tokenize_pairs(pairs, tokenizer)
-    model = preference.reward_model_from(tiny(tokenizer))
+    model = reward.reward_model_from(tiny(tokenizer))
     batches = prefs.fixed_batches(rows, 8, 0)
-    before = preference.reward_objective(model, batches[0])[1]
+    before = objectives.reward_objective(model, batches[0])[1]
     config = LoopConfig(max_steps=30, lr=3e-3, warmup_steps=0, eval_every=0, save_every=0, progress=False)
-    result = train(model, preference.reward_objective, prefs.PreferenceBatches(rows, 8, 0), config, tmp_path,
+    result = train(model, objectives.reward_objective, prefs.PreferenceBatches(rows, 8, 0), config, tmp_path,
                    eval_batches=lambda: batches)
     final = result.history[-1]
     assert final["val_accuracy"] == 1.0 and final["val_margin"] > before["margin"].item() + 1
@@ -112,11 +112,11 @@ def test_dpo_moves_log_ratios_the_right_way(tmp_path, tokenizer):
     reference = tiny(tokenizer)
     reference.load_state_dict(policy.state_dict())
     reference.requires_grad_(False)
-    for row, lp in zip(rows, preference.reference_logps(reference, rows, 0), strict=True):
+    for row, lp in zip(rows, dpo.reference_logps(reference, rows, 0), strict=True):
         row["ref_logps"] = lp
     batch = prefs.collate(rows, 0)
-    cached = preference.dpo_objective(0.5)
-    live = preference.dpo_objective(0.5, reference=reference)
+    cached = objectives.dpo_objective(0.5)
+    live = objectives.dpo_objective(0.5, reference=reference)
     loss_cached, m = cached(policy, batch)
     loss_live, _ = live(policy, {k: v for k, v in batch.items() if k != "ref_logps"})
     torch.testing.assert_close(loss_cached, loss_live, rtol=1e-5, atol=1e-6)
@@ -131,11 +131,11 @@ def test_dpo_moves_log_ratios_the_right_way(tmp_path, tokenizer):
 
 def test_dpo_refuses_bad_beta_and_a_foreign_reference(tokenizer):
     with pytest.raises(ConfigError, match="beta=0"):
-        preference.dpo_objective(0)
+        objectives.dpo_objective(0)
     other = Tokenizer.train_chars(["completely different text"])
     with pytest.raises(ConfigError, match="different tokenizer"):
-        preference.check_same_tokenizer(tokenizer, other, "reference model 'x'")
-    preference.check_same_tokenizer(tokenizer, tokenizer, "the same")
+        check_same_tokenizer(tokenizer, other, "reference model 'x'")
+    check_same_tokenizer(tokenizer, tokenizer, "the same")
 
 
 def test_train_dpo_with_lora_caches_reference_logps(tmp_path, tokenizer):
@@ -144,9 +144,9 @@ def test_train_dpo_with_lora_caches_reference_logps(tmp_path, tokenizer):
     tokenizer.save_pretrained(tmp_path / "lm")
     rows = [{"prompt": f"What is {i} + 2?", "chosen": f" {i + 2}", "rejected": f" {i + 3}"} for i in range(40)]
     data = write(tmp_path / "pairs.jsonl", rows)
-    config = preference.DPOConfig(model=str(tmp_path / "lm"), data=str(data), out_dir=str(tmp_path / "run"),
+    config = dpo.DPOConfig(model=str(tmp_path / "lm"), data=str(data), out_dir=str(tmp_path / "run"),
                                   max_steps=6, batch_size=4, lora_r=2, lr=1e-2, eval_every=3, progress=False)
-    report = preference.train_dpo(config)
+    report = dpo.run(config).report
     assert report["trainable_parameters"] < lm.num_parameters() / 5
     assert (tmp_path / "run" / "reference_logps_train.json").is_file()
     evals = report["evals"]
@@ -154,7 +154,7 @@ def test_train_dpo_with_lora_caches_reference_logps(tmp_path, tokenizer):
     assert report["held_out_logps"]["before"] != report["held_out_logps"]["after"]
     assert "adapter_model.safetensors" in {p.name for p in Path(report["checkpoint"]).iterdir()}
     with pytest.raises(ConfigError, match="beta="):
-        preference.train_dpo(preference.DPOConfig(model=str(tmp_path / "lm"), data=str(data), beta=-1.0))
+        dpo.run(dpo.DPOConfig(model=str(tmp_path / "lm"), data=str(data), beta=-1.0))
 
 
 def test_hhh_alignment_is_evaluation_only():

@@ -17,7 +17,8 @@ from llmkit.data.shards import write_shards
 from llmkit.errors import ConfigError, DataError
 from llmkit.options import build_config
 from llmkit.tokenizer import Tokenizer
-from llmkit.train.pretrain import PretrainConfig, pretrain
+from llmkit.train import pretrain
+from llmkit.train.pretrain import PretrainConfig
 
 GOLDEN = Path(__file__).parent / "golden" / "pretrain_tiny.json"
 
@@ -47,7 +48,7 @@ def losses(out_dir):
 
 
 def test_golden_loss_curve(shards, tmp_path):
-    result = pretrain(tiny(shards, tmp_path))
+    result = pretrain.run(tiny(shards, tmp_path))
     curve = losses(tmp_path)
     assert len(curve) == 20 and result.step == 20
     if os.environ.get("LLMKIT_UPDATE_GOLDEN"):
@@ -117,12 +118,12 @@ def test_bad_input_fails_before_compute(shards, tmp_path):
     with pytest.raises(ConfigError, match=r"recipe .*bad\.yaml: unknown key\(s\) \['learning_rate'\]"):
         build_config(PretrainConfig, recipe)
     with pytest.raises(ConfigError, match=r"lr must be positive, got -0\.1"):
-        pretrain(tiny(shards, tmp_path / "a", lr=-0.1))
+        pretrain.run(tiny(shards, tmp_path / "a", lr=-0.1))
     with pytest.raises(ConfigError, match=r"context 512 is longer than the model's max_seq_len 256"):
-        pretrain(tiny(shards, tmp_path / "b", context=512))
+        pretrain.run(tiny(shards, tmp_path / "b", context=512))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"empty has no token shards \(no meta\.json"):
-        pretrain(tiny(tmp_path / "empty", tmp_path / "c"))
+        pretrain.run(tiny(tmp_path / "empty", tmp_path / "c"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

@@ -97,6 +97,14 @@ def latest(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resolve(spec: str) -> str:
+    """What `llmkit.model.load` should read for `spec`: a training run's folder means its newest
+    checkpoint; anything else (a checkpoint or HF folder, a .gguf file, a registry name) stays as is."""
+    if Path(spec).is_dir() and (found := latest(Path(spec))) is not None:
+        return str(found)
+    return spec
+
+
 def load_state(path: Path) -> tuple[dict[str, Any], dict, dict[str, Any]]:
     """(state.json contents, optimizer state, RNG states) of a checkpoint folder."""
     folder = Path(path) / STATE_DIR

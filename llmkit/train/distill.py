@@ -1,6 +1,6 @@
 """Knowledge distillation (Hinton et al. 2015): a small student learns from a teacher's soft labels.
 
-`distill(DistillConfig(...))` trains a student (a preset, or a checkpoint) on token shards with
+`run(DistillConfig(...))` trains a student (a preset, or a checkpoint) on token shards with
 alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE on the real next tokens, through the
 pretraining data path and the one training loop. The teacher is frozen and must share the
 student's tokenizer. `alpha=0` is the hard-label baseline with everything else equal, so two runs
@@ -12,20 +12,26 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from llmkit.data.shards import ShardLoader, read_meta
 from llmkit.errors import ConfigError
-from llmkit.files import atomic_write_json
-from llmkit.model import Transformer
-from llmkit.tokenizer import Tokenizer
+from llmkit.losses import check_distillation
+from llmkit.model import load
+from llmkit.tokenizer import Tokenizer, check_same_tokenizer
+from llmkit.train import checkpoint
 from llmkit.train import distributed as dist_
-from llmkit.train.align import distillation_loss
-from llmkit.train.loop import resolve_device, train
-from llmkit.train.preference import check_same_tokenizer, load_model
-from llmkit.train.pretrain import PretrainConfig, _eval_batches, build_model, train_and_val_dirs
+from llmkit.train.loop import TrainResult, resolve_device, train
+from llmkit.train.objectives import distill_objective
+from llmkit.train.pretrain import (
+    PretrainConfig,
+    build_model,
+    held_out_batches,
+    tokenizer_folder,
+    train_and_val_dirs,
+)
+from llmkit.train.report import run_summary, write_report
 
 
 @dataclass
@@ -38,31 +44,15 @@ class DistillConfig(PretrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature={self.temperature!r}; expected a number > 0")
-        if not 0 <= self.alpha <= 1:
-            raise ConfigError(f"alpha={self.alpha!r}; expected the soft-label weight in [0, 1]")
+        check_distillation(self.temperature, self.alpha)
 
 
-def distill_objective(teacher: Transformer, temperature: float, alpha: float):
-    def objective(model, batch):
-        x, y = batch
-        logits = model(x)
-        with torch.no_grad():
-            teacher_logits = teacher(x)
-        loss, kl, ce = distillation_loss(logits, teacher_logits, y, temperature, alpha)
-        return loss, {"loss": loss.detach(), "kl": kl, "ce": ce, "tokens": (y != -100).sum()}
-
-    return objective
-
-
-def distill(config: DistillConfig) -> dict:
+def run(config: DistillConfig) -> TrainResult:
     config.validate()
     train_dir, val_dir = train_and_val_dirs(config.data)
     meta = read_meta(train_dir)
-    teacher, teacher_tok = load_model(config.teacher)
-    tokenizer_dir = Path(config.tokenizer) if config.tokenizer else Path(config.data) / "tokenizer"
-    tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
+    teacher, teacher_tok = load(checkpoint.resolve(config.teacher), dtype=torch.float32)
+    tokenizer = Tokenizer.from_pretrained(tokenizer_folder(config))
     check_same_tokenizer(tokenizer, teacher_tok, f"teacher {config.teacher!r}")
     torch.manual_seed(config.seed)
     student = build_model(config, teacher.config.vocab_size)
@@ -73,18 +63,20 @@ def distill(config: DistillConfig) -> dict:
     teacher.requires_grad_(False).eval().to(device)
     world = dist_.init(device)
     data = ShardLoader(train_dir, config.batch_size, config.context, seed=config.seed)
-    eval_batches = _eval_batches(val_dir, config, world) if val_dir is not None else None
+    eval_batches = held_out_batches(val_dir, config, world) if val_dir is not None else None
     result = train(student, distill_objective(teacher, config.temperature, config.alpha), data, config,
                    config.out_dir, eval_batches=eval_batches, write_extra=tokenizer.save_pretrained,
                    tokens_per_step=config.batch_size * config.context * config.grad_accum,
                    run_config=dataclasses.asdict(config))
     evals = [r for r in result.history if "val_ce" in r]
-    report = {"command": "distill", "config": dataclasses.asdict(config), "steps": result.step,
+    report = {"command": "distill", "config": dataclasses.asdict(config), **run_summary(result),
               "student_parameters": student.num_parameters(), "teacher_parameters": teacher.num_parameters(),
-              "checkpoint": str(result.last_checkpoint),
+              # held-out perplexity is exp(hard-label CE), not exp(the mixed loss)
               "evals": [{"step": r["step"], "val_ce": r["val_ce"], "val_ppl": math.exp(r["val_ce"]),
                          "val_kl": r.get("val_kl")} for r in evals]}
     if evals:
         report["held_out_perplexity"] = math.exp(evals[-1]["val_ce"])
-    atomic_write_json(Path(config.out_dir) / "report.json", report)
-    return report
+    write_report(config.out_dir, f"Distillation (T={config.temperature}, alpha={config.alpha})", report, [
+        f"- student `{config.model}` ({report['student_parameters']:,} parameters), teacher `{config.teacher}` "
+        f"({report['teacher_parameters']:,}), data `{config.data}`, seed {config.seed}"])
+    return dataclasses.replace(result, report=report)

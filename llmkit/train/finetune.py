@@ -1,7 +1,7 @@
 """Fine-tuning: SFT or sequence classification of a pretrained model, in full or with LoRA / QLoRA /
 prompt tuning, through the one training loop.
 
-`finetune(FinetuneConfig(...))` loads the model and tokenizer (HF folder, GGUF or registry name),
+`run(FinetuneConfig(...))` loads the model and tokenizer (HF folder, GGUF or registry name),
 reads the data (a JSONL file or a packaged source: `chitchat` conversations, `movie_reviews`
 sentiment), splits off a validation set, wraps the model for the method and runs `train`. LoRA and
 QLoRA checkpoints hold only the adapter (peft's format, `llmkit merge-lora` folds it in); prompt
@@ -13,10 +13,7 @@ accuracy for classification), the wall time and the peak resident memory.
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
-import resource
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,13 +36,15 @@ from llmkit.data.chat import (
 )
 from llmkit.data.labelled import movie_reviews, sentiment_prompt, sentiment_rows
 from llmkit.errors import ConfigError, DataError
-from llmkit.files import atomic_write_json
 from llmkit.model import Transformer, load
 from llmkit.peft.lora import LoraConfig, apply_lora, read_adapter, save_adapter_state, trainable_parameters
 from llmkit.peft.prompt_tuning import ADAPTER_WEIGHTS, PromptTuning, save_prompt_state
 from llmkit.tokenizer import Tokenizer
+from llmkit.train import checkpoint
 from llmkit.train.loop import LoopConfig, TrainResult, train
+from llmkit.train.memory import peak_rss_mb, reset_peak_rss, rss_mb
 from llmkit.train.objectives import OBJECTIVES
+from llmkit.train.report import run_summary, write_report
 
 METHODS = ("full", "lora", "qlora", "prompt")
 TASKS = ("sft", "classify")
@@ -198,33 +197,6 @@ def prepare_model(config: FinetuneConfig, model: Transformer):
     return model, save, load_
 
 
-def _proc_status_mb(key: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process: since the last `reset_peak_rss()` where Linux allows
-    resetting it (VmHWM), else since the start (Linux reports ru_maxrss in KiB, macOS in bytes)."""
-    if (hwm := _proc_status_mb("VmHWM")) is not None:
-        return hwm
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
-
-
-def reset_peak_rss() -> None:
-    """Start a new peak-RSS window (Linux: writing 5 to /proc/self/clear_refs resets VmHWM)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
 @torch.no_grad()
 def mean_loss(model: nn.Module, objective, batches) -> float:
     """The objective's mean over batches, in eval mode (the loop's evaluation, before any step)."""
@@ -249,12 +221,12 @@ def classification_accuracy(model: nn.Module, batches) -> float:
     return correct / total
 
 
-def finetune(config: FinetuneConfig) -> TrainResult:
+def run(config: FinetuneConfig) -> TrainResult:
     config.validate()
     if config.method in ("lora", "qlora"):
         config.lora()  # bad LoRA settings fail before the model is loaded
     started = time.perf_counter()
-    model, tokenizer = load(config.model, dtype=torch.float32)
+    model, tokenizer = load(checkpoint.resolve(config.model), dtype=torch.float32)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     if pad is None:
         raise ConfigError(f"the tokenizer of {config.model} has neither a pad nor an EOS token to pad batches with")
@@ -273,23 +245,27 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     data = BatchLoader(train_items, config.batch_size, collate, seed=config.seed)
     val_batches = BatchLoader(val_items, config.batch_size, collate, shuffle=False).batches()
     val_loss_before = mean_loss(trained, OBJECTIVES[config.task], val_batches)
-    load_peak, rss_before = peak_rss_mb(), _proc_status_mb("VmRSS")
+    load_peak, rss_before = peak_rss_mb(), rss_mb()
     reset_peak_rss()  # the training peak, not that of reading (and dequantizing) the checkpoint
     result = train(trained, OBJECTIVES[config.task], data, config, config.out_dir, model_config=model.config,
                    eval_batches=lambda: val_batches, write_extra=tokenizer.save_pretrained,
                    run_config=dataclasses.asdict(config), save_weights=save_weights, load_weights=load_weights)
     report = {
+        "command": "finetune", "config": dataclasses.asdict(config),
         "model": config.model, "method": config.method, "task": config.task, "data": config.data,
-        "train_examples": len(train_items), "val_examples": len(val_items), "steps": result.step,
+        "train_examples": len(train_items), "val_examples": len(val_items), **run_summary(result),
         "trainable_parameters": trainable_parameters(trained), "total_parameters": total_params,
         "val_loss_before": val_loss_before,
         "val_loss": next((r["val_loss"] for r in reversed(result.history) if "val_loss" in r), None),
         "wall_s": round(time.perf_counter() - started, 1), "train_peak_rss_mb": round(peak_rss_mb(), 1),
         "load_peak_rss_mb": round(load_peak, 1), "rss_at_train_start_mb": rss_before,
-        "checkpoint": str(result.last_checkpoint),
     }
     if config.task == "classify":
         report["val_accuracy"] = classification_accuracy(trained, val_batches)
-    atomic_write_json(Path(config.out_dir) / "report.json", report)
-    print(json.dumps(report, indent=2))
-    return result
+    write_report(config.out_dir, f"Fine-tuning ({config.task}, {config.method})", report, [
+        f"- model: `{config.model}`, data: `{config.data}` ({len(train_items)} train / {len(val_items)} validation "
+        f"examples), seed {config.seed}",
+        f"- trainable parameters: {report['trainable_parameters']:,} of {total_params:,}; validation loss "
+        f"{val_loss_before:.4f} -> {report['val_loss']}; wall {report['wall_s']} s, training peak RSS "
+        f"{report['train_peak_rss_mb']} MiB"])
+    return dataclasses.replace(result, report=report)

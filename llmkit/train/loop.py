@@ -1,8 +1,10 @@
 """The one training loop. Every objective (pretraining, SFT, classification, reward, DPO,
 distillation) is a function `(model, batch) -> (loss, metrics)` run by `train`.
 
-Per optimizer step: `grad_accum` micro-batches (forward under autocast, backward of loss /
-grad_accum), gradient clipping, a NaN/inf guard, AdamW with the scheduled learning rate. Around
+Per optimizer step (`TrainingStep`, which the speedrun's calibration times too): `grad_accum`
+micro-batches (forward under autocast, backward of loss / grad_accum), gradient clipping, a NaN/inf
+guard, AdamW with the scheduled learning rate. `train` returns a `TrainResult`, as every recipe
+around it does (theirs with the report they wrote). Around
 it: periodic evaluation, metrics.jsonl + a tqdm bar, atomic checkpoints with everything needed to
 resume bit-exactly (optimizer, RNG, data position), SIGTERM/SIGINT handling, a wall-clock budget,
 and the same code under torchrun (DDP or FSDP2).
@@ -96,10 +98,14 @@ class LoopConfig:
 
 @dataclass
 class TrainResult:
+    """What the loop, and every recipe around it, returns: one shape for all of them."""
+
     step: int
     stopped: str  # "max_steps", "budget", "signal"
     last_checkpoint: Path | None
-    history: list[dict[str, Any]]
+    history: list[dict[str, Any]]  # the records of metrics.jsonl
+    out_dir: Path | None = None  # the run folder
+    report: dict[str, Any] = field(default_factory=dict)  # a recipe's report.json (empty from the bare loop)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -137,6 +143,57 @@ def adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, 
     device = next(model.parameters()).device
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps,
                              fused=device.type in ("cpu", "cuda"))
+
+
+class TrainingStep:
+    """One optimizer step, the same for the loop and for whatever times it (the speedrun's
+    calibration): `grad_accum` micro-batches (forward under autocast, backward of loss / grad_accum,
+    DDP's gradient all-reduce on the last one only), the global gradient norm clipped, a NaN/inf
+    guard, then the update. `model` owns the parameters; the batches run through `forward_model`
+    (compiled with `compile`, falling back to `model` if the compiler fails)."""
+
+    def __init__(self, model: nn.Module, objective: Objective, optimizer: torch.optim.Optimizer,
+                 device: torch.device, *, grad_accum: int = 1, grad_clip: float = 1.0,
+                 amp_dtype: torch.dtype | None = None, compile: bool = False, world: dist_.World | None = None):
+        self.model, self.objective, self.optimizer, self.device = model, objective, optimizer, device
+        self.grad_accum, self.grad_clip, self.amp_dtype = grad_accum, grad_clip, amp_dtype
+        self.world = world or dist_.World()
+        self.forward_model = torch.compile(model) if compile else model
+
+    def __call__(self, next_batch: Callable[[], Any]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss averaged over micro-batches and ranks, gradient norm, the objective's other metrics
+        summed over micro-batches). Raises TrainingDiverged, before any update, if either is not finite."""
+        loss_sum = torch.zeros((), device=self.device)
+        extra_sums: dict[str, torch.Tensor] = {}  # the objective's other metrics (rewards, accuracy, ...)
+        for micro in range(self.grad_accum):
+            batch = _to_device(next_batch(), self.device)
+            with _no_sync(self.model, micro == self.grad_accum - 1):
+                with _autocast(self.device, self.amp_dtype):
+                    loss, metrics = self._forward(batch)
+                (loss / self.grad_accum).backward()
+            for k, v in _extra_metrics(metrics).items():
+                extra_sums[k] = extra_sums.get(k, 0) + v
+            loss_sum += loss.detach().float()
+        loss_value = dist_.all_reduce_mean(loss_sum / self.grad_accum, self.world)
+        grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+                     if self.grad_clip > 0 else _grad_norm(self.model))
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+        if not (math.isfinite(loss_value.item()) and math.isfinite(float(grad_norm))):
+            raise TrainingDiverged(f"loss={loss_value.item()}, grad_norm={float(grad_norm)}")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, grad_norm, extra_sums
+
+    def _forward(self, batch):
+        try:
+            return self.objective(self.forward_model, batch)
+        except Exception as e:  # a compiler failure falls back to eager, anything else raises
+            if self.forward_model is self.model or not _is_compile_error(e):
+                raise
+            tqdm.write(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); continuing without it")
+            self.forward_model = self.model
+            return self.objective(self.forward_model, batch)
 
 
 class _StopSignal:
@@ -198,7 +255,8 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
         metrics_path.write_text("")
         (out_dir / "config.json").write_text(json.dumps(run_config or dataclasses.asdict(config), indent=2) + "\n")
     last_checkpoint = checkpoint.latest(out_dir) if config.resume else None
-    forward_model = torch.compile(model) if config.compile else model
+    training_step = TrainingStep(model, objective, optimizer, device, grad_accum=config.grad_accum,
+                                 grad_clip=config.grad_clip, amp_dtype=amp_dtype, compile=config.compile, world=world)
 
     peak = None
     if flops_per_token:
@@ -229,7 +287,7 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
         model.eval()
         with torch.no_grad(), _autocast(device, amp_dtype):
             for batch in eval_batches():
-                loss, metrics = objective(forward_model, _to_device(batch, device))
+                loss, metrics = objective(training_step.forward_model, _to_device(batch, device))
                 losses.append(loss.float())
                 for k, v in _extra_metrics(metrics).items():
                     extras.setdefault(k, []).append(v)
@@ -255,40 +313,14 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
                                        config.warmup_steps, config.max_steps, config.min_lr_ratio, config.decay_fraction)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            extra_sums: dict[str, torch.Tensor] = {}  # the objective's other metrics (rewards, accuracy, ...)
-            for micro in range(config.grad_accum):
-                batch = _to_device(data.next_batch(), device)
-                sync = micro == config.grad_accum - 1
-                with _no_sync(model, sync):
-                    with _autocast(device, amp_dtype):
-                        try:
-                            loss, metrics = objective(forward_model, batch)
-                        except Exception as e:  # a compiler failure falls back to eager, anything else raises
-                            if forward_model is model or not _is_compile_error(e):
-                                raise
-                            tqdm.write(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); "
-                                       "continuing without it")
-                            forward_model = model
-                            loss, metrics = objective(forward_model, batch)
-                    (loss / config.grad_accum).backward()
-                for k, v in _extra_metrics(metrics).items():
-                    extra_sums[k] = extra_sums.get(k, 0) + v
-                loss_sum += loss.detach().float()
-            loss_value = dist_.all_reduce_mean(loss_sum / config.grad_accum, world)
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                         if config.grad_clip > 0 else _grad_norm(model))
-            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
-                grad_norm = grad_norm.full_tensor()
-            if not (math.isfinite(loss_value.item()) and math.isfinite(float(grad_norm))):
+            try:
+                loss_value, grad_norm, extra_sums = training_step(data.next_batch)
+            except TrainingDiverged as e:
                 bar.close()
                 where = checkpoint.latest(out_dir)
                 raise TrainingDiverged(
-                    f"training diverged at step {step}: loss={loss_value.item()}, grad_norm={float(grad_norm)}; "
-                    f"no update was applied. Last good checkpoint: {where or 'none'}. "
-                    "Lower the learning rate, raise warmup, or use fp32.")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                    f"training diverged at step {step}: {e}; no update was applied. Last good checkpoint: "
+                    f"{where or 'none'}. Lower the learning rate, raise warmup, or use fp32.") from None
             step += 1
             step_tokens = tokens_per_step or 0
             tokens_seen += step_tokens
@@ -324,7 +356,7 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
         if eval_batches is not None:
             log({"step": step, **evaluate()})
         last_checkpoint = save(step)
-    return TrainResult(step=step, stopped=stopped, last_checkpoint=last_checkpoint, history=history)
+    return TrainResult(step=step, stopped=stopped, last_checkpoint=last_checkpoint, history=history, out_dir=out_dir)
 
 
 def _schedule_step(step: int, budget_used: float, config: LoopConfig) -> int:

@@ -1,24 +1,39 @@
-"""Objectives: loss functions `(model, batch) -> (loss, metrics)` that plug into the one loop.
+"""Objectives: `(model, batch) -> (loss, metrics)`, the functions the one loop runs; the one place they live.
 
-`metrics` holds detached scalars the loop logs; `tokens` (the number of scored tokens) feeds the
-throughput counters.
+Each runs the model on a batch and hands the tensors to its loss in `llmkit.losses` (the math
+lives there, without a model). `metrics` holds detached scalars the loop logs; `tokens` (the number
+of scored tokens) feeds the throughput counters.
 
 - continued pretraining and SFT: `causal_lm_loss` (SFT batches carry IGNORE_INDEX labels on the
   prompt, the template and the padding; `llmkit.data.chat` builds them), also named `sft_loss`;
-- sequence classification: `classification_loss` on `Transformer.classify` (last real token ->
-  linear head -> cross-entropy).
+- sequence classification: `classification_loss` on `Transformer.classify`;
+- preferences: `reward_objective` (Bradley-Terry on a scalar head), `dpo_objective` (DPO/IPO);
+- RLHF: `ppo_objective` on `response_forward` (the policy's log-probs and its value head);
+- distillation: `distill_objective` (a frozen teacher's soft labels plus the hard ones).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from llmkit.data.chat import IGNORE_INDEX
+from llmkit.losses import (
+    bradley_terry_loss,
+    check_beta,
+    cross_entropy,
+    distillation_loss,
+    entropy,
+    ppo_policy_loss,
+    ppo_value_loss,
+    preference_loss,
+    sequence_logps,
+    token_logps,
+)
 from llmkit.model import Transformer
 from llmkit.train.distributed import unwrap
 
-__all__ = ["IGNORE_INDEX", "OBJECTIVES", "causal_lm_loss", "classification_loss", "sft_loss"]
+__all__ = ["IGNORE_INDEX", "OBJECTIVES", "causal_lm_loss", "classification_loss", "distill_objective",
+           "dpo_objective", "ppo_objective", "response_forward", "reward_objective", "scored_logps", "sft_loss"]
 
 
 def _inputs_and_labels(batch):
@@ -26,6 +41,9 @@ def _inputs_and_labels(batch):
         return batch["input_ids"], batch["labels"], batch.get("attention_mask")
     x, y = batch
     return x, y, None
+
+
+# ---- language modelling and classification ---------------------------------------------------
 
 
 def causal_lm_loss(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -39,9 +57,7 @@ def causal_lm_loss(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]
     if isinstance(unwrap(model), Transformer):
         loss = model(x, attention_mask=mask, labels=y)
     else:
-        logits = (model(x, attention_mask=mask) if mask is not None else model(x)).flatten(0, 1)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least fp32, float64 stays
-        loss = F.cross_entropy(logits, y.flatten(), ignore_index=IGNORE_INDEX)
+        loss = cross_entropy(model(x, attention_mask=mask) if mask is not None else model(x), y)
     return loss, {"loss": loss.detach(), "tokens": scored.sum()}
 
 
@@ -50,14 +66,109 @@ sft_loss = causal_lm_loss
 
 
 def classification_loss(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Cross-entropy of `model.classify` on a dict with `input_ids`, `attention_mask` and one class id
-    per row in `labels`; metrics add the batch accuracy."""
+    """Cross-entropy of `model.classify` (last real token -> linear head) on a dict with `input_ids`,
+    `attention_mask` and one class id per row in `labels`; metrics add the batch accuracy."""
     logits = model.classify(batch["input_ids"], batch.get("attention_mask")).float()
     labels = batch["labels"]
-    loss = F.cross_entropy(logits, labels)
+    loss = cross_entropy(logits, labels)
     accuracy = (logits.argmax(-1) == labels).float().mean()
-    return loss, {"loss": loss.detach(), "accuracy": accuracy.detach(), "tokens": (batch["attention_mask"].sum() if "attention_mask" in batch
-                                                                   else batch["input_ids"].new_tensor(batch["input_ids"].numel()))}
+    tokens = (batch["attention_mask"].sum() if "attention_mask" in batch
+              else batch["input_ids"].new_tensor(batch["input_ids"].numel()))
+    return loss, {"loss": loss.detach(), "accuracy": accuracy.detach(), "tokens": tokens}
+
+
+# ---- preference pairs (chosen rows first, then rejected) -------------------------------------
+
+
+def reward_objective(model, batch):
+    """Bradley-Terry on the scalar head's rewards of the chosen and the rejected halves of the batch."""
+    rewards = model.classify(batch["input_ids"], batch["attention_mask"])[:, 0].float()
+    chosen, rejected = rewards.chunk(2)
+    loss = bradley_terry_loss(chosen, rejected)
+    return loss, {"loss": loss.detach(), "accuracy": (chosen > rejected).float().mean(),
+                  "margin": (chosen - rejected).mean().detach(), "reward_chosen": chosen.mean().detach(),
+                  "reward_rejected": rejected.mean().detach()}
+
+
+def scored_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's summed log-prob of its scored (response) tokens, and how many there are."""
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    return sequence_logps(logits, batch["labels"])
+
+
+def dpo_objective(beta: float, loss_type: str = "sigmoid", reference: Transformer | None = None):
+    """`(model, batch) -> (loss, metrics)` for DPO/IPO; reference log-probs come from the batch
+    (`ref_logps`, precomputed) or from running `reference`."""
+    check_beta(beta)
+
+    def objective(model, batch):
+        logps, tokens = scored_logps(model, batch)
+        if "ref_logps" in batch:
+            ref = batch["ref_logps"]
+        else:
+            with torch.no_grad():
+                ref = scored_logps(reference, batch)[0]
+        pc, pr = logps.chunk(2)
+        rc, rr = ref.chunk(2)
+        tc, tr = tokens.chunk(2)
+        loss, chosen, rejected = preference_loss(pc, pr, rc, rr, beta, loss_type, tc, tr)
+        return loss, {"loss": loss.detach(), "reward_chosen": chosen.mean(), "reward_rejected": rejected.mean(),
+                      "margin": (chosen - rejected).mean(), "accuracy": (chosen > rejected).float().mean(),
+                      "logps_chosen": pc.detach().mean(), "logps_rejected": pr.detach().mean()}
+
+    return objective
+
+
+# ---- PPO -------------------------------------------------------------------------------------
+
+
+def response_forward(model: Transformer, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log-probs (B, R) of the response tokens, values (B, R), logits (B, R, V)).
+
+    `batch["positions"]` holds each response token's position in `input_ids`; its log-prob and the
+    value of the state before it are read off the hidden state one position earlier."""
+    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])
+    before = (batch["positions"] - 1).clamp(min=0)
+    h = hidden.gather(1, before[..., None].expand(-1, -1, hidden.shape[-1]))
+    logits = model.lm_head(h)
+    values = model.score(h)[..., 0].float() if model.score is not None else torch.zeros(h.shape[:2])
+    return token_logps(logits, batch["responses"]), values, logits
+
+
+def ppo_objective(clip_range: float = 0.2, clip_range_value: float = 0.2, vf_coef: float = 0.1):
+    """The clipped policy loss plus `vf_coef` times the clipped value loss on a rollout mini-batch."""
+
+    def objective(model, batch):
+        logps, values, logits = response_forward(model, batch)
+        mask = batch["response_mask"]
+        pg_loss, clip_fraction, approx_kl = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask,
+                                                            clip_range)
+        vf_loss, vf_clip = ppo_value_loss(values, batch["old_values"], batch["returns"], mask, clip_range_value)
+        loss = pg_loss + vf_coef * vf_loss
+        metrics = {"loss": loss.detach(), "policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(),
+                   "clip_fraction": clip_fraction, "value_clip_fraction": vf_clip, "approx_kl": approx_kl,
+                   "entropy": entropy(logits.detach(), mask)}
+        metrics.update({k: v for k, v in batch.items() if k.startswith("rollout_")})
+        return loss, metrics
+
+    return objective
+
+
+# ---- distillation ----------------------------------------------------------------------------
+
+
+def distill_objective(teacher: Transformer, temperature: float, alpha: float):
+    """The student's distillation loss against the frozen `teacher` on `(x, y)` token batches."""
+
+    def objective(model, batch):
+        x, y = batch
+        logits = model(x)
+        with torch.no_grad():
+            teacher_logits = teacher(x)
+        loss, kl, ce = distillation_loss(logits, teacher_logits, y, temperature, alpha)
+        return loss, {"loss": loss.detach(), "kl": kl, "ce": ce, "tokens": (y != IGNORE_INDEX).sum()}
+
+    return objective
 
 
 OBJECTIVES = {"pretrain": causal_lm_loss, "sft": sft_loss, "classify": classification_loss}

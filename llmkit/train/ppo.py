@@ -33,13 +33,16 @@ import torch
 from llmkit.analysis.plots import plot_ppo_rollouts
 from llmkit.data import preferences as prefs
 from llmkit.errors import ConfigError, DataError
-from llmkit.files import atomic_write_json, atomic_write_text
 from llmkit.generate.engine import complete
 from llmkit.generate.sampling import SamplingParams
-from llmkit.model import Transformer
-from llmkit.train import align
-from llmkit.train.loop import LoopConfig, resolve_device, train
-from llmkit.train.preference import check_same_tokenizer, load_model, reward_model_from
+from llmkit.losses import KL_ESTIMATORS, check_beta, gae, kl_estimate, masked_whiten
+from llmkit.model import Transformer, load
+from llmkit.tokenizer import check_same_tokenizer
+from llmkit.train import checkpoint
+from llmkit.train.loop import LoopConfig, TrainResult, resolve_device, train
+from llmkit.train.objectives import ppo_objective, response_forward
+from llmkit.train.report import run_summary, write_report
+from llmkit.train.reward import reward_model_from
 
 
 @dataclass
@@ -62,7 +65,7 @@ class PPOConfig(LoopConfig):
     kl_target: float | None = field(default=None, metadata={"help": "adaptive KL: target KL per sequence "
                                                                      "(None: fixed coefficient)"})
     kl_horizon: int = 10000
-    kl_estimator: str = field(default="k1", metadata={"help": f"per-token KL estimator, one of {align.KL_ESTIMATORS}"})
+    kl_estimator: str = field(default="k1", metadata={"help": f"per-token KL estimator, one of {KL_ESTIMATORS}"})
     gamma: float = 1.0
     lam: float = 0.95
     clip_range: float = 0.2
@@ -80,9 +83,9 @@ class PPOConfig(LoopConfig):
     def validate(self) -> None:
         self.max_steps = self.iterations * self.ppo_epochs * self.minibatches_per_rollout
         super().validate()
-        align.check_beta(self.kl_coef)
-        if self.kl_estimator not in align.KL_ESTIMATORS:
-            raise ConfigError(f"kl_estimator={self.kl_estimator!r}; expected one of {align.KL_ESTIMATORS}")
+        check_beta(self.kl_coef)
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ConfigError(f"kl_estimator={self.kl_estimator!r}; expected one of {KL_ESTIMATORS}")
         if self.rollout_size % self.mini_batch:
             raise ConfigError(f"rollout_size {self.rollout_size} is not a multiple of mini_batch {self.mini_batch}")
         if self.kl_target is not None and self.kl_target <= 0:
@@ -93,7 +96,7 @@ class PPOConfig(LoopConfig):
         return max(self.rollout_size // max(self.mini_batch, 1), 1)
 
 
-# ---- the value head and the forward pass -----------------------------------------------------
+# ---- the value head and the KL coefficient -----------------------------------------------------
 
 
 def policy_with_value_head(lm: Transformer) -> Transformer:
@@ -112,35 +115,19 @@ def lm_only(model: Transformer) -> Transformer:
     return Transformer.from_state_dict(model.config.replace(num_labels=0), state)
 
 
-def response_forward(model: Transformer, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(log-probs (B, R) of the response tokens, values (B, R), logits (B, R, V)).
+class AdaptiveKLController:
+    """Ziegler et al. (2019): beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon.
+    With target None the coefficient stays fixed."""
 
-    `batch["positions"]` holds each response token's position in `input_ids`; its log-prob and the
-    value of the state before it are read off the hidden state one position earlier."""
-    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])
-    before = (batch["positions"] - 1).clamp(min=0)
-    h = hidden.gather(1, before[..., None].expand(-1, -1, hidden.shape[-1]))
-    logits = model.lm_head(h)
-    values = model.score(h)[..., 0].float() if model.score is not None else torch.zeros(h.shape[:2])
-    return align.token_logps(logits, batch["responses"]), values, logits
+    def __init__(self, init_coef: float, target: float | None = None, horizon: int = 10000):
+        check_beta(init_coef)
+        self.value, self.target, self.horizon = init_coef, target, horizon
 
-
-def ppo_objective(config: PPOConfig):
-    def objective(model, batch):
-        logps, values, logits = response_forward(model, batch)
-        mask = batch["response_mask"]
-        pg_loss, clip_fraction, approx_kl = align.ppo_policy_loss(logps, batch["old_logps"], batch["advantages"],
-                                                                  mask, config.clip_range)
-        vf_loss, vf_clip = align.ppo_value_loss(values, batch["old_values"], batch["returns"], mask,
-                                                config.clip_range_value)
-        loss = pg_loss + config.vf_coef * vf_loss
-        metrics = {"loss": loss.detach(), "policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(),
-                   "clip_fraction": clip_fraction, "value_clip_fraction": vf_clip, "approx_kl": approx_kl,
-                   "entropy": align.entropy(logits.detach(), mask)}
-        metrics.update({k: v for k, v in batch.items() if k.startswith("rollout_")})
-        return loss, metrics
-
-    return objective
+    def update(self, kl: float, n_steps: int) -> float:
+        if self.target is not None:
+            error = max(-0.2, min(0.2, kl / self.target - 1))
+            self.value *= 1 + error * n_steps / self.horizon
+        return self.value
 
 
 # ---- rollouts --------------------------------------------------------------------------------
@@ -181,7 +168,7 @@ class Rollouts:
     def __init__(self, policy, reference, reward_model, tokenizer, prompts: list[list[int]], config: PPOConfig):
         self.policy, self.reference, self.reward_model, self.tokenizer = policy, reference, reward_model, tokenizer
         self.prompts, self.config = prompts, config
-        self.kl = align.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+        self.kl = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.iteration, self.queue, self.history = 0, [], []
 
     def state_dict(self) -> dict:
@@ -208,12 +195,12 @@ class Rollouts:
         ref_logps = response_forward(self.reference, batch)[0]
         mask = batch["response_mask"].float()
         scores = score(self.reward_model, self.tokenizer, prompts, responses).to(device)
-        kl = align.kl_estimate(old_logps, ref_logps, c.kl_estimator) * mask
+        kl = kl_estimate(old_logps, ref_logps, c.kl_estimator) * mask
         rewards = -self.kl.value * kl
         last = mask.sum(1).long() - 1
         rewards[torch.arange(len(prompts), device=device), last] += scores
-        advantages, returns = align.gae(rewards, old_values, mask, c.gamma, c.lam)
-        advantages = align.masked_whiten(advantages, mask)
+        advantages, returns = gae(rewards, old_values, mask, c.gamma, c.lam)
+        advantages = masked_whiten(advantages, mask)
         seq_kl = kl.sum(1).mean().item()
         stats = {"iteration": self.iteration, "reward": scores.mean().item(), "reward_std": scores.std().item(),
                  "kl": seq_kl, "kl_coef": self.kl.value, "response_tokens": mask.sum(1).mean().item()}
@@ -276,12 +263,12 @@ def evaluate_policy(policy, reward_model, tokenizer, prompts: list[list[int]], t
             "samples": samples}
 
 
-def run_ppo(config: PPOConfig) -> dict:
+def run(config: PPOConfig) -> TrainResult:
     config.validate()
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
-    lm, tokenizer = load_model(config.policy)
-    reward_model, rm_tokenizer = load_model(config.reward_model)
+    lm, tokenizer = load(checkpoint.resolve(config.policy), dtype=torch.float32)
+    reward_model, rm_tokenizer = load(checkpoint.resolve(config.reward_model), dtype=torch.float32)
     if reward_model.score is None or reward_model.config.num_labels != 1:
         raise ConfigError(f"reward model {config.reward_model!r} has no scalar head (num_labels="
                           f"{reward_model.config.num_labels}); expected one trained by `llmkit reward`")
@@ -299,25 +286,26 @@ def run_ppo(config: PPOConfig) -> dict:
     before = evaluate_policy(policy, reward_model, tokenizer, eval_prompts, eval_texts, config)
     rollouts = Rollouts(policy, reference, reward_model, tokenizer, train_prompts, config)
     out_dir = Path(config.out_dir)
-    result = train(policy, ppo_objective(config), rollouts, config, out_dir, write_extra=tokenizer.save_pretrained,
+    result = train(policy, ppo_objective(config.clip_range, config.clip_range_value, config.vf_coef), rollouts,
+                   config, out_dir, write_extra=tokenizer.save_pretrained,
                    run_config=dataclasses.asdict(config))
     after = evaluate_policy(policy, reward_model, tokenizer, eval_prompts, eval_texts, config)
     final = lm_only(policy)
     final.save_pretrained(out_dir / "policy")
     tokenizer.save_pretrained(out_dir / "policy")
-    report = {"command": "ppo", "config": dataclasses.asdict(config), "steps": result.step, "stopped": result.stopped,
+    report = {"command": "ppo", "config": dataclasses.asdict(config), **run_summary(result),
               "rollouts": rollouts.history, "before": before, "after": after}
-    atomic_write_json(out_dir / "report.json", report)
     plot_ppo_rollouts(rollouts.history, out_dir / "reward_kl.png")
-    atomic_write_text(out_dir / "report.md", render_report(report))
-    return report
+    write_report(out_dir, f"PPO: `{config.policy}` optimised for `{config.reward_model}`", report,
+                 report_sections(report), plots={"reward and KL": "reward_kl.png"})
+    return dataclasses.replace(result, report=report)
 
 
-def render_report(report: dict) -> str:
+def report_sections(report: dict) -> list[str]:
+    """The run's settings, held-out rewards before and after, the rollouts' table and samples to read."""
     c, h = report["config"], report["rollouts"]
-    lines = [f"# PPO: `{c['policy']}` optimised for `{c['reward_model']}`", "",
-             f"- {report['steps']} optimizer steps, {len(h)} rollouts of {c['rollout_size']} prompts x "
-             f"{c['response_tokens']} tokens, {c['ppo_epochs']} epochs, seed {c['seed']}",
+    lines = [f"- {len(h)} rollouts of {c['rollout_size']} prompts x {c['response_tokens']} tokens, "
+             f"{c['ppo_epochs']} epochs, seed {c['seed']}",
              f"- KL coefficient {c['kl_coef']} ({'adaptive, target ' + str(c['kl_target']) if c['kl_target'] else 'fixed'}"
              f"), estimator {c['kl_estimator']}", "",
              f"Held-out prompts ({len(report['before']['samples'])}): mean reward "
@@ -325,8 +313,8 @@ def render_report(report: dict) -> str:
              f"{report['before']['positive_share']:.2f} -> {report['after']['positive_share']:.2f}", "",
              "| rollout | reward | KL | kl_coef |", "|---|---|---|---|"]
     lines += [f"| {r['iteration']} | {r['reward']:.3f} | {r['kl']:.3f} | {r['kl_coef']:.4f} |" for r in h]
-    lines += ["", "![reward and KL](reward_kl.png)", "", "## Samples (held-out prompts; before -> after)", ""]
+    samples = ["## Samples (held-out prompts; before -> after)", ""]
     for b, a in list(zip(report["before"]["samples"], report["after"]["samples"], strict=True))[:8]:
-        lines += [f"- **{b['prompt']}**", f"  - before ({b['reward']:+.2f}): {json.dumps(b['response'])}",
-                  f"  - after ({a['reward']:+.2f}): {json.dumps(a['response'])}"]
-    return "\n".join(lines) + "\n"
+        samples += [f"- **{b['prompt']}**", f"  - before ({b['reward']:+.2f}): {json.dumps(b['response'])}",
+                    f"  - after ({a['reward']:+.2f}): {json.dumps(a['response'])}"]
+    return ["\n".join(lines), "\n".join(samples)]

@@ -1,6 +1,6 @@
 """Pretraining: next-token prediction on token shards, through the one training loop.
 
-`pretrain(PretrainConfig(...))` checks every input before any compute (the data folder has shards,
+`run(PretrainConfig(...))` checks every input before any compute (the data folder has shards,
 the context fits the model, the vocabulary fits, a resumed checkpoint has the same model), builds
 the model (a preset, or a checkpoint to continue from), and runs `train` with the causal-LM
 objective. Under `torchrun` each rank reads its own slice of every global batch.
@@ -22,6 +22,7 @@ from llmkit.tokenizer import Tokenizer
 from llmkit.train import distributed as dist_
 from llmkit.train.loop import LoopConfig, TrainResult, resolve_device, train
 from llmkit.train.objectives import causal_lm_loss
+from llmkit.train.report import run_summary, write_report
 
 
 @dataclass
@@ -66,11 +67,17 @@ def build_model(config: PretrainConfig, vocab_size: int) -> Transformer:
     return model
 
 
-def _eval_batches(val_dir: Path, config: PretrainConfig, world: dist_.World):
+def held_out_batches(val_dir: Path, config: PretrainConfig, world: dist_.World):
+    """`eval_batches` for the loop: the first `config.eval_batches` batches of this rank's validation shards."""
     loader = ShardLoader(val_dir, config.batch_size, config.context, seed=0, rank=world.rank,
                          world_size=world.size)
     batches = [loader.next_batch() for _ in range(min(config.eval_batches, loader.batches_per_epoch))]
     return lambda: batches
+
+
+def tokenizer_folder(config: PretrainConfig) -> Path:
+    """Where the run's tokenizer is: `config.tokenizer`, else the one beside the shards."""
+    return Path(config.tokenizer) if config.tokenizer else Path(config.data) / "tokenizer"
 
 
 def _bytes_per_token(batches, tokenizer: Tokenizer | None) -> float | None:
@@ -83,7 +90,7 @@ def _bytes_per_token(batches, tokenizer: Tokenizer | None) -> float | None:
     return text_bytes / tokens if text_bytes else None
 
 
-def pretrain(config: PretrainConfig) -> TrainResult:
+def run(config: PretrainConfig) -> TrainResult:
     config.validate()
     train_dir, val_dir = train_and_val_dirs(config.data)
     meta = read_meta(train_dir)
@@ -91,7 +98,7 @@ def pretrain(config: PretrainConfig) -> TrainResult:
         raise ConfigError(f"context and batch_size must be positive, got {config.context} and {config.batch_size}")
     torch.manual_seed(config.seed)  # the initial weights are part of the run's identity
     model = build_model(config, meta["vocab_size"])
-    tokenizer_dir = Path(config.tokenizer) if config.tokenizer else Path(config.data) / "tokenizer"
+    tokenizer_dir = tokenizer_folder(config)
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir) if (tokenizer_dir / "tokenizer.json").is_file() else None
     if config.tokenizer and tokenizer is None:
         raise ConfigError(f"tokenizer folder {tokenizer_dir} has no tokenizer.json")
@@ -99,14 +106,22 @@ def pretrain(config: PretrainConfig) -> TrainResult:
     world = dist_.init(resolve_device(config.device))
     data = ShardLoader(train_dir, config.batch_size, config.context, seed=config.seed, rank=world.rank,
                        world_size=world.size)
-    eval_batches = _eval_batches(val_dir, config, world) if val_dir is not None else None
+    eval_batches = held_out_batches(val_dir, config, world) if val_dir is not None else None
     bytes_per_token = _bytes_per_token(eval_batches(), tokenizer) if eval_batches else None
     try:
-        return train(model, causal_lm_loss, data, config, config.out_dir, model_config=model.config,
-                     eval_batches=eval_batches, bytes_per_token=bytes_per_token,
-                     tokens_per_step=config.batch_size * config.context * config.grad_accum * world.size,
-                     flops_per_token=model.flops_per_token(config.context), strategy=config.distributed,
-                     write_extra=tokenizer.save_pretrained if tokenizer is not None else None,
-                     run_config=dataclasses.asdict(config))
+        result = train(model, causal_lm_loss, data, config, config.out_dir, model_config=model.config,
+                       eval_batches=eval_batches, bytes_per_token=bytes_per_token,
+                       tokens_per_step=config.batch_size * config.context * config.grad_accum * world.size,
+                       flops_per_token=model.flops_per_token(config.context), strategy=config.distributed,
+                       write_extra=tokenizer.save_pretrained if tokenizer is not None else None,
+                       run_config=dataclasses.asdict(config))
     finally:
         dist_.shutdown(world)
+    report = {"command": "pretrain", "config": dataclasses.asdict(config), **run_summary(result),
+              "parameters": model.num_parameters(), "tokens_seen": next(
+                  (r["tokens_seen"] for r in reversed(result.history) if "tokens_seen" in r), 0)}
+    if world.is_main:
+        write_report(config.out_dir, f"Pretraining `{config.model}`", report, [
+            f"- data: `{config.data}`, context {config.context}, {report['parameters']:,} parameters, "
+            f"{report['tokens_seen']:,} tokens seen, seed {config.seed}"])
+    return dataclasses.replace(result, report=report)
