@@ -42,10 +42,10 @@ import json, statistics, sys, time
 import torch, llmkit
 from llmkit import KVCache, ModelConfig, Transformer
 from llmkit.generate.engine import DecodeStep
-try:
-    from llmkit.quant import quantize
-except ImportError:  # trees before llmkit/quant/
+try:  # trees before llmkit/quant/ (the package path may reach other trees' submodules: checked below)
     from llmkit.generate.fast import quantize
+except ImportError:
+    from llmkit.quant import quantize
 
 torch.set_num_threads(int(sys.argv[1]))
 steps = int(sys.argv[2])
@@ -86,6 +86,9 @@ with torch.no_grad():
         cache = KVCache(model.config, 1, steps + 64)
         token = torch.tensor([1])
         out[name] = median_ms(lambda: step(token, cache), steps, 20)
+tree = llmkit.__file__.rsplit("/llmkit/", 1)[0]
+out["foreign"] = sorted(m.__file__ for name, m in list(sys.modules.items())
+                        if name.startswith("llmkit") and getattr(m, "__file__", None) and not m.__file__.startswith(tree))
 print(json.dumps(out))
 """
 
@@ -102,8 +105,9 @@ def probe(tree: Path, threads: int, steps: int) -> dict:
     if run.returncode != 0:
         raise RuntimeError(f"probe of {tree} failed:\n{run.stderr[-3000:]}")
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    if not Path(result["llmkit"]).resolve().is_relative_to(tree.resolve()):
-        raise RuntimeError(f"the probe of {tree} imported {result['llmkit']}: PYTHONPATH did not take effect")
+    if not Path(result["llmkit"]).resolve().is_relative_to(tree.resolve()) or result["foreign"]:
+        raise RuntimeError(f"the probe of {tree} imported {result['llmkit']} and {result['foreign']}: "
+                           "modules of another tree")
     return result
 
 
@@ -128,7 +132,7 @@ def main() -> None:
             order = ("base", "head") if r % 2 == 0 else ("head", "base")
             for name in order:
                 result = probe(trees[name], args.threads, args.steps)
-                result.pop("llmkit")
+                result.pop("llmkit"), result.pop("foreign")
                 probes[name].append(result)
                 print(f"round {r + 1}/{args.rounds} {name}: {result}", flush=True)
     finally:
