@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from llmkit.data.chat import IGNORE_INDEX
+from llmkit.data.collate import IGNORE_INDEX
 
 
 @torch.compiler.disable  # tuned eager code (in-place, reused buffers); tracing it only adds copies

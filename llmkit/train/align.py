@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llmkit.data.collate import IGNORE_INDEX
 from llmkit.errors import ConfigError
 
 PREFERENCE_LOSSES = ("sigmoid", "ipo")
@@ -83,7 +84,7 @@ def preference_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, re
     return loss, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor,
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor,
                                                                                                    torch.Tensor]:
     """(sum of log p(label) over scored positions, number of scored positions), each (batch,).
 
@@ -186,7 +187,7 @@ class AdaptiveKLController:
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                       temperature: float = 2.0, alpha: float = 0.5,
-                      ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, labels).
 
     Both terms are means over the positions whose label is not `ignore_index`; the T^2 keeps the

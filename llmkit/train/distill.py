@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from llmkit.data.collate import IGNORE_INDEX
 from llmkit.data.shards import ShardLoader, read_meta
 from llmkit.errors import ConfigError
 from llmkit.files import atomic_write_json
@@ -51,7 +52,7 @@ def distill_objective(teacher: Transformer, temperature: float, alpha: float):
         with torch.no_grad():
             teacher_logits = teacher(x)
         loss, kl, ce = distillation_loss(logits, teacher_logits, y, temperature, alpha)
-        return loss, {"loss": loss.detach(), "kl": kl, "ce": ce, "tokens": (y != -100).sum()}
+        return loss, {"loss": loss.detach(), "kl": kl, "ce": ce, "tokens": (y != IGNORE_INDEX).sum()}
 
     return objective
 

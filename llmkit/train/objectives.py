@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llmkit.data.chat import IGNORE_INDEX
+from llmkit.data.collate import IGNORE_INDEX
 from llmkit.model import Transformer
 from llmkit.train.distributed import unwrap
 

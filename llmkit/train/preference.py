@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llmkit.data import preferences as prefs
+from llmkit.data.collate import collate_pairs
 from llmkit.errors import ConfigError
 from llmkit.files import atomic_write_json, atomic_write_text
 from llmkit.model import Transformer, load
@@ -86,9 +87,7 @@ def load_pairs(spec: str, split: str, n: int, seed: int) -> list[prefs.Preferenc
             raise ConfigError("hhh_alignment (221 pairs) is for evaluation only; train on other pairs and pass "
                               "--eval-data hhh_alignment (or --eval-hhh for `llmkit reward`)")
         return prefs.hhh_alignment()
-    pairs = prefs.read_jsonl(spec)
-    held = [p for i, p in enumerate(pairs) if prefs.is_held_out(f"{i}")]
-    return held if split == "test" else [p for i, p in enumerate(pairs) if not prefs.is_held_out(f"{i}")]
+    return prefs.held_out_pairs(prefs.read_preference_pairs(spec), split)
 
 
 def _splits(config: PreferenceConfig) -> tuple[list, list]:
@@ -176,7 +175,7 @@ def train_reward(config: RewardConfig) -> dict:
     rows = prefs.tokenize_pairs(train_pairs, tokenizer, config.max_len)
     eval_rows = prefs.fixed_batches(prefs.tokenize_pairs(eval_pairs, tokenizer, config.max_len), config.batch_size,
                                     pad)
-    result = train(model, reward_objective, prefs.PreferenceBatches(rows, config.batch_size, pad, config.seed),
+    result = train(model, reward_objective, prefs.pair_batches(rows, config.batch_size, pad, config.seed),
                    config, config.out_dir, eval_batches=lambda: eval_rows, write_extra=tokenizer.save_pretrained,
                    run_config=dataclasses.asdict(config))
     report = {"command": "reward", "config": dataclasses.asdict(config), "train_pairs": len(rows),
@@ -226,7 +225,7 @@ def reference_logps(reference: Transformer, rows: list[dict], pad_id: int, batch
     out = []
     for i in tqdm(range(0, len(rows), batch_size), desc="reference log-probs", leave=False):
         chunk = rows[i:i + batch_size]
-        batch = {k: v.to(reference.device) for k, v in prefs.collate(chunk, pad_id).items()}
+        batch = {k: v.to(reference.device) for k, v in collate_pairs(chunk, pad_id).items()}
         logps = _policy_logps(reference, batch)[0].float().cpu()
         n = len(chunk)
         out += list(zip(logps[:n].tolist(), logps[n:].tolist(), strict=True))
@@ -289,7 +288,7 @@ def train_dpo(config: DPOConfig) -> dict:
         policy, save_weights, load_weights = prepare_model(lora, policy)
     eval_batches = prefs.fixed_batches(eval_rows, config.batch_size, pad)
     result = train(policy, dpo_objective(config.beta, config.loss_type, reference),
-                   prefs.PreferenceBatches(rows, config.batch_size, pad, config.seed), config, config.out_dir,
+                   prefs.pair_batches(rows, config.batch_size, pad, config.seed), config, config.out_dir,
                    eval_batches=lambda: eval_batches, write_extra=tokenizer.save_pretrained,
                    run_config=dataclasses.asdict(config), save_weights=save_weights, load_weights=load_weights)
     after = _logp_probe(policy, eval_rows, pad, device)
