@@ -35,13 +35,13 @@ def hold_out(items: Sequence[T], fraction: float | None = None, *, n_val: int | 
     or on the next `n_train`. With `key`: hold out the items whose key `is_held_out` (a None key always
     trains), in their order."""
     if key is not None:
-        if fraction is None or n_val is not None:
-            raise DataError("hold_out by key takes a fraction, not a count")
+        if fraction is None or n_val is not None or n_train is not None:
+            raise DataError("hold_out by key takes a fraction, not counts")
         train, held = [], []
         for item in items:
             k = key(item)
             (held if k is not None and is_held_out(k, fraction) else train).append(item)
-        return (train if n_train is None else train[:n_train]), held
+        return train, held
     order = list(items)
     if seed is not None:
         random.Random(seed).shuffle(order)
