@@ -27,7 +27,9 @@ from pathlib import Path
 
 import torch
 
-from llmkit.data.labelled import SENTIMENT_WORDS, movie_reviews, sentiment_prompt, sentiment_rows, split
+from llmkit.data.collate import pad_batch
+from llmkit.data.labelled import SENTIMENT_WORDS, movie_reviews, sentiment_prompt, sentiment_rows
+from llmkit.data.split import hold_out
 from llmkit.files import atomic_write_json
 from llmkit.model import load, pool_last
 from llmkit.peft.lora import load_adapter
@@ -43,21 +45,12 @@ PARTS = ("bow", "zeroshot", "lora_sft", "qlora_sft", "lora_head")
 def data(args):
     """(train, validation, test): disjoint; the test set does not depend on the training size;
     validation only feeds the loop's loss curve."""
-    test, rest = split(movie_reviews("rotten_tomatoes"), args.test, args.train + args.val, seed=0)
+    rest, test = hold_out(movie_reviews("rotten_tomatoes"), n_val=args.test, n_train=args.train + args.val, seed=0)
     return rest[:args.train], rest[args.train:], test
 
 
 def prompts(tokenizer, rows, max_len):
     return [tokenizer.encode(sentiment_prompt(r.text))[:max_len] for r in rows]
-
-
-def _padded(batch, pad):
-    width = max(len(ids) for ids in batch)
-    ids = torch.full((len(batch), width), pad)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, row in enumerate(batch):
-        ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
-    return ids, mask
 
 
 @torch.no_grad()
@@ -70,7 +63,7 @@ def score_lm(model, tokenizer, rows, max_len, batch_size=32) -> dict:
     encoded = prompts(tokenizer, rows, max_len)
     correct = greedy = 0
     for start in range(0, len(rows), batch_size):
-        ids, mask = _padded(encoded[start:start + batch_size], tokenizer.eos_id)
+        ids, mask = pad_batch(encoded[start:start + batch_size], tokenizer.eos_id)
         last = model.lm_head(pool_last(model.hidden_states(ids, mask), mask))  # next-token logits only
         labels = torch.tensor([r.label for r in rows[start:start + batch_size]])
         correct += int((last[:, word_ids].argmax(-1) == labels).sum())
@@ -84,7 +77,7 @@ def score_head(model, tokenizer, rows, max_len, batch_size=32) -> float:
     encoded = prompts(tokenizer, rows, max_len)
     correct = 0
     for start in range(0, len(rows), batch_size):
-        ids, mask = _padded(encoded[start:start + batch_size], tokenizer.eos_id)
+        ids, mask = pad_batch(encoded[start:start + batch_size], tokenizer.eos_id)
         labels = torch.tensor([r.label for r in rows[start:start + batch_size]])
         correct += int((model.classify(ids, mask).argmax(-1) == labels).sum())
     return correct / len(rows)

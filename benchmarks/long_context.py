@@ -45,7 +45,7 @@ def scaling_of(method: str, factor: float, original: int) -> dict | None:
 
 def perplexities(model, ids: torch.Tensor, original: int) -> dict:
     """Perplexity of every next-token prediction in `ids` (1, N+1), and of those past `original`."""
-    from llmkit.data.chat import IGNORE_INDEX
+    from llmkit.data.collate import IGNORE_INDEX
     from llmkit.losses import linear_cross_entropy
 
     inputs, labels = ids[:, :-1], ids[:, 1:]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llmkit.data.chat import IGNORE_INDEX
+from llmkit.data.collate import IGNORE_INDEX
 from llmkit.errors import ConfigError
 
 PREFERENCE_LOSSES = ("sigmoid", "ipo")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from llmkit import rope
 from llmkit.config import ModelConfig
-from llmkit.data.chat import IGNORE_INDEX
+from llmkit.data.collate import IGNORE_INDEX
 from llmkit.errors import ConfigError
 from llmkit.losses import linear_cross_entropy
 from llmkit.tokenizer import Tokenizer

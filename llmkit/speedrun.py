@@ -23,7 +23,7 @@ import torch
 from llmkit.analysis.accounting import human
 from llmkit.analysis.plots import plot_training_curves
 from llmkit.config import ModelConfig
-from llmkit.data.prepare import PrepareConfig, parse_weights, prepare, read_jsonl
+from llmkit.data.prepare import PrepareConfig, parse_weights, prepare, read_documents
 from llmkit.data.shards import tokenize_prepared
 from llmkit.errors import ConfigError
 from llmkit.files import atomic_write_json, atomic_write_text
@@ -110,7 +110,7 @@ def speedrun(config: SpeedrunConfig) -> Path:
     _stage(timings, "fetch + prepare", started)
 
     started = time.perf_counter()
-    texts = [d.text for d in read_jsonl(run / "data" / "train.jsonl")]
+    texts = [d.text for d in read_documents(run / "data" / "train.jsonl")]
     tokenizer = Tokenizer.train(texts, config.vocab_size, show_progress=False)
     tokenizer.save_pretrained(run / "tokenizer")
     _stage(timings, "tokenizer", started)

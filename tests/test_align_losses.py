@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from llmkit import losses as align
+from llmkit.data.collate import IGNORE_INDEX
 from llmkit.errors import ConfigError
 from llmkit.train.ppo import AdaptiveKLController
 
@@ -183,7 +184,7 @@ def test_distillation_by_hand():
     #   alpha 0.5: 0.5 * 4 * 0.1438410 + 0.5 * 0.1053605 = 0.3403623; the padded position is ignored
     student = torch.tensor([[[2 * math.log(3), 0.0], [5.0, -5.0]]])
     teacher = torch.tensor([[[0.0, 0.0], [-5.0, 5.0]]])
-    labels = torch.tensor([[0, -100]])
+    labels = torch.tensor([[0, IGNORE_INDEX]])
     loss, kl, ce = align.distillation_loss(student, teacher, labels, temperature=2.0, alpha=0.5)
     close(kl, 0.5 * math.log(2 / 3) + 0.5 * math.log(2))
     close(ce, -math.log(0.9))
@@ -200,7 +201,7 @@ def test_distillation_by_hand():
 
 def test_sequence_logps_sums_scored_tokens():
     logits = torch.log(torch.tensor([[[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]]]))
-    total, count = align.sequence_logps(logits, torch.tensor([[-100, 1, 1]]))
+    total, count = align.sequence_logps(logits, torch.tensor([[IGNORE_INDEX, 1, 1]]))
     close(total, [math.log(0.1) + math.log(0.8)])
     assert count.tolist() == [2]
 
@@ -217,6 +218,6 @@ def test_distillation_kl_matches_trl(temperature):
     mask = torch.ones(2, 5, dtype=torch.long)
     mask[1, 3:] = 0
     expected, _, _ = _chunked_divergence_loss(hs, ht, ws, wt, mask, beta=0.0, temperature=temperature)
-    labels = torch.zeros(2, 5, dtype=torch.long).masked_fill(mask == 0, -100)
+    labels = torch.zeros(2, 5, dtype=torch.long).masked_fill(mask == 0, IGNORE_INDEX)
     _, kl, _ = align.distillation_loss(hs @ ws.T, ht @ wt.T, labels, temperature=temperature, alpha=1.0)
     torch.testing.assert_close(kl, expected, rtol=1e-5, atol=1e-6)

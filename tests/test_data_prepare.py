@@ -5,7 +5,7 @@ import json
 import pytest
 
 from llmkit.cli import main
-from llmkit.data.prepare import PrepareConfig, parse_weights, prepare, read_jsonl
+from llmkit.data.prepare import PrepareConfig, parse_weights, prepare, read_documents
 from llmkit.data.shards import ShardLoader
 from llmkit.errors import ConfigError, DataError
 from llmkit.tokenizer import Tokenizer
@@ -38,7 +38,7 @@ def test_prepare_writes_report_with_counts_per_rule_and_source(prepared):
 
 
 def test_prepared_split_is_disjoint_and_stable(prepared, tmp_path):
-    train, val = read_jsonl(prepared / "train.jsonl"), read_jsonl(prepared / "val.jsonl")
+    train, val = read_documents(prepared / "train.jsonl"), read_documents(prepared / "val.jsonl")
     assert val and not {(d.source, d.id) for d in train} & {(d.source, d.id) for d in val}
     again = tmp_path / "again"
     prepare({"bbcnews": 0.6, "kjv": 0.4}, again, PrepareConfig(max_docs_per_source=400, val_fraction=0.05),
@@ -57,7 +57,7 @@ def test_cli_tokenizer_train_and_data_tokenize(prepared, tmp_path):
     x, y = ShardLoader(shard_dir / "train", batch_size=2, context=64).next_batch()
     assert x.shape == (2, 64) and int(x.max()) < 600
     text = tok.decode(x[0].tolist())
-    assert any(text[:40] in d.text or d.text in text for d in read_jsonl(prepared / "train.jsonl"))
+    assert any(text[:40] in d.text or d.text in text for d in read_documents(prepared / "train.jsonl"))
 
 
 def test_cli_reports_errors_in_one_line(tmp_path, capsys):
@@ -82,7 +82,7 @@ def test_prepare_errors(tmp_path):
     bad = tmp_path / "train.jsonl"
     bad.write_text('{"id": "a", "text": "x"}\nnot json\n')
     with pytest.raises(DataError, match=f"{bad}:2: not valid JSON .*expected a train.jsonl/val.jsonl"):
-        read_jsonl(bad)
+        read_documents(bad)
     bad.write_text('{"id": "a", "text": "x"}\n["a list"]\n')
     with pytest.raises(DataError, match=f"{bad}:2: not a JSON object with 'id' and 'text'"):
-        read_jsonl(bad)
+        read_documents(bad)

@@ -9,6 +9,7 @@ import pytest
 
 from llmkit.data import corpora
 from llmkit.data.corpora import Document
+from llmkit.data.prepare import split_documents
 from llmkit.data.text import (
     Quality,
     Report,
@@ -26,7 +27,6 @@ from llmkit.data.text import (
     normalize,
     quality_reason,
     scrub_pii,
-    split,
     strip_boilerplate,
 )
 
@@ -204,13 +204,13 @@ def test_near_dup_catches_real_rewrite_and_small_edits(bbc):
 
 def test_split_is_stable_and_by_document(bbc):
     docs = _docs(bbc, "bbcnews")
-    train, val = split(docs, fraction=0.1)
+    train, val = split_documents(docs, fraction=0.1)
     assert 0.07 < len(val) / len(docs) < 0.13
     assert {d.id for d in train} | {d.id for d in val} == set(bbc) and not {d.id for d in train} & {d.id for d in val}
     shuffled = docs[:]
     random.Random(1).shuffle(shuffled)
     fewer = shuffled[: len(shuffled) // 2]
-    _, val2 = split(fewer, fraction=0.1)
+    _, val2 = split_documents(fewer, fraction=0.1)
     assert {d.id for d in val2} == {d.id for d in val} & {d.id for d in fewer}  # order and company do not matter
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import llmkit.losses as losses
 from llmkit import ModelConfig, Transformer
-from llmkit.data.chat import IGNORE_INDEX
+from llmkit.data.collate import IGNORE_INDEX
 from llmkit.losses import linear_cross_entropy
 from llmkit.train.objectives import causal_lm_loss
 

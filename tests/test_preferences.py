@@ -9,6 +9,7 @@ import torch
 
 from llmkit.config import ModelConfig
 from llmkit.data import preferences as prefs
+from llmkit.data.collate import IGNORE_INDEX, collate_pairs
 from llmkit.errors import ConfigError, DataError
 from llmkit.model import Transformer
 from llmkit.tokenizer import Tokenizer, check_same_tokenizer
@@ -39,9 +40,9 @@ def test_jsonl_text_and_chat_forms(tmp_path):
     rows = [{"prompt": "Q", "chosen": " yes", "rejected": " no"},
             {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "hello"}],
              "rejected": [{"role": "assistant", "content": "go away"}]}]
-    pairs = prefs.read_jsonl(write(tmp_path / "p.jsonl", rows))
+    pairs = prefs.read_preference_pairs(write(tmp_path / "p.jsonl", rows))
     assert [p.is_chat for p in pairs] == [False, True]
-    back = prefs.read_jsonl(prefs.write_jsonl(pairs, tmp_path / "q.jsonl"))
+    back = prefs.read_preference_pairs(prefs.write_preference_pairs(pairs, tmp_path / "q.jsonl"))
     assert [(p.prompt, p.chosen, p.rejected) for p in back] == [(p.prompt, p.chosen, p.rejected) for p in pairs]
 
 
@@ -54,7 +55,7 @@ def test_jsonl_text_and_chat_forms(tmp_path):
 def test_bad_rows_name_the_line_and_the_problem(tmp_path, row, message):
     path = write(tmp_path / "bad.jsonl", [{"prompt": "ok", "chosen": " a", "rejected": " b"}, row])
     with pytest.raises(DataError, match=message) as e:
-        prefs.read_jsonl(path)
+        prefs.read_preference_pairs(path)
     assert "bad.jsonl:2" in str(e.value)
 
 
@@ -63,8 +64,8 @@ def test_tokenized_pair_scores_only_the_response(tokenizer):
     ids, labels = row["chosen"]
     prompt = [tokenizer.bos_id] + tokenizer.encode("What is 2 + 2?")
     assert ids[:len(prompt)] == prompt
-    assert labels == [-100] * len(prompt) + tokenizer.encode(" 4") + [tokenizer.eos_id]
-    batch = prefs.collate([row, row], pad_id=0)
+    assert labels == [IGNORE_INDEX] * len(prompt) + tokenizer.encode(" 4") + [tokenizer.eos_id]
+    batch = collate_pairs([row, row], pad_id=0)
     assert batch["input_ids"].shape[0] == 4  # chosen, chosen, rejected, rejected
     # labels are shifted: position t scores token t + 1
     assert batch["labels"][0, len(prompt) - 1].item() == ids[len(prompt)]
@@ -74,7 +75,7 @@ def test_chat_pair_scores_the_assistant_turn(tokenizer):
     pair = prefs.PreferencePair([{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "yes"}],
                                 [{"role": "assistant", "content": "no"}])
     ids, labels = prefs.encode_response(tokenizer, pair.prompt, pair.chosen, 256)
-    scored = tokenizer.decode([t for t in labels if t != -100])
+    scored = tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
     assert scored.startswith("yes")
 
 
@@ -98,7 +99,7 @@ def test_reward_training_separates_pairs(tmp_path, tokenizer):
     batches = prefs.fixed_batches(rows, 8, 0)
     before = objectives.reward_objective(model, batches[0])[1]
     config = LoopConfig(max_steps=30, lr=3e-3, warmup_steps=0, eval_every=0, save_every=0, progress=False)
-    result = train(model, objectives.reward_objective, prefs.PreferenceBatches(rows, 8, 0), config, tmp_path,
+    result = train(model, objectives.reward_objective, prefs.pair_batches(rows, 8, 0), config, tmp_path,
                    eval_batches=lambda: batches)
     final = result.history[-1]
     assert final["val_accuracy"] == 1.0 and final["val_margin"] > before["margin"].item() + 1
@@ -114,7 +115,7 @@ def test_dpo_moves_log_ratios_the_right_way(tmp_path, tokenizer):
     reference.requires_grad_(False)
     for row, lp in zip(rows, dpo.reference_logps(reference, rows, 0), strict=True):
         row["ref_logps"] = lp
-    batch = prefs.collate(rows, 0)
+    batch = collate_pairs(rows, 0)
     cached = objectives.dpo_objective(0.5)
     live = objectives.dpo_objective(0.5, reference=reference)
     loss_cached, m = cached(policy, batch)
@@ -123,7 +124,7 @@ def test_dpo_moves_log_ratios_the_right_way(tmp_path, tokenizer):
     torch.testing.assert_close(loss_cached.item(), torch.log(torch.tensor(2.0)).item(), rtol=1e-5, atol=1e-5)
     assert m["margin"].abs().item() < 1e-4  # policy == reference
     config = LoopConfig(max_steps=20, lr=3e-3, warmup_steps=0, eval_every=0, save_every=0, progress=False)
-    train(policy, cached, prefs.PreferenceBatches(rows, 4, 0), config, tmp_path)
+    train(policy, cached, prefs.pair_batches(rows, 4, 0), config, tmp_path)
     _, m = cached(policy.eval(), batch)
     assert m["accuracy"].item() == 1.0 and m["margin"].item() > 1.0
     assert m["reward_chosen"].item() > 0 > m["reward_rejected"].item()

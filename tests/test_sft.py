@@ -7,14 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from llmkit.config import ModelConfig
-from llmkit.data.chat import (
-    IGNORE_INDEX,
-    BatchLoader,
-    collate_classification,
-    collate_sft,
-    load_examples,
-    row_to_example,
-)
+from llmkit.data.batches import BatchLoader
+from llmkit.data.chat import load_examples, row_to_example
+from llmkit.data.collate import IGNORE_INDEX, collate_classification, collate_sft
 from llmkit.data.labelled import Labelled, sentiment_rows
 from llmkit.errors import DataError
 from llmkit.model import Transformer

@@ -10,27 +10,21 @@ Example formats (one JSON object per line of a JSONL file, as in trl / Alpaca / 
 
 Conversations go through `Tokenizer.apply_chat_template`, whose assistant mask marks what the
 model learns; every other token (system, user, template markup, padding) gets `IGNORE_INDEX` as
-its label. Batches are right-padded with an attention mask (no packing: a padded row costs some
-compute but can never attend across documents). Labels are already shifted: `labels[:, t]` is the
-target of position t, which is what `causal_lm_loss` expects.
+its label when `collate.collate_sft` pads examples into a batch.
 """
 
 from __future__ import annotations
 
 import json
-import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from llmkit.errors import DataError
 from llmkit.files import read_jsonl_rows
 from llmkit.tokenizer import Tokenizer
 
-IGNORE_INDEX = -100  # cross_entropy's ignore_index, as in transformers / trl
-
+SFT_JSONL = "a JSONL file of SFT examples (messages, instruction/output or prompt/completion)"
 ROLES = ("system", "user", "assistant")
 
 
@@ -92,13 +86,8 @@ def _fields(row: dict, names: tuple[str, ...], where: str) -> list[str]:
     return [row[n] for n in names]
 
 
-def read_jsonl(path: str | Path) -> Iterable[tuple[str, dict]]:
-    """(file:line, row) for each non-empty line of a JSONL file of SFT examples."""
-    return read_jsonl_rows(path, "a JSONL file of SFT examples (messages, instruction/output or prompt/completion)")
-
-
 def load_examples(path: str | Path, tokenizer: Tokenizer) -> list[Example]:
-    return [row_to_example(row, tokenizer, where) for where, row in read_jsonl(path)]
+    return [row_to_example(row, tokenizer, where) for where, row in read_jsonl_rows(path, SFT_JSONL)]
 
 
 # ---- packaged sources ------------------------------------------------------------------------
@@ -124,75 +113,8 @@ def chitchat_conversations(limit: int | None = None) -> list[list[dict]]:
     return chats
 
 
-# ---- batching --------------------------------------------------------------------------------
+# ---- length --------------------------------------------------------------------------------
 
 
 def truncate(example: Example, max_len: int) -> Example:
     return Example(example.input_ids[:max_len], example.scored[:max_len])
-
-
-def collate_sft(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded `input_ids`, `attention_mask` and shifted `labels` (IGNORE_INDEX where unscored)."""
-    width = max(len(e.input_ids) for e in examples) - 1
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids) - 1
-        x = torch.tensor(e.input_ids)
-        ids[i, :n], mask[i, :n] = x[:-1], 1
-        labels[i, :n] = torch.where(torch.tensor(e.scored[1:]).bool(), x[1:], IGNORE_INDEX)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def collate_classification(items: Sequence[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded `input_ids` + `attention_mask`, and one class id per row in `labels`."""
-    width = max(len(ids) for ids, _ in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    for i, (row, _) in enumerate(items):
-        ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([label for _, label in items])}
-
-
-class BatchLoader:
-    """Shuffled micro-batches over a list of items, epoch after epoch, resumable (the loop's `data`).
-
-    The order of epoch e is a permutation seeded by (seed, e), so the position (epoch, index) is the
-    whole state."""
-
-    def __init__(self, items: Sequence, batch_size: int, collate: Callable[[Sequence], dict], seed: int = 0,
-                 shuffle: bool = True):
-        if not items:
-            raise DataError("no examples to train on; expected at least one")
-        if batch_size <= 0:
-            raise DataError(f"batch_size must be positive, got {batch_size}")
-        self.items, self.batch_size, self.collate = items, batch_size, collate
-        self.seed, self.shuffle = seed, shuffle
-        self.epoch, self.index = 0, 0
-        self._order = self._permutation()
-
-    def _permutation(self) -> list[int]:
-        order = list(range(len(self.items)))
-        if self.shuffle:
-            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
-        return order
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        if self.index >= len(self.items):
-            self.epoch, self.index = self.epoch + 1, 0
-            self._order = self._permutation()
-        picked = self._order[self.index:self.index + self.batch_size]
-        self.index += self.batch_size
-        return self.collate([self.items[i] for i in picked])
-
-    def batches(self) -> list[dict[str, torch.Tensor]]:
-        """One pass in order (for evaluation)."""
-        return [self.collate(self.items[i:i + self.batch_size]) for i in range(0, len(self.items), self.batch_size)]
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.seed, self.epoch, self.index = state["seed"], state["epoch"], state["index"]
-        self._order = self._permutation()

@@ -6,13 +6,13 @@ the natural one: a play, a Wikipedia lead, a news article, a Bible chapter, a ch
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmkit.data import sources
+from llmkit.data.labelled import movie_reviews
 from llmkit.errors import DataError
 
 
@@ -82,10 +82,8 @@ def _chitchat(name: str) -> Iterator[Document]:
 
 
 def _movie_reviews(name: str) -> Iterator[Document]:
-    (path,) = sources.files(name)
-    with open(path, encoding="utf-8", newline="") as f:
-        for i, row in enumerate(csv.DictReader(f)):
-            yield Document(f"{row.get('source', '')}-{i}", row["text"].replace("<br />", "\n"), name)
+    for review in movie_reviews(source=None):
+        yield Document(review.key, review.text, name)
 
 
 READERS: dict[str, Callable[[str], Iterator[Document]]] = {

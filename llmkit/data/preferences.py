@@ -10,17 +10,17 @@ evaluation), `movie_review_pairs` (a positive vs a negative review continuation 
 and `arithmetic_pairs` (a correct vs an incorrect answer to a generated sum).
 
 Tokenized, a pair becomes two rows, `ids` and `labels` (IGNORE_INDEX on prompt tokens) for chosen
-and for rejected; `PreferenceBatches` serves them to the training loop as one right-padded batch of
-2B rows (the B chosen first), optionally with cached reference log-probs.
+and for rejected; `pair_batches` serves them to the training loop through the one `BatchLoader`,
+collated by `collate.collate_pairs` into one right-padded batch of 2B rows (the B chosen first),
+optionally with cached reference log-probs.
 """
 
 from __future__ import annotations
 
-import csv
+import functools
 import json
 import os
 import random
-import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +28,14 @@ from pathlib import Path
 import torch
 
 from llmkit.data import sources
+from llmkit.data.batches import BatchLoader, in_order
+from llmkit.data.collate import IGNORE_INDEX, collate_pairs
+from llmkit.data.labelled import movie_reviews
+from llmkit.data.split import hold_out
 from llmkit.errors import DataError
 from llmkit.files import atomic_write_text, read_jsonl_rows
 
-IGNORE_INDEX = -100
+HELD_OUT = 0.1  # share of the packaged reviews (by review) and of a JSONL file's pairs kept for testing
 
 
 @dataclass
@@ -73,7 +77,7 @@ def _short(value) -> str:
     return repr(text if len(text) <= 60 else text[:57] + "...")
 
 
-def read_jsonl(path: str | os.PathLike) -> list[PreferencePair]:
+def read_preference_pairs(path: str | os.PathLike) -> list[PreferencePair]:
     """Pairs from a JSONL file of {"prompt", "chosen", "rejected"} objects (text or chat form)."""
     path = Path(path)
     pairs = []
@@ -88,7 +92,7 @@ def read_jsonl(path: str | os.PathLike) -> list[PreferencePair]:
     return pairs
 
 
-def write_jsonl(pairs: Iterable[PreferencePair], path: str | os.PathLike) -> Path:
+def write_preference_pairs(pairs: Iterable[PreferencePair], path: str | os.PathLike) -> Path:
     lines = [json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "source": p.source})
              for p in pairs]
     atomic_write_text(Path(path), "".join(line + "\n" for line in lines))
@@ -117,16 +121,10 @@ def hhh_alignment() -> list[PreferencePair]:
     return pairs
 
 
-def _labelled_reviews() -> list[tuple[str, int, str]]:
-    (path,) = [p for p in sources.files("movie_reviews") if p.suffix == ".csv"]
-    with open(path, encoding="utf-8", newline="") as f:
-        return [(row["text"].replace("<br />", " "), int(row["label"]), f"{row['source']}-{i}")
-                for i, row in enumerate(csv.DictReader(f))]
-
-
-def is_held_out(key: str, fraction: float = 0.1) -> bool:
-    """A stable split by a hash of the key, so train and test never share a review."""
-    return zlib.crc32(key.encode()) % 1000 < fraction * 1000
+def held_out_pairs(pairs: Sequence[PreferencePair], split: str) -> list[PreferencePair]:
+    """The "train" or "test" pairs of a file: HELD_OUT of them by a stable hash of their line index."""
+    train, test = hold_out(range(len(pairs)), HELD_OUT, key=str)
+    return [pairs[i] for i in (test if split == "test" else train)]
 
 
 def movie_review_pairs(n: int, split: str = "train", prompt_words: int = 6, response_words: int = 24,
@@ -140,10 +138,11 @@ def movie_review_pairs(n: int, split: str = "train", prompt_words: int = 6, resp
     only sentiment separates chosen from rejected. `split` is "train" or "test" (10%, by review)."""
     if split not in ("train", "test"):
         raise DataError(f"split={split!r}; expected 'train' or 'test'")
-    reviews = [r for r in _labelled_reviews() if is_held_out(r[2]) == (split == "test")
-               and len(r[0].split()) >= prompt_words + min(response_words, 8)]
-    pos = [r for r in reviews if r[1] == 1]
-    neg = [r for r in reviews if r[1] == 0]
+    train, test = hold_out(movie_reviews(source=None), HELD_OUT, key=lambda r: r.key)
+    reviews = [r for r in (test if split == "test" else train)
+               if len(r.text.split()) >= prompt_words + min(response_words, 8)]
+    pos = [r for r in reviews if r.label == 1]
+    neg = [r for r in reviews if r.label == 0]
     rng = random.Random(seed)
     rng.shuffle(pos)
     rng.shuffle(neg)
@@ -151,12 +150,12 @@ def movie_review_pairs(n: int, split: str = "train", prompt_words: int = 6, resp
         raise DataError(f"asked for {n} movie-review pairs from the {split} split; it has only "
                         f"{min(len(pos), len(neg))} reviews of each sentiment")
     pairs = []
-    for (p_text, _, p_key), (n_text, _, n_key) in zip(pos[:n], neg[:n], strict=True):
-        p_words, n_words = p_text.split(), n_text.split()
+    for p, q in zip(pos[:n], neg[:n], strict=True):
+        p_words, n_words = p.text.split(), q.text.split()
         opening = p_words if rng.random() < 0.5 else n_words
         cut = slice(prompt_words, prompt_words + response_words)
         pairs.append(PreferencePair(" ".join(opening[:prompt_words]), " " + " ".join(p_words[cut]),
-                                    " " + " ".join(n_words[cut]), f"movie_reviews/{p_key}+{n_key}"))
+                                    " " + " ".join(n_words[cut]), f"movie_reviews/{p.key}+{q.key}"))
     return pairs
 
 
@@ -214,53 +213,13 @@ def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer, max_len: int = 25
     return out
 
 
-def collate(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """One right-padded batch: rows 0..B-1 chosen, B..2B-1 rejected. `labels` are shifted to line up
-    with the logits (labels[t] is the token after position t)."""
-    seqs = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
-    width = max(len(ids) for ids, _ in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (ids, lab) in enumerate(seqs):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        labels[i, :len(ids) - 1] = torch.tensor(lab[1:])
-        mask[i, :len(ids)] = 1
-    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-    if all("ref_logps" in r for r in rows):
-        batch["ref_logps"] = torch.tensor([r["ref_logps"][0] for r in rows] + [r["ref_logps"][1] for r in rows],
-                                          dtype=torch.float32)
-    return batch
-
-
-class PreferenceBatches:
+def pair_batches(rows: list[dict], batch_size: int, pad_id: int, seed: int = 0) -> BatchLoader:
     """Shuffled batches of tokenized pairs for the loop (`next_batch`, resumable state)."""
-
-    def __init__(self, rows: list[dict], batch_size: int, pad_id: int, seed: int = 0):
-        if not rows:
-            raise DataError("no preference pairs to train on")
-        self.rows, self.batch_size, self.pad_id, self.seed = rows, min(batch_size, len(rows)), pad_id, seed
-        self.epoch, self.position = 0, 0
-
-    def _order(self) -> list[int]:
-        order = list(range(len(self.rows)))
-        random.Random(self.seed + self.epoch).shuffle(order)
-        return order
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        if self.position + self.batch_size > len(self.rows):
-            self.epoch, self.position = self.epoch + 1, 0
-        order = self._order()[self.position:self.position + self.batch_size]
-        self.position += self.batch_size
-        return collate([self.rows[i] for i in order], self.pad_id)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
+    if not rows:
+        raise DataError("no preference pairs to train on")
+    return BatchLoader(rows, batch_size, functools.partial(collate_pairs, pad_id=pad_id), seed=seed)
 
 
 def fixed_batches(rows: list[dict], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
     """Evaluation batches in order (every pair once)."""
-    return [collate(rows[i:i + batch_size], pad_id) for i in range(0, len(rows), batch_size)]
+    return in_order(rows, batch_size, functools.partial(collate_pairs, pad_id=pad_id))

@@ -10,7 +10,7 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from llmkit.data import corpora, sources
 from llmkit.data.corpora import Document
+from llmkit.data.split import hold_out
 from llmkit.data.text import (
     Quality,
     Report,
@@ -28,7 +29,6 @@ from llmkit.data.text import (
     normalize,
     quality_reason,
     scrub_pii,
-    split,
     strip_boilerplate,
 )
 from llmkit.errors import ConfigError, DataError
@@ -112,12 +112,12 @@ def prepare(weights: dict[str, float], out: str | os.PathLike, config: PrepareCo
     if not docs:
         raise DataError(f"every document of {list(weights)} was removed by the rules ({report.to_dict()['removed']}); "
                         "expected some to survive; loosen the quality thresholds")
-    train, val = split(docs, config.val_fraction)
+    train, val = split_documents(docs, config.val_fraction)
     train, mixture = mix(train, weights, seed=config.seed, total_chars=config.total_chars)
     val, _ = mix(val, weights, seed=config.seed, total_chars=None)
     out = Path(out)
     for name, part in (("train", train), ("val", val)):
-        write_jsonl(out / f"{name}.jsonl", part)
+        write_documents(out / f"{name}.jsonl", part)
     result = {
         "sources": {n: {"weight": w, "documents_read": raw[n], "requirement": sources.get(n).requirement,
                         "license": sources.get(n).license, "sha256": sources.get(n).sha256} for n, w in weights.items()},
@@ -134,13 +134,20 @@ def prepare(weights: dict[str, float], out: str | os.PathLike, config: PrepareCo
     return result
 
 
-def write_jsonl(path: Path, docs: Iterable[Document]) -> None:
+def split_documents(docs: Sequence[Document], fraction: float = 0.01) -> tuple[list[Document], list[Document]]:
+    """(train, validation), by document, by a hash of (source, id): stable across runs and orders; a
+    source with a single document goes to train whole."""
+    by_source = Counter(d.source for d in docs)
+    return hold_out(docs, fraction, key=lambda d: f"{d.source}\0{d.id}" if by_source[d.source] > 1 else None)
+
+
+def write_documents(path: Path, docs: Iterable[Document]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for d in docs:
             f.write(json.dumps(asdict(d), ensure_ascii=False) + "\n")
 
 
-def read_jsonl(path: str | os.PathLike) -> list[Document]:
+def read_documents(path: str | os.PathLike) -> list[Document]:
     """Documents written by `prepare` (one JSON object per line with id, source, text)."""
     expected = "a train.jsonl/val.jsonl written by `llmkit data prepare` (JSON objects with 'id' and 'text')"
     docs = []
@@ -150,6 +157,9 @@ def read_jsonl(path: str | os.PathLike) -> list[Document]:
         except (KeyError, TypeError, AttributeError):
             raise DataError(f"{where}: not a JSON object with 'id' and 'text'; expected {expected}") from None
     return docs
+
+
+read_jsonl = read_documents  # the old name, for llmkit/cli.py until it imports read_documents
 
 
 def render_report(r: dict) -> str:

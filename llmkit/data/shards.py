@@ -233,13 +233,13 @@ class ShardLoader:
 def tokenize_prepared(data: str | os.PathLike, tokenizer: Tokenizer | str | os.PathLike, out: str | os.PathLike,
                       workers: int | None = None, progress: bool = True) -> dict:
     """Shards for the train.jsonl / val.jsonl of a `prepare` folder: `out/train/`, `out/val/`."""
-    from llmkit.data.prepare import read_jsonl
+    from llmkit.data.prepare import read_documents
 
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = Tokenizer.from_pretrained(tokenizer)
     metas = {}
     for split in ("train", "val"):
-        docs = read_jsonl(Path(data) / f"{split}.jsonl")
+        docs = read_documents(Path(data) / f"{split}.jsonl")
         if docs:
             metas[split] = write_shards((d.text for d in docs), tokenizer, Path(out) / split, workers=workers,
                                         progress=progress)

@@ -3,7 +3,7 @@
 Rules that edit text (normalize, boilerplate, PII, repeated lines) return the new text; rules that
 judge a document (the quality filters, in the style of Gopher, Rae et al. 2021, Table A1) return the
 reason it fails or None. Corpus-level rules (exact and near-duplicate removal, repeated lines, the
-split, the mixture) take the list of documents. `prepare` (in `llmkit.data.prepare`) chains them.
+mixture) take the list of documents. `prepare` (in `llmkit.data.prepare`) chains them.
 """
 
 from __future__ import annotations
@@ -286,21 +286,6 @@ def dedup_near(docs: Sequence[Document], report: Report, threshold: float = 0.7,
         lsh.insert(i, mh)
         kept.append(doc)
     return kept
-
-
-def is_validation(doc: Document, fraction: float, salt: str = "llmkit-split") -> bool:
-    """Whether `doc` is in the validation split: a hash of (source, id), so stable across runs and orders."""
-    h = hashlib.sha256(f"{salt}\0{doc.source}\0{doc.id}".encode()).digest()
-    return int.from_bytes(h[:8], "big") / 2**64 < fraction
-
-
-def split(docs: Sequence[Document], fraction: float = 0.01) -> tuple[list[Document], list[Document]]:
-    """(train, validation), by document; a source with a single document goes to train whole."""
-    train, val = [], []
-    by_source = Counter(d.source for d in docs)
-    for doc in docs:
-        (val if by_source[doc.source] > 1 and is_validation(doc, fraction) else train).append(doc)
-    return train, val
 
 
 def mix(docs: Sequence[Document], weights: dict[str, float], seed: int = 0,

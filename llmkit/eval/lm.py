@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from llmkit.data.collate import pad_tokens
 from llmkit.generate.engine import complete
 from llmkit.generate.sampling import SamplingParams
 from llmkit.model import KVCache
@@ -76,13 +77,6 @@ def _score(model, hidden: torch.Tensor, targets: list[int], lengths: list[int]) 
     return out
 
 
-def _right_padded(rows: list[list[int]], device) -> torch.Tensor:
-    ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long, device=device)
-    for r, row in enumerate(rows):
-        ids[r, :len(row)] = torch.tensor(row, device=device)
-    return ids
-
-
 @torch.inference_mode()
 def loglikelihood_tokens(model, requests: Sequence[tuple[list[int], list[int]]], batch_size: int = 16,
                          progress: bool = True, desc: str = "loglikelihood",
@@ -112,7 +106,7 @@ def loglikelihood_tokens(model, requests: Sequence[tuple[list[int], list[int]]],
             cache = KVCache(model.config, 1, len(prefix) + max(map(len, tails)), device=device, dtype=model.dtype)
             model.hidden_states(torch.tensor([prefix], device=device), kv_cache=cache)
             cache.reorder(torch.zeros(len(group), dtype=torch.long, device=device))
-            hidden = model.hidden_states(_right_padded(tails, device), kv_cache=cache)
+            hidden = model.hidden_states(pad_tokens(tails, 0).to(device), kv_cache=cache)
             rows = torch.cat([hidden[r, :len(t)] for r, t in enumerate(tails)])
             conts = [list(requests[i][1]) for i in group]
             for i, result in zip(group, _score(model, rows, [t for c in conts for t in c], list(map(len, conts))),
@@ -121,7 +115,7 @@ def loglikelihood_tokens(model, requests: Sequence[tuple[list[int], list[int]]],
             bar.update(len(group))
         for start in range(0, len(alone), batch_size):
             batch = alone[start:start + batch_size]
-            hidden = model.hidden_states(_right_padded([inputs[i] for i in batch], device))
+            hidden = model.hidden_states(pad_tokens([inputs[i] for i in batch], 0).to(device))
             conts = [list(requests[i][1]) for i in batch]
             rows = torch.cat([hidden[r, split[i]:len(inputs[i])] for r, i in enumerate(batch)])
             for i, result in zip(batch, _score(model, rows, [t for c in conts for t in c], list(map(len, conts))),

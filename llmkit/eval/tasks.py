@@ -136,7 +136,7 @@ _SCHEMA = {
 }
 
 
-def read_jsonl(path: str | Path, kind: str) -> list[dict]:
+def read_task_docs(path: str | Path, kind: str) -> list[dict]:
     """Docs of a JSONL task file, each checked; a bad row raises DataError naming its line."""
     path = Path(path)
     docs = [check_doc(row, kind, where) for where, row in read_jsonl_rows(path, f"a {kind} task file of rows "
@@ -166,7 +166,7 @@ def task_from_file(path: str | Path) -> Task:
         raise ConfigError(f"task file {path} does not exist")
     if path.suffix == ".jsonl":
         kind = _infer_kind(path)
-        return Task(path.stem, kind, lambda: read_jsonl(path, kind), until=("\n",) if kind == "generation" else ())
+        return Task(path.stem, kind, lambda: read_task_docs(path, kind), until=("\n",) if kind == "generation" else ())
     import yaml
 
     spec = yaml.safe_load(path.read_text())
@@ -193,7 +193,7 @@ def task_from_file(path: str | Path) -> Task:
     for flt in (spec.get("filter_list") or [{}])[0].get("filter", []):
         if flt.get("function") == "regex":
             regex, group, fallback = flt["regex_pattern"], flt.get("group_select", 0), flt.get("fallback", fallback)
-    return Task(spec.get("task", path.stem), kind, lambda: read_jsonl(data, kind),
+    return Task(spec.get("task", path.stem), kind, lambda: read_task_docs(data, kind),
                 description=spec.get("description", ""), target_delimiter=spec.get("target_delimiter", " "),
                 fewshot_delimiter=spec.get("fewshot_delimiter", "\n\n"), until=tuple(gen.get("until", ["\n\n"])),
                 max_gen_toks=gen.get("max_gen_toks", 256), answer_regex=regex, group_select=group,

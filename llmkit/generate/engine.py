@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmkit.data.collate import pad_batch, pad_tokens
 from llmkit.errors import ConfigError
 from llmkit.generate.sampling import SamplingParams, make_generators, process_logits, raw_logprobs, sample
 from llmkit.generate.text import TextTracker
@@ -89,13 +90,8 @@ def eos_token_ids(model: Transformer, tokenizer=None, params: SamplingParams | N
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), both (batch, longest prompt), padded on the left."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
+    """(input_ids, attention_mask), both (batch, longest prompt), padded on the left, on `device`."""
+    ids, mask = pad_batch(prompts, pad_id, left=True)
     return ids.to(device), mask.to(device)
 
 
@@ -400,9 +396,6 @@ def generate_tensor(model: Transformer, input_ids: torch.Tensor, attention_mask:
     pad = model.config.pad_token_id
     if pad is None:
         pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
-    width = max(len(o.token_ids) for o in outs)
-    new = torch.full((len(outs), width), pad, dtype=torch.long)
-    for i, o in enumerate(outs):
-        new[i, :len(o.token_ids)] = torch.tensor(o.token_ids, dtype=torch.long)
+    new = pad_tokens([o.token_ids for o in outs], pad)
     rep = params.n
     return torch.cat([input_ids.cpu().repeat_interleave(rep, dim=0), new], dim=1).to(input_ids.device)

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llmkit.data import preferences as prefs
+from llmkit.data.collate import collate_pairs
 from llmkit.files import atomic_write_json
 from llmkit.losses import PREFERENCE_LOSSES, check_preference_loss
 from llmkit.model import Transformer, load
@@ -52,7 +53,7 @@ def reference_logps(reference: Transformer, rows: list[dict], pad_id: int, batch
     out = []
     for i in tqdm(range(0, len(rows), batch_size), desc="reference log-probs", leave=False):
         chunk = rows[i:i + batch_size]
-        batch = {k: v.to(reference.device) for k, v in prefs.collate(chunk, pad_id).items()}
+        batch = {k: v.to(reference.device) for k, v in collate_pairs(chunk, pad_id).items()}
         logps = scored_logps(reference, batch)[0].float().cpu()
         n = len(chunk)
         out += list(zip(logps[:n].tolist(), logps[n:].tolist(), strict=True))
@@ -125,7 +126,7 @@ def run(config: DPOConfig) -> TrainResult:
         policy, save_weights, load_weights = prepare_model(lora, policy)
     eval_batches = prefs.fixed_batches(eval_rows, config.batch_size, pad)
     result = train(policy, dpo_objective(config.beta, config.loss_type, reference),
-                   prefs.PreferenceBatches(rows, config.batch_size, pad, config.seed), config, config.out_dir,
+                   prefs.pair_batches(rows, config.batch_size, pad, config.seed), config, config.out_dir,
                    eval_batches=lambda: eval_batches, write_extra=tokenizer.save_pretrained,
                    run_config=dataclasses.asdict(config), save_weights=save_weights, load_weights=load_weights)
     after = _logp_probe(policy, eval_rows, pad, device)

@@ -13,7 +13,6 @@ accuracy for classification), the wall time and the peak resident memory.
 from __future__ import annotations
 
 import dataclasses
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,19 +21,18 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
+from llmkit.data.batches import BatchLoader
 from llmkit.data.chat import (
-    BatchLoader,
     Example,
     chitchat_conversations,
-    collate_classification,
-    collate_sft,
     conversation_to_example,
     load_examples,
-    read_jsonl,
     row_to_example,
     truncate,
 )
-from llmkit.data.labelled import movie_reviews, sentiment_prompt, sentiment_rows
+from llmkit.data.collate import collate_classification, collate_sft
+from llmkit.data.labelled import movie_reviews, read_labelled, sentiment_prompt, sentiment_rows
+from llmkit.data.split import hold_out
 from llmkit.errors import ConfigError, DataError
 from llmkit.model import Transformer, load
 from llmkit.peft.lora import LoraConfig, apply_lora, read_adapter, save_adapter_state, trainable_parameters
@@ -114,15 +112,7 @@ def classification_items(source: str, tokenizer: Tokenizer, num_labels: int) -> 
     """(ids, label) pairs: movie reviews as sentiment prompts, or JSONL rows {"text": ..., "label": int}."""
     if source == "movie_reviews":
         return [(tokenizer.encode(sentiment_prompt(r.text)), r.label) for r in movie_reviews()]
-    items = []
-    for where, row in read_jsonl(source):
-        label = row.get("label") if isinstance(row, dict) else None
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not isinstance(label, int) \
-                or not 0 <= label < num_labels:
-            raise DataError(f"{where}: expected {{'text': a string, 'label': an integer in [0, {num_labels})}}, "
-                            f"got {row!r:.200}")
-        items.append((tokenizer.encode(row["text"]), label))
-    return items
+    return [(tokenizer.encode(r.text), r.label) for r in read_labelled(source, num_labels)]
 
 
 def load_items(config: FinetuneConfig, tokenizer: Tokenizer, source: str) -> list:
@@ -137,12 +127,11 @@ def load_items(config: FinetuneConfig, tokenizer: Tokenizer, source: str) -> lis
 
 def split_items(config: FinetuneConfig, tokenizer: Tokenizer) -> tuple[list, list]:
     items = load_items(config, tokenizer, config.data)
-    random.Random(0).shuffle(items)
     if config.val_data:
+        items, _ = hold_out(items, n_val=0, seed=0)  # shuffled, all for training
         val = load_items(config, tokenizer, config.val_data)
     else:
-        n_val = max(1, round(len(items) * config.val_fraction))
-        items, val = items[n_val:], items[:n_val]
+        items, val = hold_out(items, config.val_fraction, seed=0)
     if config.max_examples is not None:
         items = items[:config.max_examples]
     if not items or not val:

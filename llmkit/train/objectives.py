@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from llmkit.data.chat import IGNORE_INDEX
+from llmkit.data.collate import IGNORE_INDEX
 from llmkit.losses import (
     bradley_terry_loss,
     check_beta,

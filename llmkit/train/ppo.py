@@ -32,6 +32,8 @@ import torch
 
 from llmkit.analysis.plots import plot_ppo_rollouts
 from llmkit.data import preferences as prefs
+from llmkit.data.collate import pad_batch
+from llmkit.data.split import hold_out
 from llmkit.errors import ConfigError, DataError
 from llmkit.generate.engine import complete
 from llmkit.generate.sampling import SamplingParams
@@ -133,19 +135,13 @@ class AdaptiveKLController:
 # ---- rollouts --------------------------------------------------------------------------------
 
 
-def _pad_right(rows: list[list[int]], value: int) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
-
-
 @torch.no_grad()
 def score(reward_model: Transformer, tokenizer, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
     """The reward model's scalar for each prompt + response (+ EOS, as its training pairs end)."""
     eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     rows = [p + r + eos for p, r in zip(prompts, responses, strict=True)]
-    ids = _pad_right(rows, 0).to(reward_model.device)
-    mask = _pad_right([[1] * len(r) for r in rows], 0).to(reward_model.device)
-    return reward_model.classify(ids, mask)[:, 0].float().cpu()
+    ids, mask = pad_batch(rows, 0)
+    return reward_model.classify(ids.to(reward_model.device), mask.to(reward_model.device))[:, 0].float().cpu()
 
 
 def generate(policy: Transformer, tokenizer, prompts: list[list[int]], config: PPOConfig) -> list[list[int]]:
@@ -223,9 +219,10 @@ def pack(prompts: list[list[int]], responses: list[list[int]]) -> dict[str, torc
     width = max(len(r) for r in responses)
     positions = [[len(p) + j for j in range(len(r))] + [len(p)] * (width - len(r))
                  for p, r in zip(prompts, responses, strict=True)]
-    return {"input_ids": _pad_right(rows, 0), "attention_mask": _pad_right([[1] * len(r) for r in rows], 0),
-            "responses": _pad_right(responses, 0), "positions": torch.tensor(positions, dtype=torch.long),
-            "response_mask": _pad_right([[1] * len(r) for r in responses], 0)}
+    input_ids, attention_mask = pad_batch(rows, 0)
+    responses, response_mask = pad_batch(responses, 0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "responses": responses,
+            "positions": torch.tensor(positions, dtype=torch.long), "response_mask": response_mask}
 
 
 # ---- the run ---------------------------------------------------------------------------------
@@ -239,8 +236,8 @@ def load_prompts(config: PPOConfig, tokenizer, split: str, n: int | None = None)
     if not path.is_file():
         raise DataError(f"prompts {config.prompts!r} is neither 'movie_reviews' nor a file of prompts")
     lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    held = lines[: max(len(lines) // 10, 1)]
-    return held[:n or config.eval_prompts] if split == "test" else lines[len(held):]
+    train, held = hold_out(lines, n_val=max(len(lines) // 10, 1), seed=None)  # the first tenth, in file order
+    return held[:n or config.eval_prompts] if split == "test" else train
 
 
 def encode_prompts(tokenizer, texts: list[str]) -> list[list[int]]:

@@ -45,9 +45,7 @@ def load_pairs(spec: str, split: str, n: int, seed: int) -> list[prefs.Preferenc
             raise ConfigError("hhh_alignment (221 pairs) is for evaluation only; train on other pairs and pass "
                               "--eval-data hhh_alignment (or --eval-hhh for `llmkit reward`)")
         return prefs.hhh_alignment()
-    pairs = prefs.read_jsonl(spec)
-    held = [p for i, p in enumerate(pairs) if prefs.is_held_out(f"{i}")]
-    return held if split == "test" else [p for i, p in enumerate(pairs) if not prefs.is_held_out(f"{i}")]
+    return prefs.held_out_pairs(prefs.read_preference_pairs(spec), split)
 
 
 def split_pairs(config: PreferenceConfig) -> tuple[list, list]:

@@ -68,7 +68,7 @@ def run(config: RewardConfig) -> TrainResult:
     rows = prefs.tokenize_pairs(train_pairs, tokenizer, config.max_len)
     eval_rows = prefs.fixed_batches(prefs.tokenize_pairs(eval_pairs, tokenizer, config.max_len), config.batch_size,
                                     pad)
-    result = train(model, reward_objective, prefs.PreferenceBatches(rows, config.batch_size, pad, config.seed),
+    result = train(model, reward_objective, prefs.pair_batches(rows, config.batch_size, pad, config.seed),
                    config, config.out_dir, eval_batches=lambda: eval_rows, write_extra=tokenizer.save_pretrained,
                    run_config=dataclasses.asdict(config))
     report = {"command": "reward", "config": dataclasses.asdict(config), "train_pairs": len(rows),
