@@ -435,10 +435,10 @@ def _memory(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from llmkit import __version__
+    from importlib.metadata import version
 
     parser = argparse.ArgumentParser(prog="llmkit", description="A toolkit for the whole life of an LLM.")
-    parser.add_argument("--version", action="version", version=f"llmkit {__version__}")
+    parser.add_argument("--version", action="version", version=f"llmkit {version('llmkit')}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for name, (help_text, add_arguments, run) in VERBS.items():
         p = sub.add_parser(name, help=help_text, description=help_text,
