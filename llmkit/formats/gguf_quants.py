@@ -217,18 +217,27 @@ def quantize_q5_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _rows(np.hstack([d, m, scales, qh, qs]), shape), decoded.reshape(shape)
 
 
+def _sixteen_scales(b: np.ndarray, nmax: int, scale_range: int):
+    """Q6_K's and Q3_K's scales: each 256-block as 16 sub-blocks of 16, each sub-block's best scale for
+    levels in [-nmax, nmax) (make_qx_quants), and the block's d that stores those scales as signed
+    integers in [-scale_range, scale_range). Returns (sub-blocks, scales, 1/d, d as f16 bytes, d)."""
+    nb = len(b)
+    xs = b.reshape(nb, 16, 16)
+    scale = _qx(xs.reshape(-1, 16), nmax).reshape(nb, 16)
+    top = _signed_max(scale)
+    ok = top != 0
+    iscale = np.where(ok, -scale_range / np.where(ok, top, 1), 0)
+    d_bytes, d = _f16(np.where(ok, 1 / np.where(ok, iscale, 1), 0).astype(np.float32))
+    return xs, scale, iscale, d_bytes, d
+
+
 def quantize_q6_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Q6_K (210 bytes per 256): 128 bytes low nibbles, 64 bytes high bits, 16 int8 scales, d."""
     shape = x.shape
     b = _blocks(x, QK_K)
     nb = len(b)
-    xs = b.reshape(nb, 16, 16)
-    scale = _qx(xs.reshape(-1, 16), 32).reshape(nb, 16)
-    top = _signed_max(scale)
-    ok = top != 0
-    iscale = np.where(ok, -128 / np.where(ok, top, 1), 0)
+    xs, scale, iscale, d_bytes, d = _sixteen_scales(b, 32, 128)
     ls = np.minimum(127, np.rint(iscale[:, None] * scale)).astype(np.int8)
-    d_bytes, d = _f16(np.where(ok, 1 / np.where(ok, iscale, 1), 0).astype(np.float32))
     dl = d[:, None] * ls.astype(np.float32)
     safe = np.where(dl != 0, dl, 1.0)[..., None]
     q = np.where(dl[..., None] != 0, np.clip(np.rint(xs / safe), -32, 31), 0)
@@ -245,13 +254,8 @@ def quantize_q3_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     shape = x.shape
     b = _blocks(x, QK_K)
     nb = len(b)
-    xs = b.reshape(nb, 16, 16)
-    scale = _qx(xs.reshape(-1, 16), 4).reshape(nb, 16)
-    top = _signed_max(scale)
-    ok = top != 0
-    iscale = np.where(ok, -32 / np.where(ok, top, 1), 0)
+    xs, scale, iscale, d_bytes, d = _sixteen_scales(b, 4, 32)
     ls = (np.clip(np.rint(iscale[:, None] * scale), -32, 31) + 32).astype(np.uint8)  # 0..63
-    d_bytes, d = _f16(np.where(ok, 1 / np.where(ok, iscale, 1), 0).astype(np.float32))
     dl = d[:, None] * (ls.astype(np.int8) - np.int8(32)).astype(np.float32)
     safe = np.where(dl != 0, dl, 1.0)[..., None]
     q = np.where(dl[..., None] != 0, np.clip(np.rint(xs / safe), -4, 3), 0)
