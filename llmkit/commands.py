@@ -25,15 +25,16 @@ from llmkit.generate import api
 from llmkit.generate import chat as terminal
 from llmkit.generate.sampling import SamplingParams
 from llmkit.model import load as load_model
-from llmkit.options import arg
+from llmkit.options import arg, arg_of
 from llmkit.peft.lora import merge_adapter
+from llmkit.serve.config import ServeConfig
 from llmkit.serve.schema import token_string
 from llmkit.tokenizer import Tokenizer
 
 Model = Annotated[str, arg("an HF checkpoint folder, a .gguf file, a preset or a model name (smollm2-135m-instruct)")]
-Quantize = Annotated[Literal["int8", "int4"] | None,
-                     arg("weight-only packed linear layers for faster CPU decoding (small accuracy cost)")]
-Threads = Annotated[int | None, arg("torch threads (default: torch's choice)")]
+Quantize = Annotated[Literal["int8", "int4"] | None, arg_of(ServeConfig, "quantize")]  # the same as serve's
+Threads = Annotated[int | None, arg_of(ServeConfig, "threads")]
+ChatTemplate = Annotated[str | None, arg_of(ServeConfig, "chat_template")]
 Compile = Annotated[bool, arg("compile the decode step with torch.compile")]
 Json = Annotated[bool, arg("print the result as JSON")]
 
@@ -132,8 +133,7 @@ def generate(model: Model, prompt: Annotated[str, arg("the text to continue")], 
 
 def chat(model: Model, sampling: SamplingParams = TERMINAL,
          system: Annotated[str | None, arg("the system prompt")] = None,
-         chat_template: Annotated[str | None, arg(
-             "replace the model's template: chatml, gemma, llama2, alpaca, vicuna, a .jinja file or Jinja")] = None,
+         chat_template: ChatTemplate = None,
          quantize: Quantize = None, threads: Threads = None, compile: Compile = False) -> None:
     """Chat in the terminal with the model's chat template (streaming; /reset, /system, /history)."""
     if sampling.n != 1 or sampling.num_beams != 1:

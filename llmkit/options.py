@@ -43,6 +43,11 @@ def arg(help: str = "", positional: bool = False) -> dict:
     return {"help": help, "positional": positional}
 
 
+def arg_of(cls, name: str) -> dict:
+    """The `arg` metadata of field `name` of dataclass `cls`, to give another verb's parameter the same help."""
+    return dict(next(f for f in dataclasses.fields(cls) if f.name == name).metadata)
+
+
 @dataclasses.dataclass(frozen=True)
 class Kind:
     """How a field's text becomes a value: `convert` per word, `choices`, `many` (repeatable)."""

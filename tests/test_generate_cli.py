@@ -1,5 +1,6 @@
 """`llmkit generate`, `llmkit chat` and `llmkit next` on a tiny checkpoint folder."""
 
+import io
 import json
 
 import pytest
@@ -53,6 +54,12 @@ def test_generate_verb_reports_bad_sampling_as_one_line(folder, capsys):
     assert main(["generate", str(folder), "--prompt", "x", "--top-p", "1.5"]) == 1
     err = capsys.readouterr().err
     assert "top_p" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_chat_verb_runs_with_the_sampling_flags_at_their_defaults(folder, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/exit\n"))
+    assert main(["chat", str(folder), "-n", "4", "--seed", "0"]) == 0
+    assert "Chat with the model" in capsys.readouterr().out
 
 
 def test_next_verb_lists_probabilities_in_order(folder, capsys):

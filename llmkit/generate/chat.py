@@ -89,7 +89,7 @@ class ChatSession:
         self.history: list[dict] = []
         self.sampling = dict(sampling)
         self.sampling["stop_token_ids"] = sorted({*end_of_turn_ids(tokenizer),
-                                                  *self.sampling.get("stop_token_ids", [])})
+                                                  *(self.sampling.get("stop_token_ids") or [])})
         self.sampling.setdefault("max_new_tokens", MAX_NEW_TOKENS)
 
     @property
