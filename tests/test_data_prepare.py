@@ -63,7 +63,7 @@ def test_cli_tokenizer_train_and_data_tokenize(prepared, tmp_path):
 def test_cli_reports_errors_in_one_line(tmp_path, capsys):
     assert main(["data", "prepare", "--sources", "kjv:x", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
-    assert err.strip() == ("llmkit data: error: --sources entry 'kjv:x' has weight 'x'; expected NAME:NUMBER, "
+    assert err.strip() == ("llmkit data prepare: error: --sources entry 'kjv:x' has weight 'x'; expected NAME:NUMBER, "
                            "e.g. kjv:0.5")
     assert main(["tokenizer", "train", "--data", str(tmp_path), "--vocab-size", "600", "--out", str(tmp_path)]) == 1
     assert f"{tmp_path / 'train.jsonl'} does not exist; expected a train.jsonl" in capsys.readouterr().err

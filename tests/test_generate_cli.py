@@ -1,5 +1,6 @@
 """`llmkit generate`, `llmkit chat` and `llmkit next` on a tiny checkpoint folder."""
 
+import io
 import json
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 from llmkit import ModelConfig, Transformer
 from llmkit.cli import main
+from llmkit.generate import generate
 from llmkit.generate.chat import ChatSession, chat_loop, load, next_tokens
 from llmkit.tokenizer import Tokenizer
 
@@ -35,10 +37,29 @@ def test_generate_verb_streams_the_same_text_as_the_json_result(folder, capsys):
     assert streamed == "the cat" + result["text"] + "\n"
 
 
+def test_generate_json_keys_top_logprobs_by_token_text_as_openai(folder, capsys):
+    from llmkit.serve.schema import token_string
+
+    assert main(["generate", str(folder), "-p", "the cat", "-n", "4", "--temperature", "0", "--logprobs", "3",
+                 "--ignore-eos", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)[0]
+    model, tok = load(str(folder))
+    ids = generate(model, tok, "the cat", max_new_tokens=4, temperature=0, logprobs=3, ignore_eos=True)
+    assert out["token_ids"] == ids.token_ids
+    assert out["top_logprobs"] == [{token_string(tok, i): v for i, v in top.items()} for top in ids.top_logprobs]
+    assert all(isinstance(k, str) for top in out["top_logprobs"] for k in top)
+
+
 def test_generate_verb_reports_bad_sampling_as_one_line(folder, capsys):
     assert main(["generate", str(folder), "--prompt", "x", "--top-p", "1.5"]) == 1
     err = capsys.readouterr().err
     assert "top_p" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_chat_verb_runs_with_the_sampling_flags_at_their_defaults(folder, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/exit\n"))
+    assert main(["chat", str(folder), "-n", "4", "--seed", "0"]) == 0
+    assert "Chat with the model" in capsys.readouterr().out
 
 
 def test_next_verb_lists_probabilities_in_order(folder, capsys):
@@ -71,8 +92,6 @@ def test_chat_reply_is_the_streamed_text_and_follows_the_template(folder):
     reply = "".join(session.send("hi"))
     assert session.history == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply.strip()}]
     ids, _ = tok.apply_chat_template(session.messages[:2], add_generation_prompt=True)
-    from llmkit import generate
-
     assert generate(model, tok, ids, temperature=0, max_new_tokens=8,
                     stop_token_ids=session.sampling["stop_token_ids"]).text == reply
 

@@ -130,6 +130,16 @@ def test_export_verb_and_gguf_in_the_generate_verb(tiny, tmp_path, capsys):
         main(["export", str(folder), "--quant", "Q2_K", "--out", str(out)])
 
 
+def test_export_format_hf_writes_a_checkpoint_folder_of_a_gguf(f32_file, tmp_path, capsys):
+    folder = tmp_path / "from-gguf"
+    assert main(["export", str(f32_file), "--format", "hf", "--out", str(folder)]) == 0
+    assert "HF checkpoint" in capsys.readouterr().out
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    (a, tok_a), (b, tok_b) = llmkit.load(f32_file), llmkit.load(folder)
+    torch.testing.assert_close(_logits(b), _logits(a), atol=0, rtol=0)
+    assert tok_b.encode(CORPUS[0]) == tok_a.encode(CORPUS[0])
+
+
 def test_export_refuses_what_gguf_cannot_hold(tmp_path):
     gpt2 = llmkit.Transformer(llmkit.ModelConfig.from_preset("gpt2", n_layer=1, d_model=64, n_head=2,
                                                                vocab_size=400))

@@ -159,9 +159,6 @@ def read_documents(path: str | os.PathLike) -> list[Document]:
     return docs
 
 
-read_jsonl = read_documents  # the old name, for llmkit/cli.py until it imports read_documents
-
-
 def render_report(r: dict) -> str:
     """report.md: what went in, what each rule removed per source, what came out."""
     names = list(r["sources"])

