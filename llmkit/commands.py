@@ -35,6 +35,8 @@ Model = Annotated[str, arg("an HF checkpoint folder, a .gguf file, a preset or a
 Quantize = Annotated[Literal["int8", "int4"] | None, arg_of(ServeConfig, "quantize")]  # the same as serve's
 Threads = Annotated[int | None, arg_of(ServeConfig, "threads")]
 ChatTemplate = Annotated[str | None, arg_of(ServeConfig, "chat_template")]
+Dtype = Annotated[Literal["auto", "float32", "bfloat16", "float16"], arg_of(ServeConfig, "dtype")]
+Device = Annotated[str | None, arg_of(ServeConfig, "device")]
 Compile = Annotated[bool, arg("compile the decode step with torch.compile")]
 Json = Annotated[bool, arg("print the result as JSON")]
 
@@ -109,9 +111,10 @@ def _openai_logprobs(tokenizer, tops: list | None) -> list | None:
 
 def generate(model: Model, prompt: Annotated[str, arg("the text to continue")], sampling: SamplingParams = TERMINAL,
              json: Annotated[bool, arg("print the completions as JSON (tokens, logprobs, finish reason)")] = False,
-             quantize: Quantize = None, threads: Threads = None, compile: Compile = False) -> None:
+             quantize: Quantize = None, threads: Threads = None, compile: Compile = False, dtype: Dtype = "auto",
+             device: Device = None) -> None:
     """Continue a prompt: stream the text, or print every completion."""
-    lm, tokenizer = terminal.load(model, quantize, threads)
+    lm, tokenizer = terminal.load(model, quantize, threads, dtype=dtype, device=device)
     kwargs = {f.name: getattr(sampling, f.name) for f in dataclasses.fields(sampling) if f.init}
     if json or sampling.num_beams > 1 or sampling.n > 1:
         outs = api.generate(lm, tokenizer, prompt, compile=compile, **kwargs)
@@ -134,20 +137,22 @@ def generate(model: Model, prompt: Annotated[str, arg("the text to continue")], 
 def chat(model: Model, sampling: SamplingParams = TERMINAL,
          system: Annotated[str | None, arg("the system prompt")] = None,
          chat_template: ChatTemplate = None,
-         quantize: Quantize = None, threads: Threads = None, compile: Compile = False) -> None:
+         quantize: Quantize = None, threads: Threads = None, compile: Compile = False, dtype: Dtype = "auto",
+         device: Device = None) -> None:
     """Chat in the terminal with the model's chat template (streaming; /reset, /system, /history)."""
     if sampling.n != 1 or sampling.num_beams != 1:
         raise ConfigError("llmkit chat streams one reply: --n and --num-beams must be 1")
-    lm, tokenizer = terminal.load(model, quantize, threads, chat_template)
+    lm, tokenizer = terminal.load(model, quantize, threads, chat_template, dtype, device)
     kwargs = {f.name: getattr(sampling, f.name) for f in dataclasses.fields(sampling) if f.init}
     terminal.chat_loop(terminal.ChatSession(lm, tokenizer, system=system, compile=compile, **kwargs))
 
 
 def next_tokens(model: Model, prompt: Annotated[str, arg("the text whose next token is predicted")],
                 top_k: Annotated[int, arg("how many tokens to list")] = 10, json: Json = False,
-                quantize: Quantize = None, threads: Threads = None) -> None:
+                quantize: Quantize = None, threads: Threads = None, dtype: Dtype = "auto",
+                device: Device = None) -> None:
     """The k most likely next tokens after a text, with probabilities."""
-    lm, tokenizer = terminal.load(model, quantize, threads)
+    lm, tokenizer = terminal.load(model, quantize, threads, dtype=dtype, device=device)
     top = terminal.next_tokens(lm, tokenizer, prompt, top_k)
     if json:
         print(json_.dumps([{"id": i, "token": t, "probability": p} for i, t, p in top], indent=2))
@@ -206,7 +211,8 @@ def evaluate(model: Annotated[str, arg("the model to score, as for every verb (n
              cot: Annotated[bool, arg("chain-of-thought variant of generation tasks")] = False,
              batch_size: Annotated[int, arg("requests per forward pass")] = 16,
              seed: Annotated[int, arg("seed of the few-shot draws")] = 1234,
-             list: Annotated[bool, arg("list the known tasks and exit")] = False) -> None:  # noqa: A002
+             list: Annotated[bool, arg("list the known tasks and exit")] = False,  # noqa: A002
+             quantize: Quantize = None, threads: Threads = None, dtype: Dtype = "auto", device: Device = None) -> None:
     """Score a model on tasks (multiple choice, generation, classification, code, ROUGE)."""
     if list:
         for name in known_tasks():
@@ -214,7 +220,8 @@ def evaluate(model: Annotated[str, arg("the model to score, as for every verb (n
         return
     if not model or not tasks:
         raise ConfigError("llmkit eval needs a MODEL and --tasks a,b (llmkit eval --list shows the tasks)")
-    result = runner.run_eval(model, tasks.split(","), shots=shots, limit=limit, out=out, chat=chat, cot=cot,
-                             batch_size=batch_size, seed=seed)
+    result = runner.run_eval(model, tasks.split(","), shots=shots, limit=limit, out=out, quantize=quantize,
+                             threads=threads, dtype=dtype, device=device, chat=chat, cot=cot, batch_size=batch_size,
+                             seed=seed)
     print(runner.results_table([result]), end="")
     print(f"-> {out}/results.json, report.md, results.png")

@@ -71,9 +71,9 @@ def test_every_model_verb_takes_the_model_positionally_or_as_a_flag(words):
 
 
 def test_every_inference_verb_has_the_same_loading_flags():
-    for verb in ("generate", "chat", "next", "serve"):
+    for verb in ("generate", "chat", "next", "serve", "eval"):
         flags = _parser_of([verb])._option_string_actions
-        assert {"--quantize", "-t", "--threads", "-m", "--model"} <= set(flags), verb
+        assert {"--quantize", "-t", "--threads", "-m", "--model", "--dtype", "--device"} <= set(flags), verb
 
 
 def test_sampling_flags_default_to_sampling_params_with_one_terminal_length():

@@ -8,6 +8,7 @@ import torch
 
 from llmkit import ModelConfig, Transformer
 from llmkit.cli import main
+from llmkit.errors import ConfigError
 from llmkit.generate import generate
 from llmkit.generate.chat import ChatSession, chat_loop, load, next_tokens
 from llmkit.tokenizer import Tokenizer
@@ -103,3 +104,17 @@ def test_chat_drops_old_turns_to_fit_the_context(folder):
         list(session.send("the cat sat on the mat"))
     assert len(session.history) < 8  # 96-token context: the oldest exchanges were dropped
     assert session.history[-1]["role"] == "assistant"
+
+
+def test_dtype_and_device_reach_the_loaded_model(folder):
+    model, _ = load(str(folder), dtype="bfloat16", device="cpu")
+    assert model.dtype == torch.bfloat16 and model.device.type == "cpu"
+    assert load(str(folder))[0].dtype == torch.float32  # auto: the checkpoint's
+    with pytest.raises(ConfigError, match="dtype='half'; expected one of"):
+        load(str(folder), dtype="half")
+
+
+def test_generate_verb_runs_in_bfloat16(folder, capsys):
+    assert main(["generate", str(folder), "the cat", "-n", "4", "--temperature", "0", "--ignore-eos",
+                 "--dtype", "bfloat16", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)[0]["token_ids"]) == 4

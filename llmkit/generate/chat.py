@@ -19,6 +19,7 @@ from llmkit.model import Transformer
 from llmkit.tokenizer import Tokenizer
 
 MAX_NEW_TOKENS = 256  # a reply read at a terminal (SamplingParams' 16 is OpenAI's API default)
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")  # chatml, llama 3, gemma, phi
 
 
@@ -30,18 +31,22 @@ def end_of_turn_ids(tokenizer) -> list[int]:
 
 
 def load(spec: str, quantize: str | None = None, threads: int | None = None,
-         chat_template: str | None = None) -> tuple[Transformer, Tokenizer]:
+         chat_template: str | None = None, dtype: str = "auto",
+         device: str | None = None) -> tuple[Transformer, Tokenizer]:
     """Model and tokenizer of an HF folder, a .gguf file or a registry name, ready to chat with:
     `quantize` "int8"/"int4" swaps in packed linears (llmkit/quant), `threads` sets torch's,
     `chat_template` (a built-in name, a .jinja file or a Jinja string) replaces the tokenizer's, as
-    vLLM's and llama.cpp's `--chat-template` do (base models such as Gemma-3-270M ship none)."""
+    vLLM's and llama.cpp's `--chat-template` do (base models such as Gemma-3-270M ship none);
+    `dtype` ("auto" keeps the checkpoint's) and `device` are vLLM's `--dtype` and `--device`."""
     from llmkit.model import load as load_any
 
     if quantize not in (None, "int8", "int4"):
         raise ConfigError(f"quantize={quantize!r}; expected 'int8' or 'int4'")
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r}; expected one of {sorted(DTYPES)}")
     if threads:
         torch.set_num_threads(threads)
-    model, tokenizer = load_any(spec)
+    model, tokenizer = load_any(spec, dtype=DTYPES[dtype], device=device)
     if chat_template:
         tokenizer.chat_template = read_chat_template(chat_template)
     if quantize:

@@ -23,5 +23,8 @@ class ServeConfig:
     quantize: Literal["int8", "int4"] | None = field(default=None, metadata={
         "help": "weight-only packed linear layers for faster CPU decoding (small accuracy cost)"})
     threads: int | None = field(default=None, metadata={"help": "torch threads (default: torch's choice)"})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
+        "help": "weights' and activations' dtype; auto keeps the checkpoint's (float32 for GGUF)"})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1, mps (default: cpu)"})
     chat_template: str | None = field(default=None, metadata={
         "help": "replace the model's chat template: chatml, gemma, llama2, alpaca, vicuna, a .jinja file or Jinja"})
