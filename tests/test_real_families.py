@@ -8,6 +8,7 @@ agreement (top-1, KL, perplexity), as for SmolLM2 in test_gguf_llamacpp.py.
 """
 
 import functools
+import gc
 
 import numpy as np
 import pytest
@@ -35,6 +36,16 @@ def test_the_family_preset_is_the_real_checkpoints_config(name):
     real = config_from_metadata(read_metadata(path), {"token_embd.weight"}, str(path)).to_dict()
     preset = ModelConfig.from_preset(PRESETS[name]).to_dict()
     assert {**real, "name": None} == {**preset, "name": None}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_the_models():
+    """Both real models (fp32, with their llama.cpp references) are cached for this module only: the whole
+    suite must fit a 24 GiB machine."""
+    yield
+    for cached in (loaded, reference, wikipedia_ids, library_reply):
+        cached.cache_clear()
+    gc.collect()
 
 
 @functools.cache
