@@ -23,21 +23,19 @@ class BatchLoader:
     epoch's last batch holds what is left (it may be smaller), so every item is seen once per epoch.
     """
 
-    def __init__(self, items: Sequence, batch_size: int, collate: Callable[[Sequence], dict], seed: int = 0,
-                 shuffle: bool = True):
+    def __init__(self, items: Sequence, batch_size: int, collate: Callable[[Sequence], dict], seed: int = 0):
         if not items:
             raise DataError("no examples to train on; expected at least one")
         if batch_size <= 0:
             raise DataError(f"batch_size must be positive, got {batch_size}")
         self.items, self.batch_size, self.collate = items, batch_size, collate
-        self.seed, self.shuffle = seed, shuffle
+        self.seed = seed
         self.epoch, self.index = 0, 0
         self._order = self._permutation()
 
     def _permutation(self) -> list[int]:
         order = list(range(len(self.items)))
-        if self.shuffle:
-            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
         return order
 
     def next_batch(self) -> dict[str, torch.Tensor]:
@@ -47,10 +45,6 @@ class BatchLoader:
         picked = self._order[self.index:self.index + self.batch_size]
         self.index += self.batch_size
         return self.collate([self.items[i] for i in picked])
-
-    def batches(self) -> list[dict[str, torch.Tensor]]:
-        """One pass in order (for evaluation)."""
-        return in_order(self.items, self.batch_size, self.collate)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed}

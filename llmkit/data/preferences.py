@@ -215,8 +215,6 @@ def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer, max_len: int = 25
 
 def pair_batches(rows: list[dict], batch_size: int, pad_id: int, seed: int = 0) -> BatchLoader:
     """Shuffled batches of tokenized pairs for the loop (`next_batch`, resumable state)."""
-    if not rows:
-        raise DataError("no preference pairs to train on")
     return BatchLoader(rows, batch_size, functools.partial(collate_pairs, pad_id=pad_id), seed=seed)
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from llmkit.data.batches import BatchLoader
+from llmkit.data.batches import BatchLoader, in_order
 from llmkit.data.chat import (
     Example,
     chitchat_conversations,
@@ -232,7 +232,7 @@ def run(config: FinetuneConfig) -> TrainResult:
     torch.manual_seed(config.seed)
     trained, save_weights, load_weights = prepare_model(config, model)
     data = BatchLoader(train_items, config.batch_size, collate, seed=config.seed)
-    val_batches = BatchLoader(val_items, config.batch_size, collate, shuffle=False).batches()
+    val_batches = in_order(val_items, config.batch_size, collate)
     val_loss_before = mean_loss(trained, OBJECTIVES[config.task], val_batches)
     load_peak, rss_before = peak_rss_mb(), rss_mb()
     reset_peak_rss()  # the training peak, not that of reading (and dequantizing) the checkpoint
