@@ -10,7 +10,12 @@ class LlmkitError(Exception):
 
 
 class ConfigError(LlmkitError, ValueError):
-    """A configuration value is missing, unknown or out of range."""
+    """A configuration value is missing, unknown or out of range; `param` names the field when one is
+    to blame (the server reports it as OpenAI's `param`)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class FormatError(LlmkitError, ValueError):

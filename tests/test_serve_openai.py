@@ -322,7 +322,12 @@ def test_api_key_and_a_full_queue(tiny):
         with pytest.raises(openai.AuthenticationError) as e:
             openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
         assert e.value.body["code"] == "invalid_api_key"
-        assert get(f"{url}/health")[0] == 200 and get(f"{url}/metrics")[0] == 200  # open without a key
+        assert get(f"{url}/health")[0] == 200 and get(f"{url}/")[0] == 200  # open without a key
+        for path in ("/metrics", "/docs", "/openapi.json", "/tokenizer_info"):  # everything else needs it
+            with pytest.raises(urllib.error.HTTPError) as e:
+                get(f"{url}{path}")
+            assert e.value.code == 401 and json.loads(e.value.read())["error"]["code"] == "invalid_api_key"
+            assert get(f"{url}{path}", {"Authorization": "Bearer secret"})[0] == 200
         status, out, headers = post(f"{url}/v1/completions", {"model": NAME, "prompt": "x"},
                                     {"Authorization": "Bearer secret"})
         assert status == 429 and headers["retry-after"] == "1" and out["error"]["code"] == "rate_limit_exceeded"

@@ -2,6 +2,7 @@
 through `llmkit.generate` (greedy and seeded), the cache budget holds requests back, cancelling
 frees rows, and a failing request does not take the batch down."""
 
+import sys
 import threading
 
 import pytest
@@ -224,12 +225,34 @@ def test_stack_right_aligns_rows_and_drops_unused_slots(model):
     assert bool((out.keys[0][1:, :, 2:4] == 2).all()) and bool((out.keys[0][1:, :, :2] == 0).all())
 
 
-def test_a_request_whose_sampling_fails_ends_alone(model, tok):
+def test_a_request_whose_sampling_fails_leaves_the_others_exactly_as_alone(model, tok, monkeypatch):
+    """The draw of one request fails at its third token, mid-batch (what an overflowing temperature did
+    before SamplingParams refused it). It ends alone with the error; a greedy and a seeded request
+    sampled earlier in the same steps stream exactly their solo tokens, each token once, and their
+    generators are not drawn twice."""
+    engine = sys.modules["llmkit.generate.engine"]  # the package name `llmkit.generate` is also a function
+    real, calls = engine.sample, []
+    failing = SamplingParams(max_new_tokens=8, temperature=0.8, seed=11)
+
+    def sample(logits, params, generators=None):
+        if params is failing:
+            calls.append(1)
+            if len(calls) >= 3:
+                raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real(logits, params, generators)
+
+    monkeypatch.setattr(engine, "sample", sample)
     scheduler = Scheduler(model, tok)
-    good, bad = Sink(), Sink()
-    kept = scheduler.submit(tok.encode("the cat"), SamplingParams(max_new_tokens=6, temperature=0), good)
-    scheduler.submit(tok.encode("a dog"), SamplingParams(max_new_tokens=6, temperature=1e-44), bad)  # logits overflow to inf
+    settings = [dict(max_new_tokens=8, temperature=0), dict(max_new_tokens=8, temperature=0.9, seed=7, logprobs=2)]
+    sinks = [Sink() for _ in settings]
+    kept = [scheduler.submit(tok.encode("the cat"), SamplingParams(**kw), sink) for kw, sink in zip(settings, sinks, strict=True)]
+    bad = Sink()
+    scheduler.submit(tok.encode("a dog"), failing, bad)
     drain(scheduler)
-    assert isinstance(bad.error, RuntimeError) and good.ended and good.error is None
-    assert kept.completions[0].token_ids == llmkit.generate(model, tok, "the cat", max_new_tokens=6,
-                                                            temperature=0).token_ids
+    assert isinstance(bad.error, RuntimeError) and len(bad.chunks) == 2
+    for kw, request, sink in zip(settings, kept, sinks, strict=True):
+        alone = llmkit.generate(model, tok, "the cat", **kw)
+        assert sink.error is None and sink.ended
+        assert [c.token_id for c in sink.chunks] == request.completions[0].token_ids == alone.token_ids
+        if alone.logprobs is not None:  # a batch of 3 rows rounds its GEMMs differently from 1 row: fp32 noise
+            assert request.completions[0].logprobs == pytest.approx(alone.logprobs, abs=1e-5)

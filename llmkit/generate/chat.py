@@ -110,7 +110,7 @@ class ChatSession:
         """The rendered conversation; the oldest turns are dropped when it would not fit the context."""
         budget = self.model.config.max_seq_len - self.sampling["max_new_tokens"]
         while True:
-            ids, _ = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True)
+            ids = self.tokenizer.encode_chat(self.messages)
             if len(ids) <= budget or len(self.history) <= 1:
                 return ids[-budget:] if len(ids) > budget else ids
             self.history = self.history[2:]  # drop the oldest user/assistant exchange

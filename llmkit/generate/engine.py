@@ -76,6 +76,21 @@ def check_prompts(model: Transformer, prompts: list[list[int]]) -> None:
                               f"[0, {model.config.vocab_size})")
 
 
+def check_token_fields(params: SamplingParams, vocab_size: int) -> None:
+    """The sampling fields that name token ids must name this model's, or sampling fails mid-batch."""
+    def check(ok: bool, name: str, value) -> None:
+        if not ok:
+            raise ConfigError(f"{name}={value} is invalid; expected token ids in [0, {vocab_size})", param=name)
+
+    bad = [t for t in params.stop_token_ids or [] if t >= vocab_size]
+    check(not bad, "stop_token_ids", bad[:3])
+    bad = [k for k in params.logit_bias or {} if int(k) >= vocab_size]
+    check(not bad, "logit_bias", bad[:3])
+    if params.logprobs is not None and params.logprobs > vocab_size:
+        raise ConfigError(f"logprobs={params.logprobs} is invalid; expected at most the vocabulary size {vocab_size}",
+                          param="logprobs")
+
+
 def eos_token_ids(model: Transformer, tokenizer=None, params: SamplingParams | None = None) -> list[int]:
     """Token ids that end a sequence: the tokenizer's and the config's EOS, plus stop_token_ids."""
     ids: list[int] = []
@@ -237,6 +252,7 @@ class Sequence:
 def make_sequences(model: Transformer, prompt: list[int], params: SamplingParams, tokenizer, first_index: int,
                    eos_ids: set[int]) -> list[Sequence]:
     """The `n` rows of one request; sample i draws from seed + i, whatever shares its batch."""
+    check_token_fields(params, model.config.vocab_size)
     limit = min(params.max_new_tokens, model.config.max_seq_len - len(prompt))
     generators = make_generators(params.seed, params.n, model.device)
     return [Sequence(first_index + i, list(prompt), params, tokenizer, limit, eos_ids, model.config.vocab_size,
@@ -244,42 +260,59 @@ def make_sequences(model: Transformer, prompt: list[int], params: SamplingParams
 
 
 @torch.inference_mode()
-def sample_next(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, list[Chunk]]:
-    """The sampling step of every decoding loop: each live row's next token and its `Chunk`.
+def sample_next(logits: torch.Tensor, seqs: list[Sequence],
+                errors: dict[int, Exception] | None = None) -> tuple[torch.Tensor, list[Chunk]]:
+    """The sampling step of every decoding loop: each live row's next token and its `Chunk` (in row order).
 
     `logits` (rows, vocab) are the model's. Raw logprobs come from one log-softmax before any
     processor, so a chosen token's logprob equals its entry in the top logprobs exactly. Rows with the
     same params and as many generated tokens share one pass through the processors; each row draws
     with its own generator. Finished rows get token 0 (they are only kept to fill the batch).
+
+    With `errors` (the server), a group whose sampling raises is isolated: its rows end with
+    finish_reason "error" and get no chunk, `errors[row]` holds the exception, and every other row
+    advances exactly as it would alone (no generator drawn twice, no token added twice).
     """
-    live = [r for r, s in enumerate(seqs) if not s.done]
     tokens = torch.zeros(len(seqs), dtype=torch.long, device=logits.device)
     groups: dict[tuple[int, int], list[int]] = {}
-    for r in live:
-        groups.setdefault((id(seqs[r].params), len(seqs[r].out.token_ids)), []).append(r)
+    for r, s in enumerate(seqs):
+        if not s.done:
+            groups.setdefault((id(s.params), len(s.out.token_ids)), []).append(r)
+    chunks: dict[int, Chunk] = {}
     for (_, n_generated), rows in groups.items():
-        first = seqs[rows[0]]
-        params = first.params
-        idx = torch.tensor(rows, device=logits.device)
-        seen = torch.stack([seqs[r].seen for r in rows]) if first.seen is not None else None
-        counts = torch.stack([seqs[r].counts for r in rows]) if first.counts is not None else None
-        processed = process_logits(logits.index_select(0, idx), params, prompt_and_generated=seen,
-                                   generated_counts=counts, n_generated=n_generated, eos_ids=first.eos_list)
-        generators = [seqs[r].generator for r in rows] if params.seed is not None else None
-        tokens[idx] = sample(processed, params, generators)
-    wants = [r for r in live if seqs[r].params.logprobs is not None]
-    lp = raw_logprobs(logits.index_select(0, torch.tensor(wants, device=logits.device))) if wants else None
-    token_list = tokens.tolist()
-    chunks = []
-    for r in live:
-        s, chosen, top = seqs[r], None, None
-        k = s.params.logprobs
-        if k is not None:
-            row = lp[wants.index(r)]
-            chosen = float(row[token_list[r]])
-            top = _top(row, k)
-        chunks.append(s.add(token_list[r], chosen, top))
-    return tokens, chunks
+        try:
+            chunks.update(_sample_group(logits, seqs, rows, n_generated, tokens))
+        except Exception as e:
+            if errors is None:
+                raise
+            for r in rows:
+                errors[r] = e
+                seqs[r].end("error")
+    return tokens, [chunks[r] for r in sorted(chunks)]
+
+
+def _sample_group(logits: torch.Tensor, seqs: list[Sequence], rows: list[int], n_generated: int,
+                  tokens: torch.Tensor) -> dict[int, Chunk]:
+    """Rows that share params and step: process, draw, then (only once all succeeded) record."""
+    first = seqs[rows[0]]
+    params = first.params
+    idx = torch.tensor(rows, device=logits.device)
+    own = logits.index_select(0, idx)
+    seen = torch.stack([seqs[r].seen for r in rows]) if first.seen is not None else None
+    counts = torch.stack([seqs[r].counts for r in rows]) if first.counts is not None else None
+    processed = process_logits(own, params, prompt_and_generated=seen, generated_counts=counts,
+                               n_generated=n_generated, eos_ids=first.eos_list)
+    generators = [seqs[r].generator for r in rows] if params.seed is not None else None
+    picked = sample(processed, params, generators)
+    chosen = tops = [None] * len(rows)
+    picked_list = picked.tolist()
+    k = params.logprobs
+    if k is not None:
+        lp = raw_logprobs(own)
+        chosen = lp.gather(-1, picked[:, None])[:, 0].tolist()
+        tops = [_top(row, k) for row in lp]
+    tokens[idx] = picked
+    return {r: seqs[r].add(t, c, top) for r, t, c, top in zip(rows, picked_list, chosen, tops, strict=True)}
 
 
 def _top(logprobs: torch.Tensor, k: int) -> dict[int, float]:

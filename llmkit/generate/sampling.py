@@ -22,11 +22,31 @@ the same tokens whatever else shares its batch.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
 
 from llmkit.errors import ConfigError
+
+MIN_TEMPERATURE = 1e-5
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _token_id(key) -> int | None:
+    """A logit_bias key as a token id (JSON keys are strings), or None when it is not one. Ten digits at
+    most: Python refuses to parse very long integers, and no vocabulary is that large."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key if key >= 0 else None
+    if isinstance(key, str) and re.fullmatch(r"[0-9]{1,10}", key):
+        return int(key)
+    return None
+
+
+def _short(value) -> str:
+    """A value for an error message, cut so a huge field does not make a huge message."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 @dataclass
@@ -60,28 +80,40 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
+        """Every field's range, so a request that would fail (or overflow) mid-batch is refused up front.
+        Checks that need the model (token ids against its vocabulary) are in `engine.make_sequences`."""
         def check(ok: bool, name: str, expected: str) -> None:
             if not ok:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid; expected {expected}")
+                raise ConfigError(f"{name}={_short(getattr(self, name))} is invalid; expected {expected}", param=name)
 
         def is_int(v) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
 
+        def is_number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
         check(is_int(self.max_new_tokens) and self.max_new_tokens >= 0, "max_new_tokens", "an integer >= 0")
-        check(self.temperature >= 0, "temperature", "a number >= 0 (0 means greedy)")
-        check(0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
+        # logits / temperature must stay finite in float32: below 1e-5 they overflow, above FLOAT32_MAX it is inf
+        check(is_number(self.temperature) and (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= FLOAT32_MAX),
+              "temperature", f"0 (greedy) or a number in [{MIN_TEMPERATURE}, {FLOAT32_MAX:.3g}]")
+        check(is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
         check(is_int(self.top_k) and self.top_k >= 0, "top_k", "an integer >= 0 (0 disables it)")
-        check(0 <= self.min_p <= 1, "min_p", "a number in [0, 1]")
-        check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", "a number in [-2, 2] (OpenAI's range)")
-        check(-2 <= self.presence_penalty <= 2, "presence_penalty", "a number in [-2, 2] (OpenAI's range)")
-        check(self.repetition_penalty > 0, "repetition_penalty", "a number > 0 (1 disables it)")
+        check(is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", "a number in [0, 1]")
+        check(is_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty",
+              "a number in [-2, 2] (OpenAI's range)")
+        check(is_number(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty",
+              "a number in [-2, 2] (OpenAI's range)")
+        check(is_number(self.repetition_penalty) and 0.01 <= self.repetition_penalty <= 100, "repetition_penalty",
+              "a number in [0.01, 100] (1 disables it)")
         check(is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "an integer >= 0")
         check(is_int(self.n) and self.n >= 1, "n", "an integer >= 1")
         check(self.logprobs is None or (is_int(self.logprobs) and self.logprobs >= 0), "logprobs",
               "None or an integer >= 0")
         check(all(isinstance(s, str) and s for s in self.stop_strings), "stop", "a non-empty string or a list of them")
+        check(self.stop_token_ids is None or all(is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+              "a list of token ids >= 0")
         check(self.seed is None or is_int(self.seed), "seed", "None or an integer")
-        check(self.logit_bias is None or all(str(k).lstrip("-").isdigit() and int(k) >= 0 and -100 <= v <= 100
+        check(self.logit_bias is None or all(_token_id(k) is not None and is_number(v) and -100 <= v <= 100
                                              for k, v in self.logit_bias.items()),
               "logit_bias", "a map of token id -> bias in [-100, 100] (OpenAI's range)")
         check(is_int(self.num_beams) and self.num_beams >= 1, "num_beams", "an integer >= 1")
@@ -104,7 +136,7 @@ def raw_logprobs(logits: torch.Tensor) -> torch.Tensor:
 def apply_logit_bias(logits: torch.Tensor, logit_bias: dict[int, float] | None) -> torch.Tensor:
     if not logit_bias:
         return logits
-    ids = torch.tensor([int(k) for k in logit_bias], dtype=torch.long, device=logits.device)  # JSON keys are str
+    ids = torch.tensor([_token_id(k) for k in logit_bias], dtype=torch.long, device=logits.device)  # JSON keys are str
     bias = torch.tensor([float(v) for v in logit_bias.values()], dtype=logits.dtype, device=logits.device)
     return logits.index_add(-1, ids, bias.expand(logits.shape[0], -1))
 

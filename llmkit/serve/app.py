@@ -4,11 +4,15 @@ Routes: GET /v1/models; POST /v1/completions and /v1/chat/completions (JSON or s
 POST /tokenize, /detokenize and GET /tokenizer_info (vLLM's, which lm-eval's remote tokenizer
 uses); GET /health; GET /metrics (Prometheus text); GET / (the chat page in static/).
 
-Safe by default: it binds 127.0.0.1, `api_key` protects everything under /v1 and the tokenizer
-routes (Bearer), request bodies and max_tokens have limits, and every error is OpenAI's shape
-`{"error": {"message", "type", "param", "code"}}`: 400 for an invalid field, 401 for a bad key,
-404 for an unknown model or route, 413 for a body over the limit, 429 with Retry-After when the
-queue is full. A request that fails never stops the server.
+Safe by default: it binds 127.0.0.1 and then answers only requests whose Host is a loopback name
+(no DNS rebinding); `api_key` protects every route but /health and the chat page (metrics and the
+OpenAPI docs included); request bodies and every field have limits (ServeConfig); and every error
+is OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 for an invalid field, 401
+for a bad key, 404 for an unknown model or route, 413 for a body over the limit, 421 for a foreign
+Host, 429 with Retry-After when the queue is full. A request is validated completely before it
+joins a batch, so a bad one never disturbs the others; tokenizing, chat templates and building
+large responses run off the event loop, so /health and streams stay live; a client that goes away,
+streaming or not, frees its rows at the next step.
 """
 
 from __future__ import annotations
@@ -17,21 +21,22 @@ import asyncio
 import contextlib
 import hmac
 import json
-import re
 import time
 import uuid
 from functools import partial
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmkit.errors import ConfigError
 from llmkit.generate.chat import end_of_turn_ids
 from llmkit.generate.sampling import SamplingParams
 from llmkit.serve.config import ServeConfig
+from llmkit.serve.errors import APIError, error_response
 from llmkit.serve.scheduler import Overloaded, Scheduler
 from llmkit.serve.schema import (
     ChatRequest,
@@ -40,30 +45,57 @@ from llmkit.serve.schema import (
     SamplingFields,
     TokenizeRequest,
     chat_logprobs,
+    chat_messages,
     legacy_logprobs,
 )
 
 STATIC = Path(__file__).parent / "static"
+OPEN_PATHS = ("/health", "/")  # answered without the API key
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
-                 code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
-        self.headers = headers
+class Guard:
+    """ASGI middleware: the Host header must be one this server answers to, and every path but
+    OPEN_PATHS needs the API key when one is set (FastAPI's own /docs and /openapi.json included)."""
+
+    def __init__(self, app, allowed_hosts: set[str] | None, api_key: str | None):
+        self.app, self.allowed_hosts, self.api_key = app, allowed_hosts, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        error = None
+        if self.allowed_hosts is not None:
+            host = headers.get(b"host", b"").decode("latin-1")
+            name = host if host.endswith("]") or ":" not in host else host.rsplit(":", 1)[0]
+            if name.lower() not in self.allowed_hosts:
+                error = APIError(421, f"the Host header {host[:100]!r} is not one this server answers to "
+                                      f"({', '.join(sorted(self.allowed_hosts))}); see --allowed-hosts",
+                                 code="host_not_allowed")
+        if error is None and self.api_key is not None and scope["path"] not in OPEN_PATHS:
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
+                error = APIError(401, "invalid or missing API key; send 'Authorization: Bearer KEY'",
+                                 type="authentication_error", code="invalid_api_key")
+        if error is not None:
+            return await error_response(error)(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
-def error_response(e: APIError) -> JSONResponse:
-    body = {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
-    return JSONResponse(body, status_code=e.status, headers=e.headers)
+def allowed_hosts(config: ServeConfig) -> set[str] | None:
+    """--allowed-hosts, or the loopback names when bound to loopback (None: any host)."""
+    if config.allowed_hosts:
+        names = {h.strip().lower() for h in config.allowed_hosts.split(",") if h.strip()}
+        return None if "*" in names else names
+    return set(LOOPBACK) if config.host in LOOPBACK else None
 
 
-def _config_error(e: ConfigError) -> APIError:
-    """SamplingParams names the field first ("top_p=2 is invalid; ..."): that is the param."""
-    message = str(e).replace("max_new_tokens", "max_tokens")
-    match = re.match(r"(\w+)=", message)
-    return APIError(400, message, param=match.group(1) if match else None)
+def param_of(loc) -> str | None:
+    """A pydantic error location as OpenAI's `param` ("messages.0.content"): the union tags pydantic
+    adds ("str", "list[int]") are not fields."""
+    parts = [str(x) for x in loc if x != "body"]
+    return ".".join(p for p in parts if "[" not in p and p not in {"str", "int", "float", "bool", "list", "dict"}) or None
 
 
 class BodyLimit:
@@ -75,14 +107,15 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        body, more = b"", True
+        parts, size, more = [], 0, True
         while more:
             message = await receive()
             if message["type"] != "http.request":
                 return
-            body += message.get("body", b"")
+            parts.append(message.get("body", b""))
+            size += len(parts[-1])
             more = message.get("more_body", False)
-            if len(body) > self.limit:
+            if size > self.limit:
                 response = error_response(APIError(413, f"the request body is over {self.limit} bytes",
                                                    code="request_too_large"))
                 return await response(scope, receive, send)
@@ -92,7 +125,7 @@ class BodyLimit:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
+                return {"type": "http.request", "body": b"".join(parts), "more_body": False}
             return await receive()  # later reads wait for the client's disconnect
 
         await self.app(scope, replay, send)
@@ -135,14 +168,27 @@ class Job:
         return [c for r in self.requests for c in r.completions]
 
 
+class ClientGone(Exception):
+    """The client of a non-streaming request disconnected before its answer was ready."""
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns when the client goes away (the body has been read, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
     """The FastAPI app; its scheduler thread starts and stops with the app's lifespan."""
     config = config or ServeConfig()
     name = config.served_model_name or config.model or "llmkit"
-    context = model.config.max_seq_len
+    context, vocab = model.config.max_seq_len, model.config.vocab_size
     scheduler = Scheduler(model, tokenizer, kv_budget=config.kv_budget, max_rows=config.max_rows,
                           max_waiting=config.max_waiting)
     chat_stops = end_of_turn_ids(tokenizer)
+    # No token covers more characters than the longest in the vocabulary (twice that allows for
+    # normalizers that merge characters), so a longer text is over the context without tokenizing it.
+    most_chars = 2 * context * max(map(len, tokenizer.backend.get_vocab()))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -153,6 +199,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
     app = FastAPI(title="llmkit", version="0.1.0", lifespan=lifespan)
     app.state.scheduler = scheduler
     app.add_middleware(BodyLimit, limit=config.max_request_bytes)
+    app.add_middleware(Guard, allowed_hosts=allowed_hosts(config), api_key=config.api_key)
 
     # ---- errors ----------------------------------------------------------------------------------
     @app.exception_handler(APIError)
@@ -161,7 +208,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
 
     @app.exception_handler(ConfigError)
     async def _bad_value(request, e: ConfigError):
-        return error_response(_config_error(e))
+        return error_response(APIError(400, str(e), param=e.param))
 
     @app.exception_handler(Overloaded)
     async def _overloaded(request, e: Overloaded):
@@ -171,8 +218,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, e: RequestValidationError):
         err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        param = ".".join(loc) or None
+        param = param_of(err.get("loc", ()))
         return error_response(APIError(400, f"{param or 'body'}: {err.get('msg')}", param=param))
 
     @app.exception_handler(StarletteHTTPException)
@@ -180,60 +226,26 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return error_response(APIError(e.status_code, str(e.detail), type=kind))
 
+    @app.exception_handler(ClientGone)
+    async def _gone(request, e: ClientGone):
+        return PlainTextResponse("", status_code=499)  # nobody reads it: nginx's "client closed request"
+
     @app.exception_handler(Exception)
     async def _internal(request, e: Exception):
         return error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", type="internal_error"))
 
-    def check_key(request: Request) -> None:
-        if config.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
-            raise APIError(401, "invalid or missing API key; send 'Authorization: Bearer KEY'",
-                           type="authentication_error", code="invalid_api_key")
-
-    # ---- building the sampling parameters ----------------------------------------------------------
+    # ---- from a request to scheduler requests -------------------------------------------------------
     def check_model(body: SamplingFields) -> None:
         if body.model != name:
             raise APIError(404, f"the model {body.model!r} does not exist; this server serves {name!r}",
                            param="model", type="not_found_error", code="model_not_found")
 
-    def params_of(body: SamplingFields, prompts: list[list[int]], default_max: int | None, **extra) -> SamplingParams:
-        longest = max(len(p) for p in prompts)
-        if longest >= context:
-            raise APIError(400, f"this model's maximum context length is {context} tokens, but the prompt has "
-                                f"{longest} tokens; shorten it (at most {context - 1})", param="prompt",
-                           code="context_length_exceeded")
-        max_tokens = body.max_tokens if body.max_tokens is not None else default_max
-        if max_tokens is None:
-            max_tokens = min(config.max_tokens_limit, context - longest)
-        if isinstance(max_tokens, int) and max_tokens > config.max_tokens_limit:
-            raise APIError(400, f"max_tokens={max_tokens} is over this server's limit of {config.max_tokens_limit}",
-                           param="max_tokens")
-        if body.n < 1 or body.n * len(prompts) > config.max_rows:
-            raise APIError(400, f"n={body.n} with {len(prompts)} prompt(s) asks for {body.n * len(prompts)} "
-                                f"sequences; expected 1 to {config.max_rows}", param="n")
-        if body.seed is not None and not -(2 ** 63) <= body.seed <= 2 ** 63 - 1 - body.n:
-            raise APIError(400, f"seed={body.seed} is out of range; expected a 64-bit integer", param="seed")
-        # values so extreme that the logits overflow to inf would fail sampling: refuse them up front
-        if 0 < body.temperature < 1e-5:
-            raise APIError(400, f"temperature={body.temperature} is too small to sample with; expected 0 (greedy) "
-                                "or at least 1e-5", param="temperature")
-        if body.repetition_penalty > 0 and not 0.01 <= body.repetition_penalty <= 100:
-            raise APIError(400, f"repetition_penalty={body.repetition_penalty}; expected 0.01 to 100 (1 disables it)",
-                           param="repetition_penalty")
-        vocab = model.config.vocab_size
-        for key in body.logit_bias or {}:
-            if not key.isdigit() or int(key) >= vocab:
-                raise APIError(400, f"logit_bias has token {key!r}; expected token ids in [0, {vocab})",
-                               param="logit_bias")
-        return SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                              top_k=0 if body.top_k == -1 else body.top_k, min_p=body.min_p,
-                              frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
-                              repetition_penalty=body.repetition_penalty, logit_bias=body.logit_bias,
-                              stop=body.stop, seed=body.seed, n=body.n, min_tokens=body.min_tokens,
-                              ignore_eos=body.ignore_eos,
-                              stop_token_ids=extra.pop("stop_token_ids", body.stop_token_ids), **extra)
+    def encode(text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+        """Tokenize (on a worker thread: see `offload`) after a length check that needs no tokenizing."""
+        if len(text) > most_chars:
+            raise APIError(400, f"{param} has {len(text)} characters, more than any text that fits this model's "
+                                f"context of {context} tokens", param=param, code="context_length_exceeded")
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def encode_prompts(prompt) -> list[list[int]]:
         if isinstance(prompt, str):
@@ -246,15 +258,28 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
             raise APIError(400, "prompt is empty; expected text, token ids, or a list of either", param="prompt")
         out = []
         for p in prompts:
-            ids = tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else list(p)
+            ids = encode(p, "prompt") if isinstance(p, str) else list(p)
             if not ids:
                 raise APIError(400, "a prompt has no tokens; expected at least one", param="prompt")
-            bad = [t for t in ids if not 0 <= t < model.config.vocab_size]
+            bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
-                raise APIError(400, f"prompt token id {bad[0]} is outside the vocabulary [0, "
-                                    f"{model.config.vocab_size})", param="prompt")
+                raise APIError(400, f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})", param="prompt")
             out.append(ids)
         return out
+
+    def encode_chat(messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        try:
+            text = tokenizer.render_chat(messages, add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # a template may raise on roles it does not know
+            raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages") from None
+        ids = encode(text, "messages", add_special_tokens=False)
+        if not ids:
+            raise APIError(400, "the rendered chat has no tokens", param="messages")
+        return ids
+
+    async def offload(fn, *args, **kwargs):
+        """CPU work (tokenizing, templates, large responses) runs on a worker thread, not the event loop."""
+        return await run_in_threadpool(fn, *args, **kwargs)
 
     def usage(job: Job) -> dict:
         prompt = sum(len(r.prompt) for r in job.requests)
@@ -287,21 +312,32 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def collect(job: Job) -> None:
-        try:
+    async def collect(job: Job, request: Request) -> None:
+        """Wait for every row; a client that disconnects first cancels the job (rows free at the next step)."""
+        async def drain():
             async for _ in job.chunks():
                 pass
+
+        done = asyncio.ensure_future(drain())
+        gone = asyncio.ensure_future(wait_for_disconnect(request))
+        try:
+            await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not done.done():
+                raise ClientGone()
+            done.result()
         finally:
+            done.cancel()
+            gone.cancel()
             job.cancel()
 
     # ---- routes --------------------------------------------------------------------------------
-    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": name, "object": "model", "created": int(time.time()),
                                             "owned_by": "llmkit", "max_model_len": context}]}
 
-    @app.post("/v1/completions", dependencies=[Depends(check_key)])
-    async def completions(body: CompletionRequest):
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
         check_model(body)
         if body.suffix:
             raise APIError(400, "suffix is not supported (no fill-in-the-middle)", param="suffix")
@@ -310,8 +346,8 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
                            param="best_of")
         if body.echo and body.stream:
             raise APIError(400, "echo cannot be combined with stream", param="echo")
-        prompts = encode_prompts(body.prompt)
-        params = params_of(body, prompts, 16, logprobs=body.logprobs, echo=body.echo)
+        prompts = await offload(encode_prompts, body.prompt)
+        params = body.to_sampling_params(config, vocab, context, prompts, 16, logprobs=body.logprobs, echo=body.echo)
         job = Job(scheduler, prompts, params)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": name}
@@ -332,45 +368,41 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
 
             frame.head = head
             return stream(job, body, frame)
-        await collect(job)
-        choices = []
-        for p, request in enumerate(job.requests):
-            echoed = tokenizer.decode(request.prompt) if body.echo else ""  # what text_offset counts from
-            for c in request.completions:
-                text = echoed + c.text
-                logprobs = None
-                if k is not None:
-                    ids, lps, tops = list(c.token_ids), list(c.logprobs), list(c.top_logprobs)
-                    if body.echo:
-                        ids = request.prompt + ids
-                        lps = c.prompt_logprobs + lps
-                        tops = c.prompt_top_logprobs + tops
-                    logprobs = legacy_logprobs(tokenizer, ids, lps, tops)
-                choices.append({"index": p * n + c.index, "text": text, "logprobs": logprobs,
-                                "finish_reason": c.finish_reason})
-        return {**head, "choices": choices, "usage": usage(job)}
+        await collect(job, request)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
-    async def chat(body: ChatRequest):
+        def respond() -> dict:
+            choices = []
+            for p, r in enumerate(job.requests):
+                echoed = tokenizer.decode(r.prompt) if body.echo else ""  # what text_offset counts from
+                for c in r.completions:
+                    logprobs = None
+                    if k is not None:
+                        ids, lps, tops = list(c.token_ids), list(c.logprobs), list(c.top_logprobs)
+                        if body.echo:
+                            ids, lps, tops = r.prompt + ids, c.prompt_logprobs + lps, c.prompt_top_logprobs + tops
+                        logprobs = legacy_logprobs(tokenizer, ids, lps, tops)
+                    choices.append({"index": p * n + c.index, "text": echoed + c.text, "logprobs": logprobs,
+                                    "finish_reason": c.finish_reason})
+            return {**head, "choices": choices, "usage": usage(job)}
+
+        return await offload(respond)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
         check_model(body)
         if not body.messages:
             raise APIError(400, "messages is empty; expected at least one message", param="messages")
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-        if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
-            raise APIError(400, f"top_logprobs={body.top_logprobs}; expected 0 to 20", param="top_logprobs")
+        if body.top_logprobs is not None and not 0 <= body.top_logprobs <= min(20, config.max_logprobs):
+            raise APIError(400, f"top_logprobs={body.top_logprobs}; expected 0 to {min(20, config.max_logprobs)}",
+                           param="top_logprobs")
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            ids, _ = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except Exception as e:  # a template may raise on roles it does not know
-            raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages") from None
-        if not ids:
-            raise APIError(400, "the rendered chat has no tokens", param="messages")
-        stops = sorted({*chat_stops, *(body.stop_token_ids or [])})
-        params = params_of(body, [ids], None, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-                           stop_token_ids=stops)
+        ids = await offload(encode_chat, chat_messages(body.messages))
+        params = body.to_sampling_params(config, vocab, context, [ids], None,
+                                         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+                                         stop_token_ids=sorted({*chat_stops, *(body.stop_token_ids or [])}))
         job = Job(scheduler, [ids], params)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": name}
@@ -392,34 +424,37 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
 
             frame.head = chunk_head
             return stream(job, body, frame)
-        await collect(job)
-        choices = []
-        for c in job.completions:
-            logprobs = chat_logprobs(tokenizer, c.token_ids, c.logprobs, c.top_logprobs) if body.logprobs else None
-            choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
-                            "logprobs": logprobs, "finish_reason": c.finish_reason})
-        return {**head, "choices": choices, "usage": usage(job)}
+        await collect(job, request)
 
-    @app.post("/tokenize", dependencies=[Depends(check_key)])
+        def respond() -> dict:
+            choices = []
+            for c in job.completions:
+                logprobs = chat_logprobs(tokenizer, c.token_ids, c.logprobs, c.top_logprobs) if body.logprobs else None
+                choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
+                                "logprobs": logprobs, "finish_reason": c.finish_reason})
+            return {**head, "choices": choices, "usage": usage(job)}
+
+        return await offload(respond)
+
+    @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "send exactly one of prompt and messages", param="prompt")
         if body.messages is not None:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            ids, _ = tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt)
+            ids = await offload(encode_chat, chat_messages(body.messages), body.add_generation_prompt)
         else:
-            ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            ids = await offload(encode, body.prompt, "prompt", body.add_special_tokens)
         return {"count": len(ids), "max_model_len": context, "tokens": ids}
 
-    @app.post("/detokenize", dependencies=[Depends(check_key)])
+    @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
         bad = [t for t in body.tokens if not 0 <= t < tokenizer.vocab_size]
         if bad:
             raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {tokenizer.vocab_size})",
                            param="tokens")
-        return {"prompt": tokenizer.decode(body.tokens)}
+        return {"prompt": await offload(tokenizer.decode, body.tokens)}
 
-    @app.get("/tokenizer_info", dependencies=[Depends(check_key)])
+    @app.get("/tokenizer_info")
     async def tokenizer_info():
         def token(i):
             return tokenizer.id_to_token(i) if i is not None else None

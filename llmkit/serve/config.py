@@ -20,6 +20,14 @@ class ServeConfig:
     max_waiting: int = field(default=256, metadata={"help": "queued requests before 429"})
     max_tokens_limit: int = field(default=4096, metadata={"help": "largest max_tokens a request may ask"})
     max_request_bytes: int = field(default=4_000_000, metadata={"help": "largest request body"})
+    max_logprobs: int = field(default=20, metadata={
+        "help": "most logprobs / top_logprobs a request may ask (vLLM's default; OpenAI allows 5 and 20)"})
+    max_stops: int = field(default=16, metadata={"help": "most stop strings, and most stop_token_ids, per request"})
+    max_stop_chars: int = field(default=256, metadata={"help": "longest stop string"})
+    max_logit_bias: int = field(default=300, metadata={"help": "most logit_bias entries per request"})
+    allowed_hosts: str | None = field(default=None, metadata={
+        "help": "comma-separated Host names accepted, '*' for any (default: the loopback names when bound to "
+                "loopback, which stops DNS rebinding; any host otherwise)"})
     quantize: Literal["int8", "int4"] | None = field(default=None, metadata={
         "help": "weight-only packed linear layers for faster CPU decoding (small accuracy cost)"})
     threads: int | None = field(default=None, metadata={"help": "torch threads (default: torch's choice)"})

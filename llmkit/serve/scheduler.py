@@ -7,7 +7,8 @@ One thread owns the model. Each `step` it
   3. decodes one token for every running row in one batched forward pass, and
   4. samples every row, new and running, with `engine.sample_next`: the step `llmkit.generate` uses,
      so each request keeps its own sampling parameters, seeded generators and raw logprobs, and a
-     seeded request samples the same tokens whatever else shares the batch.
+     seeded request samples the same tokens whatever else shares the batch. A request whose sampling
+     fails ends alone with the error; the other rows advance exactly as if it had not been there.
 
 The KV cache is one tensor of right-aligned rows (`KVCache.stack`): it holds rows x (longest row +
 `room`) slots. The budget bounds exactly that, counting each row at the longest it may become
@@ -201,12 +202,13 @@ class Scheduler:
             self.cache = KVCache.stack(caches, self.room)
         self.rows, self.owners = rows, owners
         logits = torch.cat(logits)
-        try:
-            live = [o for s, o in zip(rows, owners, strict=True) if not s.done]
-            self.tokens, chunks = sample_next(logits, rows)
-        except Exception:  # noqa: BLE001 - find the request that fails; the others go on
-            self.tokens, chunks, live = self._sample_each(logits)
-        self._emit(live, chunks)
+        live = [r for r, s in enumerate(rows) if not s.done]
+        errors: dict[int, Exception] = {}
+        self.tokens, chunks = sample_next(logits, rows, errors)
+        failed = {id(owners[r]): (owners[r], e) for r, e in errors.items()}
+        for request, error in failed.values():  # it fails alone; nothing of it was emitted this step
+            request.emit(error)
+        self._emit([owners[r] for r in live if r not in errors], chunks)
         self._release()
 
     # ---- helpers ---------------------------------------------------------------------------------
@@ -225,26 +227,6 @@ class Scheduler:
             admitted.append(request)
             rows, longest = n, length
         return admitted
-
-    def _sample_each(self, logits: torch.Tensor):
-        """`sample_next` request by request, after a batch-wide failure: a request whose sampling
-        fails (say, a temperature so small that its probabilities overflow) gets the error and ends."""
-        tokens = torch.zeros(len(self.rows), dtype=torch.long, device=logits.device)
-        chunks, live = [], []
-        for request in {id(o): o for o in self.owners}.values():
-            rows = [i for i, o in enumerate(self.owners) if o is request]
-            index = torch.tensor(rows, device=logits.device)
-            try:
-                picked, new = sample_next(logits.index_select(0, index), [self.rows[i] for i in rows])
-            except Exception as e:  # noqa: BLE001
-                request.emit(e)
-                for i in rows:
-                    self.rows[i].end("error")
-                continue
-            tokens[index] = picked
-            chunks += new
-            live += [request] * len(new)
-        return tokens, chunks, live
 
     def _emit(self, owners: list[Request], chunks: list[Chunk]) -> None:
         now = time.perf_counter()

@@ -1,26 +1,39 @@
-"""The OpenAI request bodies (pydantic, so FastAPI publishes them in its OpenAPI schema) and the
-logprob shapes of the responses: the legacy completions one (`tokens`, `token_logprobs`,
-`top_logprobs`, `text_offset`) and the chat one (`content: [{token, logprob, bytes, top_logprobs}]`).
+"""The OpenAI request bodies (pydantic, so FastAPI publishes them in its OpenAPI schema), their
+validation and `to_sampling_params`, and the logprob shapes of the responses: the legacy
+completions one (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`) and the chat one
+(`content: [{token, logprob, bytes, top_logprobs}]`).
 
-Extra fields are ignored, as OpenAI and vLLM ignore them. vLLM's extensions (top_k, min_p,
-repetition_penalty, min_tokens, stop_token_ids, ignore_eos) are accepted with vLLM's meaning.
+Fields are strict: a number sent as a string, or `true` where a token id belongs, is a 400, not a
+guess. Extra fields are ignored, as OpenAI and vLLM ignore them. vLLM's extensions (top_k, min_p,
+repetition_penalty, min_tokens, stop_token_ids, ignore_eos) are accepted with vLLM's meaning. Every
+check runs before the request reaches the scheduler, so an invalid request costs no model time and
+cannot disturb the requests it would have shared a batch with.
 """
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from llmkit.errors import ConfigError
+from llmkit.generate.engine import check_token_fields
+from llmkit.generate.sampling import SamplingParams
+from llmkit.generate.text import IncrementalDecoder
+from llmkit.serve.config import ServeConfig
+from llmkit.serve.errors import APIError
 from llmkit.tokenizer import gpt2_byte_decoder
 
 _BYTE_OF = gpt2_byte_decoder()
+STRICT = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
 
 
 class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     model: str
     max_tokens: int | None = None
@@ -42,6 +55,64 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
 
+    def to_sampling_params(self, limits: ServeConfig, vocab_size: int, context: int, prompts: list[list[int]],
+                           default_max: int | None, **extra) -> SamplingParams:
+        """The request's SamplingParams, or an APIError naming the field: context, limits, ranges, vocabulary.
+        `extra` holds the endpoint's own fields (logprobs, echo; chat's stop_token_ids with its end-of-turn ids)."""
+        longest = max(len(p) for p in prompts)
+        if longest >= context:
+            raise APIError(400, f"this model's maximum context length is {context} tokens, but the prompt has "
+                                f"{longest} tokens; shorten it (at most {context - 1})", param="prompt",
+                           code="context_length_exceeded")
+        max_tokens = self.max_tokens if self.max_tokens is not None else default_max
+        if max_tokens is None:
+            max_tokens = min(limits.max_tokens_limit, context - longest)
+        if max_tokens > limits.max_tokens_limit:
+            raise APIError(400, f"max_tokens={max_tokens} is over this server's limit of {limits.max_tokens_limit}",
+                           param="max_tokens")
+        rows = self.n * len(prompts)
+        if not 1 <= rows <= limits.max_rows:
+            raise APIError(400, f"n={self.n} with {len(prompts)} prompt(s) asks for {rows} sequences; expected 1 "
+                                f"to {limits.max_rows}", param="n")
+        need = self.n * (longest + min(max(max_tokens, 0), context - longest))
+        if need > limits.kv_budget:
+            raise APIError(400, f"n={self.n} x ({longest} prompt + {max_tokens} new tokens) needs {need} tokens of KV "
+                                f"cache, over this server's budget of {limits.kv_budget}; lower max_tokens or n",
+                           param="max_tokens")
+        if self.seed is not None and not -(2 ** 63) <= self.seed <= 2 ** 63 - 1 - self.n:
+            raise APIError(400, f"seed={self.seed} is out of range; expected a 64-bit integer", param="seed")
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        limit(len(stops) <= limits.max_stops, "stop", f"{len(stops)} stop strings", f"at most {limits.max_stops}")
+        limit(all(len(s) <= limits.max_stop_chars for s in stops), "stop",
+              f"a stop string over {limits.max_stop_chars} characters", f"at most {limits.max_stop_chars}")
+        asked = self.stop_token_ids or []
+        limit(len(asked) <= limits.max_stops, "stop_token_ids", f"{len(asked)} stop token ids",
+              f"at most {limits.max_stops}")
+        limit(len(self.logit_bias or {}) <= limits.max_logit_bias, "logit_bias",
+              f"{len(self.logit_bias or {})} entries", f"at most {limits.max_logit_bias}")
+        logprobs = extra.get("logprobs")
+        limit(logprobs is None or logprobs <= limits.max_logprobs, "logprobs", f"logprobs={logprobs}",
+              f"at most {limits.max_logprobs}")
+        stop_ids = extra.pop("stop_token_ids", self.stop_token_ids)
+        try:
+            params = SamplingParams(max_new_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+                                    top_k=0 if self.top_k == -1 else self.top_k, min_p=self.min_p,
+                                    frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
+                                    repetition_penalty=self.repetition_penalty, logit_bias=self.logit_bias,
+                                    stop=self.stop, seed=self.seed, n=self.n, min_tokens=self.min_tokens,
+                                    ignore_eos=self.ignore_eos, stop_token_ids=stop_ids, **extra)
+            check_token_fields(params, vocab_size)
+        except ConfigError as e:
+            param = {"max_new_tokens": "max_tokens"}.get(e.param, e.param)
+            raise APIError(400, str(e).replace("max_new_tokens", "max_tokens"), param=param) from None
+        return params
+
+
+def limit(ok: bool, param: str, what: str, expected: str) -> None:
+    """A resource limit of this server (ServeConfig), reported as a 400 naming the field."""
+    if not ok:
+        raise APIError(400, f"{param}: {what} is over this server's limit; expected {expected}", param=param)
+
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
@@ -51,23 +122,34 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = None
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ContentPart(BaseModel):
+    model_config = STRICT
 
     type: str = "text"
     text: str = ""
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     role: str
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
 
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(p.text for p in self.content if p.type == "text")
-        return self.content or ""
+
+def chat_messages(messages: list[ChatMessage]) -> list[dict]:
+    """The messages as the chat template takes them; a content part the model cannot read (an
+    image, audio) is refused by name rather than dropped, which would answer a different question."""
+    out = []
+    for i, m in enumerate(messages):
+        content = m.content
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if part.type != "text":
+                    raise APIError(400, f"messages[{i}].content[{j}] has type {part.type!r}; this model reads text "
+                                        "only (expected type 'text')", param=f"messages.{i}.content.{j}.type")
+            content = "".join(part.text for part in content)
+        out.append({"role": m.role, "content": content or ""})
+    return out
 
 
 class ChatRequest(SamplingFields):
@@ -78,7 +160,7 @@ class ChatRequest(SamplingFields):
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     model: str | None = None
     prompt: str | None = None
@@ -88,7 +170,7 @@ class TokenizeRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     model: str | None = None
     tokens: list[int]
@@ -121,8 +203,11 @@ def token_string(tokenizer, i: int) -> str:
 
 def legacy_logprobs(tokenizer, ids: list[int], logprobs: list, tops: list, start: int = 0) -> dict:
     """The completions API's logprobs of `ids`; `text_offset` counts characters of the returned text
-    from `start` (where these tokens' text begins)."""
-    offsets = [start + len(tokenizer.decode(ids[:j])) for j in range(len(ids))]
+    from `start` (where these tokens' text begins): token j starts at len(decode(ids[:j]))."""
+    decoder, offsets = IncrementalDecoder(tokenizer), []
+    for i in ids:
+        offsets.append(start + len(decoder.text))
+        decoder.push(i)
     return {"tokens": [token_string(tokenizer, i) for i in ids], "token_logprobs": list(logprobs),
             "top_logprobs": [None if t is None else {token_string(tokenizer, i): v for i, v in t.items()}
                              for t in tops],
