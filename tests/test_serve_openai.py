@@ -12,7 +12,7 @@ import urllib.request
 import openai
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
+from serve_helpers import get, metrics, post
 
 import llmkit
 from llmkit import ModelConfig, Transformer
@@ -54,27 +54,6 @@ def server(tiny):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
-
-
-def get(url, headers=None):
-    with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {})) as r:
-        return r.status, r.read().decode()
-
-
-def post(url, body, headers=None):
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req) as r:
-            return r.status, json.loads(r.read()), dict(r.headers)
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read()), dict(e.headers)
-
-
-def metrics(server) -> dict:
-    _, text = get(f"{server}/metrics")
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 # ---- completions ---------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -281,6 +281,11 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         """CPU work (tokenizing, templates, large responses) runs on a worker thread, not the event loop."""
         return await run_in_threadpool(fn, *args, **kwargs)
 
+    async def respond(build) -> JSONResponse:
+        """`build()`'s answer, built and serialized to JSON off the event loop (an 8,000-token echo
+        with top logprobs is megabytes of JSON)."""
+        return await offload(lambda: JSONResponse(build()))
+
     def usage(job: Job) -> dict:
         prompt = sum(len(r.prompt) for r in job.requests)
         completion = sum(len(c.token_ids) for c in job.completions)
@@ -370,7 +375,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
             return stream(job, body, frame)
         await collect(job, request)
 
-        def respond() -> dict:
+        def answer() -> dict:
             choices = []
             for p, r in enumerate(job.requests):
                 echoed = tokenizer.decode(r.prompt) if body.echo else ""  # what text_offset counts from
@@ -385,7 +390,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
                                     "finish_reason": c.finish_reason})
             return {**head, "choices": choices, "usage": usage(job)}
 
-        return await offload(respond)
+        return await respond(answer)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
@@ -426,7 +431,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
             return stream(job, body, frame)
         await collect(job, request)
 
-        def respond() -> dict:
+        def answer() -> dict:
             choices = []
             for c in job.completions:
                 logprobs = chat_logprobs(tokenizer, c.token_ids, c.logprobs, c.top_logprobs) if body.logprobs else None
@@ -434,7 +439,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
                                 "logprobs": logprobs, "finish_reason": c.finish_reason})
             return {**head, "choices": choices, "usage": usage(job)}
 
-        return await offload(respond)
+        return await respond(answer)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
@@ -444,7 +449,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
             ids = await offload(encode_chat, chat_messages(body.messages), body.add_generation_prompt)
         else:
             ids = await offload(encode, body.prompt, "prompt", body.add_special_tokens)
-        return {"count": len(ids), "max_model_len": context, "tokens": ids}
+        return await respond(lambda: {"count": len(ids), "max_model_len": context, "tokens": ids})
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
@@ -452,7 +457,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         if bad:
             raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {tokenizer.vocab_size})",
                            param="tokens")
-        return {"prompt": await offload(tokenizer.decode, body.tokens)}
+        return await respond(lambda: {"prompt": tokenizer.decode(body.tokens)})
 
     @app.get("/tokenizer_info")
     async def tokenizer_info():

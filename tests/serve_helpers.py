@@ -1,0 +1,32 @@
+"""Shared pieces of the server tests: plain HTTP calls (urllib, so a test sees exactly what went over
+the wire) and the Prometheus metrics as a dict."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def get(url, headers=None):
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {})) as r:
+        return r.status, r.read().decode()
+
+
+def post(url, body, headers=None):
+    """(status, JSON body, headers); `body` is a JSON-able object or raw bytes."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, json.loads(r.read()), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), dict(e.headers)
+
+
+def metrics(server, headers=None) -> dict:
+    _, text = get(f"{server}/metrics", headers)
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
