@@ -30,3 +30,29 @@ def metrics(server, headers=None) -> dict:
     _, text = get(f"{server}/metrics", headers)
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+TEXT = ["the cat sat on the mat. ", "a dog ran in the park! ", "héllo wörld, naïve café "] * 20
+
+
+def tiny_model(max_seq_len: int):
+    """A tiny Llama and a BPE tokenizer trained on TEXT; the head is scaled so the distributions are
+    peaked and greedy paths are not decided by rounding."""
+    import torch
+
+    from llmkit import ModelConfig, Transformer
+    from llmkit.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("llama-tiny", vocab_size=300, max_seq_len=max_seq_len)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    return model, Tokenizer.train(TEXT, vocab_size=300)
+
+
+def save_tiny(folder, max_seq_len: int):
+    """`tiny_model` saved as an HF folder with its tokenizer (chatml template), as `llmkit serve` loads it."""
+    model, tok = tiny_model(max_seq_len)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

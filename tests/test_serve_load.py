@@ -17,14 +17,10 @@ import time
 import aiohttp
 import psutil
 import pytest
-import torch
-from serve_helpers import get, metrics
+from serve_helpers import get, metrics, save_tiny
 
 import llmkit
-from llmkit import ModelConfig, Transformer
-from llmkit.tokenizer import Tokenizer
 
-TEXT = ["the cat sat on the mat. ", "a dog ran in the park! ", "héllo wörld, naïve café "] * 20
 PROMPTS = ["the cat", "a dog ran", "héllo", "the mat. a dog", "café naïve", "in the park", "sat on", "wörld"]
 NAME, CLIENTS, SECONDS, LONG = "tiny", 64, 60.0, 1900
 
@@ -32,13 +28,7 @@ NAME, CLIENTS, SECONDS, LONG = "tiny", 64, 60.0, 1900
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """The tiny model saved as an HF folder, served by `python -m llmkit serve`; yields (url, process, model, tok)."""
-    folder = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_preset("llama-tiny", vocab_size=300, max_seq_len=2048)).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)  # peaked: greedy paths are not decided by rounding
-    model.save_pretrained(folder)
-    Tokenizer.train(TEXT, vocab_size=300).save_pretrained(folder)
+    folder = save_tiny(tmp_path_factory.mktemp("tiny"), max_seq_len=2048)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

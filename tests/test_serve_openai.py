@@ -12,7 +12,7 @@ import urllib.request
 import openai
 import pytest
 import torch
-from serve_helpers import get, metrics, post
+from serve_helpers import get, metrics, post, save_tiny
 
 import llmkit
 from llmkit import ModelConfig, Transformer
@@ -20,23 +20,14 @@ from llmkit.generate.chat import end_of_turn_ids
 from llmkit.serve.app import background, create_app
 from llmkit.serve.config import ServeConfig
 from llmkit.serve.schema import token_string
-from llmkit.tokenizer import Tokenizer
 
-TEXT = ["the cat sat on the mat. ", "a dog ran in the park! ", "héllo wörld, naïve café "] * 20
 NAME = "tiny"
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny Llama saved as an HF folder with its tokenizer (chatml template), loaded like `llmkit serve`."""
-    folder = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_preset("llama-tiny", vocab_size=300, max_seq_len=96)).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)  # peaked distributions, so greedy paths are not decided by rounding
-    model.save_pretrained(folder)
-    Tokenizer.train(TEXT, vocab_size=300).save_pretrained(folder)
-    return folder
+    return save_tiny(tmp_path_factory.mktemp("tiny"), max_seq_len=96)
 
 
 @pytest.fixture(scope="module")

@@ -10,17 +10,13 @@ import threading
 import time
 
 import pytest
-import torch
-from serve_helpers import get, metrics, post
+from serve_helpers import get, metrics, post, tiny_model
 
 import llmkit
-from llmkit import ModelConfig, Transformer
 from llmkit.errors import ConfigError
 from llmkit.serve.app import background, create_app
 from llmkit.serve.config import ServeConfig
-from llmkit.tokenizer import Tokenizer
 
-TEXT = ["the cat sat on the mat. ", "a dog ran in the park! ", "héllo wörld, naïve café "] * 20
 NAME = "tiny"
 CONTEXT = 8192
 
@@ -28,11 +24,7 @@ CONTEXT = 8192
 @pytest.fixture(scope="module")
 def tiny():
     """A tiny Llama with a long context (for 8,000-token echoes), peaked so greedy is not decided by rounding."""
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_preset("llama-tiny", vocab_size=300, max_seq_len=CONTEXT)).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)
-    return model, Tokenizer.train(TEXT, vocab_size=300)
+    return tiny_model(CONTEXT)
 
 
 @pytest.fixture(scope="module")
