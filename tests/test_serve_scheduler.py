@@ -49,7 +49,7 @@ class Sink:
 
 def drain(scheduler, limit=500):
     for _ in range(limit):
-        if not scheduler.waiting and not scheduler.rows:
+        if not scheduler.waiting and not scheduler.rows and not scheduler.filling:
             return
         scheduler.step()
     raise AssertionError("the scheduler did not finish")
@@ -204,10 +204,10 @@ def test_a_failing_prefill_fails_only_its_request(model, tok, monkeypatch):
     scheduler.submit(tok.encode("a dog"), SamplingParams(max_new_tokens=5, temperature=0), bad)
     from llmkit.serve import scheduler as module
 
-    real = module.prefill
-    monkeypatch.setattr(module, "prefill", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    real = module.PromptFill.advance
+    monkeypatch.setattr(module.PromptFill, "advance", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     scheduler.step()
-    monkeypatch.setattr(module, "prefill", real)
+    monkeypatch.setattr(module.PromptFill, "advance", real)
     drain(scheduler)
     assert isinstance(bad.error, RuntimeError) and good.ended and good.error is None
 
@@ -256,3 +256,91 @@ def test_a_request_whose_sampling_fails_leaves_the_others_exactly_as_alone(model
         assert [c.token_id for c in sink.chunks] == request.completions[0].token_ids == alone.token_ids
         if alone.logprobs is not None:  # a batch of 3 rows rounds its GEMMs differently from 1 row: fp32 noise
             assert request.completions[0].logprobs == pytest.approx(alone.logprobs, abs=1e-5)
+
+
+# ---- chunked prefill and prefix caching -------------------------------------------------------------
+
+LONG = "the cat sat on the mat. a dog ran in the park! héllo wörld, naïve café " * 2
+
+
+def run_alone(scheduler, prompt, params):
+    sink = Sink()
+    request = scheduler.submit(prompt, params, sink)
+    drain(scheduler)
+    return request.completions, sink
+
+
+def test_chunked_prefill_equals_whole_prefill(model, tok):
+    """A 5-token chunk budget: the prompt runs in many forward calls, the results equal one call's
+    (tokens exactly; logprobs to 1e-5, the rounding of different GEMM shapes), with echo too."""
+    prompt = tok.encode(LONG)
+    params = dict(max_new_tokens=8, temperature=0, logprobs=2, echo=True)
+    got, _ = run_alone(Scheduler(model, tok, prefill_chunk=5), prompt, SamplingParams(**params))
+    want = llmkit.generate(model, tok, prompt, **params)
+    assert got[0].token_ids == want.token_ids
+    assert got[0].logprobs == pytest.approx(want.logprobs, abs=1e-5)
+    assert got[0].prompt_logprobs[0] is None and want.prompt_logprobs[0] is None
+    assert got[0].prompt_logprobs[1:] == pytest.approx(want.prompt_logprobs[1:], abs=1e-5)
+    assert [list(t) for t in got[0].prompt_top_logprobs[1:]] == [list(t) for t in want.prompt_top_logprobs[1:]]
+
+
+def test_a_long_prompt_is_prefilled_between_decode_steps(model, tok):
+    """While a long prompt is prefilled 10 tokens a step, the running request gets a token every step."""
+    scheduler = Scheduler(model, tok, prefill_chunk=10)
+    running = Sink()
+    scheduler.submit(tok.encode("the cat"), SamplingParams(max_new_tokens=60, temperature=0, ignore_eos=True), running)
+    scheduler.step()
+    prompt = tok.encode(LONG)
+    waiting = Sink()
+    scheduler.submit(prompt, SamplingParams(max_new_tokens=4, temperature=0), waiting)
+    steps = 0
+    while not waiting.chunks:
+        before = len(running.chunks)
+        scheduler.step()
+        steps += 1
+        assert len(running.chunks) == before + 1  # no step went without a token for the running stream
+    assert steps == -(-len(prompt) // 10)  # the prompt took ceil(len / 10) steps
+    drain(scheduler)
+    assert [c.token_id for c in waiting.chunks] == llmkit.generate(model, tok, prompt, max_new_tokens=4,
+                                                                   temperature=0).token_ids
+
+
+def test_prefix_cache_reuses_blocks_and_gives_the_same_tokens(model, tok):
+    """A second prompt that extends the first reuses its full 16-token blocks; its tokens equal the
+    uncached run's exactly and its logprobs to 1e-5 (the suffix is computed by a shorter GEMM)."""
+    first = tok.encode(LONG)
+    second = first + tok.encode(" the cat sat")
+    params = SamplingParams(max_new_tokens=10, temperature=0.8, seed=3, logprobs=3)
+    cached = Scheduler(model, tok, prefix_cache=1024)
+    run_alone(cached, first, params)
+    got, _ = run_alone(cached, second, params)
+    hits = cached.metrics.counters["prefix_cache_hits_total"]
+    assert hits == (len(first) // 16) * 16 and cached.metrics.counters["prefix_cache_queries_total"] == len(first) + len(second)
+    want, _ = run_alone(Scheduler(model, tok), second, params)
+    assert got[0].token_ids == want[0].token_ids
+    assert got[0].logprobs == pytest.approx(want[0].logprobs, abs=1e-5)
+    assert [list(t) for t in got[0].top_logprobs] == [list(t) for t in want[0].top_logprobs]
+
+
+def test_prefix_cache_eviction_under_a_small_budget_loses_no_request(model, tok):
+    """Room for two blocks and eight prompts of ~9 blocks that share their start, seven of them sent
+    together once the first is stored: blocks are evicted as each prompt is stored, deepest first, so
+    the shared two stay and all seven hit them; every request completes with its solo tokens, and the
+    cache never holds more than 32 tokens."""
+    prompts = [tok.encode(LONG + f" {i} the cat") for i in range(8)]
+    scheduler = Scheduler(model, tok, prefix_cache=32, prefill_chunk=40)
+    sinks = [Sink() for _ in prompts]
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    requests = [scheduler.submit(prompts[0], params, sinks[0])]
+    while scheduler.filling or scheduler.waiting:  # the first prompt's blocks are stored; it decodes on
+        scheduler.step()
+    requests += [scheduler.submit(p, params, s) for p, s in zip(prompts[1:], sinks[1:], strict=True)]
+    for _ in range(200):
+        if not scheduler.waiting and not scheduler.rows and not scheduler.filling:
+            break
+        scheduler.step()
+        assert scheduler.prefix.tokens <= 32
+    for p, request, sink in zip(prompts, requests, sinks, strict=True):
+        assert sink.ended and sink.error is None
+        assert request.completions[0].token_ids == llmkit.generate(model, tok, p, max_new_tokens=6, temperature=0).token_ids
+    assert len(scheduler.prefix.blocks) == 2 and scheduler.metrics.counters["prefix_cache_hits_total"] == 7 * 32

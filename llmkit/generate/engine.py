@@ -322,13 +322,58 @@ def _top(logprobs: torch.Tensor, k: int) -> dict[int, float]:
     return dict(zip(i.tolist(), v.tolist(), strict=True))
 
 
-def prompt_logprobs(logits: torch.Tensor, ids: list[int], k: int) -> tuple[list[float | None], list[dict | None]]:
-    """Each prompt token's raw logprob given the tokens before it, and the top k there (None for the
-    first token); `logits` (len(ids), vocab) are the prompt's own, unpadded."""
-    lp = raw_logprobs(logits[:-1])
-    target = torch.tensor(ids[1:], device=lp.device)
-    chosen = lp.gather(-1, target[:, None])[:, 0].tolist()
-    return [None, *chosen], [None, *(_top(row, k) for row in lp)]
+def prompt_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> tuple[list[float], list[dict]]:
+    """The raw logprob of each target token under the logits row before it, and the top k there;
+    row i of `logits` predicts `targets[i]` (extra rows are ignored)."""
+    lp = raw_logprobs(logits[:len(targets)])
+    chosen = lp.gather(-1, torch.tensor(targets, device=lp.device)[:, None])[:, 0].tolist()
+    return chosen, [_top(row, k) for row in lp]
+
+
+class PromptFill:
+    """One prompt run into its own one-row KV cache a chunk at a time (chunked prefill): a scheduler
+    interleaves a long prompt with the decode steps of running rows instead of stalling them for the
+    whole prompt. A `cache` that already holds a prefix of the prompt (a prefix-cache hit) is continued.
+    With echo, the prompt's logprobs are gathered chunk by chunk (never a prompt x vocabulary tensor)."""
+
+    def __init__(self, model: Transformer, prompt: list[int], seqs: list[Sequence], cache: KVCache | None = None):
+        self.model, self.prompt, self.seqs = model, prompt, seqs
+        self.cache = cache or KVCache(model.config, 1, len(prompt), device=model.device, dtype=model.dtype)
+        self.done = self.cache.length  # prompt tokens in the cache
+        self.echo = seqs[0].params.echo
+        self.logprobs: list[float | None] = [None]
+        self.tops: list[dict | None] = [None]
+
+    @torch.inference_mode()
+    def advance(self, budget: int) -> torch.Tensor | None:
+        """Run up to `budget` more prompt tokens; returns the last position's logits (1, vocab) when
+        the whole prompt is in the cache, else None."""
+        end = min(len(self.prompt), self.done + max(budget, 1))
+        ids = torch.tensor([self.prompt[self.done:end]], device=self.model.device)
+        hidden = self.model.hidden_states(ids, kv_cache=self.cache)
+        if self.echo:
+            logits = self.model.lm_head(hidden)[0]
+            lps, tops = prompt_logprobs(logits, self.prompt[self.done + 1:end + 1], self.seqs[0].params.logprobs or 0)
+            self.logprobs += lps
+            self.tops += tops
+            last = logits[-1:]
+        else:
+            last = self.model.lm_head(hidden[:, -1])
+        self.done = end
+        if end < len(self.prompt):
+            return None
+        for s in self.seqs:
+            if self.echo:
+                s.out.prompt_logprobs, s.out.prompt_top_logprobs = self.logprobs, self.tops
+        return last
+
+    def rows(self, last: torch.Tensor) -> tuple[KVCache, torch.Tensor]:
+        """The finished cache and logits copied to one row per sample (`n` samples share the prefill)."""
+        n = len(self.seqs)
+        if n > 1:
+            self.cache.reorder(torch.zeros(n, dtype=torch.long, device=self.model.device))
+            last = last.expand(n, -1)
+        return self.cache, last
 
 
 @torch.inference_mode()
@@ -350,9 +395,9 @@ def prefill(model: Transformer, prompts: list[list[int]], seqs: list[Sequence], 
         full = model.lm_head(hidden)
         k = seqs[0].params.logprobs or 0
         for p, prompt in enumerate(prompts):
-            lps, tops = prompt_logprobs(full[p, ids.shape[1] - len(prompt):], prompt, k)
+            lps, tops = prompt_logprobs(full[p, ids.shape[1] - len(prompt):], prompt[1:], k)
             for s in seqs[p * n:(p + 1) * n]:
-                s.out.prompt_logprobs, s.out.prompt_top_logprobs = lps, tops
+                s.out.prompt_logprobs, s.out.prompt_top_logprobs = [None, *lps], [None, *tops]
         logits = full[:, -1]
     else:
         logits = model.lm_head(hidden[:, -1])

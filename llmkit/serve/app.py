@@ -184,7 +184,8 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
     name = config.served_model_name or config.model or "llmkit"
     context, vocab = model.config.max_seq_len, model.config.vocab_size
     scheduler = Scheduler(model, tokenizer, kv_budget=config.kv_budget, max_rows=config.max_rows,
-                          max_waiting=config.max_waiting)
+                          max_waiting=config.max_waiting, prefill_chunk=config.prefill_chunk,
+                          prefix_cache=config.prefix_cache)
     chat_stops = end_of_turn_ids(tokenizer)
     # No token covers more characters than the longest in the vocabulary (twice that allows for
     # normalizers that merge characters), so a longer text is over the context without tokenizing it.

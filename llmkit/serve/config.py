@@ -18,6 +18,10 @@ class ServeConfig:
     kv_budget: int = field(default=32768, metadata={"help": "KV-cache tokens (rows x longest row)"})
     max_rows: int = field(default=64, metadata={"help": "most sequences decoded together"})
     max_waiting: int = field(default=256, metadata={"help": "queued requests before 429"})
+    prefill_chunk: int = field(default=512, metadata={
+        "help": "most prompt tokens prefilled per step, between decode steps of the running batch"})
+    prefix_cache: int = field(default=4096, metadata={
+        "help": "prompt tokens whose keys/values are kept for reuse by prompts that start the same way (0: off)"})
     max_tokens_limit: int = field(default=4096, metadata={"help": "largest max_tokens a request may ask"})
     max_request_bytes: int = field(default=4_000_000, metadata={"help": "largest request body"})
     max_logprobs: int = field(default=20, metadata={

@@ -36,7 +36,8 @@ class Metrics:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.counters: dict[str, float] = {"prompt_tokens_total": 0, "generation_tokens_total": 0}
+        self.counters: dict[str, float] = {"prompt_tokens_total": 0, "generation_tokens_total": 0,
+                                           "prefix_cache_queries_total": 0, "prefix_cache_hits_total": 0}
         self.finished: dict[str, int] = {}  # requests by finish reason (stop, length, abort, error)
         self.histograms = {"time_to_first_token_seconds": Histogram(), "inter_token_latency_seconds": Histogram(),
                            "e2e_request_latency_seconds": Histogram()}
@@ -44,6 +45,8 @@ class Metrics:
         self.help = {
             "prompt_tokens_total": "Prompt tokens processed.",
             "generation_tokens_total": "Tokens generated.",
+            "prefix_cache_queries_total": "Prompt tokens looked up in the prefix cache.",
+            "prefix_cache_hits_total": "Prompt tokens found in the prefix cache (hit rate: hits / queries).",
             "request_success_total": "Requests that ended, by finish reason.",
             "time_to_first_token_seconds": "Time from arrival to the first generated token.",
             "inter_token_latency_seconds": "Time between two consecutive generation steps of a request.",

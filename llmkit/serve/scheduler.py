@@ -1,11 +1,15 @@
 """Continuous batching: requests join the running batch at the next step and leave when they end.
 
 One thread owns the model. Each `step` it
-  1. drops cancelled requests (a streaming client that went away) and frees their rows,
-  2. admits waiting requests, first come first served, while the KV-cache budget allows, and
-     prefills each one alone (its `n` samples share the prefill, as in `llmkit.generate`),
-  3. decodes one token for every running row in one batched forward pass, and
-  4. samples every row, new and running, with `engine.sample_next`: the step `llmkit.generate` uses,
+  1. drops cancelled requests (a client that went away) and frees their rows,
+  2. admits waiting requests, first come first served, while the KV-cache budget allows; an admitted
+     request starts from the longest prefix of its prompt found in the prefix cache (prefix_cache.py),
+  3. decodes one token for every running row in one batched forward pass,
+  4. prefills at most `prefill_chunk` prompt tokens of admitted requests, oldest first, each into its
+     own cache (chunked prefill: a long prompt no longer stalls every running stream for its whole
+     prefill, and a burst's first tokens go out as each prompt finishes); a request whose prompt is
+     done joins the batch, its `n` samples sharing the prefill as in `llmkit.generate`, and
+  5. samples every row, new and running, with `engine.sample_next`: the step `llmkit.generate` uses,
      so each request keeps its own sampling parameters, seeded generators and raw logprobs, and a
      seeded request samples the same tokens whatever else shares the batch. A request whose sampling
      fails ends alone with the error; the other rows advance exactly as if it had not been there.
@@ -31,16 +35,17 @@ from llmkit.generate.engine import (
     Chunk,
     Completion,
     DecodeStep,
+    PromptFill,
     Sequence,
     check_prompts,
     eos_token_ids,
     make_sequences,
-    prefill,
     sample_next,
 )
 from llmkit.generate.sampling import SamplingParams
 from llmkit.model import KVCache, Transformer
 from llmkit.serve.metrics import Metrics
+from llmkit.serve.prefix_cache import PrefixCache
 
 
 class Overloaded(Exception):
@@ -64,6 +69,7 @@ class Request:
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     last_token_at: float | None = None
+    fill: PromptFill | None = None  # its prefill, while the prompt is being run in chunks
 
     @property
     def done(self) -> bool:
@@ -78,15 +84,19 @@ class Scheduler:
     """Runs requests with continuous batching on a background thread (`start`), or by hand (`step`)."""
 
     def __init__(self, model: Transformer, tokenizer, kv_budget: int = 32768, max_rows: int = 64,
-                 max_waiting: int = 256, room: int = 16, metrics: Metrics | None = None):
+                 max_waiting: int = 256, room: int = 16, metrics: Metrics | None = None, prefill_chunk: int = 512,
+                 prefix_cache: int = 0):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.kv_budget, self.max_rows, self.max_waiting, self.room = kv_budget, max_rows, max_waiting, room
+        self.prefill_chunk = prefill_chunk
+        self.prefix = PrefixCache(model, prefix_cache) if prefix_cache else None
         self.metrics = metrics or Metrics()
-        self.metrics.gauges.update({"num_requests_running": lambda: len(self.running),
+        self.metrics.gauges.update({"num_requests_running": lambda: len(self.running) + len(self.filling),
                                     "num_requests_waiting": lambda: len(self.waiting),
                                     "kv_cache_usage_perc": self.kv_usage})
         self.decode = DecodeStep(model)
         self.waiting: deque[Request] = deque()
+        self.filling: list[Request] = []  # admitted, prompt being prefilled
         self.running: list[Request] = []
         self.rows: list[Sequence] = []  # one per cache row, in cache order
         self.owners: list[Request] = []  # the request of each row
@@ -149,7 +159,7 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self.cond:
-                    while not self.stopping and not self.waiting and not self.rows:
+                    while not self.stopping and not self.waiting and not self.rows and not self.filling:
                         self.cond.wait()
                     if self.stopping:
                         return
@@ -160,12 +170,15 @@ class Scheduler:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """One scheduling step: drop cancelled, admit, decode, sample, emit, release finished."""
+        """One scheduling step: drop cancelled, admit, decode, prefill a chunk, sample, emit, release finished."""
         with self.cond:
             for request in [r for r in self.waiting if r.cancelled]:
                 self.waiting.remove(request)
                 self._finish(request, "abort", emit=False)
-            admitted = self._admit()
+            self._start(self._admit())
+        for request in [r for r in self.filling if r.cancelled]:
+            self.filling.remove(request)
+            self._finish(request, "abort", emit=False)
         if any(r.cancelled for r in self.running):
             for s, owner in zip(self.rows, self.owners, strict=True):
                 if owner.cancelled and not s.done:
@@ -180,13 +193,7 @@ class Scheduler:
             caches.append(self.cache)
             rows += self.rows
             owners += self.owners
-        for request in admitted:
-            try:
-                cache, first = prefill(self.model, [request.prompt], request.seqs, 0)
-            except Exception as e:  # noqa: BLE001 - this request fails, the batch goes on
-                request.emit(e)
-                self._finish(request, "error", emit=False)
-                continue
+        for request, cache, first in self._prefill():
             self.metrics.add("prompt_tokens_total", len(request.prompt))
             for s in request.seqs:
                 if s.limit == 0:  # max_tokens=0: the prompt's logprobs only
@@ -214,10 +221,10 @@ class Scheduler:
     # ---- helpers ---------------------------------------------------------------------------------
 
     def _admit(self) -> list[Request]:
-        """Waiting requests that fit beside the running ones (called with the lock held)."""
+        """Waiting requests that fit beside the running and filling ones (called with the lock held)."""
         admitted: list[Request] = []
-        rows = len(self.rows)
-        longest = max((r.reserved for r in self.running), default=0)
+        rows = len(self.rows) + sum(r.params.n for r in self.filling)
+        longest = max((r.reserved for r in self.running + self.filling), default=0)
         while self.waiting:
             request = self.waiting[0]
             n, length = rows + request.params.n, max(longest, request.reserved)
@@ -227,6 +234,45 @@ class Scheduler:
             admitted.append(request)
             rows, longest = n, length
         return admitted
+
+    def _start(self, admitted: list[Request]) -> None:
+        """Begin each admitted request's prefill, from a cached prefix of its prompt when there is one
+        (not with echo, which needs every prompt position's logits)."""
+        for request in admitted:
+            cache = None
+            if self.prefix is not None and not request.params.echo:
+                cache = self.prefix.lookup(request.prompt)
+                self.metrics.add("prefix_cache_queries_total", len(request.prompt))
+                self.metrics.add("prefix_cache_hits_total", cache.length if cache is not None else 0)
+            request.fill = PromptFill(self.model, request.prompt, request.seqs, cache)
+            self.filling.append(request)
+
+    def _prefill(self) -> list[tuple[Request, KVCache, torch.Tensor]]:
+        """Spend this step's `prefill_chunk` tokens on the filling requests, oldest first; returns those
+        whose prompt is done, with their caches and first logits (a row per sample)."""
+        budget, done = self.prefill_chunk, []
+        for request in list(self.filling):
+            if budget <= 0:
+                break
+            fill = request.fill
+            try:
+                before = fill.done
+                last = fill.advance(budget)
+                budget -= fill.done - before
+            except Exception as e:  # noqa: BLE001 - this request fails, the batch goes on
+                self.filling.remove(request)
+                request.emit(e)
+                self._finish(request, "error", emit=False)
+                continue
+            if last is None:
+                continue
+            self.filling.remove(request)
+            if self.prefix is not None:
+                self.prefix.insert(request.prompt, fill.cache)
+            cache, first = fill.rows(last)
+            request.fill = None
+            done.append((request, cache, first))
+        return done
 
     def _emit(self, owners: list[Request], chunks: list[Chunk]) -> None:
         now = time.perf_counter()
@@ -269,8 +315,8 @@ class Scheduler:
             request.emit(None)
 
     def _fail_all(self, error: Exception) -> None:
-        """A failed batch step: every running request gets the error; the scheduler starts empty."""
-        for request in self.running:
+        """A failed batch step: every running and filling request gets the error; the scheduler starts empty."""
+        for request in self.running + self.filling:
             request.emit(error)
             self._finish(request, "error", emit=False)
-        self.running, self.rows, self.owners, self.cache, self.tokens = [], [], [], None, None
+        self.running, self.filling, self.rows, self.owners, self.cache, self.tokens = [], [], [], [], None, None
