@@ -1,19 +1,24 @@
-"""Serving under concurrent clients, `vllm bench serve` style: llmkit's server with continuous
-batching vs the same server decoding one request at a time (max_rows=1) vs llama.cpp's server
-(llama-cpp-python[server], which serves one request at a time) on the same SmolLM2 GGUF.
+"""Serving under concurrent clients, `vllm bench serve` style: `llmkit serve` against llama.cpp's own
+server (xllamacpp: llama-server with continuous batching, `n_parallel` = the concurrency) on the
+same GGUF, both as separate processes with the same threads, taking turns.
 
 (`vllm bench serve` itself cannot be installed here: vLLM needs CUDA. This script measures what it
 measures, with its definitions, through the same OpenAI streaming API.)
 
-Each system gets `--requests` completions of `--output-len` tokens (EOS banned, greedy, the same
-prompts for every system), sent by `--concurrency` clients at a time (1, 4, 16 by default). Per
-request, from the client: TTFT = time to the first streamed token; TPOT = (latency - TTFT) /
-(output tokens - 1); ITL = every gap between consecutive streamed tokens. Output throughput =
-all output tokens / wall time of the whole run. The JSON keeps mean, median and p99 of each and the
-ratios: llmkit's batched throughput over its one-at-a-time throughput and over llama.cpp's.
+Workloads, each run `--rounds` times per system in turns (medians kept):
+  * throughput: `--requests` completions of `--output-len` tokens (EOS banned through logit_bias,
+    greedy, the same prompts for both), `--concurrency` clients at a time (1, 4, 16, 64). Per request,
+    from the client: TTFT = time to the first streamed token; TPOT = (latency - TTFT) / (tokens - 1);
+    ITL = every gap between streamed tokens. Output throughput = output tokens / wall time.
+  * multi-turn chat: 8 conversations x 4 turns sharing a system prompt, each turn sent with the whole
+    history; TTFT of llmkit with its prefix cache and without (`--prefix-cache 0`), and llama.cpp's.
+  * chunked prefill: one stream decoding while an ~`--long-prompt`-token prompt arrives; the stream's
+    longest gap between tokens with `--prefill-chunk` 512 and with chunking off; and TTFT p50 of a
+    burst of 64 requests, chunked and not.
+  * memory: peak RSS of each server process idle and under 16 streams.
 
     python benchmarks/serve.py                        # -> benchmarks/results/serve.json
-    python benchmarks/serve.py --requests 8 --output-len 16 --concurrency 1 4 --no-llamacpp
+    python benchmarks/serve.py --requests 4 --output-len 8 --concurrency 1 --rounds 1 --skip multiturn chunked
 """
 
 from __future__ import annotations
@@ -28,15 +33,11 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import openai
-import torch
-
-import llmkit
-from llmkit.formats.named import resolve
-from llmkit.serve.app import background, create_app
-from llmkit.serve.config import ServeConfig
+import psutil
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -48,9 +49,23 @@ PROMPTS = [
     "Why do leaves change colour in autumn?",
     "Summarise the plot of a detective novel you would like to read.",
 ]
+SYSTEM = ("You are a patient, precise assistant for a public library. You answer questions about books, "
+          "authors, opening hours and borrowing rules. Keep answers short, friendly and factual. " * 4)
+XLLAMACPP_SERVER = """
+import sys, time
+import xllamacpp
+gguf, port, parallel, threads, ctx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+p = xllamacpp.CommonParams()
+p.model.path, p.n_parallel, p.n_ctx, p.port, p.cont_batching = gguf, parallel, ctx * parallel, port, True
+p.cpuparams.n_threads = p.cpuparams_batch.n_threads = threads
+server = xllamacpp.Server(p)
+print("listening", server.listening_address, flush=True)
+while True:
+    time.sleep(3600)
+"""
 
 
-def percentiles(values: list[float]) -> dict:
+def stats(values: list[float]) -> dict:
     if not values:
         return {"mean": None, "median": None, "p99": None}
     ordered = sorted(values)
@@ -58,24 +73,80 @@ def percentiles(values: list[float]) -> dict:
             "p99": ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]}
 
 
-async def one_request(client, model: str, prompt: str, output_len: int, no_eos: dict) -> dict:
-    start = time.perf_counter()
-    arrivals = []
-    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=output_len, temperature=0,
-                                             stream=True, logit_bias=no_eos)
-    async for chunk in stream:  # a token arrives with its text; empty chunks (a bare finish_reason) do not count
-        if chunk.choices and chunk.choices[0].text:
-            arrivals.append(time.perf_counter())
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A server in its own process: started, waited for, measured (RSS), stopped."""
+
+    def __init__(self, argv: list[str], port: int):
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while True:  # both answer /health with 200 once the model is loaded (llama.cpp: 503 before)
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"{argv[:4]} did not start")
+            time.sleep(0.5)
+        asyncio.run(throughput(self.url, 2, 2, 4, {}))  # warm up (and wait for the model to load)
+
+    def rss_mb(self) -> float:
+        p = psutil.Process(self.proc.pid)
+        return sum(q.memory_info().rss for q in [p, *p.children(recursive=True)]) / 2 ** 20
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def llmkit_server(model: str, threads: int, extra: list[str]) -> ServerProcess:
+    port = free_port()
+    return ServerProcess([sys.executable, "-m", "llmkit", "serve", model, "--port", str(port), "-t", str(threads),
+                          "--served-model-name", "m", "--max-rows", "64", "--kv-budget", "262144", *extra], port)
+
+
+def llamacpp_server(gguf: str, threads: int, parallel: int) -> ServerProcess:
+    port = free_port()
+    return ServerProcess([sys.executable, "-c", XLLAMACPP_SERVER, gguf, str(port), str(parallel), str(threads),
+                          "8192"], port)
+
+
+async def stream(client, prompt=None, messages=None, max_tokens=64, logit_bias=None) -> dict:
+    """One streamed request: its start and the arrival time of each token with text."""
+    start, arrivals = time.perf_counter(), []
+    if messages is None:
+        response = await client.completions.create(model="m", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                                   stream=True, logit_bias=logit_bias or None)
+        async for chunk in response:
+            if chunk.choices and chunk.choices[0].text:
+                arrivals.append(time.perf_counter())
+    else:
+        response = await client.chat.completions.create(model="m", messages=messages, max_tokens=max_tokens,
+                                                        temperature=0, stream=True, logit_bias=logit_bias or None)
+        async for chunk in response:
+            if chunk.choices and chunk.choices[0].delta.content:
+                arrivals.append(time.perf_counter())
     return {"start": start, "arrivals": arrivals}
 
 
-async def run_load(url: str, model: str, requests: int, concurrency: int, output_len: int, no_eos: dict) -> dict:
-    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
-    gate = asyncio.Semaphore(concurrency)
+def client_of(url: str):
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=1200)
+
+
+async def throughput(url: str, requests: int, concurrency: int, output_len: int, no_eos: dict) -> dict:
+    client, gate = client_of(url), asyncio.Semaphore(concurrency)
 
     async def limited(i):
         async with gate:
-            return await one_request(client, model, PROMPTS[i % len(PROMPTS)], output_len, no_eos)
+            return await stream(client, PROMPTS[i % len(PROMPTS)], max_tokens=output_len, logit_bias=no_eos)
 
     start = time.perf_counter()
     results = await asyncio.gather(*(limited(i) for i in range(requests)))
@@ -85,96 +156,159 @@ async def run_load(url: str, model: str, requests: int, concurrency: int, output
     for r in results:
         a = r["arrivals"]
         tokens += len(a)
-        ttft.append(a[0] - r["start"])
+        if a:
+            ttft.append(a[0] - r["start"])
         if len(a) > 1:
             tpot.append((a[-1] - a[0]) / (len(a) - 1))
             itl += [b - c for b, c in zip(a[1:], a[:-1], strict=True)]
-    ms = lambda xs: percentiles([x * 1000 for x in xs])  # noqa: E731
-    return {"concurrency": concurrency, "requests": requests, "output_tokens": tokens,
-            "all_tokens_streamed": tokens == requests * output_len, "duration_s": duration,
-            "output_throughput_tok_s": tokens / duration, "request_throughput_req_s": requests / duration,
+    ms = lambda xs: stats([x * 1000 for x in xs])  # noqa: E731
+    return {"concurrency": concurrency, "requests": requests, "output_tokens": tokens, "duration_s": duration,
+            "all_tokens_streamed": tokens == requests * output_len, "output_throughput_tok_s": tokens / duration,
             "ttft_ms": ms(ttft), "tpot_ms": ms(tpot), "itl_ms": ms(itl)}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+async def multiturn(url: str, no_eos: dict, conversations: int = 8, turns: int = 4, output_len: int = 32) -> dict:
+    """Every conversation in parallel, turn by turn; TTFT of each turn after the first (the cacheable ones)."""
+    client = client_of(url)
+    histories = [[{"role": "system", "content": SYSTEM}] for _ in range(conversations)]
+    ttft = {t: [] for t in range(turns)}
+    for t in range(turns):
+        for h, i in zip(histories, range(conversations), strict=True):
+            h.append({"role": "user", "content": PROMPTS[(i + t) % len(PROMPTS)]})
+        results = await asyncio.gather(*(stream(client, messages=h, max_tokens=output_len, logit_bias=no_eos)
+                                         for h in histories))
+        for h, r in zip(histories, results, strict=True):
+            ttft[t].append(r["arrivals"][0] - r["start"])
+            h.append({"role": "assistant", "content": "I see. " * (len(r["arrivals"]) // 2)})
+    await client.close()
+    return {"ttft_ms_median_by_turn": [statistics.median(v) * 1000 for v in ttft.values()],
+            "ttft_ms_median_later_turns": statistics.median([x for t in range(1, turns) for x in ttft[t]]) * 1000}
 
 
-def start_llamacpp(gguf: Path, threads: int):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "smollm2",
-                             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
-                             "--n_threads", str(threads), "--n_threads_batch", str(threads),
-                             "--interrupt_requests", "False"],  # queue concurrent requests, do not cut them
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return proc, url
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError("llama.cpp's server exited; is llama-cpp-python[server] installed?") from None
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("llama.cpp's server did not start")
+async def long_prompt_gap(url: str, long_tokens: int, no_eos: dict) -> dict:
+    """A stream decoding while a long prompt arrives: the stream's longest gap between tokens."""
+    client = client_of(url)
+    running = asyncio.ensure_future(stream(client, PROMPTS[0], max_tokens=400, logit_bias=no_eos))
+    await asyncio.sleep(2.0)
+    text = " ".join(PROMPTS) + " "
+    long_prompt = (text * (long_tokens // 90 + 1))[: long_tokens * 4]
+    start = time.perf_counter()
+    long = asyncio.ensure_future(stream(client, long_prompt, max_tokens=4, logit_bias=no_eos))
+    r, done = await asyncio.gather(running, long)
+    await client.close()
+    a = [t for t in r["arrivals"] if t >= start]
+    gaps = [b - c for b, c in zip(a[1:], a[:-1], strict=True)]
+    return {"longest_gap_s": max(gaps) if gaps else None, "long_prompt_ttft_s": done["arrivals"][0] - done["start"]}
+
+
+async def burst_ttft(url: str, no_eos: dict, requests: int = 64) -> dict:
+    client = client_of(url)
+    results = await asyncio.gather(*(stream(client, PROMPTS[i % len(PROMPTS)], max_tokens=16, logit_bias=no_eos)
+                                     for i in range(requests)))
+    await client.close()
+    return {"ttft_p50_s": statistics.median(r["arrivals"][0] - r["start"] for r in results)}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median output throughput (a whole run, so its fields stay consistent)."""
+    return sorted(runs, key=lambda r: r["output_throughput_tok_s"])[len(runs) // 2]
+
+
+def machine() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} CPUs"
+    return platform.machine()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m-instruct", help="registry name, .gguf file or HF folder")
-    p.add_argument("--requests", type=int, default=16)
-    p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp's server")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="registry name or .gguf file")
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="turns per system and concurrency (the median is kept)")
+    p.add_argument("--llmkit-args", default="", help="extra `llmkit serve` flags, e.g. '--quantize int4'")
+    p.add_argument("--long-prompt", type=int, default=7000, help="tokens of the chunked-prefill probe's prompt")
+    p.add_argument("--skip", nargs="*", default=[], choices=["multiturn", "chunked", "memory"])
     p.add_argument("--out", default="benchmarks/results/serve.json")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    model, tokenizer = llmkit.load(args.model)
-    # every request runs to output_len: EOS banned through logit_bias, which both servers honour
-    no_eos = {str(tokenizer.eos_id): -100.0}
-    systems = {
-        "llmkit_continuous": ServeConfig(model="smollm2", max_rows=64),
-        "llmkit_one_at_a_time": ServeConfig(model="smollm2", max_rows=1),
-    }
-    results: dict = {}
-    for name, config in systems.items():
-        with background(create_app(model, tokenizer, config)) as url:
-            asyncio.run(run_load(url, "smollm2", 2, 2, 4, no_eos))  # warm up
-            results[name] = [asyncio.run(run_load(url, "smollm2", args.requests, c, args.output_len, no_eos))
-                             for c in args.concurrency]
-            print(name, [round(r["output_throughput_tok_s"], 1) for r in results[name]], flush=True)
-    if not args.no_llamacpp:
-        gguf = resolve(args.model)
-        proc, url = start_llamacpp(gguf, args.threads)
-        try:
-            asyncio.run(run_load(url, "smollm2", 2, 2, 4, no_eos))
-            results["llamacpp_server"] = [asyncio.run(run_load(url, "smollm2", args.requests, c, args.output_len, no_eos))
-                                          for c in args.concurrency]
-            print("llamacpp_server", [round(r["output_throughput_tok_s"], 1) for r in results["llamacpp_server"]])
-        finally:
-            proc.terminate()
-            proc.wait(10)
 
-    def ratio(a, b):
-        return {str(c): x["output_throughput_tok_s"] / y["output_throughput_tok_s"]
-                for c, x, y in zip(args.concurrency, results[a], results[b], strict=True)}
+    from llmkit.formats.named import read_tokenizer, resolve
 
-    ratios = {"continuous_over_one_at_a_time_output_throughput": ratio("llmkit_continuous", "llmkit_one_at_a_time")}
-    if "llamacpp_server" in results:
-        ratios["continuous_over_llamacpp_output_throughput"] = ratio("llmkit_continuous", "llamacpp_server")
-    report = {"model": args.model, "requests": args.requests, "output_len": args.output_len,
-              "threads": args.threads, "machine": platform.processor() or platform.machine(),
-              "torch": torch.__version__, "llmkit_dtype": str(model.dtype),
-              "notes": "llmkit runs the GGUF dequantized to fp32; llama.cpp runs the Q4_1 file itself",
-              "results": results, "ratios": ratios}
+    gguf = str(resolve(args.model))
+    no_eos = {str(read_tokenizer(args.model).eos_id): -100}  # every request runs to output_len, in both servers
+    extra = args.llmkit_args.split()
+    results: dict = {"throughput": {"llmkit": [], "llamacpp": []}}
+    ours = llmkit_server(args.model, args.threads, extra)
+    try:
+        for c in args.concurrency:
+            theirs = llamacpp_server(gguf, args.threads, c)
+            runs = {"llmkit": [], "llamacpp": []}
+            try:
+                for _ in range(args.rounds):  # in turns
+                    for name, server in (("llmkit", ours), ("llamacpp", theirs)):
+                        runs[name].append(asyncio.run(throughput(server.url, max(args.requests, c), c,
+                                                                 args.output_len, no_eos)))
+                if c == 16 and "memory" not in args.skip:
+                    results["rss_mb_after_16_streams"] = {"llmkit": ours.rss_mb(), "llamacpp": theirs.rss_mb()}
+            finally:
+                theirs.stop()
+            for name in runs:
+                results["throughput"][name].append(median_run(runs[name]))
+            print(c, {n: round(results["throughput"][n][-1]["output_throughput_tok_s"], 1) for n in runs}, flush=True)
+        if "memory" not in args.skip:
+            results["rss_mb_idle_llmkit"] = ours.rss_mb()
+    finally:
+        ours.stop()
+    if "memory" not in args.skip:
+        theirs = llamacpp_server(gguf, args.threads, 16)
+        results["rss_mb_idle_llamacpp_16_slots"] = theirs.rss_mb()
+        theirs.stop()
+
+    if "multiturn" not in args.skip:
+        results["multiturn"] = {}
+        for name, start in (("llmkit_prefix_cache", lambda: llmkit_server(args.model, args.threads, extra)),
+                            ("llmkit_no_prefix_cache", lambda: llmkit_server(args.model, args.threads,
+                                                                             [*extra, "--prefix-cache", "0"])),
+                            ("llamacpp", lambda: llamacpp_server(gguf, args.threads, 8))):
+            server = start()
+            try:
+                results["multiturn"][name] = asyncio.run(multiturn(server.url, no_eos))
+            finally:
+                server.stop()
+            print(name, results["multiturn"][name], flush=True)
+
+    if "chunked" not in args.skip:
+        results["chunked_prefill"] = {}
+        for name, chunk in (("chunk_512", "512"), ("unchunked", "1000000")):
+            server = llmkit_server(args.model, args.threads, [*extra, "--prefill-chunk", chunk])
+            try:
+                results["chunked_prefill"][name] = {**asyncio.run(long_prompt_gap(server.url, args.long_prompt, no_eos)),
+                                                    "burst_64": asyncio.run(burst_ttft(server.url, no_eos))}
+            finally:
+                server.stop()
+            print(name, results["chunked_prefill"][name], flush=True)
+
+    ratios = {str(c): a["output_throughput_tok_s"] / b["output_throughput_tok_s"]
+              for c, a, b in zip(args.concurrency, results["throughput"]["llmkit"], results["throughput"]["llamacpp"],
+                                 strict=True)}
+    ttft = {str(c): a["ttft_ms"]["median"] / b["ttft_ms"]["median"]
+            for c, a, b in zip(args.concurrency, results["throughput"]["llmkit"], results["throughput"]["llamacpp"],
+                               strict=True)}
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    import torch
+    import xllamacpp
+
+    report = {"command": " ".join(["python", *sys.argv]), "commit": commit, "machine": machine(),
+              "torch": torch.__version__, "xllamacpp": getattr(xllamacpp, "__version__", "?"),
+              "model": args.model, "gguf": Path(gguf).name, "threads": args.threads, "llmkit_args": args.llmkit_args,
+              "output_throughput_llmkit_over_llamacpp": ratios, "ttft_median_llmkit_over_llamacpp": ttft,
+              **results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
-    print(json.dumps(ratios, indent=2))
+    print(json.dumps({"throughput_ratio": ratios, "ttft_ratio": ttft}, indent=2))
 
 
 if __name__ == "__main__":
