@@ -6,14 +6,16 @@ import pytest
 import torch
 
 from llmkit.config import ModelConfig
+from llmkit.data.corpora import documents
 from llmkit.data.shards import write_shards
 from llmkit.errors import ConfigError
 from llmkit.model import Transformer
 from llmkit.tokenizer import Tokenizer
-from llmkit.train import distill, objectives, ppo
+from llmkit.train import distill, objectives, ppo, pretrain
 from llmkit.train.distill import DistillConfig
 from llmkit.train.loop import train
 from llmkit.train.objectives import response_forward
+from llmkit.train.pretrain import PretrainConfig
 from llmkit.train.reward import reward_model_from
 
 TEXT = ["the movie was great and i loved every minute of it. ", "a dull and boring film, i hated it. "] * 40
@@ -153,3 +155,27 @@ def test_distill_soft_labels_and_hard_label_baseline(models, tmp_path):
     with pytest.raises(ConfigError, match="temperature"):
         distill.run(DistillConfig(**common, out_dir=str(tmp_path / "bad"), temperature=0.0))
 
+
+def test_a_distilled_student_beats_hard_labels_on_held_out_text(tmp_path):
+    """Hinton et al.'s setting: a teacher trained on all of tinyshakespeare, a student that sees only 1,000
+    characters of it for 80 steps (~40 epochs). On hard labels alone the student memorises them; with the
+    teacher's soft labels (the defaults, T=2, alpha=0.5) it learns what the teacher learnt from the rest.
+    The same student, seed, steps and batches; held-out text the student and the teacher never saw.
+    Measured 2.70 vs 3.22 nats per character (margins 0.33 to 0.90 over four seeds); the claim is 0.2."""
+    docs = [d.text for d in documents("tinyshakespeare")]
+    tokenizer = Tokenizer.train_chars(docs)
+    full, small = tmp_path / "full", tmp_path / "small"
+    for root, train_docs in ((full, docs[2:]), (small, [docs[2][:1000]])):
+        tokenizer.save_pretrained(root / "tokenizer")
+        write_shards(train_docs, tokenizer, root / "train", workers=1, progress=False)
+        write_shards(docs[:1], tokenizer, root / "val", workers=1, progress=False)
+    pretrain.run(PretrainConfig(model="llama-tiny", data=str(full), out_dir=str(tmp_path / "teacher"), context=64,
+                                batch_size=16, max_steps=100, warmup_steps=10, lr=1e-2, eval_every=0, eval_batches=1,
+                                save_every=0, progress=False, seed=1))
+    common = dict(teacher=str(tmp_path / "teacher"), model="llama-tiny", data=str(small), context=64, batch_size=8,
+                  max_steps=80, warmup_steps=5, lr=1e-2, eval_every=0, eval_batches=4, save_every=0, progress=False,
+                  seed=2)
+    soft = distill.run(DistillConfig(**common, out_dir=str(tmp_path / "soft"))).report
+    hard = distill.run(DistillConfig(**common, out_dir=str(tmp_path / "hard"), alpha=0.0)).report
+    soft_ce, hard_ce = soft["evals"][-1]["val_ce"], hard["evals"][-1]["val_ce"]
+    assert soft_ce < hard_ce - 0.2, (soft_ce, hard_ce)
