@@ -6,13 +6,16 @@ import pytest
 import torch
 
 from llmkit.config import ModelConfig
+from llmkit.data.corpora import documents
 from llmkit.data.shards import write_shards
 from llmkit.errors import ConfigError
 from llmkit.model import Transformer
 from llmkit.tokenizer import Tokenizer
-from llmkit.train import distill, ppo
+from llmkit.train import distill, objectives, ppo, pretrain
 from llmkit.train.distill import DistillConfig
+from llmkit.train.loop import train
 from llmkit.train.objectives import response_forward
+from llmkit.train.pretrain import PretrainConfig
 from llmkit.train.reward import reward_model_from
 
 TEXT = ["the movie was great and i loved every minute of it. ", "a dull and boring film, i hated it. "] * 40
@@ -86,6 +89,58 @@ def test_gae_on_rollout_shapes_matches_the_value_head_forward(models):
         torch.testing.assert_close(logps[i], expected[:, 0], rtol=1e-5, atol=1e-5)
 
 
+class EvenTokenShare(torch.nn.Module):
+    """A rule-based reward model: the share of response tokens with an even id (about 0.5 for a random
+    policy). It stands where PPO puts a reward model: `classify` on prompt + response + EOS rows."""
+
+    def __init__(self, response_tokens: int):
+        super().__init__()
+        self.response_tokens, self.device = response_tokens, torch.device("cpu")
+
+    def classify(self, input_ids, attention_mask):
+        end = attention_mask.sum(1, keepdim=True) - 1  # each row's EOS
+        position = torch.arange(input_ids.shape[1])[None]
+        response = (position >= end - self.response_tokens) & (position < end)
+        return ((input_ids % 2 == 0) & response).sum(1, keepdim=True).float() / self.response_tokens
+
+
+def test_adaptive_kl_controller_by_hand():
+    kl = ppo.AdaptiveKLController(0.1, target=2.0, horizon=100)
+    assert kl.update(3.0, 10) == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))  # KL / target - 1 = 0.5, clipped to 0.2
+    assert kl.update(1.8, 10) == pytest.approx(0.102 * (1 - 0.1 * 10 / 100))  # 0.9 - 1 = -0.1, within the clip
+    assert ppo.AdaptiveKLController(0.1).update(50.0, 10) == 0.1  # no target: a fixed coefficient
+
+
+def test_ppo_raises_a_rule_based_reward_and_steers_the_kl_coefficient(models, tmp_path):
+    """PPO against the even-token reward: the mean reward of 64 sampled continuations (the same random
+    stream before and after) rises by at least 0.2 in 80 optimizer steps (10 rollouts; measured +0.26, and
+    +0.26 to +0.39 over six seeds), and the adaptive controller moves its coefficient toward the target
+    after every rollout: down while the KL is below it, up once above."""
+    root, tokenizer = models
+    lm = Transformer.from_pretrained(root / "lm")
+    reward = EvenTokenShare(8)
+    texts = ["the movie", "a film", "i loved", "it was"] * 16
+    prompts = ppo.encode_prompts(tokenizer, texts)
+    config = ppo.PPOConfig(policy="rule", reward_model="rule", out_dir=str(tmp_path), iterations=10, rollout_size=16,
+                           mini_batch=8, ppo_epochs=4, response_tokens=8, lr=1e-2, kl_coef=0.01, kl_target=1.0,
+                           kl_horizon=64, progress=False, seed=1)
+    config.validate()
+    policy = ppo.policy_with_value_head(lm)
+    before = ppo.evaluate_policy(policy, reward, tokenizer, prompts, texts, config)["mean_reward"]
+    rollouts = ppo.Rollouts(policy, lm.requires_grad_(False).eval(), reward, tokenizer, prompts, config)
+    train(policy, objectives.ppo_objective(), rollouts, config, tmp_path)
+    after = ppo.evaluate_policy(policy, reward, tokenizer, prompts, texts, config)["mean_reward"]
+    assert after > before + 0.2, (before, after)  # 512 scored tokens: the mean's noise is ~0.02
+
+    kls = [r["kl"] for r in rollouts.history]
+    coefs = [r["kl_coef"] for r in rollouts.history] + [rollouts.kl.value]
+    assert min(kls) < 1.0 < max(kls)  # both directions are exercised
+    for coef, kl, following in zip(coefs[:-1], kls, coefs[1:], strict=True):
+        assert (following > coef) == (kl > 1.0), (kls, coefs)  # up while the KL is above the target, else down
+        # by Ziegler et al.'s rule, with 16 samples per rollout over a horizon of 64
+        assert following == pytest.approx(coef * (1 + max(-0.2, min(0.2, kl - 1.0)) * 16 / 64))
+
+
 def test_distill_soft_labels_and_hard_label_baseline(models, tmp_path):
     root, tokenizer = models
     data = tmp_path / "shards"
@@ -99,3 +154,28 @@ def test_distill_soft_labels_and_hard_label_baseline(models, tmp_path):
     assert soft["held_out_perplexity"] != hard["held_out_perplexity"]
     with pytest.raises(ConfigError, match="temperature"):
         distill.run(DistillConfig(**common, out_dir=str(tmp_path / "bad"), temperature=0.0))
+
+
+def test_a_distilled_student_beats_hard_labels_on_held_out_text(tmp_path):
+    """Hinton et al.'s setting: a teacher trained on all of tinyshakespeare, a student that sees only 1,000
+    characters of it for 80 steps (~40 epochs). On hard labels alone the student memorises them; with the
+    teacher's soft labels (the defaults, T=2, alpha=0.5) it learns what the teacher learnt from the rest.
+    The same student, seed, steps and batches; held-out text the student and the teacher never saw.
+    Measured 2.70 vs 3.22 nats per character (margins 0.33 to 0.90 over four seeds); the claim is 0.2."""
+    docs = [d.text for d in documents("tinyshakespeare")]
+    tokenizer = Tokenizer.train_chars(docs)
+    full, small = tmp_path / "full", tmp_path / "small"
+    for root, train_docs in ((full, docs[2:]), (small, [docs[2][:1000]])):
+        tokenizer.save_pretrained(root / "tokenizer")
+        write_shards(train_docs, tokenizer, root / "train", workers=1, progress=False)
+        write_shards(docs[:1], tokenizer, root / "val", workers=1, progress=False)
+    pretrain.run(PretrainConfig(model="llama-tiny", data=str(full), out_dir=str(tmp_path / "teacher"), context=64,
+                                batch_size=16, max_steps=100, warmup_steps=10, lr=1e-2, eval_every=0, eval_batches=1,
+                                save_every=0, progress=False, seed=1))
+    common = dict(teacher=str(tmp_path / "teacher"), model="llama-tiny", data=str(small), context=64, batch_size=8,
+                  max_steps=80, warmup_steps=5, lr=1e-2, eval_every=0, eval_batches=4, save_every=0, progress=False,
+                  seed=2)
+    soft = distill.run(DistillConfig(**common, out_dir=str(tmp_path / "soft"))).report
+    hard = distill.run(DistillConfig(**common, out_dir=str(tmp_path / "hard"), alpha=0.0)).report
+    soft_ce, hard_ce = soft["evals"][-1]["val_ce"], hard["evals"][-1]["val_ce"]
+    assert soft_ce < hard_ce - 0.2, (soft_ce, hard_ce)

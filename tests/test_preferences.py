@@ -2,6 +2,7 @@
 objectives on tiny models: bad input fails with one clear error, and a few steps move the margins."""
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,67 @@ def test_reward_training_separates_pairs(tmp_path, tokenizer):
     final = result.history[-1]
     assert final["val_accuracy"] == 1.0 and final["val_margin"] > before["margin"].item() + 1
     assert "accuracy" in result.history[0]  # the objective's metrics reach the log
+
+
+GOOD = ["great", "loved", "superb", "moving", "fun", "brilliant"]
+BAD = ["dull", "hated", "boring", "awful", "weak", "clumsy"]
+NOUNS = ["film", "movie", "plot", "cast", "story", "ending", "script", "score"]
+
+
+def word_pairs(n: int, held_out: bool, seed: int) -> list[dict]:
+    """A rule to learn: the chosen reply praises, the rejected one pans. Training pairs name their two
+    words in list order, held-out pairs in the reverse order, so no held-out reply was seen in training."""
+    rng = random.Random(seed)
+
+    def reply(words):
+        a, b = sorted(rng.sample(range(len(words)), 2), reverse=held_out)
+        return f" {words[a]} and {words[b]}"
+
+    return [{"prompt": f"the {rng.choice(NOUNS)} was", "chosen": reply(GOOD), "rejected": reply(BAD)}
+            for _ in range(n)]
+
+
+def test_reward_model_recipe_beats_chance_on_held_out_pairs(tmp_path):
+    """`llmkit reward --eval-hhh` end to end on a tiny model: held-out accuracy >= 0.9 (chance 0.5; measured
+    1.0 after 40 steps); the logged held-out accuracy and margin, and `pair_accuracy`, equal the same figures
+    computed pair by pair from each reply's reward alone (36 pairs: the last batch of 8 is partial)."""
+    from llmkit.cli import main
+
+    tokenizer = Tokenizer.train_chars(GOOD + BAD + NOUNS + ["the was and"])
+    lm = tiny(tokenizer, tie_embeddings=True)
+    lm.save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    train_file = write(tmp_path / "train.jsonl", word_pairs(400, held_out=False, seed=0))
+    eval_file = write(tmp_path / "eval.jsonl", word_pairs(36, held_out=True, seed=1))
+    run = tmp_path / "run"
+    assert main(["reward", "--model", str(tmp_path / "lm"), "--data", str(train_file), "--eval-data", str(eval_file),
+                 "--eval-pairs", "36", "--out-dir", str(run), "--max-steps", "40", "--batch-size", "8", "--lr", "3e-3",
+                 "--warmup-steps", "2", "--eval-every", "0", "--max-len", "64", "--progress", "false",
+                 "--eval-hhh"]) == 0
+    report = json.loads((run / "report.json").read_text())
+    # --eval-hhh scores BIG-bench's 221 hhh_alignment pairs (packaged); a char-level model trained on word
+    # pairs knows nothing of them, so only that they were all scored is checked
+    hhh = report["hhh_alignment"]
+    assert hhh["pairs"] == 221 and 0 <= hhh["accuracy"] <= 1 and hhh["max_len"] == 128  # the model's context
+    assert "hhh_alignment: accuracy" in (run / "report.md").read_text()
+    trained_on = len(prefs.held_out_pairs(prefs.read_preference_pairs(train_file), "train"))  # a file keeps 10% back
+    assert report["train_pairs"] == trained_on and report["eval_pairs"] == 36 and report["steps"] == 40
+
+    model = Transformer.from_pretrained(report["checkpoint"])
+    pairs = prefs.read_preference_pairs(eval_file)
+    margins = []
+    for row in prefs.tokenize_pairs(pairs, tokenizer, 64):  # one reply at a time: no batch, no padding
+        chosen, rejected = (model.classify(torch.tensor([row[k][0]]))[0, 0].item() for k in ("chosen", "rejected"))
+        margins.append(chosen - rejected)
+    by_hand = {"accuracy": sum(m > 0 for m in margins) / len(margins), "mean_margin": sum(margins) / len(margins)}
+    assert by_hand["accuracy"] >= 0.9, by_hand
+
+    measured = reward.pair_accuracy(model, tokenizer, pairs, max_len=64, batch_size=8)
+    assert measured["pairs"] == 36 and measured["accuracy"] == by_hand["accuracy"]
+    assert measured["mean_margin"] == pytest.approx(by_hand["mean_margin"], rel=1e-5)  # fp32 sums, batched or not
+    logged = report["last_eval"]
+    assert logged["val_accuracy"] == pytest.approx(by_hand["accuracy"], abs=1e-6)
+    assert logged["val_margin"] == pytest.approx(by_hand["mean_margin"], rel=1e-5)
 
 
 def test_dpo_moves_log_ratios_the_right_way(tmp_path, tokenizer):

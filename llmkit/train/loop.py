@@ -283,19 +283,22 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
                 f.write(json.dumps(record) + "\n")
 
     def evaluate() -> dict[str, float]:
-        losses, extras = [], {}
+        # Each batch's means count for the examples it holds, so a short last batch (36 held-out pairs in
+        # batches of 8) weighs what it holds, and val_accuracy is the share of examples right.
+        sums, examples = {}, 0
         model.eval()
         with torch.no_grad(), _autocast(device, amp_dtype):
             for batch in eval_batches():
                 loss, metrics = objective(training_step.forward_model, _to_device(batch, device))
-                losses.append(loss.float())
-                for k, v in _extra_metrics(metrics).items():
-                    extras.setdefault(k, []).append(v)
+                rows = _rows(batch)
+                for k, v in {"loss": loss.float(), **_extra_metrics(metrics)}.items():
+                    sums[k] = sums.get(k, 0) + v * rows
+                examples += rows
         model.train()
-        loss = dist_.all_reduce_mean(torch.stack(losses).mean(), world).item()
+        means = {k: dist_.all_reduce_mean(v / examples, world).item() for k, v in sums.items()}
+        loss = means.pop("loss")
         result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
-        result.update({f"val_{k}": dist_.all_reduce_mean(torch.stack(v).mean(), world).item()
-                       for k, v in extras.items()})
+        result.update({f"val_{k}": v for k, v in means.items()})
         if bytes_per_token:
             result["val_bpb"] = loss / math.log(2) / bytes_per_token
         return result
@@ -405,6 +408,15 @@ def _extra_metrics(metrics: dict) -> dict[str, torch.Tensor]:
     """An objective's scalar metrics beyond the loss and token count, as detached fp32 tensors."""
     return {k: v.detach().float() for k, v in metrics.items() if k not in ("loss", "tokens")
             and isinstance(v, torch.Tensor) and v.numel() == 1}
+
+
+def _rows(batch) -> int:
+    """How many examples (sequences, or both replies of each pair) a batch holds: its inputs' leading size."""
+    if isinstance(batch, dict):
+        return _rows(batch["input_ids"] if "input_ids" in batch else next(iter(batch.values())))
+    if isinstance(batch, (tuple, list)):
+        return _rows(batch[0])
+    return batch.shape[0]
 
 
 def _to_device(batch, device):

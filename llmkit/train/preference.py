@@ -36,6 +36,7 @@ class PreferenceConfig(LoopConfig):
 
 
 def load_pairs(spec: str, split: str, n: int, seed: int) -> list[prefs.PreferencePair]:
+    """The `split` ("train", "test", or "all": every pair, for a file given as held-out data) of a source."""
     if spec == "movie_reviews":
         return prefs.movie_review_pairs(n, split, seed=seed)
     if spec == "arithmetic":
@@ -45,14 +46,17 @@ def load_pairs(spec: str, split: str, n: int, seed: int) -> list[prefs.Preferenc
             raise ConfigError("hhh_alignment (221 pairs) is for evaluation only; train on other pairs and pass "
                               "--eval-data hhh_alignment (or --eval-hhh for `llmkit reward`)")
         return prefs.hhh_alignment()
-    return prefs.held_out_pairs(prefs.read_preference_pairs(spec), split)
+    pairs = prefs.read_preference_pairs(spec)
+    return pairs if split == "all" else prefs.held_out_pairs(pairs, split)
 
 
 def split_pairs(config: PreferenceConfig) -> tuple[list, list]:
-    """(training pairs, held-out pairs): the held-out ones from `eval_data` when given, else from `data`."""
+    """(training pairs, held-out pairs): the held-out ones from `eval_data` when given (all of a JSONL file,
+    the test split of a packaged source), else from `data`'s test split."""
     train_pairs = load_pairs(config.data, "train", config.train_pairs, config.seed)
     if config.eval_data:
-        eval_pairs = load_pairs(config.eval_data, "test", config.eval_pairs, config.seed)
+        eval_pairs = load_pairs(config.eval_data, "test" if config.eval_data in PACKAGED else "all",
+                                config.eval_pairs, config.seed)
     else:
         eval_pairs = load_pairs(config.data, "test", config.eval_pairs, config.seed)
     return train_pairs, eval_pairs[:config.eval_pairs]

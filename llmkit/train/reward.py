@@ -75,8 +75,11 @@ def run(config: RewardConfig) -> TrainResult:
               "eval_pairs": len(eval_pairs), **run_summary(result)}
     sections = [pairs_section(config, len(rows), len(eval_pairs))]
     if config.eval_hhh:
-        h = report["hhh_alignment"] = pair_accuracy(model, tokenizer, prefs.hhh_alignment(), max_len=512)
+        # the dialogues run to ~500 tokens; a shorter model context cuts them from the left (the prompt first)
+        max_len = min(512, model.config.max_seq_len)
+        h = report["hhh_alignment"] = {**pair_accuracy(model, tokenizer, prefs.hhh_alignment(), max_len=max_len),
+                                       "max_len": max_len}
         sections.append(f"BIG-bench hhh_alignment: accuracy {h['accuracy']:.3f} on {h['pairs']} pairs "
-                        f"(chance 0.5), mean margin {h['mean_margin']:.3f}")
+                        f"(chance 0.5; at most {max_len} tokens each), mean margin {h['mean_margin']:.3f}")
     write_report(config.out_dir, "Reward model (Bradley-Terry)", report, sections)
     return dataclasses.replace(result, report=report)
