@@ -168,6 +168,23 @@ def test_chat_and_streamed_chat_equal_llmkit_generate(client, tiny):
     assert "".join(d.content or "" for d in pieces) == want.text
 
 
+def test_a_later_chat_turn_reuses_the_cached_prefix(server, client, tiny):
+    """The second turn of a conversation starts with the first turn's prompt: its full 16-token blocks
+    come from the prefix cache (counted in /metrics), and the answer is still llmkit.generate's."""
+    model, tok = tiny
+    turn1 = [{"role": "system", "content": "héllo wörld, naïve café. the cat sat on the mat."},
+             {"role": "user", "content": "a dog ran"}]
+    first = client.chat.completions.create(model=NAME, messages=turn1, max_tokens=8, temperature=0)
+    turn2 = [*turn1, {"role": "assistant", "content": first.choices[0].message.content},
+             {"role": "user", "content": "in the park"}]
+    before = metrics(server)
+    second = client.chat.completions.create(model=NAME, messages=turn2, max_tokens=8, temperature=0)
+    after = metrics(server)
+    hits = after[("llmkit:prefix_cache_hits_total", ())] - before[("llmkit:prefix_cache_hits_total", ())]
+    assert hits >= 16 and hits % 16 == 0
+    assert second.choices[0].message.content == chat_reference(model, tok, turn2, max_new_tokens=8, temperature=0).text
+
+
 @pytest.mark.slow
 def test_smollm2_chat_equals_llmkit_generate():
     model, tok = llmkit.load("smollm2-135m-instruct")
