@@ -1,6 +1,7 @@
 """The training loop's invariants: hand-checked loss, accumulation, decay, schedules, NaN guard."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -132,9 +133,13 @@ def test_schedules():
     assert lr_factor(70, "constant", 10, 100) == 1.0
 
 
-def test_a_wall_clock_budget_ends_the_decay_even_when_steps_run_out_first(tmp_path):
+def test_a_wall_clock_budget_ends_the_decay_even_when_steps_run_out_first(tmp_path, monkeypatch):
     # max_steps far beyond what 1.5 s allows: a step-based cosine would still be near its peak
-    # when the budget stops the run; the time-aware schedule has decayed to its floor.
+    # when the budget stops the run; the time-aware schedule has decayed to its floor. The loop's
+    # clock advances 10 ms per reading, so the result does not depend on how busy the machine is
+    # (a slow last step under load left the final lr short of the floor).
+    ticks = iter(range(10 ** 9))
+    monkeypatch.setattr(sys.modules["llmkit.train.loop"].time, "perf_counter", lambda: next(ticks) * 0.01)
     config = quiet(max_steps=1_000_000, max_minutes=0.025, warmup_steps=0, lr=1e-3, min_lr_ratio=0.1)
     result = train(tiny_model(), causal_lm_loss, RandomWindows(text_tokens(), 1, 16), config, tmp_path)
     lrs = [r["lr"] for r in result.history if "lr" in r]
