@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from llmkit.config import ModelConfig
-from llmkit.errors import ConfigError, FormatError
+from llmkit.errors import ConfigError, FormatError, StorageError
 from llmkit.files import atomic_path, atomic_write_json
 
 CONFIG = "config.json"
@@ -294,15 +294,13 @@ def save_checkpoint(folder: Path, config: ModelConfig, state_dict: dict[str, tor
     shards = _shard(tensors, max_shard_size)
     written = set()
     if len(shards) == 1:
-        with atomic_path(folder / WEIGHTS) as tmp:
-            save_file(shards[0], str(tmp), metadata={"format": "pt"})
+        _save_safetensors(shards[0], folder / WEIGHTS)
         written.add(WEIGHTS)
     else:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            with atomic_path(folder / name) as tmp:
-                save_file(shard, str(tmp), metadata={"format": "pt"})
+            _save_safetensors(shard, folder / name)
             weight_map.update(dict.fromkeys(shard, name))
             written.add(name)
         total = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -319,6 +317,14 @@ def save_checkpoint(folder: Path, config: ModelConfig, state_dict: dict[str, tor
     hf_config["torch_dtype"] = hf_config["dtype"] = str(stored_dtype).removeprefix("torch.")
     atomic_write_json(folder / CONFIG, hf_config)
     return folder
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    with atomic_path(path) as tmp:
+        try:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        except SafetensorError as e:  # its only cause for contiguous, unshared tensors: the write failed
+            raise StorageError(f"cannot write {path}: {e}") from None
 
 
 def _shard(tensors: dict[str, torch.Tensor], max_shard_size: int | None) -> list[dict[str, torch.Tensor]]:
