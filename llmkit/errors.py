@@ -24,3 +24,7 @@ class FormatError(LlmkitError, ValueError):
 
 class DataError(LlmkitError, ValueError):
     """A corpus or data set is empty, malformed or inconsistent."""
+
+
+class StorageError(LlmkitError, OSError):
+    """A file could not be written (a full disk, a read-only folder); nothing half-written is left."""

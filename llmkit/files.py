@@ -1,4 +1,4 @@
-"""Atomic writes, checksums, JSONL rows and the cache folder: the bottom floor (imports only llmkit.errors).
+"""Atomic writes, checksums, JSON and JSONL reading, and the cache folder: the bottom floor (imports only llmkit.errors).
 
 A killed process must never leave a half-written file under its final name, so every write goes
 to a temporary file in the same folder, is fsynced, and is then renamed over the target.
@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llmkit.errors import DataError
+from llmkit.errors import DataError, FormatError, StorageError
 
 
 def cache_dir() -> Path:
@@ -48,21 +48,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     Use it for writers that want a file name (safetensors, torch.save, numpy):
         with atomic_path(folder / "model.safetensors") as tmp:
             save_file(tensors, tmp)
+
+    A write that fails (a full disk, a read-only folder) raises StorageError naming `path`.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the final file gets the usual permissions
+    tmp = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the final file gets the usual permissions
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
         fsync_dir(target.parent)
+    except OSError as e:
+        if isinstance(e, StorageError):
+            raise
+        raise StorageError(f"cannot write {target}: {e.strerror or e}") from None
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             tmp.unlink()
 
 
@@ -93,12 +100,30 @@ def read_jsonl_rows(path: str | os.PathLike, expected: str) -> Iterator[tuple[st
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} does not exist; expected {expected}")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
             try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
                 row = json.loads(line)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not UTF-8 text (byte {e.start} of the line); expected {expected}") from None
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: not valid JSON ({e.msg}); expected {expected}") from None
             yield f"{path}:{n}", row
+
+
+def read_json(path: str | os.PathLike, expected: str) -> Any:
+    """The JSON value in a file; a missing, non-UTF-8 or non-JSON file raises FormatError naming it and
+    `expected` (what the file should hold)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise FormatError(f"{path}: cannot be read ({e.strerror}); expected {expected}") from None
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{path}: not UTF-8 text (byte {e.start}); expected {expected}") from None
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: not valid JSON ({e.msg}, line {e.lineno} column {e.colno}); expected "
+                          f"{expected}") from None

@@ -19,7 +19,7 @@ from pathlib import Path
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as Backend
 
-from llmkit.errors import ConfigError, DataError, FormatError
+from llmkit.errors import ConfigError, DataError, FormatError, StorageError
 from llmkit.files import atomic_path, atomic_write_json
 
 ENDOFTEXT = "<|endoftext|>"
@@ -266,7 +266,10 @@ class Tokenizer:
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(folder / "tokenizer.json") as tmp:
-            self.backend.save(str(tmp))
+            try:
+                self.backend.save(str(tmp))
+            except Exception as e:  # tokenizers reports a failed write (a full disk) as a bare Exception
+                raise StorageError(f"cannot write {folder / 'tokenizer.json'}: {e}") from None
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self.id_to_token(self._bos) if self._bos is not None else None,

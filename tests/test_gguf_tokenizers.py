@@ -109,7 +109,7 @@ def test_read_metadata_equals_the_gguf_packages_reader(tmp_path):
     """Our header parser (a second instead of 20-30 s for Gemma's vocabulary) gives the gguf package's values."""
     path = _vocab_test("llama-spm")[0]
     ours = read_metadata(path)
-    assert ours == gguf._metadata(gguf._open(path)) and len(ours["tokenizer.ggml.tokens"]) == 32000
+    assert ours == gguf._metadata(gguf._open(path), str(path)) and len(ours["tokenizer.ggml.tokens"]) == 32000
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(path.read_bytes()[:300_000])
     with pytest.raises(FormatError, match="cut.gguf: unreadable GGUF header .* truncated or corrupt"):

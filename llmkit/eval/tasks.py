@@ -27,7 +27,6 @@ is X." and a zero-shot prompt ends with "Let's think step by step.".
 from __future__ import annotations
 
 import collections
-import json
 import math
 import random
 import re
@@ -147,14 +146,45 @@ def read_task_docs(path: str | Path, kind: str) -> list[dict]:
 
 
 def _infer_kind(path: Path) -> str:
-    with open(path, encoding="utf-8") as f:
-        first = next((line for line in f if line.strip()), "")
-    try:
-        row = json.loads(first)
-    except json.JSONDecodeError:
-        raise DataError(f"{path}:1: not valid JSON; expected rows like {_SCHEMA['multiple_choice']} "
-                        f"or {_SCHEMA['generation']}") from None
+    rows = read_jsonl_rows(path, f"rows like {_SCHEMA['multiple_choice']} or {_SCHEMA['generation']}")
+    _, row = next(rows, (None, None))
     return "multiple_choice" if isinstance(row, dict) and "choices" in row else "generation"
+
+
+# lm-eval's TaskConfig fields (0.4): a task YAML holds only these, so a misspelt (or damaged) key is an
+# error instead of a setting silently left at its default.
+_LM_EVAL_KEYS = {"task", "task_alias", "tag", "group", "custom_dataset", "dataset_path", "dataset_name",
+                 "dataset_kwargs", "training_split", "validation_split", "test_split", "fewshot_split",
+                 "process_docs", "doc_to_text", "doc_to_target", "doc_to_image", "doc_to_audio", "unsafe_code",
+                 "doc_to_choice", "process_results", "use_prompt", "description", "target_delimiter",
+                 "fewshot_delimiter", "fewshot_config", "num_fewshot", "metric_list", "output_type",
+                 "generation_kwargs", "repeats", "filter_list", "should_decontaminate",
+                 "doc_to_decontamination_query", "gen_prefix", "multiple_input", "metadata"}
+# What llmkit reads from it, with the type each must have.
+_YAML_TYPES = {"task": str, "dataset_kwargs": dict, "test_split": str, "description": str, "target_delimiter": str,
+               "fewshot_delimiter": str, "generation_kwargs": dict, "filter_list": list}
+
+
+def _read_task_yaml(path: Path) -> dict:
+    """The mapping of an lm-eval task YAML; anything else (bad UTF-8 or YAML, unknown keys, a value of the
+    wrong type) is a ConfigError naming the file."""
+    import yaml
+
+    try:
+        spec = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); expected an lm-eval task YAML") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); expected an lm-eval task YAML") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: holds a YAML {type(spec).__name__}; expected a mapping of lm-eval task keys")
+    unknown = sorted(str(k) for k in set(spec) - _LM_EVAL_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; expected lm-eval TaskConfig keys")
+    for key, kind in _YAML_TYPES.items():
+        if key in spec and not isinstance(spec[key], kind):
+            raise ConfigError(f"{path}: {key} is {spec[key]!r}; expected a {kind.__name__}")
+    return spec
 
 
 def task_from_file(path: str | Path) -> Task:
@@ -167,9 +197,7 @@ def task_from_file(path: str | Path) -> Task:
     if path.suffix == ".jsonl":
         kind = _infer_kind(path)
         return Task(path.stem, kind, lambda: read_task_docs(path, kind), until=("\n",) if kind == "generation" else ())
-    import yaml
-
-    spec = yaml.safe_load(path.read_text())
+    spec = _read_task_yaml(path)
     output_type = spec.get("output_type")
     kind = {"multiple_choice": "multiple_choice", "generate_until": "generation"}.get(output_type)
     if kind is None:
@@ -182,22 +210,45 @@ def task_from_file(path: str | Path) -> Task:
         if str(spec.get(key, "")).replace(" ", "") != value:
             raise ConfigError(f"{path}: {key} is {spec.get(key)!r}; llmkit reads task YAMLs over its JSONL schema, "
                               f"expected {value!r}")
-    files = (spec.get("dataset_kwargs") or {}).get("data_files") or {}
+    files = spec.get("dataset_kwargs", {}).get("data_files")
     split = spec.get("test_split", "test")
-    if spec.get("dataset_path") != "json" or split not in files:
+    if spec.get("dataset_path") != "json" or not isinstance(files, dict) or not isinstance(files.get(split), str):
         raise ConfigError(f"{path}: expected dataset_path: json and dataset_kwargs.data_files.{split}: a JSONL file")
     data = Path(files[split])  # lm-eval (datasets) reads it relative to the working folder; else beside the YAML
     data = data if data.is_absolute() or data.is_file() else path.parent / data
-    gen = spec.get("generation_kwargs") or {}
-    regex, group, fallback = None, 0, "[invalid]"
-    for flt in (spec.get("filter_list") or [{}])[0].get("filter", []):
-        if flt.get("function") == "regex":
-            regex, group, fallback = flt["regex_pattern"], flt.get("group_select", 0), flt.get("fallback", fallback)
+    if not data.is_file():
+        raise ConfigError(f"{path}: dataset_kwargs.data_files.{split} is {files[split]!r}, which is not a file (here "
+                          "or beside the YAML)")
+    gen = spec.get("generation_kwargs", {})
+    until, max_gen_toks = gen.get("until", ["\n\n"]), gen.get("max_gen_toks", 256)
+    if not (isinstance(until, list) and all(isinstance(u, str) for u in until) and type(max_gen_toks) is int):
+        raise ConfigError(f"{path}: generation_kwargs is {gen!r}; expected until: a list of strings and "
+                          "max_gen_toks: an integer")
+    regex, group, fallback = _regex_filter(spec.get("filter_list"), path)
     return Task(spec.get("task", path.stem), kind, lambda: read_task_docs(data, kind),
                 description=spec.get("description", ""), target_delimiter=spec.get("target_delimiter", " "),
-                fewshot_delimiter=spec.get("fewshot_delimiter", "\n\n"), until=tuple(gen.get("until", ["\n\n"])),
-                max_gen_toks=gen.get("max_gen_toks", 256), answer_regex=regex, group_select=group,
-                fallback=fallback, normalize="none")
+                fewshot_delimiter=spec.get("fewshot_delimiter", "\n\n"), until=tuple(until),
+                max_gen_toks=max_gen_toks, answer_regex=regex, group_select=group, fallback=fallback, normalize="none")
+
+
+def _regex_filter(filter_list, path: Path) -> tuple[str | None, int, str]:
+    """(regex, group_select, fallback) of the first filter pipeline's `regex` step, if any, checked."""
+    regex, group, fallback = None, 0, "[invalid]"
+    steps = (filter_list or [{}])[0]
+    steps = steps.get("filter", []) if isinstance(steps, dict) else None
+    if not isinstance(steps, list) or not all(isinstance(f, dict) for f in steps):
+        raise ConfigError(f"{path}: filter_list is {filter_list!r}; expected [{{name, filter: [{{function, ...}}]}}]")
+    for flt in steps:
+        if flt.get("function") == "regex":
+            regex, group, fallback = flt.get("regex_pattern"), flt.get("group_select", 0), flt.get("fallback", fallback)
+            if not (isinstance(regex, str) and type(group) is int and isinstance(fallback, str)):
+                raise ConfigError(f"{path}: the regex filter {flt!r} needs regex_pattern: a string, group_select: an "
+                                  "integer and fallback: a string")
+            try:
+                re.compile(regex)
+            except re.error as e:
+                raise ConfigError(f"{path}: regex_pattern {regex!r} is not a valid regex ({e})") from None
+    return regex, group, fallback
 
 
 # ---- prompts ----------------------------------------------------------------------------------

@@ -133,15 +133,25 @@ def _open(path: Path):
     except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as e:  # what a damaged file raises
         raise FormatError(f"{path}: unreadable GGUF header ({type(e).__name__}: {str(e)[:200]}); "
                           f"the file ({size} bytes) is truncated or corrupt") from None
+    # llama.cpp's rule (gguf.cpp): the tensors' data follow each other in table order, each padded to the
+    # alignment. A damaged offset, type or dimension would otherwise read another tensor's bytes.
+    expected, align = int(reader.data_offset), int(reader.alignment)
     for t in reader.tensors:
         end = int(t.data_offset) + int(t.n_bytes)
         if end > size:
             raise FormatError(f"{path}: tensor {t.name!r} needs bytes {t.data_offset}..{end} but the file has "
                               f"only {size}: the file is truncated")
+        if int(t.data_offset) != expected:
+            raise FormatError(f"{path}: tensor {t.name!r} starts at byte {t.data_offset}, expected {expected} (where "
+                              f"the previous tensor ends, padded to {align} bytes): the tensor table is corrupt")
+        expected += -(-int(t.n_bytes) // align) * align
+    if reader.tensors and not 0 <= size - end < align:
+        raise FormatError(f"{path}: the tensors end at byte {end} but the file has {size} bytes: the tensor table "
+                          "is corrupt")
     return reader
 
 
-def _metadata(reader) -> dict:
+def _metadata(reader, source: str) -> dict:
     meta = {}
     for key, f in reader.fields.items():
         if key.startswith("GGUF."):
@@ -149,7 +159,7 @@ def _metadata(reader) -> dict:
         try:
             meta[key] = f.contents()
         except Exception as e:
-            raise FormatError(f"metadata key {key!r} cannot be decoded ({e})") from None
+            raise FormatError(f"{source}: metadata key {key!r} cannot be decoded ({e})") from None
     return meta
 
 
@@ -166,6 +176,8 @@ def read_metadata(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FormatError(f"{path}: no such GGUF file")
+    if (size := path.stat().st_size) < 24:  # (mmap refuses an empty file)
+        raise FormatError(f"{path}: truncated GGUF file ({size} bytes; the 24-byte header is missing)")
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         try:
             magic, version, _, n_kv = struct.unpack_from("<4sIQQ", buf, 0)
@@ -368,7 +380,7 @@ def read_gguf(path: str | os.PathLike, with_tokenizer: bool = True, only: set[st
     path = Path(path)
     source = str(path)
     reader = _open(path)
-    meta = _metadata(reader)
+    meta = _metadata(reader, source)
     stored = {t.name: t for t in reader.tensors}
     config = config_from_metadata(meta, set(stored), source)
     arch = meta["general.architecture"]

@@ -17,7 +17,7 @@ import json
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
-from llmkit.errors import FormatError
+from llmkit.errors import FormatError, LlmkitError
 from llmkit.tokenizer import Tokenizer
 
 # llama.cpp's token types (llama_token_type).
@@ -51,7 +51,20 @@ def _pre_tokenizer(pre: str, source: str):
 
 
 def tokenizer_from_metadata(meta: dict, source: str) -> Tokenizer:
-    """Build the `Tokenizer` described by a GGUF file's `tokenizer.*` keys (`meta`: key -> value)."""
+    """Build the `Tokenizer` described by a GGUF file's `tokenizer.*` keys (`meta`: key -> value); any
+    problem is a FormatError naming `source`."""
+    try:
+        return _from_metadata(meta, source)
+    except LlmkitError as e:
+        if source in str(e):
+            raise
+        raise FormatError(f"{source}: {e}") from None
+    except Exception as e:  # tokenizers' own errors on a damaged vocabulary (a merge of tokens it lacks, ...)
+        raise FormatError(f"{source}: the tokenizer in the metadata cannot be built ({type(e).__name__}: "
+                          f"{str(e)[:200]}); the file is corrupt or was written by a broken converter") from None
+
+
+def _from_metadata(meta: dict, source: str) -> Tokenizer:
     kind = meta.get("tokenizer.ggml.model")
     if kind is None or "tokenizer.ggml.tokens" not in meta:
         missing = "tokenizer.ggml.model" if kind is None else "tokenizer.ggml.tokens"

@@ -11,17 +11,18 @@ imports the model: `Transformer.from_pretrained` / `save_pretrained` call it.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from llmkit.config import ModelConfig
-from llmkit.errors import ConfigError, FormatError
-from llmkit.files import atomic_path, atomic_write_json
+from llmkit.errors import ConfigError, FormatError, StorageError
+from llmkit.files import atomic_path, atomic_write_json, read_json
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -130,8 +131,13 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
               "U8": torch.uint8, "BOOL": torch.bool}
 
 
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
 def read_safetensors_header(path: Path) -> dict[str, dict]:
-    """The tensor table of a safetensors file, after checking every tensor lies inside the file."""
+    """The tensor table of a safetensors file, after checking its structure: each entry's dtype, shape
+    and byte range, the ranges' lengths against their shapes, and the ranges tiling the data section
+    exactly (no overlap, no gap), so a damaged header or a truncated file is named, never read."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -149,16 +155,58 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}); expected an object")
     header.pop("__metadata__", None)
     data_size = size - 8 - n
     for name, info in header.items():
+        if not (isinstance(info, dict) and isinstance(info.get("dtype"), str) and _int_list(info.get("shape"))
+                and _int_list(info.get("data_offsets")) and len(info["data_offsets"]) == 2):
+            raise FormatError(f"{path}: corrupt safetensors header: tensor {name!r} is {str(info)[:100]}; expected "
+                              "{'dtype': str, 'shape': [int, ...], 'data_offsets': [start, end]}")
+        if info["dtype"] not in _ST_DTYPES:
+            raise FormatError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which llmkit does not read")
         start, end = info["data_offsets"]
         if end > data_size:
             raise FormatError(f"{path}: tensor {name!r} needs bytes {start}..{end} of the data section but "
                               f"the file holds only {data_size}: the file is truncated")
-        if info["dtype"] not in _ST_DTYPES:
-            raise FormatError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which llmkit does not read")
+        nbytes = math.prod(info["shape"]) * _ST_DTYPES[info["dtype"]].itemsize
+        if end - start != nbytes:
+            raise FormatError(f"{path}: corrupt safetensors header: tensor {name!r} of shape {info['shape']} and "
+                              f"dtype {info['dtype']} needs {nbytes} bytes, its range {start}..{end} holds {end - start}")
+    position = 0
+    for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
+        if info["data_offsets"][0] != position:
+            raise FormatError(f"{path}: corrupt safetensors header: tensor {name!r} starts at byte "
+                              f"{info['data_offsets'][0]} of the data section, expected {position} (the tensors' "
+                              "ranges must follow each other without gap or overlap)")
+        position = info["data_offsets"][1]
+    if position != data_size:
+        raise FormatError(f"{path}: the tensors end at byte {position} of the data section but it holds {data_size}")
     return header
+
+
+def _int_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+
+
+def read_safetensors(path: Path, expected: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, after `read_safetensors_header`; each must be floating point
+    (a damaged dtype such as F32 -> I32 keeps the byte count). Problems are FormatErrors naming the file;
+    `expected` says what it should hold (an adapter's weights, ...)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"{path} is missing; expected {expected}")
+    header = read_safetensors_header(path)
+    for name, info in header.items():
+        if info["dtype"] not in _FLOAT_DTYPES:
+            raise FormatError(f"{path}: tensor {name!r} has dtype {info['dtype']}; expected {expected} in floating "
+                              f"point ({', '.join(_FLOAT_DTYPES)})")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: f.get_tensor(name) for name in header}
+    except Exception as e:  # safetensors raises its own error types
+        raise FormatError(f"{path}: cannot read tensors ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,24 +221,23 @@ def read_config(folder: Path) -> ModelConfig:
     if not path.is_file():
         raise FormatError(f"{folder}: no {CONFIG}; expected a Hugging Face checkpoint folder with "
                           f"{CONFIG} and {WEIGHTS}")
-    try:
-        hf_config = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: not valid JSON ({e})") from None
+    hf_config = read_json(path, "a Hugging Face config.json (a JSON object)")
+    if not isinstance(hf_config, dict):
+        raise FormatError(f"{path}: holds a JSON {type(hf_config).__name__}; expected a JSON object")
     try:
         return ModelConfig.from_hf_config(hf_config, source=str(path))
-    except ConfigError as e:
-        raise FormatError(str(e)) from None
+    except ConfigError as e:  # (the dataclass's own checks do not know the file)
+        raise FormatError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
 
 
 def _weight_files(folder: Path) -> dict[str, Path]:
     """Map each stored tensor name to its file: one model.safetensors, or a sharded index."""
     index = folder / INDEX
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (KeyError, json.JSONDecodeError) as e:
-            raise FormatError(f"{index}: not a valid safetensors index ({e})") from None
+        weight_map = read_json(index, "a safetensors index {'weight_map': {tensor: file}}")
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not (isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())):
+            raise FormatError(f"{index}: not a valid safetensors index; expected {{'weight_map': {{tensor: file}}}}")
         return {name: folder / file for name, file in weight_map.items()}
     single = folder / WEIGHTS
     if single.is_file():
@@ -238,6 +285,9 @@ def load_checkpoint(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]
         if shape != e.shape:
             raise FormatError(f"{file}: tensor {e.hf!r} has shape {list(shape)}, expected {list(e.shape)} "
                               f"from {CONFIG}")
+        if headers[file][name]["dtype"] not in _FLOAT_DTYPES:
+            raise FormatError(f"{file}: tensor {e.hf!r} has dtype {headers[file][name]['dtype']}; expected weights "
+                              f"in floating point ({', '.join(_FLOAT_DTYPES)})")
 
     tensors: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[_Entry]] = {}
@@ -294,15 +344,13 @@ def save_checkpoint(folder: Path, config: ModelConfig, state_dict: dict[str, tor
     shards = _shard(tensors, max_shard_size)
     written = set()
     if len(shards) == 1:
-        with atomic_path(folder / WEIGHTS) as tmp:
-            save_file(shards[0], str(tmp), metadata={"format": "pt"})
+        _save_safetensors(shards[0], folder / WEIGHTS)
         written.add(WEIGHTS)
     else:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            with atomic_path(folder / name) as tmp:
-                save_file(shard, str(tmp), metadata={"format": "pt"})
+            _save_safetensors(shard, folder / name)
             weight_map.update(dict.fromkeys(shard, name))
             written.add(name)
         total = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -319,6 +367,14 @@ def save_checkpoint(folder: Path, config: ModelConfig, state_dict: dict[str, tor
     hf_config["torch_dtype"] = hf_config["dtype"] = str(stored_dtype).removeprefix("torch.")
     atomic_write_json(folder / CONFIG, hf_config)
     return folder
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    with atomic_path(path) as tmp:
+        try:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        except SafetensorError as e:  # its only cause for contiguous, unshared tensors: the write failed
+            raise StorageError(f"cannot write {path}: {e}") from None
 
 
 def _shard(tensors: dict[str, torch.Tensor], max_shard_size: int | None) -> list[dict[str, torch.Tensor]]:

@@ -23,7 +23,6 @@ the same update, and split again on load.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -32,12 +31,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from llmkit.config import ModelConfig
 from llmkit.errors import ConfigError, FormatError
-from llmkit.files import atomic_path, atomic_write_json
-from llmkit.formats.hf import _tensor_map
+from llmkit.files import atomic_path, atomic_write_json, read_json
+from llmkit.formats.hf import _tensor_map, read_safetensors
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -305,13 +304,14 @@ def read_adapter(folder: str | Path, model_config: ModelConfig) -> tuple[LoraCon
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (folder / name).is_file():
             raise FormatError(f"{folder} is not a LoRA adapter folder: {name} is missing")
-    try:
-        meta = json.loads((folder / ADAPTER_CONFIG).read_text())
-        tensors = load_file(str(folder / ADAPTER_WEIGHTS))
-    except (OSError, ValueError) as e:
-        raise FormatError(f"{folder}: cannot read the adapter ({e})") from None
+    config_file, weights_file = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    meta = read_json(config_file, "peft's LoraConfig as a JSON object")
+    if not (isinstance(meta, dict) and type(meta.get("r")) is int and type(meta.get("lora_alpha")) in (int, float)):
+        raise FormatError(f"{config_file}: expected a JSON object with peft's LoraConfig fields, among them an "
+                          f"integer 'r' and a number 'lora_alpha'; got {str(meta)[:100]}")
+    tensors = read_safetensors(weights_file, "LoRA adapter weights")
     if meta.get("peft_type") != "LORA" or meta.get("use_dora") or meta.get("use_rslora"):
-        raise FormatError(f"{folder}: peft_type={meta.get('peft_type')!r}, use_dora={meta.get('use_dora')}, "
+        raise FormatError(f"{config_file}: peft_type={meta.get('peft_type')!r}, use_dora={meta.get('use_dora')}, "
                           f"use_rslora={meta.get('use_rslora')}; expected plain LoRA")
     _check_peft_fields(meta, folder, model_config)
     by_hf: dict[str, list[tuple[str, int | None]]] = {}
@@ -325,7 +325,7 @@ def read_adapter(folder: str | Path, model_config: ModelConfig) -> tuple[LoraCon
             continue
         module, _, kind = key.removeprefix(_PREFIX).rpartition(".lora_")
         if kind not in ("A.weight", "B.weight") or module not in by_hf:
-            raise FormatError(f"{folder}: tensor {key} names no adaptable module of this "
+            raise FormatError(f"{weights_file}: tensor {key} names no adaptable module of this "
                               f"{model_config.hf_model_type} model")
         for ours, slot in by_hf[module]:
             if slot is None:
@@ -338,13 +338,13 @@ def read_adapter(folder: str | Path, model_config: ModelConfig) -> tuple[LoraCon
                 block = slab[:, slot * cols:(slot + 1) * cols].clone()
                 slab[:, slot * cols:(slot + 1) * cols] = 0
                 if slab.any():
-                    raise FormatError(f"{folder}: {key} is not block-diagonal over q, k, v; a LoRA on GPT-2's fused "
+                    raise FormatError(f"{weights_file}: {key} is not block-diagonal over q, k, v; a LoRA on GPT-2's fused "
                                       "c_attn that mixes them cannot be split into llmkit's q/k/v adapters")
                 ours_tensors[f"{ours}.lora_B"] = block
     targets = tuple(sorted({_target_of(k.rsplit(".", 1)[0]) for k in ours_tensors if k != "score.weight"},
                            key=TARGETS.index))
     if not targets:
-        raise FormatError(f"{folder}: the adapter holds no LoRA tensors")
+        raise FormatError(f"{weights_file}: the adapter holds no LoRA tensors")
     r, alpha = _fold_patterns(ours_tensors, meta, r, alpha, _hf_modules(model_config))
     config = LoraConfig(r=r, alpha=alpha, dropout=float(meta.get("lora_dropout", 0.0)), targets=targets)
     return config, ours_tensors

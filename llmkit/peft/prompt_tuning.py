@@ -15,15 +15,15 @@ model itself is unchanged. peft's files (`prompt_embeddings` in adapter_model.sa
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from llmkit.errors import ConfigError, FormatError
-from llmkit.files import atomic_path, atomic_write_json
+from llmkit.files import atomic_path, atomic_write_json, read_json
+from llmkit.formats.hf import read_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -111,15 +111,20 @@ def save_prompt(tuned: PromptTuning, folder: str | Path) -> Path:
 
 def load_prompt(model: nn.Module, folder: str | Path) -> PromptTuning:
     folder = Path(folder)
-    try:
-        meta = json.loads((folder / ADAPTER_CONFIG).read_text())
-        tensors = load_file(str(folder / ADAPTER_WEIGHTS))
-        prompt = tensors["prompt_embeddings"]
-    except (OSError, ValueError, KeyError) as e:
-        raise FormatError(f"{folder}: not a prompt-tuning adapter folder ({e})") from None
-    if meta.get("peft_type") != "PROMPT_TUNING" or prompt.shape[1] != model.config.d_model:
-        raise FormatError(f"{folder}: peft_type={meta.get('peft_type')!r}, prompt of shape {tuple(prompt.shape)}; "
-                          f"expected PROMPT_TUNING with width {model.config.d_model}")
+    config_file, weights_file = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    meta = read_json(config_file, "peft's PromptTuningConfig as a JSON object")
+    if not isinstance(meta, dict) or meta.get("peft_type") != "PROMPT_TUNING":
+        raise FormatError(f"{config_file}: peft_type={meta.get('peft_type') if isinstance(meta, dict) else meta!r}; "
+                          "expected a JSON object with peft_type PROMPT_TUNING")
+    tensors = read_safetensors(weights_file, "a prompt-tuning adapter's prompt_embeddings")
+    prompt = tensors.get("prompt_embeddings")
+    head = tensors.get("base_model.model.score.weight")
+    score = getattr(model, "score", None)
+    if prompt is None or prompt.dim() != 2 or prompt.shape[1] != model.config.d_model or prompt.shape[0] == 0 \
+            or (head is not None and score is not None and head.shape != score.weight.shape):
+        raise FormatError(f"{weights_file}: tensors {({k: tuple(v.shape) for k, v in tensors.items()})}; expected "
+                          f"prompt_embeddings of shape (n, {model.config.d_model}) and an optional "
+                          "base_model.model.score.weight of the model's head shape")
     tuned = PromptTuning(model, prompt.shape[0])
     with torch.no_grad():
         tuned.prompt.copy_(prompt)

@@ -31,7 +31,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from llmkit.config import ModelConfig
-from llmkit.errors import ConfigError, FormatError, LlmkitError
+from llmkit.errors import ConfigError, FormatError, LlmkitError, StorageError
 from llmkit.train import checkpoint
 from llmkit.train import distributed as dist_
 from llmkit.train.schedules import SCHEDULES, lr_factor
@@ -279,8 +279,11 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
     def log(record: dict[str, Any]) -> None:
         history.append(record)
         if world.is_main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:  # a full disk: one clear error, not a traceback
+                raise StorageError(f"cannot append to {metrics_path}: {e.strerror}") from None
 
     def evaluate() -> dict[str, float]:
         # Each batch's means count for the examples it holds, so a short last batch (36 held-out pairs in
@@ -374,6 +377,8 @@ def _schedule_step(step: int, budget_used: float, config: LoopConfig) -> int:
 
 
 def _resume(path, model, optimizer, data, model_config, metrics_path, world, load_weights=None):
+    """Everything is read and checked (checksums, shapes) before anything is loaded, so a bad checkpoint
+    raises one FormatError naming the file and leaves the model and optimizer as they were."""
     state, optimizer_state, rng = checkpoint.load_state(path)
     saved = state.get("model_config")
     if model_config is not None and saved is not None:
@@ -389,12 +394,16 @@ def _resume(path, model, optimizer, data, model_config, metrics_path, world, loa
     from llmkit.formats import hf
 
     tensors = load_weights(path) if load_weights is not None else hf.load_checkpoint(path)[1]
+    inner = dist_.unwrap(model)
+    names = {id(p): n for n, p in inner.named_parameters()}
+    checkpoint.check_fits(path, tensors, optimizer_state, {k: v.shape for k, v in inner.state_dict().items()},
+                          [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups])
+    data.load_state_dict(state["data"])
+    checkpoint.set_rng_state(rng)
     try:
         dist_.load_full_state(model, optimizer, tensors, optimizer_state)
     except (RuntimeError, KeyError, ValueError) as e:
         raise FormatError(f"cannot resume from {path}: {e}") from None
-    data.load_state_dict(state["data"])
-    checkpoint.set_rng_state(rng)
     step = state["step"]
     history = []
     if world.is_main and metrics_path.is_file():  # drop records from after the checkpoint (a killed run)
