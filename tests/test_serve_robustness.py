@@ -65,6 +65,13 @@ BAD = [  # (route, body, param): each one of the issue's findings
 ]
 
 
+@pytest.mark.parametrize("route, body, param", BAD, ids=[f"{p}-{i}" for i, (_, _, p) in enumerate(BAD)])
+def test_each_malformed_request_is_a_400_naming_its_field(server, route, body, param):
+    status, out, _ = post(f"{server}/v1/{route}", body)
+    assert status == 400 and set(out["error"]) == {"message", "type", "param", "code"}
+    assert out["error"]["param"] == param and out["error"]["type"] == "invalid_request_error", out
+
+
 def test_library_refuses_token_fields_outside_the_vocabulary(tiny):
     model, tok = tiny
     for field, value in [("logprobs", 301), ("stop_token_ids", [300]), ("logit_bias", {300: 1.0})]:

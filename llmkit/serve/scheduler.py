@@ -175,7 +175,8 @@ class Scheduler:
             for request in [r for r in self.waiting if r.cancelled]:
                 self.waiting.remove(request)
                 self._finish(request, "abort", emit=False)
-            self._start(self._admit())
+            admitted = self._admit()
+        self._start(admitted)  # a prefix-cache lookup copies tensors: not under the lock submitters wait on
         for request in [r for r in self.filling if r.cancelled]:
             self.filling.remove(request)
             self._finish(request, "abort", emit=False)
