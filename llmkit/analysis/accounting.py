@@ -206,8 +206,8 @@ def training_memory(config: ModelConfig, method: str = "full", batch_size: int =
     transient buffers: `transient_elements_per_token` and the fused loss's logits chunk.
 
     The peak comes at the start of backward: weights, optimizer states (from the second step on),
-    every activation, and in a full fine-tune the LM head's gradient, which the fused loss makes in
-    forward. Backward frees each layer's activations as it makes its gradients, so gradients and
+    every activation, and in a full fine-tune the LM head's gradient twice (the fused loss makes it
+    in forward and rescales it into a new tensor in backward). Backward frees each layer's activations as it makes its gradients, so gradients and
     activations are never all held at once: the peak counts the larger of the two. `runtime_bytes`
     (python, torch and whatever else the process holds before the model; measure it, e.g. with
     `llmkit.train.memory.rss_mb`) is added as given.
@@ -250,7 +250,8 @@ def training_memory(config: ModelConfig, method: str = "full", batch_size: int =
     tokens = batch_size * seq_len
     activations = activation_elements_per_token(config, method, lora_targets, lora_r) * tokens * act_bytes
     transient = transient_elements_per_token(config) * tokens * act_bytes + _LOSS_CHUNK_BYTES + dequantized
-    head_grad = config.vocab_size * config.d_model * b["grads"] if method == "full" else 0
+    # the LM head's gradient: made in forward by the fused loss, rescaled into a new tensor in backward
+    head_grad = 2 * config.vocab_size * config.d_model * b["grads"] if method == "full" else 0
     parts = {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations,
              "transient": transient, "runtime": runtime_bytes}
     parts = {k: int(v) for k, v in parts.items()}
