@@ -103,15 +103,22 @@ def run(name: str, model: str, batch: int, seq: int, steps: int, allocator: str 
 
 
 def machine() -> dict:
-    """The CPU's model name (not just its architecture), cores, memory, and the software versions."""
+    """The CPU as /proc/cpuinfo names it (model name, family/model/stepping, the vector units torch's
+    kernels use), cores, memory, and the software versions."""
     import torch
 
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-               platform.processor() or platform.machine())
+    fields = {}
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    flags = [f for f in fields.get("flags", "").split() if f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni",
+                                                                 "amx_bf16", "amx_int8")]
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1), "os": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__}
+    return {"cpu": fields.get("model name") or platform.processor() or platform.machine(),
+            "cpu_id": {k: fields[k] for k in ("vendor_id", "cpu family", "model", "stepping") if k in fields},
+            "cpu_flags": flags, "cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1),
+            "os": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
 
 
 def table(stored: dict) -> str:
@@ -142,17 +149,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.method:
         print(json.dumps(measure(args.method, args.model, args.batch, args.seq, args.steps)))
         return
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                             cwd=ROOT).stdout.split("\n")  # the tree the runs use, as they start
     results = []
     for allocator in args.allocators.split(","):
         for name in METHODS:
             results.append(run(name, args.model, args.batch, args.seq, args.steps, allocator))
             print(json.dumps(results[-1]), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                text=True, cwd=ROOT).stdout.strip())
     report = {"benchmark": "finetune_memory", "model": args.model, "precision": "fp32",
               "command": " ".join(["python benchmarks/finetune_memory.py", *(sys.argv[1:] if argv is None else argv)]),
-              "commit": commit, "dirty": dirty, "machine": machine(), "results": results}
+              "commit": commit, "uncommitted_changes": [line[3:] for line in changed if line.strip()],
+              "machine": machine(), "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(table(report))
