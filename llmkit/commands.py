@@ -30,6 +30,7 @@ from llmkit.peft.lora import merge_adapter
 from llmkit.serve.config import ServeConfig
 from llmkit.serve.schema import token_string
 from llmkit.tokenizer import Tokenizer
+from llmkit.train.memory import rss_mb
 
 Model = Annotated[str, arg("an HF checkpoint folder, a .gguf file, a preset or a model name (smollm2-135m-instruct)")]
 Quantize = Annotated[Literal["int8", "int4"] | None, arg_of(ServeConfig, "quantize")]  # the same as serve's
@@ -194,10 +195,11 @@ def memory(model: Model, method: Literal["full", "lora", "qlora"] = "full", batc
                "bf16: 16-bit weights/grads/activations with fp32 AdamW moments (mixed precision)")] = "bf16",
            lora_r: int = 8, lora_targets: str = "q,k,v,o,gate,up,down",
            bits: Annotated[Literal[4, 8], arg("QLoRA base precision")] = 4, json: Json = False) -> None:
-    """Estimate fine-tuning memory: weights, gradients, optimizer states, activations."""
+    """Estimate the peak memory of fine-tuning: weights, gradients, optimizer states, activations,
+    transient buffers, and this process's resident memory (python + torch) as the runtime's."""
     targets = tuple(t.strip().removesuffix("_proj") for t in lora_targets.split(",") if t.strip())
     m = accounting.training_memory(accounting.resolve_config(model), method, batch_size, seq_len, precision,
-                                   lora_r, targets, bits)
+                                   lora_r, targets, bits, runtime_bytes=int((rss_mb() or 0) * 2**20))
     print(json_.dumps(m, indent=2) if json else accounting.render_training_memory(m))
 
 

@@ -11,6 +11,7 @@ import llmkit
 from llmkit.cli import main
 from llmkit.errors import ConfigError, FormatError
 from llmkit.formats import gguf_quants
+from llmkit.formats.gguf import _names as gguf_names
 from llmkit.formats.gguf import permute_qk, read_gguf, unpermute_qk, write_gguf
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8, 64, 1]])
@@ -53,16 +54,96 @@ def test_half_precision_round_trip(tiny, tmp_path, quant, dtype):
         torch.testing.assert_close(back.tensors[name], expected, rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("quant,max_rel", [("Q8_0", 0.01), ("Q4_1", 0.1), ("Q4_0", 0.12)])
-def test_quantized_round_trip_is_close(tiny, tmp_path, quant, max_rel):
+# Each block type below rounds every value of a block of 32 to the nearest point of a grid whose step
+# the block sets (ggml-quants.c's reference quantizers, which the `gguf` package implements): Q8_0
+# steps of max|x|/127, Q4_0 max|x|/8 (levels -8..7), Q5_0 max|x|/16, Q4_1 (max - min)/15 (16 levels
+# up from the min), Q5_1 (max - min)/31. Rounding to nearest leaves an error uniform on +-step/2, of
+# rms step/sqrt(12), on every value but the extremes, which lie on the grid (one a block for the
+# symmetric types, two for those with a min). IQ4_NL's grid is IQ4_NL_VALUES times max/-127, not
+# evenly spaced: each value's error is uniform across the cell it falls in.
+_GRID = {"Q8_0": (lambda b: np.abs(b).max(1) / 127, 1), "Q4_0": (lambda b: np.abs(b).max(1) / 8, 1),
+         "Q5_0": (lambda b: np.abs(b).max(1) / 16, 1), "Q4_1": (lambda b: (b.max(1) - b.min(1)) / 15, 2),
+         "Q5_1": (lambda b: (b.max(1) - b.min(1)) / 31, 2)}
+# Measured error / expected over these tensors (2,048 to 25,600 values, where the sampling spread of
+# a uniform error's rms is ~1 %): 0.99-1.03 for the round-to-nearest types, 0.91-0.93 for IQ4_NL
+# (its scale search beats max/127). 1.1 fails a quantizer that floors instead of rounding (2x);
+# the floor fails one that keeps more levels than its type (Q5_0 bytes labelled Q4_0: 0.5x).
+_RATIO = {"IQ4_NL": (0.85, 1.1)}
+
+
+def expected_error(w: np.ndarray, type_name: str) -> float:
+    """|w_q - w| / |w| that round-to-nearest on `type_name`'s grid leaves on w, block by block."""
+    b = w.reshape(-1, 32).astype(np.float64)
+    if type_name == "IQ4_NL":
+        grid = gguf_quants.IQ4_NL_VALUES.astype(np.float64)
+        d = -np.take_along_axis(b, np.abs(b).argmax(1)[:, None], 1) / 127  # the max lands on -127
+        cell = np.clip(np.searchsorted(grid, b / d) - 1, 0, len(grid) - 2)
+        squared = ((grid[cell + 1] - grid[cell]) * d) ** 2 / 12
+    else:
+        step, exact = _GRID[type_name]
+        squared = (32 - exact) * step(b) ** 2 / 12
+    return float(np.sqrt(squared.sum()) / np.linalg.norm(b))
+
+
+def check_quantization_error(name: str, original: torch.Tensor, decoded: torch.Tensor,
+                             type_name: str) -> tuple[float, float]:
+    """The relative error of `decoded`, and that as a multiple of what its type's rounding leaves."""
+    w = original.numpy()
+    rel = float(np.linalg.norm(decoded.numpy() - w) / np.linalg.norm(w))
+    ratio = rel / expected_error(w, type_name)
+    low, high = _RATIO.get(type_name, (0.9, 1.1))
+    assert low < ratio < high, (name, type_name, rel, ratio)
+    return rel, ratio
+
+
+def _check_file(path, model, types):
+    """Every quantized tensor of the file: its bytes are the `gguf` package's quantization of the
+    weight in GGUF's layout (for the types the package quantizes), and what llmkit reads back has
+    its type's rounding error."""
+    config, state = model.config, model.state_dict()
+    back, raw = read_gguf(path), {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    ratios = {}
+    for g, ours in gguf_names(config).items():
+        if types[g] in ("F32", "F16", "BF16"):
+            continue
+        x = state[ours].numpy()
+        if g.endswith(("attn_q.weight", "attn_k.weight")):
+            x = permute_qk(x, config.n_head if g.endswith("attn_q.weight") else config.n_kv_head)
+        if types[g] not in gguf_quants.QUANTIZERS:  # IQ4_NL and the K-quants are ours: the package has none
+            reference = gguf.quants.quantize(x, gguf.GGMLQuantizationType[types[g]])
+            np.testing.assert_array_equal(np.asarray(raw[g].data), reference, err_msg=g)
+        ratios.setdefault(types[g], []).append(check_quantization_error(ours, state[ours], back.tensors[ours],
+                                                                        types[g]))
+    for t, r in ratios.items():
+        (rels, multiples) = zip(*r, strict=True)
+        print(f"{t}: error {min(rels):.4f}-{max(rels):.4f}, {min(multiples):.3f}-{max(multiples):.3f} x expected")
+    return ratios
+
+
+@pytest.mark.parametrize("quant", ["Q8_0", "Q4_1", "Q4_0"])
+def test_quantized_round_trip_has_its_types_rounding_error(tiny, tmp_path, quant):
     model, tok = tiny
     types = write_gguf(tmp_path / "m.gguf", model.config, model.state_dict(), tok, quant=quant)
     assert types["blk.0.attn_q.weight"] == quant and types["blk.0.attn_norm.weight"] == "F32"
     assert types["output.weight"] == "Q8_0"  # llama.cpp keeps the output at Q8_0 when rows are not 256-wide
+    assert set(_check_file(tmp_path / "m.gguf", model, types)) == {quant, "Q8_0"}
     back = read_gguf(tmp_path / "m.gguf")
     for name, t in model.state_dict().items():
-        rel = (back.tensors[name] - t).norm() / t.norm()
-        assert rel < max_rel, (name, float(rel))
+        if t.dim() == 1:  # norms stay F32
+            torch.testing.assert_close(back.tensors[name], t, rtol=0, atol=0, msg=name)
+
+
+def test_a_quantizer_that_floors_fails_the_error_check(tiny, tmp_path, monkeypatch):
+    """The check above can fail: Q8_0 with its rounding turned into a floor leaves twice the error."""
+    model, tok = tiny
+    monkeypatch.setattr(gguf.quants, "np_roundf", np.floor)
+    write_gguf(tmp_path / "m.gguf", model.config, model.state_dict(), tok, quant="Q8_0")
+    back = read_gguf(tmp_path / "m.gguf")
+    w = model.state_dict()["blocks.0.attn.q_proj.weight"]
+    with pytest.raises(AssertionError):
+        check_quantization_error("q", w, back.tensors["blocks.0.attn.q_proj.weight"], "Q8_0")
+    rel = float((back.tensors["blocks.0.attn.q_proj.weight"] - w).norm() / w.norm())
+    assert rel / expected_error(w.numpy(), "Q8_0") > 1.7  # uniform on [0, step): rms step/sqrt(3)
 
 
 def test_permutation_is_llama_cpp_layout():
@@ -94,9 +175,7 @@ def test_rows_not_multiple_of_256_use_llama_cpp_fallbacks(tiny, tmp_path, quant,
     model, tok = tiny  # d_model 64: no K-quant block fits, as with SmolLM2's 576
     types = write_gguf(tmp_path / "m.gguf", model.config, model.state_dict(), tok, quant=quant)
     assert set(types.values()) - {"F32"} == fallbacks
-    back = read_gguf(tmp_path / "m.gguf")
-    for name, t in model.state_dict().items():
-        assert (back.tensors[name] - t).norm() / t.norm() < 0.12, name
+    assert set(_check_file(tmp_path / "m.gguf", model, types)) == fallbacks
 
 
 def test_tokenizer_round_trip(tiny, tmp_path):

@@ -134,27 +134,88 @@ def _linear_shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:
     return shapes
 
 
-def activation_elements_per_token(c: ModelConfig) -> int:
-    """Activations autograd keeps per token (elements), counted from what our blocks save for backward:
-    per layer the block input and norm output twice (attention, MLP), q, k, v and the attention output,
-    and the MLP's gate, activation, up and product; then the logits and their log-softmax."""
-    kv = c.n_kv_head * c.head_dim
-    mlp = 4 * c.d_ff if c.gated_mlp else 2 * c.d_ff
-    per_layer = 4 * c.d_model + c.n_head * c.head_dim * 2 + 2 * kv + mlp
-    return c.n_layer * per_layer + 2 * c.vocab_size
+def activation_elements_per_token(c: ModelConfig, method: str = "full", lora_targets: tuple[str, ...] = _LINEARS,
+                                  lora_r: int = 8) -> int:
+    """Elements autograd keeps per token for backward, counted from what torch saves in our blocks
+    (tests/test_memory.py checks the count against the saved tensors themselves).
+
+    Per layer: each norm's input and per-token statistics (rstd; LayerNorm also its mean), and in a
+    full fine-tune the normalised input its gain's gradient needs; the input of every linear whose
+    weight (full) or adapter (LoRA: its A, then A's r outputs for B) has a gradient; attention's q,
+    k, v, output and log-sum-exp (SDPA's backward); the MLP's gate, activation and up (both factors
+    of their product), or the input of a plain MLP's activation. A frozen base still keeps what the
+    gradient needs to flow down to the adapters of lower layers, so LoRA keeps nearly as much as a
+    full fine-tune: only what lies below the first layer's lowest adapter is spared. Then the final
+    norm, the hidden states' gradient that the fused loss computes in forward
+    (`llmkit.losses.linear_cross_entropy`: the logits are never kept), and RoPE's cos and sin.
+    Exact for llama, qwen2 and GPT-2 blocks; q/k norms (Gemma-3) are counted to within ~10 % (SDPA
+    keeps one more copy of q in some layouts). Dropout masks are not counted (fine-tuning runs
+    without dropout).
+    """
+    full = method == "full"
+    adapted = set(_linear_shapes(c)) if full else set(lora_targets) & set(_linear_shapes(c))
+    d, q, kv, f = c.d_model, c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.d_ff
+    norm = d + (1 if c.norm == "rmsnorm" else 2) + (d if full and c.norm == "rmsnorm" else 0)  # LayerNorm rebuilds x-hat
+    attention = q + 2 * kv + c.n_head  # SDPA's q, k, v and log-sum-exp (its output: below)
+    if c.qk_norm:  # the norms' inputs and statistics (and normalised values); SDPA may copy q once more
+        attention += q + c.n_head + kv + c.n_kv_head + (q + kv if full else 0)
+    flows = full  # does the gradient have to flow on, to something trainable below this point?
+    total = 0
+    for _ in range(c.n_layer):  # each op's saved tensors, in forward order
+        total += norm if flows else 0
+        if adapted & {"q", "k", "v"}:
+            total, flows = total + d, True
+        total += (attention if flows else 0) + (q if flows or "o" in adapted else 0)  # + SDPA's output
+        flows = flows or "o" in adapted
+        total += (2 if c.sandwich_norm else 1) * norm if flows else 0
+        if adapted & {"gate", "up"}:
+            total, flows = total + d, True
+        total += (3 * f if c.gated_mlp else f) if flows else 0
+        if "down" in adapted:
+            total, flows = total + f, True
+        total += norm if flows and c.sandwich_norm else 0
+        total += 0 if full else lora_r * len(adapted)
+    rope = 2 * c.head_dim * len(set(map(c.layer_type, range(c.n_layer)))) if c.pos_embedding == "rope" else 0
+    return total + norm + d + rope
+
+
+def transient_elements_per_token(c: ModelConfig) -> int:
+    """Short-lived buffers at the peak, per token: backward through one MLP holds the gradients of its
+    gate, up and activation (3 d_ff) besides the gradients of the residual stream and its norm, and
+    the fused loss's hidden-state gradient is rescaled into a new tensor (3 d_model)."""
+    return (3 if c.gated_mlp else 2) * c.d_ff + 3 * c.d_model
+
+
+# The fused loss's logits chunk (llmkit.losses._chunk_rows: 2**21 fp32 scores on a CPU).
+_LOSS_CHUNK_BYTES = 4 << 21
 
 
 def training_memory(config: ModelConfig, method: str = "full", batch_size: int = 1, seq_len: int = 512,
                     precision: str = "bf16", lora_r: int = 8, lora_targets: tuple[str, ...] = _LINEARS,
-                    base_bits: int = 4, group_size: int = 64) -> dict[str, Any]:
-    """Estimated training memory in bytes: weights, gradients, optimizer states, activations.
+                    base_bits: int = 4, group_size: int = 64, runtime_bytes: int = 0) -> dict[str, Any]:
+    """Estimated peak training memory in bytes (`total_bytes`) and its parts: weights, gradients,
+    optimizer states, activations, transient buffers and the runtime.
 
     full: every weight has a gradient and AdamW's two fp32 moments (bf16: 2 + 2 + 8 = 12 bytes per
     parameter, so a 7B model needs ~84 GB before activations). lora: the base is frozen (weights
     only); the adapters r·(in + out) per targeted linear carry fp32 weights, gradients and moments.
     qlora: as lora, with the block linears stored in `base_bits` (+ an fp16 scale and zero per
-    group of `group_size` for 4 bits, an fp32 scale per row for 8). Activations: see
-    `activation_elements_per_token`, at the activation precision, times batch_size·seq_len.
+    group of `group_size` for 4 bits, an fp32 scale per row for 8); each is dequantized to a float
+    weight (and a temporary of the same size) for its matmul, one layer at a time. Activations: see
+    `activation_elements_per_token`, at the activation precision, times batch_size·seq_len;
+    transient buffers: `transient_elements_per_token` and the fused loss's logits chunk.
+
+    The peak comes at the start of backward: weights, optimizer states (from the second step on),
+    every activation, and in a full fine-tune the LM head's gradient twice (the fused loss makes it
+    in forward and rescales it into a new tensor in backward). Backward frees each layer's activations as it makes its gradients, so gradients and
+    activations are never all held at once: the peak counts the larger of the two. `runtime_bytes`
+    (python, torch and whatever else the process holds before the model; measure it, e.g. with
+    `llmkit.train.memory.rss_mb`) is added as given.
+
+    What the tensors need is what the process holds only if the allocator returns freed memory:
+    glibc's malloc by default keeps it for reuse, and then resident memory runs 1.5-2.3x the
+    activations higher over the first steps (benchmarks/finetune_memory.py measures both;
+    MALLOC_MMAP_THRESHOLD_=131072 gives this estimate, at some speed on small models).
     """
     if method not in ("full", "lora", "qlora"):
         raise ConfigError(f"method={method!r}; expected full, lora or qlora")
@@ -170,6 +231,7 @@ def training_memory(config: ModelConfig, method: str = "full", batch_size: int =
     if method != "full" and unknown:
         raise ConfigError(f"LoRA target(s) {unknown} are not linears of this model; it has {sorted(shapes)}")
     block_linear = config.n_layer * sum(i * o for i, o in shapes.values())
+    dequantized = 0
     if method == "full":
         trainable, weights = params, params * b["weights"]
     else:
@@ -181,18 +243,25 @@ def training_memory(config: ModelConfig, method: str = "full", batch_size: int =
             rows = config.n_layer * sum(o for _, o in shapes.values())
             quantized = block_linear * per_weight + (rows * 4 if base_bits == 8 else 0)
             weights = (params - block_linear) * b["weights"] + quantized + trainable * 4
+            dequantized = 2 * max(i * o for i, o in shapes.values()) * b["weights"]
     grads = trainable * (b["grads"] if method == "full" else 4)
     optimizer = trainable * b["optimizer"]
     act_bytes = 2 if precision == "bf16" else 4
-    activations = activation_elements_per_token(config) * batch_size * seq_len * act_bytes
-    parts = {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations}
+    tokens = batch_size * seq_len
+    activations = activation_elements_per_token(config, method, lora_targets, lora_r) * tokens * act_bytes
+    transient = transient_elements_per_token(config) * tokens * act_bytes + _LOSS_CHUNK_BYTES + dequantized
+    # the LM head's gradient: made in forward by the fused loss, rescaled into a new tensor in backward
+    head_grad = 2 * config.vocab_size * config.d_model * b["grads"] if method == "full" else 0
+    parts = {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations,
+             "transient": transient, "runtime": runtime_bytes}
     parts = {k: int(v) for k, v in parts.items()}
+    peak = (runtime_bytes + weights + optimizer + max(activations + head_grad, grads) + transient)
     return {"method": method, "precision": precision, "parameters": params, "trainable_parameters": trainable,
-            "batch_size": batch_size, "seq_len": seq_len, "bytes": parts, "total_bytes": sum(parts.values())}
+            "batch_size": batch_size, "seq_len": seq_len, "bytes": parts, "total_bytes": int(peak)}
 
 
 def render_training_memory(m: dict[str, Any]) -> str:
     parts = ", ".join(f"{k} {human(v, 'B')}" for k, v in m["bytes"].items())
     return (f"{m['method']} fine-tuning ({m['precision']}, batch {m['batch_size']} x {m['seq_len']} tokens): "
-            f"{human(m['total_bytes'], 'B')} = {parts}; trainable {m['trainable_parameters']:,} of "
-            f"{m['parameters']:,} parameters")
+            f"peak {human(m['total_bytes'], 'B')} of {parts} (gradients and activations are not all held at "
+            f"once); trainable {m['trainable_parameters']:,} of {m['parameters']:,} parameters")
