@@ -38,6 +38,7 @@ Threads = Annotated[int | None, arg_of(ServeConfig, "threads")]
 ChatTemplate = Annotated[str | None, arg_of(ServeConfig, "chat_template")]
 Dtype = Annotated[Literal["auto", "float32", "bfloat16", "float16"], arg_of(ServeConfig, "dtype")]
 Device = Annotated[str | None, arg_of(ServeConfig, "device")]
+MaxModelLen = Annotated[int | None, arg_of(ServeConfig, "max_model_len")]
 Compile = Annotated[bool, arg("compile the decode step with torch.compile")]
 Json = Annotated[bool, arg("print the result as JSON")]
 
@@ -113,9 +114,9 @@ def _openai_logprobs(tokenizer, tops: list | None) -> list | None:
 def generate(model: Model, prompt: Annotated[str, arg("the text to continue")], sampling: SamplingParams = TERMINAL,
              json: Annotated[bool, arg("print the completions as JSON (tokens, logprobs, finish reason)")] = False,
              quantize: Quantize = None, threads: Threads = None, compile: Compile = False, dtype: Dtype = "auto",
-             device: Device = None) -> None:
+             device: Device = None, max_model_len: MaxModelLen = None) -> None:
     """Continue a prompt: stream the text, or print every completion."""
-    lm, tokenizer = terminal.load(model, quantize, threads, dtype=dtype, device=device)
+    lm, tokenizer = terminal.load(model, quantize, threads, dtype=dtype, device=device, max_model_len=max_model_len)
     kwargs = {f.name: getattr(sampling, f.name) for f in dataclasses.fields(sampling) if f.init}
     if json or sampling.num_beams > 1 or sampling.n > 1:
         outs = api.generate(lm, tokenizer, prompt, compile=compile, **kwargs)
@@ -139,11 +140,11 @@ def chat(model: Model, sampling: SamplingParams = TERMINAL,
          system: Annotated[str | None, arg("the system prompt")] = None,
          chat_template: ChatTemplate = None,
          quantize: Quantize = None, threads: Threads = None, compile: Compile = False, dtype: Dtype = "auto",
-         device: Device = None) -> None:
+         device: Device = None, max_model_len: MaxModelLen = None) -> None:
     """Chat in the terminal with the model's chat template (streaming; /reset, /system, /history)."""
     if sampling.n != 1 or sampling.num_beams != 1:
         raise ConfigError("llmkit chat streams one reply: --n and --num-beams must be 1")
-    lm, tokenizer = terminal.load(model, quantize, threads, chat_template, dtype, device)
+    lm, tokenizer = terminal.load(model, quantize, threads, chat_template, dtype, device, max_model_len)
     kwargs = {f.name: getattr(sampling, f.name) for f in dataclasses.fields(sampling) if f.init}
     terminal.chat_loop(terminal.ChatSession(lm, tokenizer, system=system, compile=compile, **kwargs))
 
@@ -151,9 +152,9 @@ def chat(model: Model, sampling: SamplingParams = TERMINAL,
 def next_tokens(model: Model, prompt: Annotated[str, arg("the text whose next token is predicted")],
                 top_k: Annotated[int, arg("how many tokens to list")] = 10, json: Json = False,
                 quantize: Quantize = None, threads: Threads = None, dtype: Dtype = "auto",
-                device: Device = None) -> None:
+                device: Device = None, max_model_len: MaxModelLen = None) -> None:
     """The k most likely next tokens after a text, with probabilities."""
-    lm, tokenizer = terminal.load(model, quantize, threads, dtype=dtype, device=device)
+    lm, tokenizer = terminal.load(model, quantize, threads, dtype=dtype, device=device, max_model_len=max_model_len)
     top = terminal.next_tokens(lm, tokenizer, prompt, top_k)
     if json:
         print(json_.dumps([{"id": i, "token": t, "probability": p} for i, t, p in top], indent=2))
@@ -214,7 +215,8 @@ def evaluate(model: Annotated[str, arg("the model to score, as for every verb (n
              batch_size: Annotated[int, arg("requests per forward pass")] = 16,
              seed: Annotated[int, arg("seed of the few-shot draws")] = 1234,
              list: Annotated[bool, arg("list the known tasks and exit")] = False,  # noqa: A002
-             quantize: Quantize = None, threads: Threads = None, dtype: Dtype = "auto", device: Device = None) -> None:
+             quantize: Quantize = None, threads: Threads = None, dtype: Dtype = "auto", device: Device = None,
+             max_model_len: MaxModelLen = None) -> None:
     """Score a model on tasks (multiple choice, generation, classification, code, ROUGE)."""
     if list:
         for name in known_tasks():
@@ -223,7 +225,7 @@ def evaluate(model: Annotated[str, arg("the model to score, as for every verb (n
     if not model or not tasks:
         raise ConfigError("llmkit eval needs a MODEL and --tasks a,b (llmkit eval --list shows the tasks)")
     result = runner.run_eval(model, tasks.split(","), shots=shots, limit=limit, out=out, quantize=quantize,
-                             threads=threads, dtype=dtype, device=device, chat=chat, cot=cot, batch_size=batch_size,
+                             threads=threads, dtype=dtype, device=device, max_model_len=max_model_len, chat=chat, cot=cot, batch_size=batch_size,
                              seed=seed)
     print(runner.results_table([result]), end="")
     print(f"-> {out}/results.json, report.md, results.png")

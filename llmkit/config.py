@@ -148,6 +148,15 @@ class ModelConfig:
     def replace(self, **changes: Any) -> ModelConfig:
         return ModelConfig.from_dict({**self.to_dict(), **changes})
 
+    def cap_context(self, max_model_len: int) -> ModelConfig:
+        """This model run with a shorter context (vLLM's `--max-model-len`): longer prompts are refused
+        and KV caches hold at most `max_model_len` positions. Every number within it is the full model's
+        (dynamic NTK reads max_seq_len as its trained context, but only beyond it, which is refused)."""
+        if not isinstance(max_model_len, int) or not 1 <= max_model_len <= self.max_seq_len:
+            raise ConfigError(f"max_model_len={max_model_len!r}; expected 1 to {self.max_seq_len}, the model's "
+                              "context (max_seq_len): a longer context than it was built for is not served")
+        return self.replace(max_seq_len=max_model_len)
+
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
         if name not in PRESETS:

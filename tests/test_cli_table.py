@@ -70,10 +70,18 @@ def test_every_model_verb_takes_the_model_positionally_or_as_a_flag(words):
         assert options.parsed_overrides(args, cls)["model"] == "some-model"
 
 
+def test_ppo_takes_its_policy_positionally_or_as_a_flag():
+    from llmkit.train.ppo import PPOConfig
+
+    for argv in (["pol"], ["--policy", "pol"]):
+        args = cli.build_parser().parse_args(["ppo", *argv, "--reward-model", "rm"])
+        assert options.parsed_overrides(args, PPOConfig) == {"policy": "pol", "reward_model": "rm"}
+
+
 def test_every_inference_verb_has_the_same_loading_flags():
     for verb in ("generate", "chat", "next", "serve", "eval"):
         flags = _parser_of([verb])._option_string_actions
-        assert {"--quantize", "-t", "--threads", "-m", "--model", "--dtype", "--device"} <= set(flags), verb
+        assert {"--quantize", "-t", "--threads", "-m", "--model", "--dtype", "--device", "--max-model-len"} <= set(flags), verb
 
 
 def test_sampling_flags_default_to_sampling_params_with_one_terminal_length():

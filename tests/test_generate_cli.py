@@ -118,3 +118,23 @@ def test_generate_verb_runs_in_bfloat16(folder, capsys):
     assert main(["generate", str(folder), "the cat", "-n", "4", "--temperature", "0", "--ignore-eos",
                  "--dtype", "bfloat16", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)[0]["token_ids"]) == 4
+
+
+def test_max_model_len_caps_the_context_and_changes_no_number_within_it(folder, capsys):
+    full, tok = load(str(folder))
+    capped, _ = load(str(folder), max_model_len=20)
+    assert capped.config.max_seq_len == 20 and full.config.max_seq_len == 96
+    ids = tok.encode("the cat sat on the mat. a dog", add_special_tokens=True)[:12]
+    x = torch.tensor([ids])
+    assert torch.equal(capped(x), full(x))  # the same weights and positions: bit-identical logits
+    out = generate(capped, tok, ids, temperature=0, max_new_tokens=50, ignore_eos=True)
+    assert len(out.token_ids) == 20 - len(ids) and out.finish_reason == "length"  # prompt + reply fill the cap
+    with pytest.raises(ConfigError, match="context of 20 tokens"):
+        generate(capped, tok, ids * 2, max_new_tokens=1)
+    for bad in (0, 97):
+        with pytest.raises(ConfigError, match=f"max_model_len={bad}; expected 1 to 96"):
+            load(str(folder), max_model_len=bad)
+    assert main(["generate", str(folder), "-p", "the cat", "-n", "50", "--temp", "0", "--ignore-eos", "--json",
+                 "--max-model-len", "8"]) == 0
+    result = json.loads(capsys.readouterr().out)[0]
+    assert len(tok.encode("the cat", add_special_tokens=True)) + len(result["token_ids"]) == 8

@@ -320,7 +320,7 @@ def test_api_key_and_a_full_queue(tiny):
         assert status == 429 and headers["retry-after"] == "1" and out["error"]["code"] == "rate_limit_exceeded"
 
 
-def test_cli_serves_a_folder_on_localhost(tiny_dir):
+def test_cli_serves_a_folder_on_localhost_within_max_model_len(tiny_dir):
     import socket
     import subprocess
     import sys
@@ -329,7 +329,8 @@ def test_cli_serves_a_folder_on_localhost(tiny_dir):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "llmkit.cli", "serve", str(tiny_dir), "--port", str(port),
-                             "--served-model-name", "cli-tiny"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             "--served-model-name", "cli-tiny", "--max-model-len", "40"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
         assert "http://127.0.0.1:" in proc.stdout.readline()
@@ -341,7 +342,16 @@ def test_cli_serves_a_folder_on_localhost(tiny_dir):
             except OSError:
                 assert time.time() < deadline and proc.poll() is None, "the server did not come up"
                 time.sleep(0.2)
-        assert status == 200 and json.loads(body)["data"][0]["id"] == "cli-tiny"
+        assert status == 200 and json.loads(body)["data"][0] == {
+            "id": "cli-tiny", "object": "model", "created": json.loads(body)["data"][0]["created"],
+            "owned_by": "llmkit", "max_model_len": 40}  # the cap, not the model's 96
+        status, out, _ = post(f"http://127.0.0.1:{port}/v1/completions",
+                              {"model": "cli-tiny", "prompt": list(range(3, 53)), "max_tokens": 1})
+        assert status == 400 and out["error"]["code"] == "context_length_exceeded" and "40 tokens" in out["error"]["message"]
+        status, out, _ = post(f"http://127.0.0.1:{port}/v1/completions",
+                              {"model": "cli-tiny", "prompt": list(range(3, 33)), "max_tokens": 100,
+                               "ignore_eos": True, "temperature": 0})
+        assert status == 200 and out["usage"]["completion_tokens"] == 10  # 30 + 10 fill the capped context
     finally:
         proc.terminate()
         proc.wait(20)

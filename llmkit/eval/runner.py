@@ -161,14 +161,14 @@ _SCORERS = {"multiple_choice": _score_choices, "classification": _score_choices,
 
 def run_eval(model_name: str, tasks: list[str], shots: int = 0, limit: int | None = None, out: str = "runs/eval",
              quantize: str | None = None, threads: int | None = None, dtype: str = "auto", device: str | None = None,
-             **options) -> dict:
-    """`llmkit eval`: load the model (HF folder, .gguf or registry name; quantize, threads, dtype and device
-    as every verb loads it), evaluate, write the report."""
+             max_model_len: int | None = None, **options) -> dict:
+    """`llmkit eval`: load the model (HF folder, .gguf or registry name; quantize, threads, dtype, device
+    and max_model_len as every verb loads it), evaluate, write the report."""
     from llmkit.generate.chat import load
 
     for name in tasks:  # fail on a bad task name before paying for the model
         T.get_task(name)
-    model, tokenizer = load(model_name, quantize, threads, dtype=dtype, device=device)
+    model, tokenizer = load(model_name, quantize, threads, dtype=dtype, device=device, max_model_len=max_model_len)
     model.eval()
     result = evaluate(model, tokenizer, tasks, shots, limit, **options)
     write_report(result, out, model_name)

@@ -32,12 +32,13 @@ def end_of_turn_ids(tokenizer) -> list[int]:
 
 def load(spec: str, quantize: str | None = None, threads: int | None = None,
          chat_template: str | None = None, dtype: str = "auto",
-         device: str | None = None) -> tuple[Transformer, Tokenizer]:
+         device: str | None = None, max_model_len: int | None = None) -> tuple[Transformer, Tokenizer]:
     """Model and tokenizer of an HF folder, a .gguf file or a registry name, ready to chat with:
     `quantize` "int8"/"int4" swaps in packed linears (llmkit/quant), `threads` sets torch's,
     `chat_template` (a built-in name, a .jinja file or a Jinja string) replaces the tokenizer's, as
     vLLM's and llama.cpp's `--chat-template` do (base models such as Gemma-3-270M ship none);
-    `dtype` ("auto" keeps the checkpoint's) and `device` are vLLM's `--dtype` and `--device`."""
+    `dtype` ("auto" keeps the checkpoint's), `device` and `max_model_len` (a shorter context:
+    prompt + reply) are vLLM's `--dtype`, `--device` and `--max-model-len`."""
     from llmkit.model import load as load_any
 
     if quantize not in (None, "int8", "int4"):
@@ -47,6 +48,8 @@ def load(spec: str, quantize: str | None = None, threads: int | None = None,
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer = load_any(spec, dtype=DTYPES[dtype], device=device)
+    if max_model_len is not None:
+        model.config = model.config.cap_context(max_model_len)
     if chat_template:
         tokenizer.chat_template = read_chat_template(chat_template)
     if quantize:

@@ -497,7 +497,7 @@ def serve(config: ServeConfig) -> None:
     if not config.model:
         raise ConfigError("serve needs a model: an HF folder, a .gguf file or a registry name")
     model, tokenizer = load(config.model, config.quantize, config.threads, config.chat_template, config.dtype,
-                            config.device)
+                            config.device, config.max_model_len)
     if config.served_model_name is None:
         config.served_model_name = Path(config.model).name if Path(config.model).exists() else config.model
     app = create_app(model, tokenizer, config)

@@ -38,5 +38,8 @@ class ServeConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
         "help": "weights' and activations' dtype; auto keeps the checkpoint's (float32 for GGUF)"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1, mps (default: cpu)"})
+    max_model_len: int | None = field(default=None, metadata={
+        "help": "the longest prompt + reply, in tokens (default: the model's context, max_seq_len); longer "
+                "prompts are refused"})
     chat_template: str | None = field(default=None, metadata={
         "help": "replace the model's chat template: chatml, gemma, llama2, alpaca, vicuna, a .jinja file or Jinja"})

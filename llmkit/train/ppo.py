@@ -39,6 +39,7 @@ from llmkit.generate.engine import complete
 from llmkit.generate.sampling import SamplingParams
 from llmkit.losses import KL_ESTIMATORS, check_beta, gae, kl_estimate, masked_whiten
 from llmkit.model import Transformer, load
+from llmkit.options import arg
 from llmkit.tokenizer import check_same_tokenizer
 from llmkit.train import checkpoint
 from llmkit.train.loop import LoopConfig, TrainResult, resolve_device, train
@@ -49,7 +50,9 @@ from llmkit.train.reward import reward_model_from
 
 @dataclass
 class PPOConfig(LoopConfig):
-    policy: str = field(default="", metadata={"help": "the starting policy: an LM checkpoint folder or name"})
+    policy: str = field(default="", metadata=arg("the starting policy: an LM checkpoint folder or name (also the "
+                                                 "first positional argument, as every verb takes its model)",
+                                                 positional=True))
     reward_model: str = field(default="", metadata={"help": "a reward model folder (num_labels=1), e.g. from "
                                                             "`llmkit reward`"})
     prompts: str = field(default="movie_reviews", metadata={"help": "movie_reviews (review openings) or a text "
