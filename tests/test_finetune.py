@@ -1,6 +1,7 @@
 """`llmkit finetune` / `merge-lora` end to end on a tiny model (every method, both tasks), bad input,
 and a few LoRA SFT steps on SmolLM2 lowering the held-out loss (slow)."""
 
+import io
 import json
 
 import pytest
@@ -8,8 +9,11 @@ import torch
 
 from llmkit.cli import main
 from llmkit.config import ModelConfig
+from llmkit.errors import FormatError
+from llmkit.eval.runner import run_eval
+from llmkit.generate.chat import load as chat_load
 from llmkit.model import Transformer
-from llmkit.peft.lora import load_adapter
+from llmkit.peft.lora import LoraConfig, apply_lora, load_adapter, save_adapter
 from llmkit.tokenizer import Tokenizer
 from llmkit.train import finetune
 from llmkit.train.finetune import FinetuneConfig
@@ -41,24 +45,66 @@ def run(*argv):
                  "--warmup-steps", "0", "--device", "cpu", "--eval-every", "0", *argv])
 
 
-def test_lora_sft_then_merge(base, tmp_path, capsys):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def lora_run(base, tmp_path_factory):
+    """A LoRA SFT run (4 steps) and its last checkpoint merged by `llmkit merge-lora`."""
+    root = tmp_path_factory.mktemp("lora")
     assert run("--model", str(base / "model"), "--data", str(base / "sft.jsonl"), "--method", "lora",
-               "--lora-r", "4", "--out-dir", str(out)) == 0
+               "--lora-r", "4", "--out-dir", str(root / "run")) == 0
+    checkpoint = root / "run" / "checkpoints" / "step-0000004"
+    assert main(["merge-lora", "--model", str(base / "model"), "--adapter", str(checkpoint),
+                 "--out", str(root / "merged")]) == 0
+    return root / "run", checkpoint, root / "merged"
+
+
+def test_lora_sft_then_merge(base, lora_run):
+    out, checkpoint, merged = lora_run
     report = json.loads((out / "report.json").read_text())
     assert report["trainable_parameters"] == 2 * 4 * (4 * 64 + 2 * 32 + 64 + 64 + 3 * (64 + 192))
     assert report["val_loss"] < report["val_loss_before"]
-    checkpoint = out / "checkpoints" / "step-0000004"
     assert (checkpoint / "adapter_model.safetensors").is_file() and (checkpoint / "tokenizer.json").is_file()
     assert not (checkpoint / "model.safetensors").exists()
-    assert main(["merge-lora", "--model", str(base / "model"), "--adapter", str(checkpoint),
-                 "--out", str(tmp_path / "merged")]) == 0
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
         adapted = load_adapter(Transformer.from_pretrained(base / "model"), checkpoint)(ids)
-        merged = Transformer.from_pretrained(tmp_path / "merged")(ids)
-    torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-5)
-    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+        merged_logits = Transformer.from_pretrained(merged)(ids)
+    torch.testing.assert_close(merged_logits, adapted, rtol=0, atol=1e-5)
+    assert (merged / "tokenizer.json").is_file()
+
+
+def test_an_adapter_checkpoint_is_a_model_for_every_verb(base, lora_run, tmp_path, capsys, monkeypatch):
+    _, checkpoint, merged = lora_run
+    config = json.loads((checkpoint / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((base / "model").resolve())  # peft's field, absolute
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    adapted, tok = chat_load(str(checkpoint))
+    assert tok is not None and adapted.dtype == torch.float32 and not any("lora" in k for k in adapted.state_dict())
+    with torch.no_grad():  # merged at load in fp32, as merge-lora merges: the same sums in the same order
+        torch.testing.assert_close(adapted(ids), chat_load(str(merged))[0](ids), rtol=0, atol=1e-6)
+    capsys.readouterr()
+    outputs = {}
+    for name, model in (("adapter", checkpoint), ("merged", merged)):
+        assert main(["generate", str(model), "-p", "Who wrote", "-n", "6", "--temp", "0", "--ignore-eos",
+                     "--json"]) == 0
+        outputs[name, "generate"] = json.loads(capsys.readouterr().out)[0]["token_ids"]
+        monkeypatch.setattr("sys.stdin", io.StringIO("Who wrote King Lear?\n"))
+        assert main(["chat", str(model), "-n", "6", "--temp", "0", "--ignore-eos"]) == 0
+        outputs[name, "chat"] = capsys.readouterr().out
+        task = tmp_path / "task.jsonl"
+        task.write_text(json.dumps({"query": "Who wrote King Lear?", "choices": ["Shakespeare.", "London."],
+                                    "gold": 0}) + "\n")
+        outputs[name, "eval"] = run_eval(str(model), [str(task)], out=str(tmp_path / f"eval-{name}"))["results"]
+    for verb in ("generate", "chat", "eval"):
+        assert outputs["adapter", verb] == outputs["merged", verb], verb
+    assert len(outputs["adapter", "generate"]) == 6 and "Who wrote King Lear?" not in outputs["adapter", "chat"]
+
+
+def test_an_adapter_without_a_recorded_base_says_how_to_use_it(base, tmp_path):
+    model = Transformer.from_pretrained(base / "model")
+    apply_lora(model, LoraConfig(r=2, targets=("q",)))
+    save_adapter(model, tmp_path / "adapter")
+    with pytest.raises(FormatError, match="records no base model .* `llmkit merge-lora BASE --adapter"):
+        chat_load(str(tmp_path / "adapter"))
 
 
 @pytest.mark.parametrize("method,lr", [("full", 3e-3), ("qlora", 3e-2), ("prompt", 3e-2)])

@@ -252,8 +252,9 @@ def adapter_tensors(state: dict[str, torch.Tensor], model_config: ModelConfig) -
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
 
-def adapter_config(config: LoraConfig, model_config: ModelConfig) -> dict:
-    """adapter_config.json as peft writes it (the fields peft reads to rebuild the LoRA model)."""
+def adapter_config(config: LoraConfig, model_config: ModelConfig, base: str | None = None) -> dict:
+    """adapter_config.json as peft writes it (the fields peft reads to rebuild the LoRA model); `base`
+    is the model it adapts (base_model_name_or_path), which loading the folder as a model reads."""
     mapping = _hf_modules(model_config)
     all_hf = sorted({hf for hf, _ in mapping.values()})
     targets = sorted({_short_name(hf, all_hf) for ours, (hf, _) in mapping.items() if _target_of(ours) in config.targets})
@@ -269,26 +270,28 @@ def adapter_config(config: LoraConfig, model_config: ModelConfig) -> dict:
         "fan_in_fan_out": model_config.hf_model_type == "gpt2",  # Conv1D stores [in, out]
         "bias": "none", "use_rslora": False, "use_dora": False, "init_lora_weights": True,
         "modules_to_save": ["score"] if model_config.num_labels else None,
-        "base_model_name_or_path": None, "revision": None, "inference_mode": True,
+        "base_model_name_or_path": base, "revision": None, "inference_mode": True,
         "layers_to_transform": None, "layers_pattern": None,
     }
 
 
 def save_adapter_state(folder: str | Path, state: dict[str, torch.Tensor], config: LoraConfig,
-                       model_config: ModelConfig) -> Path:
-    """Write a LoRA model's state dict (our names) as a peft adapter folder, atomically per file."""
+                       model_config: ModelConfig, base: str | None = None) -> Path:
+    """Write a LoRA model's state dict (our names) as a peft adapter folder, atomically per file;
+    `base` names the base model (a folder, .gguf file or registry name) the adapter applies to."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = adapter_tensors(state, model_config)
     with atomic_path(folder / ADAPTER_WEIGHTS) as p:
         save_file(tensors, str(p), metadata={"format": "pt"})
-    atomic_write_json(folder / ADAPTER_CONFIG, adapter_config(config, model_config))
+    atomic_write_json(folder / ADAPTER_CONFIG, adapter_config(config, model_config, base))
     return folder
 
 
-def save_adapter(model: nn.Module, folder: str | Path) -> Path:
-    """Write `model`'s adapters (and head) as a peft adapter folder (lora_A/B hold the update merged or not)."""
-    return save_adapter_state(folder, model.state_dict(), _require_lora(model), model.config)
+def save_adapter(model: nn.Module, folder: str | Path, base: str | None = None) -> Path:
+    """Write `model`'s adapters (and head) as a peft adapter folder (lora_A/B hold the update merged or not);
+    `base` is recorded as the model the adapter applies to."""
+    return save_adapter_state(folder, model.state_dict(), _require_lora(model), model.config, base)
 
 
 def _require_lora(model: nn.Module) -> LoraConfig:

@@ -155,6 +155,13 @@ def add_classification_head(model: Transformer, num_labels: int, seed: int = 0) 
     return Transformer.from_state_dict(config, tensors, dtype=model.dtype)
 
 
+def base_name(spec: str) -> str:
+    """How an adapter records its base: a local folder or file as an absolute path (so it loads from any
+    working directory), a registry name as it is."""
+    path = Path(checkpoint.resolve(spec))
+    return str(path.resolve()) if path.exists() else spec
+
+
 def prepare_model(config: FinetuneConfig, model: Transformer):
     """(model to train, save_weights, load_weights) for the method; save/load None means HF folders."""
     if config.method == "full":
@@ -177,8 +184,10 @@ def prepare_model(config: FinetuneConfig, model: Transformer):
     apply_lora(model, lora)
     lora = model.lora_config
 
+    base = base_name(config.model)
+
     def save(folder, state):
-        save_adapter_state(folder, state, lora, model.config)
+        save_adapter_state(folder, state, lora, model.config, base)
 
     def load_(folder):
         return {**model.state_dict(), **read_adapter(folder, model.config)[1]}
