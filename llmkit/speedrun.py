@@ -9,6 +9,7 @@ however fast the steps turn out; a short timing of the real step only sets an up
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from llmkit import progress
 from llmkit.analysis.accounting import human
 from llmkit.analysis.plots import plot_training_curves
 from llmkit.config import ModelConfig
@@ -64,7 +66,12 @@ class SpeedrunConfig:
     reserve_minutes: float = field(default=0.5, metadata={"help": "kept for evaluation, sampling and the report"})
 
 
-def _stage(timings: dict, name: str, started: float) -> None:
+@contextlib.contextmanager
+def _stage(timings: dict, name: str):
+    """A stage of the run: announced when it starts, timed into `timings` when it ends."""
+    print(f"[speedrun] {name} ...", flush=True)
+    started = time.perf_counter()
+    yield
     timings[name] = round(time.perf_counter() - started, 1)
     print(f"[speedrun] {name}: {timings[name]} s", flush=True)
 
@@ -79,7 +86,7 @@ def seconds_per_step(model: Transformer, config: SpeedrunConfig, precisions: tup
     x = torch.randint(0, model.config.vocab_size, (config.batch_size, config.context), device=device)
     batch = (x, torch.roll(x, -1, 1))
     steps = {}
-    for precision in precisions:
+    for precision in progress.bar(precisions, "compile and warm up" if config.compile else "warm up"):
         probe = Transformer(model.config).to(device).train()
         step = TrainingStep(probe, causal_lm_loss, adamw(probe, lr=1e-4, weight_decay=0.1), device,
                             amp_dtype=autocast_dtype(precision, device), compile=config.compile)
@@ -87,7 +94,7 @@ def seconds_per_step(model: Transformer, config: SpeedrunConfig, precisions: tup
         steps[precision]()
         steps[precision]()
     times = {precision: [] for precision in precisions}
-    for _ in range(rounds):
+    for _ in progress.bar(range(rounds), f"time a step ({', '.join(precisions)})"):
         for precision, step in steps.items():
             start = time.perf_counter()
             step()
@@ -105,51 +112,48 @@ def speedrun(config: SpeedrunConfig) -> Path:
     run.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
-    started = time.perf_counter()
-    data_report = prepare(parse_weights(config.sources), run / "data", PrepareConfig(seed=config.seed), progress=True)
-    _stage(timings, "fetch + prepare", started)
+    with _stage(timings, "fetch + prepare"):
+        data_report = prepare(parse_weights(config.sources), run / "data", PrepareConfig(seed=config.seed),
+                              progress=True)
 
-    started = time.perf_counter()
-    texts = [d.text for d in read_documents(run / "data" / "train.jsonl")]
-    tokenizer = Tokenizer.train(texts, config.vocab_size, show_progress=False)
-    tokenizer.save_pretrained(run / "tokenizer")
-    _stage(timings, "tokenizer", started)
+    with _stage(timings, "tokenizer"):
+        texts = [d.text for d in read_documents(run / "data" / "train.jsonl")]
+        tokenizer = Tokenizer.train(texts, config.vocab_size, show_progress=True)
+        tokenizer.save_pretrained(run / "tokenizer")
 
-    started = time.perf_counter()
-    metas = tokenize_prepared(run / "data", tokenizer, run / "shards", progress=False)
-    _stage(timings, "tokenize", started)
+    with _stage(timings, "tokenize"):
+        metas = tokenize_prepared(run / "data", tokenizer, run / "shards", progress=True)
 
-    started = time.perf_counter()
-    torch.manual_seed(config.seed)
-    shape = Transformer(ModelConfig.from_preset(config.model, vocab_size=tokenizer.vocab_size))
-    timed = seconds_per_step(shape, config, ("fp32", "bf16") if config.precision == "auto" else (config.precision,))
-    precision = min(timed, key=timed.get)  # auto: the faster one trains
-    print(f"[speedrun] s/step: {', '.join(f'{p} {t:.3f}' for p, t in timed.items())} -> {precision}", flush=True)
-    per_step = timed[precision]
-    train_seconds = deadline - time.perf_counter() - 60 * config.reserve_minutes
-    # The timing is rough (a shared machine's step time swings: one calibration read 0.58 s/step
-    # for a run that then went at 0.35), so leave room: the budget, not max_steps, should end the
-    # run. A generous max_steps costs nothing, since under the budget the schedule follows the clock.
-    max_steps = max(10, int(3 * train_seconds / per_step))
-    _stage(timings, "calibrate", started)
+    with _stage(timings, "calibrate"):
+        torch.manual_seed(config.seed)
+        shape = Transformer(ModelConfig.from_preset(config.model, vocab_size=tokenizer.vocab_size))
+        timed = seconds_per_step(shape, config,
+                                 ("fp32", "bf16") if config.precision == "auto" else (config.precision,))
+        precision = min(timed, key=timed.get)  # auto: the faster one trains
+        print(f"[speedrun] s/step: {', '.join(f'{p} {t:.3f}' for p, t in timed.items())} -> {precision}",
+              flush=True)
+        per_step = timed[precision]
+        train_seconds = deadline - time.perf_counter() - 60 * config.reserve_minutes
+        # The timing is rough (a shared machine's step time swings: one calibration read 0.58 s/step
+        # for a run that then went at 0.35), so leave room: the budget, not max_steps, should end the
+        # run. A generous max_steps costs nothing, since under the budget the schedule follows the clock.
+        max_steps = max(10, int(3 * train_seconds / per_step))
     print(f"[speedrun] {per_step:.3f} s/step -> at most {max_steps} steps in {train_seconds / 60:.1f} min",
           flush=True)
 
-    started = time.perf_counter()
-    pre = PretrainConfig(
-        model=config.model, data=str(run / "shards"), tokenizer=str(run / "tokenizer"), out_dir=str(run / "train"),
-        context=config.context, batch_size=config.batch_size, max_steps=max_steps,
-        max_minutes=train_seconds / 60, lr=config.lr, warmup_steps=min(config.warmup_steps, max_steps // 10),
-        min_lr_ratio=config.min_lr_ratio, precision=precision, compile=config.compile,
-        eval_every=config.eval_every,
-        eval_batches=config.eval_batches, save_every=0, keep_last=1, seed=config.seed, log_every=10)
-    result = pretrain.run(pre)
-    _stage(timings, "pretrain", started)
+    with _stage(timings, "pretrain"):
+        pre = PretrainConfig(
+            model=config.model, data=str(run / "shards"), tokenizer=str(run / "tokenizer"),
+            out_dir=str(run / "train"), context=config.context, batch_size=config.batch_size, max_steps=max_steps,
+            max_minutes=train_seconds / 60, lr=config.lr, warmup_steps=min(config.warmup_steps, max_steps // 10),
+            min_lr_ratio=config.min_lr_ratio, precision=precision, compile=config.compile,
+            eval_every=config.eval_every,
+            eval_batches=config.eval_batches, save_every=0, keep_last=1, seed=config.seed, log_every=10)
+        result = pretrain.run(pre)
 
-    started = time.perf_counter()
-    model = Transformer.from_pretrained(result.last_checkpoint, dtype=torch.float32)
-    samples = sample(model, tokenizer, config)
-    _stage(timings, "sample", started)
+    with _stage(timings, "sample"):
+        model = Transformer.from_pretrained(result.last_checkpoint, dtype=torch.float32)
+        samples = sample(model, tokenizer, config)
     timings["total"] = round(time.perf_counter() - t0, 1)
 
     history = [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
@@ -206,6 +210,12 @@ def _summary(config, model, data_report, metas, tokenizer, history, result, time
     }
 
 
+def _measured(value) -> str:
+    """A throughput reading; the first log window includes start-up and compiling, so a run too short
+    for a second window has none."""
+    return "not measured (the run ended within its first log window)" if value is None else str(value)
+
+
 def render_report(s: dict) -> str:
     c, t, f, m = s["config"], s["training"], s["final"], s["model"]
     lines = [
@@ -220,8 +230,8 @@ def render_report(s: dict) -> str:
         f"| final training loss | {f['train_loss']:.4f} |",
         f"| steps | {t['steps']} ({t['stopped']}) |",
         f"| tokens seen | {t['tokens_seen']:,} ({t['epochs']:.2f} epochs) |",
-        f"| training tokens/s | {t['tokens_per_s']} ({t['precision']}) |",
-        f"| MFU (vs measured matmul peak) | {t['mfu']} |", "",
+        f"| training tokens/s | {_measured(t['tokens_per_s'])} ({t['precision']}) |",
+        f"| MFU (vs measured matmul peak) | {_measured(t['mfu'])} |", "",
         "![loss curves](loss.png)", "",
         "## Data", "",
         "| source | package | weight | license |", "|---|---|---|---|",

@@ -168,3 +168,15 @@ def test_recipes_build_valid_configs(recipe):
     config = build_config(FinetuneConfig, Path(__file__).parent.parent / "recipes" / f"{recipe}.yaml")
     config.validate()
     config.lora()
+
+
+def test_every_phase_of_a_finetune_run_shows_progress(base, tmp_path, capsys):
+    assert run("--model", str(base / "model"), "--data", str(base / "cls.jsonl"), "--task", "classify",
+               "--num-labels", "2", "--method", "lora", "--out-dir", str(tmp_path / "run"), "--progress", "true") == 0
+    err = capsys.readouterr().err
+    for phase in (f"load {base / 'model'} ...", f"read and tokenize {base / 'cls.jsonl'}: ",
+                  "validation before training", "train", "validation:", "validation accuracy"):
+        assert phase in err, phase
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in logged if "loss" in r][-1]
+    assert err.rsplit("loss=", 1)[1][:6] == f"{last['loss']:.4f}" and last["tokens_seen"] > 0

@@ -248,3 +248,29 @@ def test_compiled_training_matches_eager(tmp_path, capsys):
     # fp32 both ways: inductor may fuse and reorder fp32 reductions (rounding ~1e-7 relative per op), nothing
     # more; measured equal to the bit over all 8 steps.
     assert compiled == pytest.approx(eager, rel=1e-5)
+
+
+class PaddedRows(RandomWindows):
+    """SFT-shaped batches (a dict with an attention mask) whose rows are padded to different lengths."""
+
+    def next_batch(self):
+        x, y = super().next_batch()
+        lengths = torch.randint(1, self.seq + 1, (self.batch,), generator=self.generator)
+        mask = (torch.arange(self.seq) < lengths[:, None]).long()
+        return {"input_ids": x, "labels": y.masked_fill(mask == 0, IGNORE_INDEX), "attention_mask": mask}
+
+
+def test_tokens_seen_counts_real_tokens_and_the_bar_shows_the_logged_loss(tmp_path, capsys):
+    tokens = text_tokens()
+    config = LoopConfig(max_steps=5, grad_accum=2, warmup_steps=0, eval_every=0, save_every=0, log_every=10)
+    held_out = PaddedRows(tokens, 2, 16, seed=9).next_batch()
+    result = train(tiny_model(), causal_lm_loss, PaddedRows(tokens, 3, 16, seed=1), config, tmp_path,
+                   eval_batches=lambda: [held_out])
+    replay = PaddedRows(tokens, 3, 16, seed=1)
+    per_step = [sum(int(replay.next_batch()["attention_mask"].sum()) for _ in range(2)) for _ in range(5)]
+    steps = [r for r in result.history if "loss" in r]
+    assert [r["tokens_seen"] for r in steps] == [sum(per_step[:i + 1]) for i in range(5)]
+    assert 0 < per_step[0] < 2 * 3 * 16  # padding is not counted
+    err = capsys.readouterr().err
+    assert err.rsplit("loss=", 1)[1][:6] == f"{steps[-1]['loss']:.4f}"  # the last step's loss, not step 1's
+    assert "validation" in err

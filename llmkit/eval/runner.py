@@ -14,6 +14,7 @@ from pathlib import Path
 from llmkit.errors import ConfigError
 from llmkit.eval import tasks as T
 from llmkit.eval.lm import generate_until, loglikelihood
+from llmkit.progress import phase
 
 CODE_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint", "```")  # HumanEval's (Chen et al.) + a closing fence
 
@@ -168,7 +169,9 @@ def run_eval(model_name: str, tasks: list[str], shots: int = 0, limit: int | Non
 
     for name in tasks:  # fail on a bad task name before paying for the model
         T.get_task(name)
-    model, tokenizer = load(model_name, quantize, threads, dtype=dtype, device=device, max_model_len=max_model_len)
+    with phase(f"load {model_name}", options.get("progress", True)):
+        model, tokenizer = load(model_name, quantize, threads, dtype=dtype, device=device,
+                                max_model_len=max_model_len)
     model.eval()
     result = evaluate(model, tokenizer, tasks, shots, limit, **options)
     write_report(result, out, model_name)

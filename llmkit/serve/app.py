@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llmkit.errors import ConfigError
 from llmkit.generate.chat import end_of_turn_ids
 from llmkit.generate.sampling import SamplingParams
+from llmkit.progress import phase
 from llmkit.serve.config import ServeConfig
 from llmkit.serve.errors import APIError, error_response
 from llmkit.serve.scheduler import Overloaded, Scheduler
@@ -496,8 +497,9 @@ def serve(config: ServeConfig) -> None:
 
     if not config.model:
         raise ConfigError("serve needs a model: an HF folder, a .gguf file or a registry name")
-    model, tokenizer = load(config.model, config.quantize, config.threads, config.chat_template, config.dtype,
-                            config.device, config.max_model_len)
+    with phase(f"load {config.model}"):
+        model, tokenizer = load(config.model, config.quantize, config.threads, config.chat_template, config.dtype,
+                                config.device, config.max_model_len)
     if config.served_model_name is None:
         config.served_model_name = Path(config.model).name if Path(config.model).exists() else config.model
     app = create_app(model, tokenizer, config)

@@ -37,6 +37,7 @@ from llmkit.errors import ConfigError, DataError
 from llmkit.model import Transformer, load
 from llmkit.peft.lora import LoraConfig, apply_lora, read_adapter, save_adapter_state, trainable_parameters
 from llmkit.peft.prompt_tuning import ADAPTER_WEIGHTS, PromptTuning, save_prompt_state
+from llmkit.progress import bar, phase
 from llmkit.tokenizer import Tokenizer
 from llmkit.train import checkpoint
 from llmkit.train.loop import LoopConfig, TrainResult, train
@@ -200,9 +201,9 @@ def mean_loss(model: nn.Module, objective, batches) -> float:
     """The objective's mean over batches, in eval mode (the loop's evaluation, before any step)."""
     was_training = model.training
     model.eval()
-    loss = sum(float(objective(model, b)[0]) for b in batches) / len(batches)
+    losses = [float(objective(model, b)[0]) for b in batches]
     model.train(was_training)
-    return loss
+    return sum(losses) / len(losses)
 
 
 @torch.no_grad()
@@ -224,11 +225,13 @@ def run(config: FinetuneConfig) -> TrainResult:
     if config.method in ("lora", "qlora"):
         config.lora()  # bad LoRA settings fail before the model is loaded
     started = time.perf_counter()
-    model, tokenizer = load(checkpoint.resolve(config.model), dtype=torch.float32)
+    with phase(f"load {config.model}", config.progress):
+        model, tokenizer = load(checkpoint.resolve(config.model), dtype=torch.float32)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     if pad is None:
         raise ConfigError(f"the tokenizer of {config.model} has neither a pad nor an EOS token to pad batches with")
-    train_items, val_items = split_items(config, tokenizer)
+    with phase(f"read and tokenize {config.data}", config.progress):
+        train_items, val_items = split_items(config, tokenizer)
     if config.task == "classify":
         model = add_classification_head(model, config.num_labels, config.seed)
 
@@ -242,7 +245,8 @@ def run(config: FinetuneConfig) -> TrainResult:
     trained, save_weights, load_weights = prepare_model(config, model)
     data = BatchLoader(train_items, config.batch_size, collate, seed=config.seed)
     val_batches = in_order(val_items, config.batch_size, collate)
-    val_loss_before = mean_loss(trained, OBJECTIVES[config.task], val_batches)
+    val_loss_before = mean_loss(trained, OBJECTIVES[config.task],
+                                bar(val_batches, "validation before training", config.progress))
     load_peak, rss_before = peak_rss_mb(), rss_mb()
     reset_peak_rss()  # the training peak, not that of reading (and dequantizing) the checkpoint
     result = train(trained, OBJECTIVES[config.task], data, config, config.out_dir, model_config=model.config,
@@ -259,7 +263,8 @@ def run(config: FinetuneConfig) -> TrainResult:
         "load_peak_rss_mb": round(load_peak, 1), "rss_at_train_start_mb": rss_before,
     }
     if config.task == "classify":
-        report["val_accuracy"] = classification_accuracy(trained, val_batches)
+        report["val_accuracy"] = classification_accuracy(trained, bar(val_batches, "validation accuracy",
+                                                                      config.progress))
     write_report(config.out_dir, f"Fine-tuning ({config.task}, {config.method})", report, [
         f"- model: `{config.model}`, data: `{config.data}` ({len(train_items)} train / {len(val_items)} validation "
         f"examples), seed {config.seed}",

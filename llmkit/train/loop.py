@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from llmkit import progress
 from llmkit.config import ModelConfig
 from llmkit.errors import ConfigError, FormatError, LlmkitError, StorageError
 from llmkit.train import checkpoint
@@ -165,8 +166,10 @@ class TrainingStep:
         summed over micro-batches). Raises TrainingDiverged, before any update, if either is not finite."""
         loss_sum = torch.zeros((), device=self.device)
         extra_sums: dict[str, torch.Tensor] = {}  # the objective's other metrics (rewards, accuracy, ...)
+        self.tokens = 0  # input tokens of this step on this rank
         for micro in range(self.grad_accum):
             batch = _to_device(next_batch(), self.device)
+            self.tokens += _tokens(batch)
             with _no_sync(self.model, micro == self.grad_accum - 1):
                 with _autocast(self.device, self.amp_dtype):
                     loss, metrics = self._forward(batch)
@@ -291,7 +294,7 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
         sums, examples = {}, 0
         model.eval()
         with torch.no_grad(), _autocast(device, amp_dtype):
-            for batch in eval_batches():
+            for batch in progress.bar(eval_batches(), "validation", config.progress and world.is_main):
                 loss, metrics = objective(training_step.forward_model, _to_device(batch, device))
                 rows = _rows(batch)
                 for k, v in {"loss": loss.float(), **_extra_metrics(metrics)}.items():
@@ -328,13 +331,14 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
                     f"training diverged at step {step}: {e}; no update was applied. Last good checkpoint: "
                     f"{where or 'none'}. Lower the learning rate, raise warmup, or use fp32.") from None
             step += 1
-            step_tokens = tokens_per_step or 0
+            step_tokens = tokens_per_step or round(
+                dist_.all_reduce_mean(torch.tensor(float(training_step.tokens)), world).item() * world.size)
             tokens_seen += step_tokens
             window_tokens += step_tokens
-            bar.update(1)
-
             record = {"step": step, "loss": loss_value.item(), "lr": lr, "grad_norm": float(grad_norm),
                       "tokens_seen": tokens_seen, "elapsed_s": round(time.perf_counter() - started, 3)}
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)  # the step just logged
+            bar.update(1)
             record.update({k: v.item() / config.grad_accum for k, v in extra_sums.items()})
             if step % max(config.log_every, 1) == 0 or step == 1:
                 elapsed = time.perf_counter() - window_start
@@ -342,7 +346,6 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
                     record["tokens_per_s"] = window_tokens / elapsed
                     if peak:
                         record["mfu"] = record["tokens_per_s"] * flops_per_token / peak
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
                 window_start, window_tokens = time.perf_counter(), 0
             log(record)
 
@@ -417,6 +420,18 @@ def _extra_metrics(metrics: dict) -> dict[str, torch.Tensor]:
     """An objective's scalar metrics beyond the loss and token count, as detached fp32 tensors."""
     return {k: v.detach().float() for k, v in metrics.items() if k not in ("loss", "tokens")
             and isinstance(v, torch.Tensor) and v.numel() == 1}
+
+
+def _tokens(batch) -> int:
+    """How many input tokens a batch holds: its attention mask's ones (padding is not read), else its
+    inputs' size."""
+    if isinstance(batch, dict):
+        if "attention_mask" in batch:
+            return int(batch["attention_mask"].sum())
+        return _tokens(batch["input_ids"] if "input_ids" in batch else next(iter(batch.values())))
+    if isinstance(batch, (tuple, list)):
+        return _tokens(batch[0])
+    return batch.numel()
 
 
 def _rows(batch) -> int:
