@@ -134,6 +134,10 @@ def speedrun(config: SpeedrunConfig) -> Path:
               flush=True)
         per_step = timed[precision]
         train_seconds = deadline - time.perf_counter() - 60 * config.reserve_minutes
+        if train_seconds <= 0:
+            raise ConfigError(f"budget_minutes={config.budget_minutes} was used up before training: data, tokenizer "
+                              f"and calibration took {time.perf_counter() - t0:.0f} s and {config.reserve_minutes} "
+                              "min are kept for evaluation (reserve_minutes); raise --budget-minutes")
         # The timing is rough (a shared machine's step time swings: one calibration read 0.58 s/step
         # for a run that then went at 0.35), so leave room: the budget, not max_steps, should end the
         # run. A generous max_steps costs nothing, since under the budget the schedule follows the clock.

@@ -73,7 +73,7 @@ def test_lora_sft_then_merge(base, lora_run):
 
 
 def test_an_adapter_checkpoint_is_a_model_for_every_verb(base, lora_run, tmp_path, capsys, monkeypatch):
-    _, checkpoint, merged = lora_run
+    run_dir, checkpoint, merged = lora_run
     config = json.loads((checkpoint / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str((base / "model").resolve())  # peft's field, absolute
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
@@ -96,6 +96,8 @@ def test_an_adapter_checkpoint_is_a_model_for_every_verb(base, lora_run, tmp_pat
         outputs[name, "eval"] = run_eval(str(model), [str(task)], out=str(tmp_path / f"eval-{name}"))["results"]
     for verb in ("generate", "chat", "eval"):
         assert outputs["adapter", verb] == outputs["merged", verb], verb
+    assert main(["generate", str(run_dir), "-p", "Who wrote", "-n", "6", "--temp", "0", "--ignore-eos", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["token_ids"] == outputs["adapter", "generate"]  # the run's newest
     assert len(outputs["adapter", "generate"]) == 6 and "Who wrote King Lear?" not in outputs["adapter", "chat"]
 
 

@@ -205,6 +205,8 @@ def test_export_verb_and_gguf_in_the_generate_verb(tiny, tmp_path, capsys):
     assert loaded_tok.encode(CORPUS[0]) == tok.encode(CORPUS[0])
     assert main(["generate", str(out), "--prompt", "The quick", "--temperature", "0", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith("The quick")
+    assert main(["info", str(out)]) == 0  # metadata only: the same config as the model read whole
+    assert f"parameters: {model.num_parameters():,}" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # argparse refuses a file type we do not write
         main(["export", str(folder), "--quant", "Q2_K", "--out", str(out)])
 

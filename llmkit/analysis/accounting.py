@@ -24,9 +24,7 @@ def resolve_config(path_or_preset: str) -> ModelConfig:
     if Path(path_or_preset).is_dir():
         return hf.read_config(Path(path_or_preset))
     if Path(path_or_preset).is_file() or path_or_preset in named.MODELS:
-        path = named.resolve(path_or_preset)
-        reader = gguf._open(path)
-        return gguf.config_from_metadata(gguf._metadata(reader), {t.name for t in reader.tensors}, str(path))
+        return gguf.read_config(named.resolve(path_or_preset))
     if path_or_preset in PRESETS:
         return ModelConfig.from_preset(path_or_preset)
     raise ConfigError(f"{path_or_preset!r} is neither a checkpoint folder nor a preset; "

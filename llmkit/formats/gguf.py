@@ -369,6 +369,12 @@ def dequantize(data: np.ndarray, type_name: str, shape: tuple[int, ...], name: s
     return np.asarray(out, dtype=np.float32).reshape(shape)
 
 
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    """A GGUF file's ModelConfig from its metadata and tensor names, reading no tensor data."""
+    reader = _open(Path(path))
+    return config_from_metadata(_metadata(reader, str(path)), {t.name for t in reader.tensors}, str(path))
+
+
 def read_gguf(path: str | os.PathLike, with_tokenizer: bool = True, only: set[str] | None = None) -> GGUFContents:
     """Read a GGUF model file: config, float32 tensors with llmkit names, tokenizer, metadata.
 

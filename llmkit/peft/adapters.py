@@ -15,6 +15,7 @@ import torch
 
 from llmkit.errors import FormatError
 from llmkit.files import read_json
+from llmkit.formats.runs import latest
 from llmkit.model import Transformer
 from llmkit.model import load as load_model
 from llmkit.peft.lora import ADAPTER_CONFIG, load_adapter, merge_lora
@@ -22,8 +23,10 @@ from llmkit.tokenizer import Tokenizer
 
 
 def is_adapter(spec: str | os.PathLike) -> bool:
-    """Whether `spec` is an adapter folder (peft's adapter_config.json, no model config.json)."""
+    """Whether `spec` is an adapter folder (peft's adapter_config.json, no model config.json), or the
+    run folder of a LoRA fine-tuning (its newest checkpoint is one)."""
     folder = Path(spec)
+    folder = (latest(folder) or folder) if folder.is_dir() else folder
     return folder.is_dir() and (folder / ADAPTER_CONFIG).is_file() and not (folder / "config.json").is_file()
 
 
@@ -47,6 +50,7 @@ def load(spec: str | os.PathLike, dtype: torch.dtype | None = None,
     then cast to `dtype`, or to the base's own), with the adapter folder's tokenizer when it has one."""
     if not is_adapter(spec):
         return load_model(spec, dtype=dtype, device=device)
+    spec = latest(Path(spec)) or spec
     model, tokenizer = load_model(recorded_base(spec))
     dtype = dtype or model.dtype
     merge_lora(load_adapter(model.float(), spec))

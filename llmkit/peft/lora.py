@@ -37,6 +37,7 @@ from llmkit.config import ModelConfig
 from llmkit.errors import ConfigError, FormatError
 from llmkit.files import atomic_path, atomic_write_json, read_json
 from llmkit.formats.hf import _tensor_map, read_safetensors
+from llmkit.formats.runs import latest
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -438,10 +439,12 @@ def load_adapter(model: nn.Module, folder: str | Path, base_bits: int = 0) -> nn
 
 
 def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
-    """Base model (folder, GGUF or registry name) + adapter folder -> a merged HF checkpoint with tokenizer."""
+    """Base model (folder, GGUF or registry name) + adapter folder (or a LoRA run's folder: its newest
+    checkpoint) -> a merged HF checkpoint with tokenizer."""
     from llmkit.model import load
 
     model, tokenizer = load(base, dtype=torch.float32)
+    adapter = (latest(Path(adapter)) or adapter) if Path(adapter).is_dir() else adapter  # a run: its newest
     merge_lora(load_adapter(model, adapter))
     model.save_pretrained(out)
     if tokenizer is not None:

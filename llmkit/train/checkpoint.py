@@ -32,13 +32,9 @@ from llmkit.config import ModelConfig
 from llmkit.errors import FormatError, StorageError
 from llmkit.files import atomic_path, atomic_write_json, atomic_write_text, fsync_dir, sha256_file
 from llmkit.formats import hf
+from llmkit.formats.runs import STATE_DIR, checkpoint_dir, complete_checkpoints, latest  # noqa: F401 (the run layout)
 
-STATE_DIR = "trainer_state"
 CHECKSUMS = "checksums.json"
-
-
-def checkpoint_dir(out_dir: Path) -> Path:
-    return Path(out_dir) / "checkpoints"
 
 
 def rng_state() -> dict[str, Any]:
@@ -114,27 +110,6 @@ def _checksums(folder: Path) -> dict[str, str]:
     """sha256 of every file under `folder` (but checksums.json), by path relative to it."""
     return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
             if p.is_file() and p.relative_to(folder).as_posix() != f"{STATE_DIR}/{CHECKSUMS}"}
-
-
-def complete_checkpoints(out_dir: Path) -> list[Path]:
-    root = checkpoint_dir(out_dir)
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
-                  and (p / STATE_DIR / "state.json").is_file())
-
-
-def latest(out_dir: Path) -> Path | None:
-    found = complete_checkpoints(out_dir)
-    return found[-1] if found else None
-
-
-def resolve(spec: str) -> str:
-    """What `llmkit.model.load` should read for `spec`: a training run's folder means its newest
-    checkpoint; anything else (a checkpoint or HF folder, a .gguf file, a registry name) stays as is."""
-    if Path(spec).is_dir() and (found := latest(Path(spec))) is not None:
-        return str(found)
-    return spec
 
 
 def load_state(path: Path) -> tuple[dict[str, Any], dict, dict[str, Any]]:

@@ -20,7 +20,6 @@ from llmkit.errors import ConfigError
 from llmkit.losses import check_distillation
 from llmkit.model import load
 from llmkit.tokenizer import Tokenizer, check_same_tokenizer
-from llmkit.train import checkpoint
 from llmkit.train import distributed as dist_
 from llmkit.train.loop import TrainResult, resolve_device, train
 from llmkit.train.objectives import distill_objective
@@ -51,7 +50,7 @@ def run(config: DistillConfig) -> TrainResult:
     config.validate()
     train_dir, val_dir = train_and_val_dirs(config.data)
     meta = read_meta(train_dir)
-    teacher, teacher_tok = load(checkpoint.resolve(config.teacher), dtype=torch.float32)
+    teacher, teacher_tok = load(config.teacher, dtype=torch.float32)
     tokenizer = Tokenizer.from_pretrained(tokenizer_folder(config))
     check_same_tokenizer(tokenizer, teacher_tok, f"teacher {config.teacher!r}")
     torch.manual_seed(config.seed)

@@ -23,7 +23,6 @@ from llmkit.files import atomic_write_json
 from llmkit.losses import PREFERENCE_LOSSES, check_preference_loss
 from llmkit.model import Transformer, load
 from llmkit.tokenizer import check_same_tokenizer
-from llmkit.train import checkpoint
 from llmkit.train.finetune import FinetuneConfig, prepare_model
 from llmkit.train.loop import TrainResult, resolve_device, train
 from llmkit.train.memory import peak_rss_mb
@@ -92,9 +91,9 @@ def run(config: DPOConfig) -> TrainResult:
     config.validate()
     check_preference_loss(config.beta, config.loss_type)
     torch.manual_seed(config.seed)
-    policy, tokenizer = load(checkpoint.resolve(config.model), dtype=torch.float32)
+    policy, tokenizer = load(config.model, dtype=torch.float32)
     if config.reference:
-        reference, ref_tokenizer = load(checkpoint.resolve(config.reference), dtype=torch.float32)
+        reference, ref_tokenizer = load(config.reference, dtype=torch.float32)
         check_same_tokenizer(tokenizer, ref_tokenizer, f"reference model {config.reference!r}")
     else:
         reference = None

@@ -34,12 +34,12 @@ from llmkit.data.collate import collate_classification, collate_sft
 from llmkit.data.labelled import movie_reviews, read_labelled, sentiment_prompt, sentiment_rows
 from llmkit.data.split import hold_out
 from llmkit.errors import ConfigError, DataError
+from llmkit.formats.runs import latest
 from llmkit.model import Transformer, load
 from llmkit.peft.lora import LoraConfig, apply_lora, read_adapter, save_adapter_state, trainable_parameters
 from llmkit.peft.prompt_tuning import ADAPTER_WEIGHTS, PromptTuning, save_prompt_state
 from llmkit.progress import bar, phase
 from llmkit.tokenizer import Tokenizer
-from llmkit.train import checkpoint
 from llmkit.train.loop import LoopConfig, TrainResult, train
 from llmkit.train.memory import peak_rss_mb, reset_peak_rss, rss_mb
 from llmkit.train.objectives import OBJECTIVES
@@ -60,6 +60,8 @@ class FinetuneConfig(LoopConfig):
     val_data: str | None = field(default=None, metadata={"help": "a JSONL file (default: val_fraction of data)"})
     val_fraction: float = field(default=0.05, metadata={"help": "share of data held out when val_data is unset"})
     max_examples: int | None = field(default=None, metadata={"help": "use at most this many training examples"})
+    max_val_examples: int | None = field(default=None, metadata={
+        "help": "use at most this many validation examples (each evaluation scores them all)"})
     max_len: int = field(default=256, metadata={"help": "tokens per example (longer ones are cut at the end)"})
     batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
     num_labels: int = field(default=2, metadata={"help": "classes for task=classify"})
@@ -135,6 +137,8 @@ def split_items(config: FinetuneConfig, tokenizer: Tokenizer) -> tuple[list, lis
         items, val = hold_out(items, config.val_fraction, seed=0)
     if config.max_examples is not None:
         items = items[:config.max_examples]
+    if config.max_val_examples is not None:
+        val = val[:config.max_val_examples]
     if not items or not val:
         raise DataError(f"{config.data}: {len(items)} training and {len(val)} validation examples; expected some of each")
     return items, val
@@ -159,7 +163,8 @@ def add_classification_head(model: Transformer, num_labels: int, seed: int = 0) 
 def base_name(spec: str) -> str:
     """How an adapter records its base: a local folder or file as an absolute path (so it loads from any
     working directory), a registry name as it is."""
-    path = Path(checkpoint.resolve(spec))
+    path = Path(spec)
+    path = (latest(path) or path) if path.is_dir() else path  # a run: the checkpoint it trained from
     return str(path.resolve()) if path.exists() else spec
 
 
@@ -226,7 +231,7 @@ def run(config: FinetuneConfig) -> TrainResult:
         config.lora()  # bad LoRA settings fail before the model is loaded
     started = time.perf_counter()
     with phase(f"load {config.model}", config.progress):
-        model, tokenizer = load(checkpoint.resolve(config.model), dtype=torch.float32)
+        model, tokenizer = load(config.model, dtype=torch.float32)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     if pad is None:
         raise ConfigError(f"the tokenizer of {config.model} has neither a pad nor an EOS token to pad batches with")

@@ -41,7 +41,6 @@ from llmkit.losses import KL_ESTIMATORS, check_beta, gae, kl_estimate, masked_wh
 from llmkit.model import Transformer, load
 from llmkit.options import arg
 from llmkit.tokenizer import check_same_tokenizer
-from llmkit.train import checkpoint
 from llmkit.train.loop import LoopConfig, TrainResult, resolve_device, train
 from llmkit.train.objectives import ppo_objective, response_forward
 from llmkit.train.report import run_summary, write_report
@@ -267,8 +266,8 @@ def run(config: PPOConfig) -> TrainResult:
     config.validate()
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
-    lm, tokenizer = load(checkpoint.resolve(config.policy), dtype=torch.float32)
-    reward_model, rm_tokenizer = load(checkpoint.resolve(config.reward_model), dtype=torch.float32)
+    lm, tokenizer = load(config.policy, dtype=torch.float32)
+    reward_model, rm_tokenizer = load(config.reward_model, dtype=torch.float32)
     if reward_model.score is None or reward_model.config.num_labels != 1:
         raise ConfigError(f"reward model {config.reward_model!r} has no scalar head (num_labels="
                           f"{reward_model.config.num_labels}); expected one trained by `llmkit reward`")

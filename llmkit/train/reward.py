@@ -17,7 +17,6 @@ from llmkit.data import preferences as prefs
 from llmkit.errors import ConfigError
 from llmkit.model import Transformer, load
 from llmkit.tokenizer import Tokenizer
-from llmkit.train import checkpoint
 from llmkit.train.loop import TrainResult, train
 from llmkit.train.objectives import reward_objective
 from llmkit.train.preference import PreferenceConfig, pad_id, pairs_section, split_pairs
@@ -60,7 +59,7 @@ def pair_accuracy(model: Transformer, tokenizer: Tokenizer, pairs, max_len: int 
 def run(config: RewardConfig) -> TrainResult:
     config.validate()
     torch.manual_seed(config.seed)
-    lm, tokenizer = load(checkpoint.resolve(config.model), dtype=torch.float32)
+    lm, tokenizer = load(config.model, dtype=torch.float32)
     model = reward_model_from(lm)
     del lm
     train_pairs, eval_pairs = split_pairs(config)
