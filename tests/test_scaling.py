@@ -2,7 +2,6 @@
 split agrees with a brute-force search along C = 6ND, and a tiny real sweep writes rows, resumes
 without redoing finished runs, and is read by `scaling fit`."""
 
-import json
 
 import numpy as np
 import pytest
