@@ -14,10 +14,11 @@ from importlib.metadata import version
 from typing import Any, NamedTuple
 
 from llmkit import commands, demo, speedrun
+from llmkit.analysis import scaling
 from llmkit.errors import LlmkitError
 from llmkit.options import add_arguments, call
 from llmkit.serve import app as server
-from llmkit.train import distill, dpo, finetune, ppo, pretrain, reward
+from llmkit.train import distill, dpo, finetune, ppo, pretrain, reward, sweep
 
 
 class Verb(NamedTuple):
@@ -48,6 +49,14 @@ VERBS: dict[str, Verb | dict[str, Verb]] = {
     "pretrain": Verb(pretrain.run, "next-token pretraining on token shards (also under torchrun)", _stopped),
     "speedrun": Verb(speedrun.speedrun,
                      "raw packaged text -> tokenizer -> pretrained model -> report, within a time budget"),
+    "scaling": {
+        "sweep": Verb(sweep.sweep, "pretrain a grid of model sizes x token budgets; one JSONL row per run "
+                                   "(N, D, C=6ND, validation loss, wall time); resumable",
+                      lambda path, config: f"rows: {path}"),
+        "fit": Verb(scaling.run_fit, "fit L(N), L(D), L(C) and Chinchilla's L(N,D) to a sweep, with bootstrap "
+                                     "intervals and the compute-optimal N and D; writes fit.md and scaling.png",
+                    lambda result, *args: scaling.render_fit(result)),
+    },
     "finetune": Verb(finetune.run, "SFT or classification fine-tuning: full, LoRA, QLoRA or prompt tuning",
                      _stopped),
     "reward": Verb(reward.run,

@@ -3,6 +3,8 @@ split agrees with a brute-force search along C = 6ND, and a tiny real sweep writ
 without redoing finished runs, and is read by `scaling fit`."""
 
 
+import json
+
 import numpy as np
 import pytest
 
@@ -65,3 +67,59 @@ def test_bad_input_is_named():
         fit_power_law([1, 2, -3], [3, 2, 1])
     with pytest.raises(DataError, match="at least 5 runs"):
         fit_chinchilla([1, 2, 3], [1, 2, 3], [3, 2, 1])
+
+
+# ---- a real sweep, tiny ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """tinyshakespeare, character-level, as train/val shards with the tokenizer beside them."""
+    from llmkit.data.corpora import documents
+    from llmkit.data.shards import write_shards
+    from llmkit.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("shakespeare")
+    docs = [d.text for d in documents("tinyshakespeare")]
+    tokenizer = Tokenizer.train_chars(docs)
+    tokenizer.save_pretrained(root / "tokenizer")
+    write_shards(docs[2:], tokenizer, root / "train", workers=1, progress=False)
+    write_shards(docs[:2], tokenizer, root / "val", workers=1, progress=False)
+    return root
+
+
+def test_tiny_sweep_writes_rows_resumes_and_fits(shards, tmp_path, capsys):
+    from llmkit.cli import main
+    from llmkit.train.sweep import SweepConfig, sweep
+
+    config = SweepConfig(out_dir=str(tmp_path), sizes=["1x32", "2x64"], tokens=[2048, 4096], data=str(shards),
+                         context=32, batch_size=4, lr=1e-2, warmup_steps=2, eval_batches=2, save_every=0, threads=1)
+    path = sweep(config)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["size"], r["D"]) for r in rows] == [("1x32", 2048), ("1x32", 4096), ("2x64", 2048), ("2x64", 4096)]
+    for r in rows:
+        assert r["C"] == 6 * r["N"] * r["D"] and r["steps"] == r["D"] // 128  # 4 x 32 tokens per step
+        assert 0 < r["val_loss"] < 5 and r["wall_s"] > 0 and r["energy_j"] > 0
+    # non-embedding parameters by hand: per layer 4 d^2 (attention) + 3 d d_ff (SwiGLU) + 2 d (norms), + final norm
+    assert rows[0]["N"] == 1 * (4 * 32 * 32 + 3 * 32 * 96 + 2 * 32) + 32
+    assert rows[1]["val_loss"] < rows[0]["val_loss"]  # twice the tokens helps even this small a model
+    report = json.loads((tmp_path / "runs" / "1x32-2048" / "train" / "report.json").read_text())
+    assert report["energy"]["joules"] > 0 and report["energy"]["grid_gco2_per_kwh"] == 475.0  # every training report
+
+    # a killed sweep: a torn last line; the finished runs are not redone, a new budget is added
+    finished = {r["size"]: (tmp_path / r["run"] / "train" / "metrics.jsonl").stat().st_mtime_ns for r in rows}
+    with open(path, "a") as f:
+        f.write('{"size": "2x64", "bud')
+    sweep(SweepConfig(**{**config.__dict__, "tokens": [2048, 4096, 8192]}))
+    again = [json.loads(line) for line in path.read_text().splitlines()]
+    assert again[:4] == rows  # untouched
+    assert [(r["size"], r["D"]) for r in again[4:]] == [("1x32", 8192), ("2x64", 8192)]
+    assert {r["size"]: (tmp_path / r["run"] / "train" / "metrics.jsonl").stat().st_mtime_ns
+            for r in rows} == finished
+
+    assert main(["scaling", "fit", str(tmp_path), "--bootstrap", "20"]) == 0
+    fit = json.loads((tmp_path / "fit.json").read_text())
+    assert fit["runs"] == 6 and fit["fits"]["L(N,D)"]["alpha"] > 0
+    assert fit["compute_optimal"]["N"] * fit["compute_optimal"]["D"] * 6 == pytest.approx(max(r["C"] for r in again))
+    assert (tmp_path / "scaling.png").stat().st_size > 20_000
+    assert "L(N,D) = E + A/N^α + B/D^β" in capsys.readouterr().out

@@ -17,11 +17,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 
 from llmkit.errors import ConfigError, DataError
+from llmkit.options import arg
 
 HUBER_DELTA = 1e-3  # Hoffmann et al. (2022), appendix D.2
 
@@ -288,3 +289,31 @@ def render_fit(result: dict[str, Any]) -> str:
                       f"tokens, {o['tokens_per_parameter']:.1f} tokens per parameter (Chinchilla: ~20), "
                       f"predicted loss {o['loss']:.4f}."]
     return "\n".join(lines) + "\n"
+
+
+def run_fit(sweep: Annotated[str, arg("the sweep's folder or its sweep.jsonl", positional=True)],
+            out: Annotated[str | None, arg("where fit.json, fit.md and scaling.png go (default: beside the rows)")]
+            = None,
+            budget: Annotated[float | None, arg("FLOPs budget for the compute-optimal N and D (default: the "
+                                                "sweep's largest C)")] = None,
+            bootstrap: Annotated[int, arg("resamples for the bootstrap intervals (2.5th to 97.5th percentile)")] = 100,
+            seed: int = 0) -> dict[str, Any]:
+    """`llmkit scaling fit`: read the sweep's rows, fit, write fit.json, fit.md and scaling.png (beside
+    the rows unless `out` is given)."""
+    from llmkit.analysis.plots import plot_scaling
+    from llmkit.files import atomic_write_json, atomic_write_text
+
+    if bootstrap < 0:
+        raise ConfigError(f"bootstrap={bootstrap}; expected a number of resamples >= 0")
+    path = Path(sweep)
+    if path.is_dir():
+        path = path / "sweep.jsonl"
+    rows = read_rows(path)
+    result = fit_rows(rows, budget=budget, bootstrap=bootstrap, seed=seed)
+    result["sweep"] = str(path)
+    out = Path(out) if out else path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "fit.json", result)
+    atomic_write_text(out / "fit.md", render_fit(result) + "\n![scaling](scaling.png)\n")
+    plot_scaling(rows, result, out / "scaling.png")
+    return result
