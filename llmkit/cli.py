@@ -14,7 +14,7 @@ from importlib.metadata import version
 from typing import Any, NamedTuple
 
 from llmkit import commands, demo, speedrun
-from llmkit.analysis import scaling
+from llmkit.analysis import scaling, viz
 from llmkit.errors import LlmkitError
 from llmkit.options import add_arguments, call
 from llmkit.serve import app as server
@@ -29,6 +29,10 @@ class Verb(NamedTuple):
 
 def _stopped(result, config) -> str:
     return f"stopped at step {result.step} ({result.stopped}); checkpoint: {result.last_checkpoint}"
+
+
+def _png(result, *arguments) -> str:
+    return f"wrote {result['png']}"
 
 
 def _report(result, config) -> str:
@@ -56,6 +60,14 @@ VERBS: dict[str, Verb | dict[str, Verb]] = {
         "fit": Verb(scaling.run_fit, "fit L(N), L(D), L(C) and Chinchilla's L(N,D) to a sweep, with bootstrap "
                                      "intervals and the compute-optimal N and D; writes fit.md and scaling.png",
                     lambda result, *args: scaling.render_fit(result)),
+    },
+    "viz": {
+        "attention": Verb(viz.attention, "per-layer, per-head attention heatmaps of a prompt (a PNG grid)", _png),
+        "next": Verb(viz.next_tokens, "the next-token distribution at several temperatures, with the top-k and "
+                                      "top-p cut-offs drawn", _png),
+        "tokens": Verb(viz.tokens, "character and token frequencies (Zipf) of a corpus and each tokenizer's "
+                                   "compression ratio", _png),
+        "curves": Verb(viz.curves, "training loss, validation perplexity and learning rate of several runs", _png),
     },
     "finetune": Verb(finetune.run, "SFT or classification fine-tuning: full, LoRA, QLoRA or prompt tuning",
                      _stopped),
