@@ -72,27 +72,11 @@ def test_bad_input_is_named():
 # ---- a real sweep, tiny ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """tinyshakespeare, character-level, as train/val shards with the tokenizer beside them."""
-    from llmkit.data.corpora import documents
-    from llmkit.data.shards import write_shards
-    from llmkit.tokenizer import Tokenizer
-
-    root = tmp_path_factory.mktemp("shakespeare")
-    docs = [d.text for d in documents("tinyshakespeare")]
-    tokenizer = Tokenizer.train_chars(docs)
-    tokenizer.save_pretrained(root / "tokenizer")
-    write_shards(docs[2:], tokenizer, root / "train", workers=1, progress=False)
-    write_shards(docs[:2], tokenizer, root / "val", workers=1, progress=False)
-    return root
-
-
-def test_tiny_sweep_writes_rows_resumes_and_fits(shards, tmp_path, capsys):
+def test_tiny_sweep_writes_rows_resumes_and_fits(shakespeare_shards, tmp_path, capsys):
     from llmkit.cli import main
     from llmkit.train.sweep import SweepConfig, sweep
 
-    config = SweepConfig(out_dir=str(tmp_path), sizes=["1x32", "2x64"], tokens=[2048, 4096], data=str(shards),
+    config = SweepConfig(out_dir=str(tmp_path), sizes=["1x32", "2x64"], tokens=[2048, 4096], data=str(shakespeare_shards),
                          context=32, batch_size=4, lr=1e-2, warmup_steps=2, eval_batches=2, save_every=0, threads=1)
     path = sweep(config)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
