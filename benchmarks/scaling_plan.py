@@ -8,7 +8,7 @@ counted: a few seconds a run, and a few minutes once). The load average is recor
 shared machine the prediction is only as quiet as the machine was.
 
     python benchmarks/scaling_plan.py                                  # recipes/scaling.yaml
-    python benchmarks/scaling_plan.py --recipe recipes/scaling.yaml --threads 2
+    python benchmarks/scaling_plan.py --recipe recipes/scaling.yaml --threads 2   # two threads instead
 """
 
 from __future__ import annotations
@@ -45,12 +45,12 @@ def cpu_name() -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipe", default=str(ROOT / "recipes" / "scaling.yaml"))
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the recipe's, else torch's own)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     config = build_config(SweepConfig, args.recipe)
+    if args.threads or config.threads:
+        torch.set_num_threads(args.threads or config.threads)
     per_step = config.batch_size * config.context
     timing = SpeedrunConfig(batch_size=config.batch_size, context=config.context, compile=False)
     load_before = os.getloadavg()
