@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from llmkit.config import PRESETS, ModelConfig
 from llmkit.data.prepare import PrepareConfig, parse_weights, prepare, read_documents
 from llmkit.data.shards import tokenize_prepared
-from llmkit.errors import ConfigError
+from llmkit.errors import ConfigError, DataError
 from llmkit.files import atomic_write_text
 from llmkit.model import Transformer
 from llmkit.tokenizer import Tokenizer
@@ -46,6 +46,7 @@ class SweepConfig:
                                                     "default: prepare `sources` into OUT_DIR/data"})
     sources: str = field(default="wikipedia:0.5,bbcnews:0.5", metadata={"help": "NAME:WEIGHT,... (the speedrun's)"})
     vocab_size: int = 4096
+    val_fraction: float = field(default=0.01, metadata={"help": "share of documents held out (prepared data only)"})
     context: int = 128
     batch_size: int = 16
     lr: float = 3e-3
@@ -92,17 +93,28 @@ def _read_done(path: Path) -> dict[tuple[str, int], dict]:
 
 
 def prepare_data(config: SweepConfig, root: Path) -> Path:
-    """The speedrun's pipeline, once: packaged text -> cleaned mixture -> byte-level BPE -> shards."""
+    """The speedrun's pipeline, once: packaged text -> cleaned mixture -> byte-level BPE -> shards. The
+    settings are recorded beside the shards; a sweep asking for other data is refused, since its rows
+    would not compare with the ones already there."""
     if config.data:
         return Path(config.data)
     data, shards = root / "data", root / "shards"
-    if (shards / "train").is_dir() and (shards / "tokenizer" / "tokenizer.json").is_file():
+    settings = {k: getattr(config, k) for k in ("sources", "vocab_size", "val_fraction", "seed")}
+    recorded = shards / "sweep_data.json"
+    if recorded.is_file():
+        before = json.loads(recorded.read_text())
+        if before != settings:
+            changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+            raise ConfigError(f"{shards} was prepared with other data settings (setting: (then, now)) {changed}; "
+                              "use another --out-dir, or the same settings")
         return shards
-    prepare(parse_weights(config.sources), data, PrepareConfig(seed=config.seed), progress=True)
+    prepare(parse_weights(config.sources), data, PrepareConfig(val_fraction=config.val_fraction, seed=config.seed),
+            progress=True)
     tokenizer = Tokenizer.train([d.text for d in read_documents(data / "train.jsonl")], config.vocab_size,
                                 show_progress=False)
     tokenize_prepared(data, tokenizer, shards, progress=False)
-    tokenizer.save_pretrained(shards / "tokenizer")  # last: its presence marks the shards complete
+    tokenizer.save_pretrained(shards / "tokenizer")
+    atomic_write_text(recorded, json.dumps(settings) + "\n")  # last: it marks the shards complete
     return shards
 
 
@@ -116,6 +128,9 @@ def sweep(config: SweepConfig) -> Path:
     root = Path(config.out_dir)
     root.mkdir(parents=True, exist_ok=True)
     shards = prepare_data(config, root)
+    if pretrain.train_and_val_dirs(shards)[1] is None:
+        raise DataError(f"{shards} has no validation shards (val/); the sweep compares held-out losses. Hold out "
+                        f"more documents (--val-fraction, now {config.val_fraction}) or give shards with a val/ folder")
     vocab = Tokenizer.from_pretrained(shards / "tokenizer").vocab_size if (shards / "tokenizer").is_dir() \
         else config.vocab_size
     models = {s: size_config(s, vocab, config.context) for s in config.sizes}  # all checked before any training
@@ -159,8 +174,6 @@ def _train_one(config: SweepConfig, model_config: ModelConfig, size: str, budget
     started = time.perf_counter()
     result = pretrain.run(pre)
     evals = [r for r in result.history if "val_loss" in r]
-    if not evals:
-        raise ConfigError(f"{shards} has no validation shards (val/); the sweep needs a held-out loss")
     model = Transformer(model_config)
     N = model.num_parameters(exclude_embeddings=True)
     D = steps * per_step
