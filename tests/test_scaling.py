@@ -107,3 +107,19 @@ def test_tiny_sweep_writes_rows_resumes_and_fits(shakespeare_shards, tmp_path, c
     assert fit["compute_optimal"]["N"] * fit["compute_optimal"]["D"] * 6 == pytest.approx(max(r["C"] for r in again))
     assert (tmp_path / "scaling.png").stat().st_size > 20_000
     assert "L(N,D) = E + A/N^α + B/D^β" in capsys.readouterr().out
+
+
+def test_sweep_refuses_data_it_cannot_compare(tmp_path, shakespeare_shards):
+    from llmkit.errors import ConfigError
+    from llmkit.train.sweep import SweepConfig, sweep
+
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "sweep_data.json").write_text(json.dumps(
+        {"sources": "kjv:1", "vocab_size": 4096, "val_fraction": 0.01, "seed": 1337}))
+    with pytest.raises(ConfigError, match=r"other data settings .*'sources': \('kjv:1', 'wikipedia:0.5,bbcnews:0.5'\)"):
+        sweep(SweepConfig(out_dir=str(tmp_path)))
+    with pytest.raises(ConfigError, match="size '3x100': expected LAYERSxWIDTH"):
+        sweep(SweepConfig(out_dir=str(tmp_path / "b"), data=str(shakespeare_shards), sizes=["3x100"]))
+    with pytest.raises(DataError, match="no validation shards"):
+        sweep(SweepConfig(out_dir=str(tmp_path / "c"), data=str(shakespeare_shards / "train")))
+    assert not (tmp_path / "b" / "sweep.jsonl").exists() and not (tmp_path / "c" / "runs").exists()
