@@ -35,6 +35,16 @@ def _png(result, *arguments) -> str:
     return f"wrote {result['png']}"
 
 
+def _rows(path, config) -> str:
+    return f"rows: {path}"
+
+
+def _fit(result, *arguments) -> str:
+    from llmkit.analysis.scaling import render_fit  # (a show imports what it needs: verbs load lazily on main)
+
+    return render_fit(result)
+
+
 def _report(result, config) -> str:
     return f"done; report: {config.out_dir}/report.json"
 
@@ -55,11 +65,10 @@ VERBS: dict[str, Verb | dict[str, Verb]] = {
                      "raw packaged text -> tokenizer -> pretrained model -> report, within a time budget"),
     "scaling": {
         "sweep": Verb(sweep.sweep, "pretrain a grid of model sizes x token budgets; one JSONL row per run "
-                                   "(N, D, C=6ND, validation loss, wall time); resumable",
-                      lambda path, config: f"rows: {path}"),
+                                   "(N, D, C=6ND, validation loss, wall time); resumable", _rows),
         "fit": Verb(scaling.run_fit, "fit L(N), L(D), L(C) and Chinchilla's L(N,D) to a sweep, with bootstrap "
                                      "intervals and the compute-optimal N and D; writes fit.md and scaling.png",
-                    lambda result, *args: scaling.render_fit(result)),
+                    _fit),
     },
     "viz": {
         "attention": Verb(viz.attention, "per-layer, per-head attention heatmaps of a prompt (a PNG grid)", _png),
