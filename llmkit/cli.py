@@ -40,7 +40,9 @@ def _rows(path, config) -> str:
 
 
 def _fit(result, *arguments) -> str:
-    from llmkit.analysis.scaling import render_fit  # (a show imports what it needs: verbs load lazily on main)
+    from llmkit.analysis.scaling import (
+        render_fit,  # (a show imports what it needs: verbs load lazily on main)
+    )
 
     return render_fit(result)
 
