@@ -40,9 +40,8 @@ def _rows(path, config) -> str:
 
 
 def _fit(result, *arguments) -> str:
-    from llmkit.analysis.scaling import (
-        render_fit,  # (a show imports what it needs: verbs load lazily on main)
-    )
+    """The fit's table; imported here, since the verbs themselves load only when they run."""
+    from llmkit.analysis.scaling import render_fit
 
     return render_fit(result)
 
