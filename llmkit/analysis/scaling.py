@@ -92,7 +92,7 @@ def _lse_fit(terms: np.ndarray, log_loss: np.ndarray, starts: np.ndarray) -> np.
         return h.sum(), grad
 
     best = None
-    with threadpool_limits(1):  # five parameters: BLAS threads only wait for each other (10x slower on 2 cores)
+    with threadpool_limits(1):  # five parameters: more BLAS threads only wait for each other, on a busy machine for long
         for start in starts:
             res = minimize(objective, start, jac=True, method="L-BFGS-B",
                            options={"maxiter": 2000, "gtol": 1e-12, "ftol": 1e-15})
