@@ -36,6 +36,21 @@ def _stopped(result, config) -> str:
     return f"stopped at step {result.step} ({result.stopped}); checkpoint: {result.last_checkpoint}"
 
 
+def _png(result, *arguments) -> str:
+    return f"wrote {result['png']}"
+
+
+def _rows(path, config) -> str:
+    return f"rows: {path}"
+
+
+def _fit(result, *arguments) -> str:
+    """The fit's table; imported here, since the verbs themselves load only when they run."""
+    from llmkit.analysis.scaling import render_fit
+
+    return render_fit(result)
+
+
 def _report(result, config) -> str:
     return f"done; report: {config.out_dir}/report.json"
 
@@ -55,6 +70,23 @@ VERBS: dict[str, Verb | dict[str, Verb]] = {
     "pretrain": Verb("train.pretrain:run", "next-token pretraining on token shards (also under torchrun)", _stopped),
     "speedrun": Verb("speedrun:speedrun",
                      "raw packaged text -> tokenizer -> pretrained model -> report, within a time budget"),
+    "scaling": {
+        "sweep": Verb("train.sweep:sweep", "pretrain a grid of model sizes x token budgets; one JSONL row per run "
+                                           "(N, D, C=6ND, validation loss, wall time); resumable", _rows),
+        "fit": Verb("analysis.scaling:run_fit", "fit L(N), L(D), L(C) and Chinchilla's L(N,D) to a sweep, with "
+                                                "bootstrap intervals and the compute-optimal N and D; writes fit.md "
+                                                "and scaling.png", _fit),
+    },
+    "viz": {
+        "attention": Verb("analysis.viz:attention", "per-layer, per-head attention heatmaps of a prompt (a PNG grid)",
+                          _png),
+        "next": Verb("analysis.viz:next_tokens", "the next-token distribution at several temperatures, with the "
+                                                 "top-k and top-p cut-offs drawn", _png),
+        "tokens": Verb("analysis.viz:tokens", "character and token frequencies (Zipf) of a corpus and each "
+                                              "tokenizer's compression ratio", _png),
+        "curves": Verb("analysis.viz:curves", "training loss, validation perplexity and learning rate of several runs",
+                       _png),
+    },
     "finetune": Verb("train.finetune:run",
                      "SFT or classification fine-tuning: full, LoRA, QLoRA or prompt tuning", _stopped),
     "reward": Verb("train.reward:run",

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 from llmkit import rope
 from llmkit.analysis import accounting
+from llmkit.analysis import published as accounting_table
 from llmkit.config import ModelConfig
 from llmkit.data import prepare as prep
 from llmkit.data import shards, sources
@@ -46,9 +47,20 @@ Json = Annotated[bool, arg("print the result as JSON")]
 TERMINAL = SamplingParams(max_new_tokens=terminal.MAX_NEW_TOKENS)
 
 
-def info(model: Model, seq_len: Annotated[int | None, arg("context for the FLOPs count (default: the model's)")]
-         = None, json: Json = False) -> None:
+def info(model: Annotated[str, arg("an HF checkpoint folder, a .gguf file, a preset, a model name, or a published "
+                                   "shape (llama-2-7b, llama-2-70b: config only); not needed with --table")] = "",
+         seq_len: Annotated[int | None, arg("context for the FLOPs count (default: the model's)")] = None,
+         table: Annotated[bool, arg("the accounting of GPT-2, Llama-2-7B/70B and every preset as Markdown tables "
+                                    "(12·n_layer·d² against the exact count)")] = False,
+         json: Json = False) -> None:
     """Config, parameter count, memory and FLOPs per token of a model."""
+    if table:
+        published, presets = accounting_table.accounting_rows(), accounting_table.preset_rows()
+        print(json_.dumps({"published": published, "presets": presets}, indent=2) if json
+              else accounting_table.render_tables(published, presets))
+        return
+    if not model:
+        raise ConfigError("llmkit info needs a MODEL (or --table)")
     summary = accounting.model_summary(model, seq_len=seq_len)
     config = ModelConfig.from_dict(summary["config"])
     summary["effective_context"] = rope.effective_context(config)

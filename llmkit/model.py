@@ -212,6 +212,7 @@ class Step:
 
     start: int | torch.Tensor
     masks: dict[str, tuple[torch.Tensor | None, bool]]
+    attentions: list[torch.Tensor] | None = None  # given a list, each layer appends its softmax weights
 
 
 def _mask(q_slots: torch.Tensor, k_slots: torch.Tensor, key_valid: torch.Tensor | None, window: int | None):
@@ -310,6 +311,10 @@ class Attention(nn.Module):
             k, v = kv_cache.update(self.layer, k, v, step.start)
         mask, is_causal = step.masks[self.kind]
         dropout = self.dropout if self.training else 0.0
+        if step.attentions is not None:  # eager attention, to show its weights (SDPA never forms them)
+            y, weights = _eager_attention(q, k, v, mask, is_causal, self.scale)
+            step.attentions.append(weights)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
         if T == 1 and self.n_kv_head != self.n_head:
             # One query per row (decoding): fold each group of query heads into the query axis of
             # its key/value head. Same result as enable_gqa, without SDPA's slow CPU path for it.
@@ -319,6 +324,19 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout,
                                            scale=self.scale, enable_gqa=self.n_kv_head != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+def _eager_attention(q, k, v, mask, is_causal: bool, scale: float | None):
+    """SDPA's result computed step by step, with its (batch, heads, queries, keys) softmax weights."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = (q @ k.transpose(-1, -2)).float() * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if is_causal:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(-1)
+    return (weights.to(v.dtype) @ v), weights
 
 
 class MLP(nn.Module):
@@ -473,10 +491,13 @@ class Transformer(nn.Module):
         hidden = self.hidden_states(input_ids, attention_mask)
         return self.score(pool_last(hidden, attention_mask))
 
-    def hidden_states(self, input_ids, attention_mask=None, positions=None, kv_cache=None):
+    def hidden_states(self, input_ids, attention_mask=None, positions=None, kv_cache=None,
+                      attentions: list[torch.Tensor] | None = None):
         """The final-norm hidden states (batch, seq, d_model) that the LM head (or any head) reads.
 
-        Checks its inputs, writes the new keys/values into `kv_cache` (if any) and advances it."""
+        Checks its inputs, writes the new keys/values into `kv_cache` (if any) and advances it. Given a
+        list as `attentions` (transformers' `output_attentions`), attention runs eagerly and appends
+        each layer's softmax weights (batch, n_head, queries, keys) to it, in fp32."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -491,7 +512,7 @@ class Transformer(nn.Module):
         if self.pos_embed is not None and int(positions.max()) >= self.config.max_seq_len:
             raise ConfigError(f"position {int(positions.max())} is beyond the learned position table "
                               f"of {self.config.max_seq_len}")
-        step = Step(past, self._masks(new_mask, T, past, kv_cache, input_ids.device))
+        step = Step(past, self._masks(new_mask, T, past, kv_cache, input_ids.device), attentions)
         hidden = self._trunk(input_ids, positions, step, kv_cache)
         if kv_cache is not None:
             kv_cache.length = past + T

@@ -12,3 +12,20 @@ from skip_gate import pytest_make_collect_report, pytest_runtest_makereport  # n
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def shakespeare_shards(tmp_path_factory):
+    """tinyshakespeare, character-level, as train/val shards (the first passages are validation), with
+    the tokenizer beside them."""
+    from llmkit.data.corpora import documents
+    from llmkit.data.shards import write_shards
+    from llmkit.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("shakespeare")
+    docs = [d.text for d in documents("tinyshakespeare")]
+    tokenizer = Tokenizer.train_chars(docs)
+    tokenizer.save_pretrained(root / "tokenizer")
+    write_shards(docs[2:], tokenizer, root / "train", workers=1, progress=False)
+    write_shards(docs[:2], tokenizer, root / "val", workers=1, progress=False)
+    return root

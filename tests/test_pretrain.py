@@ -13,8 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmkit.data.corpora import documents
-from llmkit.data.shards import write_shards
 from llmkit.errors import ConfigError, DataError
 from llmkit.options import build_config
 from llmkit.tokenizer import Tokenizer
@@ -25,15 +23,8 @@ GOLDEN = Path(__file__).parent / "golden" / "pretrain_tiny.json"
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """tinyshakespeare, character-level, as train/val shards (the first passages are validation)."""
-    root = tmp_path_factory.mktemp("shakespeare")
-    docs = [d.text for d in documents("tinyshakespeare")]
-    tokenizer = Tokenizer.train_chars(docs)
-    tokenizer.save_pretrained(root / "tokenizer")
-    write_shards(docs[2:], tokenizer, root / "train", workers=1, progress=False)
-    write_shards(docs[:2], tokenizer, root / "val", workers=1, progress=False)
-    return root
+def shards(shakespeare_shards):
+    return shakespeare_shards
 
 
 def tiny(shards, out, **changes):

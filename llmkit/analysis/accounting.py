@@ -27,8 +27,12 @@ def resolve_config(path_or_preset: str) -> ModelConfig:
         return gguf.read_config(named.resolve(path_or_preset))
     if path_or_preset in PRESETS:
         return ModelConfig.from_preset(path_or_preset)
+    from llmkit.analysis.published import PUBLISHED
+
+    if path_or_preset in PUBLISHED:
+        return PUBLISHED[path_or_preset].config()
     raise ConfigError(f"{path_or_preset!r} is neither a checkpoint folder nor a preset; "
-                      f"presets: {sorted(PRESETS)}")
+                      f"presets: {sorted(PRESETS)}; published shapes (config only): {sorted(PUBLISHED)}")
 
 
 def model_summary(path_or_preset: str | ModelConfig, seq_len: int | None = None) -> dict[str, Any]:
@@ -38,7 +42,11 @@ def model_summary(path_or_preset: str | ModelConfig, seq_len: int | None = None)
     with torch.device("meta"):
         model = Transformer(config)
     params = model.num_parameters()
+    non_embedding = model.num_parameters(exclude_embeddings=True)
     seq_len = seq_len or config.max_seq_len
+    training = model.flops_per_token(seq_len, training=True)
+    attention = 3 * 4 * attended_keys(config, seq_len) * config.n_head * config.head_dim
+    kv_per_token = 2 * config.n_layer * config.n_kv_head * config.head_dim
     try:
         family = config.hf_model_type
     except ConfigError:
@@ -47,15 +55,34 @@ def model_summary(path_or_preset: str | ModelConfig, seq_len: int | None = None)
         "config": config.to_dict(),
         "family": family,
         "parameters": params,
-        "non_embedding_parameters": model.num_parameters(exclude_embeddings=True),
+        "non_embedding_parameters": non_embedding,
+        # Kaplan et al. (2020): non-embedding N ~ 12 n_layer d^2 (4d^2 attention + 8d^2 for a 4d MLP)
+        "approx_12_n_layer_d2": 12 * config.n_layer * config.d_model ** 2,
+        "approx_over_exact": 12 * config.n_layer * config.d_model ** 2 / non_embedding,
         "weight_memory_bytes": {k: int(params * b) for k, b in BYTES_PER_PARAM.items()},
         "seq_len": seq_len,
         "flops_per_token_forward": model.flops_per_token(seq_len, training=False),
-        "flops_per_token_training": model.flops_per_token(seq_len, training=True),
+        "flops_per_token_training": training,
+        # training FLOPs = 6 x the matmul weights (LM head included) + attention's scores and mixing
+        "flops_per_token_training_parts": {"6N": training - attention, "attention": attention},
+        # 16-bit weights and KV cache (int8/int4: quantized weights, a bf16 cache) for one seq_len sequence
+        "inference_memory_bytes": {k: int(params * b + kv_per_token * seq_len * (4 if k == "fp32" else 2))
+                                   for k, b in BYTES_PER_PARAM.items()},
+        # full fine-tuning with AdamW, one sequence of seq_len (`training_memory`)
+        "training_memory_bytes": {p: training_memory(config, "full", 1, seq_len, p, parameters=params)["total_bytes"]
+                                  for p in ("bf16", "fp32")},
+        # every layer's key and value of one token (a sliding layer stops growing at its window)
+        "kv_cache_bytes_per_token": {"float32": kv_per_token * 4, "bfloat16": kv_per_token * 2},
         # one sequence of seq_len tokens; sliding-window layers hold their window only (a ring buffer)
         "kv_cache_bytes": {str(dtype).removeprefix("torch."): KVCache(config, 1, seq_len, "meta", dtype).nbytes
                            for dtype in (torch.float32, torch.bfloat16)},
     }
+
+
+def attended_keys(c: ModelConfig, seq_len: int) -> int:
+    """Keys each query attends to, summed over layers (a sliding layer's window in place of seq_len)."""
+    return sum(min(seq_len, c.sliding_window) if c.layer_type(i) == "sliding_attention" else seq_len
+               for i in range(c.n_layer))
 
 
 def human(n: float, unit: str = "") -> str:
@@ -67,14 +94,21 @@ def human(n: float, unit: str = "") -> str:
 
 
 def render_summary(s: dict[str, Any]) -> str:
-    c = s["config"]
+    c, parts = s["config"], s["flops_per_token_training_parts"]
     lines = [f"model: {c['name']} (family: {s.get('family') or 'none of transformers'})",
              "  " + ", ".join(f"{k}={v}" for k, v in c.items() if k != "name"),
              f"parameters: {s['parameters']:,} ({human(s['parameters'])}); "
-             f"non-embedding {s['non_embedding_parameters']:,}",
+             f"non-embedding {s['non_embedding_parameters']:,}; 12·n_layer·d² = {s['approx_12_n_layer_d2']:,} "
+             f"({s['approx_over_exact']:.3f}x the non-embedding count)",
              "weight memory: " + ", ".join(f"{k} {human(v, 'B')}" for k, v in s["weight_memory_bytes"].items()),
              f"FLOPs per token at seq_len {s['seq_len']}: forward {human(s['flops_per_token_forward'])}, "
-             f"training {human(s['flops_per_token_training'])}",
+             f"training {human(s['flops_per_token_training'])} = 6N {human(parts['6N'])} + attention "
+             f"{human(parts['attention'])}",
+             f"inference memory (weights + KV cache of one {s['seq_len']}-token sequence): "
+             + ", ".join(f"{k} {human(v, 'B')}" for k, v in s["inference_memory_bytes"].items()),
+             f"full fine-tuning memory (AdamW, batch 1 x {s['seq_len']}): "
+             + ", ".join(f"{k} {human(v, 'B')}" for k, v in s["training_memory_bytes"].items()),
+             "KV cache per token: " + ", ".join(f"{k} {human(v, 'B')}" for k, v in s["kv_cache_bytes_per_token"].items()),
              f"KV cache of one {s['seq_len']}-token sequence: "
              + ", ".join(f"{k} {human(v, 'B')}" for k, v in s["kv_cache_bytes"].items())]
     return "\n".join(lines)
@@ -190,7 +224,8 @@ _LOSS_CHUNK_BYTES = 4 << 21
 
 def training_memory(config: ModelConfig, method: str = "full", batch_size: int = 1, seq_len: int = 512,
                     precision: str = "bf16", lora_r: int = 8, lora_targets: tuple[str, ...] = _LINEARS,
-                    base_bits: int = 4, group_size: int = 64, runtime_bytes: int = 0) -> dict[str, Any]:
+                    base_bits: int = 4, group_size: int = 64, runtime_bytes: int = 0,
+                    parameters: int | None = None) -> dict[str, Any]:
     """Estimated peak training memory in bytes (`total_bytes`) and its parts: weights, gradients,
     optimizer states, activations, transient buffers and the runtime.
 
@@ -220,10 +255,12 @@ def training_memory(config: ModelConfig, method: str = "full", batch_size: int =
     if precision not in _TRAIN_BYTES:
         raise ConfigError(f"precision={precision!r}; expected one of {sorted(_TRAIN_BYTES)}")
     b = _TRAIN_BYTES[precision]
-    with torch.device("meta"):
-        from llmkit.model import Transformer
+    params = parameters
+    if params is None:  # (the caller may know it: building even a meta model takes a while at 70B)
+        with torch.device("meta"):
+            from llmkit.model import Transformer
 
-        params = Transformer(config).num_parameters()
+            params = Transformer(config).num_parameters()
     shapes = _linear_shapes(config)
     unknown = [t for t in lora_targets if t not in shapes]
     if method != "full" and unknown:

@@ -92,3 +92,60 @@ def _save(fig, out: str | os.PathLike) -> Path:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def plot_scaling(rows: list[dict], result: dict, out: str | os.PathLike) -> Path:
+    """A sweep and its fits: loss against N (one colour per token budget, Chinchilla's curves through
+    them), against D, against C (the compute frontier and its power law), and the compute-optimal N
+    and D that the fitted L(N, D) gives for each budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from llmkit.analysis.scaling import Chinchilla, PowerLaw, frontier
+
+    N, D, C, loss = (np.array([float(r[k]) for r in rows]) for k in ("N", "D", "C", "val_loss"))
+    fits = result["fits"]
+    chin = Chinchilla(**fits["L(N,D)"]) if fits.get("L(N,D)") else None
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8.5))
+    ax_n, ax_d, ax_c, ax_opt = axes.ravel()
+    colours = plt.cm.viridis(np.linspace(0, 0.9, len(np.unique(D))))
+    n_line = np.geomspace(N.min() / 1.5, N.max() * 1.5, 100)
+    for colour, d in zip(colours, np.unique(D), strict=True):
+        at = D == d
+        ax_n.plot(N[at], loss[at], "o", color=colour, label=f"D = {d:.3g}")
+        if chin:
+            ax_n.plot(n_line, chin(n_line, d), "-", color=colour, alpha=0.6)
+    for name, ax, x, label in (("L(N)", ax_n, N, "N (non-embedding parameters)"), ("L(D)", ax_d, D, "D (tokens)"),
+                               ("L(C)", ax_c, C, "C = 6ND (FLOPs)")):
+        if ax is not ax_n:
+            ax.plot(x, loss, "o", color="tab:gray", alpha=0.6, label="runs")
+        if fits.get(name):
+            law = PowerLaw(**fits[name])
+            line = np.geomspace(x.min() / 1.5, x.max() * 1.5, 100)
+            ax.plot(line, law(line), "--", color="black", label=f"{name}: α = {law.alpha:.3f}")
+        ax.set(xscale="log", yscale="log", xlabel=label, ylabel="validation loss (nats/token)")
+    edge = frontier(C, loss)
+    ax_c.plot(C[edge], loss[edge], "s", color="tab:red", label="compute frontier")
+    if chin:
+        budgets = np.geomspace(C.min() / 3, C.max() * 30, 50)
+        opt = [chin.compute_optimal(c) for c in budgets]
+        ax_opt.plot(budgets, [o["N"] for o in opt], label="N_opt (parameters)")
+        ax_opt.plot(budgets, [o["D"] for o in opt], label="D_opt (tokens)")
+        ax_opt.plot(budgets, [20 * np.sqrt(c / 120) for c in budgets], ":", color="tab:gray",
+                    label="D = 20 N (Chinchilla's rule)")
+        ax_opt.plot(C, D, "o", color="tab:gray", alpha=0.4, label="the sweep's runs (D)")
+        ax_opt.set(xscale="log", yscale="log", xlabel="C (FLOPs)", ylabel="count",
+                   title=f"compute-optimal: α = {chin.alpha:.3f}, β = {chin.beta:.3f}")
+    else:
+        ax_opt.text(0.5, 0.5, "L(N, D) needs at least 5 runs", ha="center", va="center", transform=ax_opt.transAxes)
+    ax_n.set_title("loss against parameters")
+    ax_d.set_title("loss against tokens")
+    ax_c.set_title("loss against compute")
+    for ax in axes.ravel():
+        ax.grid(alpha=0.3, which="both")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    return _save(fig, out)

@@ -11,6 +11,7 @@ import os
 import time
 from pathlib import Path
 
+from llmkit.analysis.energy import EnergyMeter, render_energy
 from llmkit.errors import ConfigError
 from llmkit.eval import tasks as T
 from llmkit.eval.lm import generate_until, loglikelihood
@@ -38,6 +39,7 @@ def evaluate(model, tokenizer, tasks, shots: int = 0, limit: int | None = None, 
         if task.max_shots is not None and shots > task.max_shots:
             raise ConfigError(f"task {task.name!r} takes at most {task.max_shots} shots, got shots={shots}")
     results, samples, timings = {}, {}, {}
+    meter = EnergyMeter().start()
     for task in resolved:
         start = time.perf_counter()
         docs = task.load()
@@ -52,7 +54,7 @@ def evaluate(model, tokenizer, tasks, shots: int = 0, limit: int | None = None, 
         results[task.name] = {"kind": task.kind, "n": len(docs), "shots": shots, **metrics}
         samples[task.name] = rows
         timings[task.name] = round(time.perf_counter() - start, 2)
-    return {"results": results, "samples": samples,
+    return {"results": results, "samples": samples, "energy": meter.result(),
             "config": {"shots": shots, "limit": limit, "chat": chat, "cot": cot, "seed": seed,
                        "batch_size": batch_size, "seconds": timings,
                        "sources": {t.name: t.source for t in resolved if t.source}}}
@@ -212,14 +214,17 @@ def write_report(result: dict, out: str | Path, model_name: str = "") -> Path:
     for name, rows in result["samples"].items():
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
         atomic_write_text(out / "samples" / f"{safe}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    summary = {"model": model_name, "results": result["results"], "config": result["config"]}
+    summary = {"model": model_name, "results": result["results"], "config": result["config"],
+               "energy": result.get("energy")}
     atomic_write_json(out / "results.json", summary)
     licenses = sorted({f"- `{src}`: {SOURCES[src].requirement}, {SOURCES[src].license}"
                        for src in result["config"]["sources"].values() if src in SOURCES})
     c = result["config"]
     md = [f"# Evaluation of {model_name or 'the model'}", "",
           f"shots {c['shots']}, limit {c['limit']}, chat template {c['chat']}, chain of thought {c['cot']}, "
-          f"seed {c['seed']}", "", results_table([result]), "Data sources and licenses:", "", *licenses, ""]
+          f"seed {c['seed']}", "", results_table([result]),
+          *([render_energy(result["energy"]), ""] if result.get("energy") else []),
+          "Data sources and licenses:", "", *licenses, ""]
     atomic_write_text(out / "report.md", "\n".join(md))
     scores = {f"{name}\n{MAIN_METRIC[r['kind']]}": r[MAIN_METRIC[r["kind"]]] for name, r in result["results"].items()}
     plot_task_scores(scores, out / "results.png", title=f"{model_name} ({c['shots']}-shot)")

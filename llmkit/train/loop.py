@@ -31,6 +31,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from llmkit import progress
+from llmkit.analysis.energy import EnergyMeter
 from llmkit.config import ModelConfig
 from llmkit.errors import ConfigError, FormatError, LlmkitError, StorageError
 from llmkit.train import checkpoint
@@ -107,6 +108,7 @@ class TrainResult:
     history: list[dict[str, Any]]  # the records of metrics.jsonl
     out_dir: Path | None = None  # the run folder
     report: dict[str, Any] = field(default_factory=dict)  # a recipe's report.json (empty from the bare loop)
+    energy: dict[str, Any] = field(default_factory=dict)  # joules and CO2 of the loop (llmkit.analysis.energy)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -237,6 +239,7 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
         (a LoRA run saves only its adapter); load_weights returns the full state dict to resume from.
     """
     config.validate()
+    meter = EnergyMeter().start()
     out_dir = Path(out_dir)
     device = resolve_device(config.device)
     world = dist_.init(device)
@@ -365,7 +368,8 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
         if eval_batches is not None:
             log({"step": step, **evaluate()})
         last_checkpoint = save(step)
-    return TrainResult(step=step, stopped=stopped, last_checkpoint=last_checkpoint, history=history, out_dir=out_dir)
+    return TrainResult(step=step, stopped=stopped, last_checkpoint=last_checkpoint, history=history, out_dir=out_dir,
+                       energy=meter.result())
 
 
 def _schedule_step(step: int, budget_used: float, config: LoopConfig) -> int:

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from llmkit.analysis.energy import render_energy
 from llmkit.files import atomic_write_json, atomic_write_text
 from llmkit.train.loop import TrainResult
 
@@ -16,13 +17,13 @@ def run_summary(result: TrainResult) -> dict[str, Any]:
     evals = [r for r in result.history if "val_loss" in r]
     return {"steps": result.step, "stopped": result.stopped, "checkpoint": str(result.last_checkpoint),
             "first_eval": evals[0] if evals else None, "last_eval": evals[-1] if evals else None,
-            "evals": evals}
+            "evals": evals, "energy": result.energy}
 
 
 def write_report(out_dir: str | Path, title: str, report: dict[str, Any], sections: Iterable[str] = (),
                  plots: dict[str, str] | None = None) -> None:
     """Write `report` to report.json, and report.md: the title, the run (steps, stop reason,
-    checkpoint), the held-out evaluations as a table, the `plots` (caption -> PNG in out_dir), then
+    checkpoint, energy and CO2), the held-out evaluations as a table, the `plots` (caption -> PNG in out_dir), then
     the recipe's own Markdown `sections`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -31,6 +32,8 @@ def write_report(out_dir: str | Path, title: str, report: dict[str, Any], sectio
     if "steps" in report:
         lines.append(f"- steps: {report['steps']} ({report.get('stopped', 'max_steps')}); "
                      f"checkpoint: `{report.get('checkpoint')}`")
+    if report.get("energy"):
+        lines.append(render_energy(report["energy"]))
     lines += _eval_table(report.get("evals") or [])
     for caption, file in (plots or {}).items():
         lines += ["", f"![{caption}]({file})"]
