@@ -504,6 +504,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                        max_seq_len=256),
     "llama-2m": dict(_LLAMA, vocab_size=8192, n_layer=4, n_head=4, n_kv_head=2, d_model=128,
                      d_ff=384, max_seq_len=512, tie_embeddings=True),
+    # llama-2m's active parameters as a mixture of experts: 8 experts of width 192, two per token
+    # (2 x 192 = llama-2m's 384), plus a 128 x 8 router per layer; 4x the MLP weights in all.
+    "mixtral-2m": dict(_LLAMA, vocab_size=8192, n_layer=4, n_head=4, n_kv_head=2, d_model=128,
+                       d_ff=192, max_seq_len=512, tie_embeddings=True, n_experts=8, experts_per_token=2),
     "llama-4m": dict(_LLAMA, vocab_size=8192, n_layer=6, n_head=6, n_kv_head=2, d_model=192,
                       d_ff=512, max_seq_len=512, tie_embeddings=True),
     "llama-8m": dict(_LLAMA, vocab_size=8192, n_layer=8, n_head=8, n_kv_head=4, d_model=256,

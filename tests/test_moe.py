@@ -257,3 +257,13 @@ def test_hf_configs_llmkit_cannot_compute_are_refused(make, key, value, message,
     (tmp_path / "config.json").write_text(json.dumps(hf))
     with pytest.raises(FormatError, match=message):
         Transformer.from_pretrained(tmp_path)
+
+
+def test_mixtral_2m_has_llama_2m_active_parameters():
+    dense = Transformer(ModelConfig.from_preset("llama-2m"))
+    moe = Transformer(ModelConfig.from_preset("mixtral-2m"))
+    c = moe.config
+    inactive = c.n_layer * (c.n_experts - c.experts_per_token) * 3 * c.d_model * c.d_ff
+    routers = c.n_layer * c.d_model * c.n_experts
+    assert moe.num_parameters() - inactive == dense.num_parameters() + routers
+    assert moe.flops_per_token(256) == dense.flops_per_token(256) + 3 * 2 * routers
