@@ -81,3 +81,11 @@ def test_moe_vs_dense_script_smoke(shards, tmp_path, monkeypatch):
     assert "| moe-no-balance | `mixtral-2m` |" in doc and "Lowest held-out bits per byte" in doc
     for png in ("moe_vs_dense.png", "moe_vs_dense_moe_experts.png", "moe_vs_dense_moe-no-balance_experts.png"):
         assert (tmp_path / "docs" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_moe_recipes_parse():
+    from llmkit.options import build_config
+    from llmkit.speedrun import SpeedrunConfig
+
+    assert build_config(PretrainConfig, ROOT / "recipes" / "pretrain-moe.yaml").model == "mixtral-2m"
+    assert build_config(SpeedrunConfig, ROOT / "recipes" / "speedrun-moe.yaml").model == "mixtral-2m"
