@@ -33,6 +33,7 @@ from llmkit import ModelConfig, Transformer  # noqa: E402
 from llmkit.analysis.plots import plot_compared_runs  # noqa: E402
 from llmkit.data.prepare import PrepareConfig, parse_weights, prepare, read_documents  # noqa: E402
 from llmkit.data.shards import read_meta, tokenize_prepared  # noqa: E402
+from llmkit.moe import inactive_parameters  # noqa: E402
 from llmkit.tokenizer import Tokenizer  # noqa: E402
 from llmkit.train import pretrain  # noqa: E402
 from llmkit.train.pretrain import PretrainConfig  # noqa: E402
@@ -64,9 +65,7 @@ def run_arm(name: str, data: Path, work: Path, args) -> dict:
     init = work / f"init-{name}"
     model = Transformer(config)
     model.save_pretrained(init)
-    active = model.num_parameters()
-    if config.n_experts:
-        active -= config.n_layer * (config.n_experts - config.experts_per_token) * 3 * config.d_model * config.d_ff
+    active = model.num_parameters() - inactive_parameters(config)
     out = work / name
     result = pretrain.run(PretrainConfig(
         model=str(init), data=str(data), out_dir=str(out), context=args.context, batch_size=args.batch_size,

@@ -26,7 +26,7 @@ from llmkit.config import ModelConfig
 from llmkit.data.collate import IGNORE_INDEX
 from llmkit.errors import ConfigError
 from llmkit.losses import linear_cross_entropy
-from llmkit.moe import MoE
+from llmkit.moe import MoE, inactive_parameters
 from llmkit.tokenizer import Tokenizer
 
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -603,8 +603,7 @@ class Transformer(nn.Module):
         c = self.config
         seq_len = seq_len or c.max_seq_len
         weights = self.num_parameters(exclude_embeddings=True)
-        if c.n_experts:  # a token runs experts_per_token of each layer's experts
-            weights -= c.n_layer * (c.n_experts - c.experts_per_token) * 3 * c.d_model * c.d_ff
+        weights -= inactive_parameters(c)  # a token runs experts_per_token of each layer's experts
         if c.tie_embeddings:
             weights += self.lm_head.weight.numel()
         norms = sum(p.numel() for n, p in self.named_parameters() if p.dim() < 2)

@@ -97,6 +97,11 @@ class MoE(nn.Module):
         return torch.einsum("end,ne->nd", out, mix)
 
 
+def inactive_parameters(config: ModelConfig) -> int:
+    """Expert weights a token does not run: (n_experts - experts_per_token) SwiGLU MLPs per layer."""
+    return config.n_layer * max(0, config.n_experts - config.experts_per_token) * 3 * config.d_model * config.d_ff
+
+
 def router_logits(model: nn.Module) -> list[torch.Tensor]:
     """The router logits (tokens, experts) of each MoE layer from `model`'s last training forward, in
     layer order; empty for a dense model or after an eval-mode forward."""

@@ -17,9 +17,10 @@ import transformers
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from llmkit import ConfigError, FormatError, ModelConfig
+from llmkit.analysis.accounting import model_summary, training_memory
 from llmkit.losses import expert_load, load_balancing_loss, router_z_loss
 from llmkit.model import KVCache, Transformer
-from llmkit.moe import MoE, router_logits
+from llmkit.moe import MoE, inactive_parameters, router_logits
 from llmkit.train.objectives import causal_lm_loss
 
 IDS = [[5, 17, 250, 3, 99, 42, 7, 311, 64, 12, 200, 9, 77, 150]]
@@ -239,6 +240,11 @@ def test_bad_moe_configs_are_named(changes, message):
         _tiny(**changes)
 
 
+def test_memory_estimate_refuses_experts():
+    with pytest.raises(ConfigError, match="does not model mixture-of-experts"):
+        training_memory(_tiny())
+
+
 def test_configs_no_transformers_family_computes_are_refused():
     no_shared = _tiny(moe_renormalize=False)  # OLMoE-style routing without qkv biases or a shared expert
     with pytest.raises(ConfigError, match="mixtral needs moe_renormalize=True"):
@@ -263,9 +269,11 @@ def test_mixtral_2m_has_llama_2m_active_parameters():
     dense = Transformer(ModelConfig.from_preset("llama-2m"))
     moe = Transformer(ModelConfig.from_preset("mixtral-2m"))
     c = moe.config
-    inactive = c.n_layer * (c.n_experts - c.experts_per_token) * 3 * c.d_model * c.d_ff
+    inactive = 4 * (8 - 2) * 3 * 128 * 192  # six idle experts of 3 x 128 x 192 in each of 4 layers
     routers = c.n_layer * c.d_model * c.n_experts
+    assert inactive_parameters(c) == inactive
     assert moe.num_parameters() - inactive == dense.num_parameters() + routers
+    assert model_summary("mixtral-2m")["active_parameters"] == dense.num_parameters() + routers
     assert moe.flops_per_token(256) == dense.flops_per_token(256) + 3 * 2 * routers
 
 

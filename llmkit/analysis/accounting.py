@@ -13,6 +13,7 @@ import torch
 
 from llmkit.config import PRESETS, ModelConfig
 from llmkit.errors import ConfigError
+from llmkit.moe import inactive_parameters
 
 BYTES_PER_PARAM = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}
 
@@ -50,6 +51,7 @@ def model_summary(path_or_preset: str | ModelConfig, seq_len: int | None = None)
         "family": family,
         "parameters": params,
         "non_embedding_parameters": model.num_parameters(exclude_embeddings=True),
+        "active_parameters": params - inactive_parameters(config),  # run per token (all but idle experts)
         "weight_memory_bytes": {k: int(params * b) for k, b in BYTES_PER_PARAM.items()},
         "seq_len": seq_len,
         "flops_per_token_forward": model.flops_per_token(seq_len, training=False),
@@ -219,6 +221,9 @@ def training_memory(config: ModelConfig, method: str = "full", batch_size: int =
     """
     if method not in ("full", "lora", "qlora"):
         raise ConfigError(f"method={method!r}; expected full, lora or qlora")
+    if config.n_experts:
+        raise ConfigError(f"the training-memory estimate does not model mixture-of-experts layers (n_experts="
+                          f"{config.n_experts}: routed activations, idle experts' gradients); expected a dense model")
     if precision not in _TRAIN_BYTES:
         raise ConfigError(f"precision={precision!r}; expected one of {sorted(_TRAIN_BYTES)}")
     b = _TRAIN_BYTES[precision]
