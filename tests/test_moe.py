@@ -69,7 +69,8 @@ def _tiny(**changes) -> ModelConfig:
 
 MAKERS = {"mixtral": _mixtral, "qwen2_moe": _qwen2_moe,
           "qwen2_moe-renormalised": lambda: _qwen2_moe(norm_topk_prob=True),
-          "mixtral-top1": lambda: _mixtral(num_experts_per_tok=1, num_local_experts=3)}
+          "mixtral-top1": lambda: _mixtral(num_experts_per_tok=1, num_local_experts=3),
+          "mixtral-sliding": lambda: _mixtral(sliding_window=4)}  # 14 tokens: the window matters
 
 
 @pytest.mark.parametrize("kind", MAKERS)

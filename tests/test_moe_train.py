@@ -9,26 +9,14 @@ import json
 from pathlib import Path
 
 import pytest
+import test_pretrain
 
 from llmkit.analysis.plots import expert_load_band, expert_loads
-from llmkit.data.corpora import documents
-from llmkit.data.shards import write_shards
-from llmkit.tokenizer import Tokenizer
 from llmkit.train import pretrain
 from llmkit.train.pretrain import PretrainConfig
 
 ROOT = Path(__file__).parent.parent
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shakespeare")
-    docs = [d.text for d in documents("tinyshakespeare")]
-    tokenizer = Tokenizer.train_chars(docs)
-    tokenizer.save_pretrained(root / "tokenizer")
-    write_shards(docs[2:], tokenizer, root / "train", workers=1, progress=False)
-    write_shards(docs[:2], tokenizer, root / "val", workers=1, progress=False)
-    return root
+shards = test_pretrain.shards  # the character-level tinyshakespeare shards, as train/ and val/
 
 
 def test_moe_pretraining_logs_expert_loads_and_plots_them(shards, tmp_path):
