@@ -75,7 +75,8 @@ def render_summary(s: dict[str, Any]) -> str:
     lines = [f"model: {c['name']} (family: {s.get('family') or 'none of transformers'})",
              "  " + ", ".join(f"{k}={v}" for k, v in c.items() if k != "name"),
              f"parameters: {s['parameters']:,} ({human(s['parameters'])}); "
-             f"non-embedding {s['non_embedding_parameters']:,}",
+             f"non-embedding {s['non_embedding_parameters']:,}"
+             + (f"; active per token {s['active_parameters']:,}" if s["active_parameters"] != s["parameters"] else ""),
              "weight memory: " + ", ".join(f"{k} {human(v, 'B')}" for k, v in s["weight_memory_bytes"].items()),
              f"FLOPs per token at seq_len {s['seq_len']}: forward {human(s['flops_per_token_forward'])}, "
              f"training {human(s['flops_per_token_training'])}",
