@@ -2,7 +2,8 @@
 
 Three architectures: `llama` (also Mixtral: `llama.expert_count` experts, the router as
 `ffn_gate_inp`, the experts stacked 3-D as `ffn_{gate,up,down}_exps`), `qwen2` (llama + q/k/v
-biases) and `gemma3` (q/k norms, sandwich norms, scaled embeddings, sliding-window layers). Reading parses with the `gguf` package (llama.cpp's
+biases), `qwen2moe` (qwen2 with those experts, unrenormalised top-k, and a sigmoid-gated shared
+expert `ffn_*_shexp`) and `gemma3` (q/k norms, sandwich norms, scaled embeddings, sliding-window layers). Reading parses with the `gguf` package (llama.cpp's
 own reader), dequantizes every tensor to float32 with the package's dequantizers (so our weights
 are bit-identical to what transformers' `gguf_file=` loader produces) and undoes what llama.cpp's
 converter changed: for `llama` only, the row permutation of the Q and K projections (its llama RoPE
@@ -30,8 +31,8 @@ from llmkit.files import atomic_path
 from llmkit.formats.gguf_tokenizer import tokenizer_from_metadata, tokenizer_to_metadata
 from llmkit.tokenizer import Tokenizer
 
-ARCHITECTURES = ("llama", "qwen2", "gemma3")
-_HF_TO_ARCH = {"llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3", "mixtral": "llama"}
+ARCHITECTURES = ("llama", "qwen2", "gemma3", "qwen2moe")
+_HF_TO_ARCH = {"llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3", "mixtral": "llama", "qwen2_moe": "qwen2moe"}
 
 # llama.cpp's gemma3: every 6th layer is global unless `sliding_window_pattern` says otherwise
 # (src/models/gemma3.cpp: load_swa_pattern(ml, 6)); sliding layers use RoPE base 10,000 unless
@@ -95,6 +96,11 @@ def _names(config: ModelConfig) -> dict[str, str]:
         for g in ("ffn_gate", "ffn_up", "ffn_down"):
             del linears[g]
         linears["ffn_gate_inp"] = "mlp.router"
+    if c.shared_expert_d_ff:  # Qwen2-MoE's shared expert and its gate
+        linears.update(ffn_gate_shexp="mlp.shared_expert.gate_proj", ffn_up_shexp="mlp.shared_expert.up_proj",
+                       ffn_down_shexp="mlp.shared_expert.down_proj")
+        if c.shared_expert_gate:
+            linears["ffn_gate_inp_shexp"] = "mlp.shared_expert_gate"
     for i in range(c.n_layer):
         for g, o in {**norms, **linears}.items():
             names[f"blk.{i}.{g}.weight"] = f"blocks.{i}.{o}.weight"
@@ -266,8 +272,14 @@ def config_from_metadata(meta: dict, tensor_names: set[str], source: str) -> Mod
         if meta.get(a + "expert_count"):  # Mixtral
             fields.update(n_experts=int(meta[a + "expert_count"]),
                           experts_per_token=int(_require(meta, a + "expert_used_count", source)))
-    elif arch == "qwen2":
+    elif arch in ("qwen2", "qwen2moe"):
         fields["qkv_bias"] = True
+        if arch == "qwen2moe":  # llama.cpp's qwen2moe: softmax top-k without renormalisation, a gated shared expert
+            fields.update(n_experts=int(_require(meta, a + "expert_count", source)),
+                          experts_per_token=int(_require(meta, a + "expert_used_count", source)),
+                          d_ff=int(_require(meta, a + "expert_feed_forward_length", source)),
+                          shared_expert_d_ff=int(_require(meta, a + "expert_shared_feed_forward_length", source)),
+                          moe_renormalize=False)
     else:
         fields.update(_gemma3_fields(meta, fields, source))
     try:
@@ -463,7 +475,11 @@ def _expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
                        b + "mlp.router.weight": (c.n_experts, c.d_model),
                        b + "mlp.gate_proj": (c.n_experts, c.d_ff, c.d_model),
                        b + "mlp.up_proj": (c.n_experts, c.d_ff, c.d_model),
-                       b + "mlp.down_proj": (c.n_experts, c.d_model, c.d_ff)})
+                       b + "mlp.down_proj": (c.n_experts, c.d_model, c.d_ff),
+                       b + "mlp.shared_expert.gate_proj.weight": (c.shared_expert_d_ff, c.d_model),
+                       b + "mlp.shared_expert.up_proj.weight": (c.shared_expert_d_ff, c.d_model),
+                       b + "mlp.shared_expert.down_proj.weight": (c.d_model, c.shared_expert_d_ff),
+                       b + "mlp.shared_expert_gate.weight": (1, c.d_model)})
     return shapes
 
 
@@ -533,10 +549,13 @@ def _check_expressible(c: ModelConfig, arch: str) -> None:
                           "supported (llama.cpp's llama attends to every position)")
     if arch == "llama" and c.bias:
         raise ConfigError("GGUF export of llama models with biases is not supported (llama.cpp's llama has none)")
-    if arch == "qwen2" and c.sliding_window is not None:
+    if arch == "qwen2moe" and (c.moe_renormalize or not c.shared_expert_gate):
+        raise ConfigError("GGUF export of a qwen2_moe model with moe_renormalize=True or an ungated shared expert is "
+                          "not supported (llama.cpp's qwen2moe uses the raw top-k probabilities and a sigmoid gate)")
+    if arch in ("qwen2", "qwen2moe") and c.sliding_window is not None:
         raise ConfigError(f"GGUF export of a qwen2 model with sliding_window={c.sliding_window} is not supported "
                           "(llama.cpp's qwen2 attends to every position)")
-    if arch == "qwen2" and c.head_dim * c.n_head != c.d_model:
+    if arch in ("qwen2", "qwen2moe") and c.head_dim * c.n_head != c.d_model:
         raise ConfigError(f"GGUF export of a qwen2 model with head_dim={c.head_dim} != d_model/n_head is not "
                           "supported (llama.cpp's qwen2 derives head_dim from d_model)")
     if arch == "gemma3":
@@ -575,6 +594,9 @@ def _write_metadata(w, c: ModelConfig, token_meta: dict, quant: str, name: str |
     if c.n_experts:
         w.add_expert_count(c.n_experts)
         w.add_expert_used_count(c.experts_per_token)
+    if c.shared_expert_d_ff:
+        w.add_expert_feed_forward_length(c.d_ff)
+        w.add_expert_shared_feed_forward_length(c.shared_expert_d_ff)
     for key, value in token_meta.items():
         if key == "tokenizer.ggml.token_type":
             w.add_array(key, [int(v) for v in value])
