@@ -77,3 +77,14 @@ def test_moe_recipes_parse():
 
     assert build_config(PretrainConfig, ROOT / "recipes" / "pretrain-moe.yaml").model == "mixtral-2m"
     assert build_config(SpeedrunConfig, ROOT / "recipes" / "speedrun-moe.yaml").model == "mixtral-2m"
+
+
+def test_speedrun_report_states_the_expert_load_band():
+    from llmkit.speedrun import _expert_lines
+
+    summary = {"expert_load": {"min_load": 0.81, "max_load": 1.234, "steps_averaged": 40},
+               "model": {"config": {"n_experts": 8, "experts_per_token": 2}}}
+    text = "\n".join(_expert_lines(summary))
+    assert "8 experts, 2 per token" in text and "0.81-1.23 x its even share" in text
+    assert "![expert utilisation](train/expert_load.png)" in text
+    assert _expert_lines({"expert_load": None, "model": {"config": {}}}) == []
