@@ -321,3 +321,16 @@ def test_quantize_leaves_routers_and_experts_in_float():
     moe = model.blocks[0].mlp
     assert type(moe.router) is torch.nn.Linear and type(moe.shared_expert_gate) is torch.nn.Linear
     assert type(moe.shared_expert.down_proj).__name__ == "PackedLinear" and moe.gate_proj.dtype == torch.float32
+
+
+def test_compiled_training_forward_keeps_the_router_losses():
+    """The loop's `compile: true`: through dynamo the MoE takes the dense path and still leaves its router
+    logits for the objective; loss and aux loss equal the eager ones."""
+    model = _random_ours(_tiny()).train()
+    x = torch.randint(0, 320, (2, 12))
+    eager, eager_metrics = causal_lm_loss(model, (x, x))
+    compiled, metrics = causal_lm_loss(torch.compile(model, backend="eager"), (x, x))
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
+    torch.testing.assert_close(metrics["aux_loss"], eager_metrics["aux_loss"], atol=1e-6, rtol=0)
+    compiled.backward()
+    assert model.blocks[1].mlp.router.weight.grad.abs().sum() > 0
