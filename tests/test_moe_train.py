@@ -21,12 +21,12 @@ shards = test_pretrain.shards  # the character-level tinyshakespeare shards, as 
 
 def test_moe_pretraining_logs_expert_loads_and_plots_them(shards, tmp_path):
     config = PretrainConfig(model="mixtral-2m", data=str(shards), out_dir=str(tmp_path), context=32, batch_size=4,
-                            max_steps=12, warmup_steps=2, lr=3e-3, eval_every=6, eval_batches=1, save_every=0,
+                            max_steps=8, warmup_steps=2, lr=3e-3, eval_every=4, eval_batches=1, save_every=0,
                             progress=False, seed=3)
     result = pretrain.run(config)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
-    assert len(train) == 12
+    assert len(train) == 8
     for r in train:  # the optimised loss is the LM loss plus the router terms at the preset's coefficients
         assert r["loss"] == pytest.approx(r["lm_loss"] + 0.01 * r["aux_loss"] + 0.001 * r["z_loss"], abs=1e-5)
         assert 0 < r["aux_loss"] < 8 and r["z_loss"] > 0
@@ -34,7 +34,7 @@ def test_moe_pretraining_logs_expert_loads_and_plots_them(shards, tmp_path):
             assert sum(r[f"expert_load.{layer}.{e}"] for e in range(8)) == pytest.approx(1, abs=1e-5)
     assert all("val_loss" in r and "aux_loss" not in r for r in records if "val_loss" in r)  # LM loss only
     steps, layers = expert_loads(records)
-    assert steps == list(range(1, 13)) and sorted(layers) == [0, 1, 2, 3]
+    assert steps == list(range(1, 9)) and sorted(layers) == [0, 1, 2, 3]
     png = tmp_path / "expert_load.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     band = result.report["expert_load"]
