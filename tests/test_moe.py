@@ -166,6 +166,13 @@ def test_objective_adds_the_router_losses_with_the_config_coefficients():
         assert abs(sum(loads) - 1) < 1e-6
     loss.backward()
     assert model.blocks[0].mlp.router.weight.grad.abs().sum() > 0
+    padded = {"input_ids": x, "labels": x.clone(), "attention_mask": torch.ones_like(x)}
+    padded["attention_mask"][0, :5] = 0  # left padding: its tokens are routed but count in no router loss
+    _, masked = causal_lm_loss(model, padded)
+    mask_logits = router_logits(model)
+    torch.testing.assert_close(masked["aux_loss"], load_balancing_loss(mask_logits, 2, padded["attention_mask"]),
+                               atol=1e-6, rtol=0)
+    assert abs(sum(masked[f"expert_load.0.{e}"].item() for e in range(4)) - 1) < 1e-6
     model.eval()  # evaluation: the LM loss alone, no router logits kept
     loss, metrics = causal_lm_loss(model, (x, x))
     assert "aux_loss" not in metrics and router_logits(model) == []
