@@ -170,8 +170,8 @@ def plot_expert_load(metrics: str | os.PathLike | list[dict], out: str | os.Path
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(layers):]:
         ax.axis("off")
-    axes[0, 0].set_ylabel(f"share of routed tokens (mean of {window} steps)")
-    axes[0, -1].legend(fontsize=7, loc="upper right")
+    axes[0, 0].set_ylabel(f"token share ({window}-step mean)")
+    axes[0, -1].legend(fontsize=6, ncol=4, loc="upper right", framealpha=0.8)
     fig.suptitle(f"{title}: expert utilisation (dashed: even share)")
     return _save(fig, out)
 
