@@ -4,8 +4,9 @@ The speedrun's MoE preset (`mixtral-2m`: 8 experts, 2 per token) at the speedrun
 (no grad, fp32, eval), one process. transformers runs with the experts implementation it picks by
 default and, as a second reference, its per-expert loop (`experts_implementation="eager"`). The
 systems take turns in many short rounds so a noisy neighbour slows them alike; tokens/s come from
-each one's median forward (and, as the estimate a busy machine moves least, from its fastest). Prints and writes benchmarks/results/moe_forward.json with the command,
-the commit (and uncommitted files), the CPU as /proc/cpuinfo names it and the date.
+each one's median forward and, as the estimate a busy machine moves least, from its fastest. Prints
+and writes benchmarks/results/moe_forward.json with the command, the commit (and uncommitted
+files), the CPU as /proc/cpuinfo names it and the date.
 
     python benchmarks/moe_forward.py
     python benchmarks/moe_forward.py --batch 1 --seq 64 --out benchmarks/results/moe_forward_b1.json
