@@ -89,16 +89,18 @@ def markdown(report: dict, pngs: dict[str, str]) -> str:
              f"Same shards, {report['minutes']} minutes of training per arm, one after the other on "
              f"{report['machine']['cpu']} ({report['machine']['cores']} cores); `{report['command']}` at commit "
              f"{report['commit'][:10]}.", "",
-             "| arm | preset | parameters (active) | steps | tokens seen | tokens/s | val bits/byte | expert load band |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+             "| arm | preset | parameters (active) | steps | tokens seen | tokens/s | val bits/byte | expert load band "
+             "(mean over steps) | one step: idlest / busiest |", "|---|---|---:|---:|---:|---:|---:|---|---|"]
     for name, a in arms.items():
         band = a["expert_load"]
-        load = f"{band['min_load']:.2f}-{band['max_load']:.2f} x even" if band else "-"
+        load = (f"{band['min_load']:.2f}-{band['max_load']:.2f} x even | {band['step_min_load']:.2f} / "
+                f"{band['step_max_load']:.2f} x" if band else "- | -")
         bpb = f"{a['val_bpb']:.4f}" if a["val_bpb"] is not None else f"loss {a['val_loss']:.4f}"
         lines.append(f"| {name} | `{a['preset']}` | {a['parameters']:,} ({a['active_parameters']:,}) | {a['steps']} | "
                      f"{a['tokens_seen']:,} | {a['tokens_per_s'] or 0:,.0f} | {bpb} | {load} |")
     best = min(arms, key=lambda n: arms[n]["val_bpb"] if arms[n]["val_bpb"] is not None else arms[n]["val_loss"])
-    lines += ["", f"Lowest held-out bits per byte: **{best}**.", ""]
+    lines += ["", f"Lowest held-out bits per byte: **{best}**. Loads are multiples of an expert's even share "
+              "over the last 20 % of steps (`llmkit.analysis.plots.expert_load_band`).", ""]
     lines += [f"![{caption}]({file})" for caption, file in pngs.items()]
     return "\n".join(lines) + "\n"
 

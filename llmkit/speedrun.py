@@ -213,7 +213,9 @@ def _expert_lines(s: dict) -> list[str]:
     if not band:
         return []
     return [f"{c['n_experts']} experts, {c['experts_per_token']} per token: over the last {band['steps_averaged']} "
-            f"steps each expert received {band['min_load']:.2f}-{band['max_load']:.2f} x its even share of tokens.",
+            f"steps each expert received {band['min_load']:.2f}-{band['max_load']:.2f} x its even share of tokens "
+            f"(in one step, per layer: the idlest {band['step_min_load']:.2f} x, the busiest "
+            f"{band['step_max_load']:.2f} x).",
             "", "![expert utilisation](train/expert_load.png)", ""]
 
 

@@ -46,7 +46,13 @@ def test_moe_pretraining_logs_expert_loads_and_plots_them(shards, tmp_path):
 def test_expert_load_band_by_hand():
     records = [{"step": s, "expert_load.0.0": a, "expert_load.0.1": 1 - a} for s, a in ((1, 0.9), (2, 0.6), (3, 0.7))]
     band = expert_load_band(records, last=2 / 3)  # the last 2 steps: shares 0.65 / 0.35 -> 1.3 / 0.7 of even
-    assert band == pytest.approx({"min_load": 0.7, "max_load": 1.3, "steps_averaged": 2})
+    # one step at a time: (0.6, 0.4) and (0.7, 0.3) -> idlest 0.8 and 0.6 (mean 0.7), busiest 1.2 and 1.4 (1.3)
+    assert band == pytest.approx({"min_load": 0.7, "max_load": 1.3, "step_min_load": 0.7, "step_max_load": 1.3,
+                                  "steps_averaged": 2})
+    flipping = [{"step": s, "expert_load.0.0": float(s % 2), "expert_load.0.1": float(1 - s % 2)} for s in range(1, 11)]
+    band = expert_load_band(flipping, last=1.0)  # all tokens to one expert, alternating: even on average only
+    assert band == pytest.approx({"min_load": 1.0, "max_load": 1.0, "step_min_load": 0.0, "step_max_load": 2.0,
+                                  "steps_averaged": 10})
     assert expert_load_band([{"step": 1, "loss": 2.0}]) == {}
 
 
@@ -67,6 +73,7 @@ def test_moe_vs_dense_script_smoke(shards, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "r.json").read_text())["commit"]
     doc = (tmp_path / "docs" / "moe_vs_dense.md").read_text()
     assert "| moe-no-balance | `mixtral-2m` |" in doc and "Lowest held-out bits per byte" in doc
+    assert doc.count("x even |") == 2 and "| dense | `llama-2m` |" in doc
     for png in ("moe_vs_dense.png", "moe_vs_dense_moe_experts.png", "moe_vs_dense_moe-no-balance_experts.png"):
         assert (tmp_path / "docs" / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -82,9 +89,11 @@ def test_moe_recipes_parse():
 def test_speedrun_report_states_the_expert_load_band():
     from llmkit.speedrun import _expert_lines
 
-    summary = {"expert_load": {"min_load": 0.81, "max_load": 1.234, "steps_averaged": 40},
+    summary = {"expert_load": {"min_load": 0.81, "max_load": 1.234, "step_min_load": 0.1, "step_max_load": 3.0,
+                               "steps_averaged": 40},
                "model": {"config": {"n_experts": 8, "experts_per_token": 2}}}
     text = "\n".join(_expert_lines(summary))
     assert "8 experts, 2 per token" in text and "0.81-1.23 x its even share" in text
+    assert "the idlest 0.10 x, the busiest 3.00 x" in text
     assert "![expert utilisation](train/expert_load.png)" in text
     assert _expert_lines({"expert_load": None, "model": {"config": {}}}) == []

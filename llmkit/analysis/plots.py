@@ -127,19 +127,26 @@ def expert_loads(records: list[dict]) -> tuple[list[int], dict[int, list[list[fl
 
 
 def expert_load_band(records: list[dict], last: float = 0.2) -> dict[str, float]:
-    """Over the last `last` fraction of the logged steps, each expert's mean share times the number of
-    experts (1.0: its fair share), the smallest and largest over all layers and experts: whether an
-    expert collapsed (min near 0) or took over (max near n_experts / experts_per_token)."""
+    """Loads as multiples of the even share (1.0) over the last `last` fraction of the logged steps.
+
+    min_load / max_load: each expert's share averaged over those steps, the smallest and largest over
+    all layers and experts: whether an expert collapsed (near 0) or took over (near n_experts /
+    experts_per_token) for good. step_min_load / step_max_load: the idlest and busiest expert of one
+    layer in one step, averaged over layers and steps: a router that sends every token of a batch to
+    the same experts but changes them from step to step looks even on average and shows here."""
     steps, layers = expert_loads(records)
     if not steps:
         return {}
     start = int(len(steps) * (1 - last))
-    fair = []
+    fair, step_min, step_max = [], [], []
     for per_step in layers.values():
         tail = per_step[start:]
         n = len(tail[0])
         fair += [n * sum(s[e] for s in tail) / len(tail) for e in range(n)]
-    return {"min_load": min(fair), "max_load": max(fair), "steps_averaged": len(steps) - start}
+        step_min += [n * min(s) for s in tail]
+        step_max += [n * max(s) for s in tail]
+    return {"min_load": min(fair), "max_load": max(fair), "step_min_load": sum(step_min) / len(step_min),
+            "step_max_load": sum(step_max) / len(step_max), "steps_averaged": len(steps) - start}
 
 
 def plot_expert_load(metrics: str | os.PathLike | list[dict], out: str | os.PathLike, title: str = "training") -> Path:

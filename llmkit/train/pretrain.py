@@ -130,7 +130,8 @@ def run(config: PretrainConfig) -> TrainResult:
         band = report["expert_load"]
         sections.append(f"- experts: {model.config.n_experts}, {model.config.experts_per_token} per token; over the "
                         f"last {band['steps_averaged']} steps each expert got {band['min_load']:.2f}-"
-                        f"{band['max_load']:.2f} x its even share of tokens")
+                        f"{band['max_load']:.2f} x its even share of tokens (in one step, per layer: the idlest "
+                        f"{band['step_min_load']:.2f} x, the busiest {band['step_max_load']:.2f} x)")
     if world.is_main:
         write_report(config.out_dir, f"Pretraining `{config.model}`", report, sections, plots)
     return dataclasses.replace(result, report=report)
