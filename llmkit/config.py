@@ -74,6 +74,15 @@ class ModelConfig:
     # head maps the last real token's hidden state to N logits, as transformers' *ForSequenceClassification.
     num_labels: int = 0
     name: str = field(default="custom", compare=False)
+    # Mixture of experts (llmkit/moe.py): n_experts > 0 replaces every block's MLP by a router and
+    # n_experts MLPs of width d_ff, of which each token runs `experts_per_token` (Mixtral, Qwen2-MoE, OLMoE).
+    n_experts: int = 0
+    experts_per_token: int = 2
+    moe_renormalize: bool = True  # top-k weights rescaled to sum to 1 (Mixtral); False: softmax probs (Qwen2-MoE, OLMoE)
+    shared_expert_d_ff: int = 0  # width of an MLP every token runs besides its experts (Qwen2-MoE); 0: none
+    shared_expert_gate: bool = True  # the shared MLP's output times sigmoid(x . w) (Qwen2-MoE's gate)
+    router_aux_loss_coef: float = 0.01  # Switch/Mixtral load-balancing loss in the training objective
+    router_z_loss_coef: float = 0.001  # ST-MoE router z-loss: mean logsumexp(router logits)^2
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -126,6 +135,28 @@ class ModelConfig:
             raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}")
         if not isinstance(self.num_labels, int) or isinstance(self.num_labels, bool) or self.num_labels < 0:
             raise ConfigError(f"num_labels must be an integer >= 0 (0: a language model), got {self.num_labels!r}")
+        self._validate_moe()
+
+    def _validate_moe(self) -> None:
+        for name in ("n_experts", "experts_per_token", "shared_expert_d_ff"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"ModelConfig.{name} must be an integer >= 0, got {value!r}")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.n_experts:
+            if self.shared_expert_d_ff:
+                raise ConfigError(f"shared_expert_d_ff={self.shared_expert_d_ff} needs n_experts > 0 (a shared "
+                                  "expert sits beside routed experts; a dense model sets d_ff instead)")
+            return
+        if not 1 <= self.experts_per_token <= self.n_experts:
+            raise ConfigError(f"experts_per_token={self.experts_per_token} with n_experts={self.n_experts}; expected "
+                              f"1 <= experts_per_token <= n_experts (each token runs that many of the experts)")
+        if not self.gated_mlp:
+            raise ConfigError("n_experts > 0 needs gated_mlp=True (the experts are SwiGLU MLPs, as in Mixtral)")
+        if self.bias:
+            raise ConfigError("n_experts > 0 with bias=True is not supported (the experts and router have no biases)")
 
     def layer_type(self, layer: int) -> str:
         """ "full_attention" or "sliding_attention" for block `layer`."""
@@ -177,7 +208,8 @@ class ModelConfig:
     def to_hf_config(self) -> dict[str, Any]:
         model_type = self.hf_model_type
         hf = {"gpt2": self._to_hf_gpt2, "llama": self._to_hf_llama, "qwen2": self._to_hf_qwen2,
-              "gemma3_text": self._to_hf_gemma3}[model_type]()
+              "gemma3_text": self._to_hf_gemma3, "mixtral": self._to_hf_mixtral,
+              "qwen2_moe": self._to_hf_qwen2_moe}[model_type]()
         causal, classifier = HF_FAMILIES[model_type]
         hf = {"architectures": [classifier if self.num_labels else causal], "model_type": model_type, **hf,
               "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id}
@@ -234,6 +266,23 @@ class ModelConfig:
                 "layer_types": [self.layer_type(i) for i in range(self.n_layer)], "attention_bias": False,
                 "final_logit_softcapping": None, "attn_logit_softcapping": None}
 
+    def _to_hf_moe(self) -> dict[str, Any]:
+        """The keys mixtral and qwen2_moe share; router_z_loss_coef is llmkit's own (transformers keeps it)."""
+        return {"num_experts_per_tok": self.experts_per_token, "router_aux_loss_coef": self.router_aux_loss_coef,
+                "router_z_loss_coef": self.router_z_loss_coef, "output_router_logits": False,
+                "hidden_act": _HF_ACT[self.activation]}
+
+    def _to_hf_mixtral(self) -> dict[str, Any]:
+        return {**self._to_hf_decoder(), **self._to_hf_moe(), "num_local_experts": self.n_experts,
+                "sliding_window": self.sliding_window, "router_jitter_noise": 0.0}
+
+    def _to_hf_qwen2_moe(self) -> dict[str, Any]:
+        return {**self._to_hf_decoder(), **self._to_hf_moe(), "num_experts": self.n_experts,
+                "moe_intermediate_size": self.d_ff, "shared_expert_intermediate_size": self.shared_expert_d_ff,
+                "intermediate_size": self.shared_expert_d_ff, "norm_topk_prob": self.moe_renormalize,
+                "decoder_sparse_step": 1, "mlp_only_layers": [], "qkv_bias": self.qkv_bias,
+                "use_sliding_window": False, "sliding_window": None, "max_window_layers": self.n_layer}
+
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Build from the contents of a transformers `config.json` (gpt2, llama, qwen2 or gemma3_text)."""
@@ -243,7 +292,8 @@ class ModelConfig:
         if architecture.endswith("ForSequenceClassification"):
             num_labels = len(hf.get("id2label") or {}) or int(hf.get("num_labels", 2))
         readers = {"gpt2": cls._from_hf_gpt2, "llama": cls._from_hf_llama, "mistral": cls._from_hf_llama,
-                   "qwen2": cls._from_hf_qwen2, "gemma3_text": cls._from_hf_gemma3}
+                   "qwen2": cls._from_hf_qwen2, "gemma3_text": cls._from_hf_gemma3, "mixtral": cls._from_hf_mixtral,
+                   "qwen2_moe": cls._from_hf_qwen2_moe}
         if model_type == "gemma3":
             raise ConfigError(f"{source}: model_type 'gemma3' is the multimodal Gemma3ForConditionalGeneration; "
                               "llmkit reads text-only Gemma-3 checkpoints (model_type 'gemma3_text')")
@@ -336,12 +386,49 @@ class ModelConfig:
             **_hf_layers(types, hf.get("sliding_window", 4096)))
 
 
+    @staticmethod
+    def _from_hf_moe(hf: dict[str, Any], source: str, experts_key: str) -> dict[str, Any]:
+        if hf.get("router_jitter_noise"):
+            raise ConfigError(f"{source}: router_jitter_noise={hf['router_jitter_noise']!r} is not supported "
+                              "(llmkit's router adds no noise; expected 0)")
+        return dict(n_experts=int(hf[experts_key]), experts_per_token=int(hf.get("num_experts_per_tok", 2)),
+                    router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+                    router_z_loss_coef=float(hf.get("router_z_loss_coef", 0.0)))
+
+    @classmethod
+    def _from_hf_mixtral(cls, hf: dict[str, Any], source: str) -> ModelConfig:
+        window = hf.get("sliding_window")
+        return cls._from_hf_decoder(hf, source, "hidden_act", {"rope_theta": 1e6},
+                                    sliding_window=int(window) if window else None,
+                                    **cls._from_hf_moe(hf, source, "num_local_experts"))
+
+    @classmethod
+    def _from_hf_qwen2_moe(cls, hf: dict[str, Any], source: str) -> ModelConfig:
+        dense = [i for i in range(hf["num_hidden_layers"]) if i in (hf.get("mlp_only_layers") or [])
+                 or (i + 1) % hf.get("decoder_sparse_step", 1)]
+        if dense:
+            raise ConfigError(f"{source}: layers {dense} are dense MLPs (mlp_only_layers / decoder_sparse_step); "
+                              "llmkit's qwen2_moe has experts in every layer (expected decoder_sparse_step 1, "
+                              "mlp_only_layers [])")
+        if hf.get("use_sliding_window", False):
+            raise ConfigError(f"{source}: use_sliding_window=true is not supported for qwen2_moe; expected false")
+        shared = int(hf.get("shared_expert_intermediate_size", 0))
+        if not shared:
+            raise ConfigError(f"{source}: shared_expert_intermediate_size=0; llmkit's qwen2_moe has a shared expert")
+        return cls._from_hf_decoder(hf, source, "hidden_act", {}, d_ff=int(hf["moe_intermediate_size"]),
+                                    qkv_bias=bool(hf.get("qkv_bias", True)), shared_expert_d_ff=shared,
+                                    moe_renormalize=bool(hf.get("norm_topk_prob", False)),
+                                    **cls._from_hf_moe(hf, source, "num_experts"))
+
+
 # transformers model_type -> (causal LM class, sequence-classification class)
 HF_FAMILIES = {
     "gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification"),
     "llama": ("LlamaForCausalLM", "LlamaForSequenceClassification"),
     "qwen2": ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
     "gemma3_text": ("Gemma3ForCausalLM", "Gemma3TextForSequenceClassification"),
+    "mixtral": ("MixtralForCausalLM", "MixtralForSequenceClassification"),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeForSequenceClassification"),
 }
 
 # Gemma3TextConfig's defaults where they matter when a key is absent.
@@ -357,13 +444,26 @@ _FAMILY_FIELDS: dict[str, dict[str, Any]] = {
     "qwen2": dict(pos_embedding="rope", norm="rmsnorm", gated_mlp=True, bias=False, qkv_bias=True, **_NOT_GEMMA),
     "gemma3_text": dict(pos_embedding="rope", norm="rmsnorm", gated_mlp=True, bias=False, qkv_bias=False,
                         norm_offset=1.0, qk_norm=True, sandwich_norm=True, embed_scale=True),
+    "mixtral": dict(pos_embedding="rope", norm="rmsnorm", gated_mlp=True, bias=False, qkv_bias=False,
+                    moe_renormalize=True, shared_expert_d_ff=0, **_NOT_GEMMA),
+    "qwen2_moe": dict(pos_embedding="rope", norm="rmsnorm", gated_mlp=True, bias=False, shared_expert_gate=True,
+                      **_NOT_GEMMA),
 }
+_MOE_FAMILIES = ("mixtral", "qwen2_moe")
 
 
 def _misfits(c: ModelConfig, family: str) -> list[str]:
     """What keeps `c` out of `family`, as 'field=wanted (got value)' strings; empty when it fits."""
     wrong = [f"{k}={v!r} (got {getattr(c, k)!r})" for k, v in _FAMILY_FIELDS[family].items() if getattr(c, k) != v]
     sliding = c.sliding_window is not None and any(c.layer_type(i) == "sliding_attention" for i in range(c.n_layer))
+    if (family in _MOE_FAMILIES) != (c.n_experts > 0):
+        wrong.append(f"n_experts{'>' if family in _MOE_FAMILIES else '='}0 (got n_experts={c.n_experts})")
+    if family == "qwen2_moe" and not c.shared_expert_d_ff:
+        wrong.append("shared_expert_d_ff>0 (got 0)")
+    if family == "qwen2_moe" and sliding:
+        wrong.append(f"no sliding_attention layers (got sliding_window={c.sliding_window})")
+    if family == "mixtral" and c.layer_types is not None:
+        wrong.append("the same attention in every layer (got layer_types)")
     if family in ("gpt2", "llama") and sliding:
         wrong.append(f"no sliding_attention layers (got sliding_window={c.sliding_window})")
     if family == "gpt2" and (c.n_kv_head != c.n_head or c.head_dim * c.n_head != c.d_model):
@@ -413,6 +513,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                        max_seq_len=256),
     "llama-2m": dict(_LLAMA, vocab_size=8192, n_layer=4, n_head=4, n_kv_head=2, d_model=128,
                      d_ff=384, max_seq_len=512, tie_embeddings=True),
+    # llama-2m's active parameters as a mixture of experts: 8 experts of width 192, two per token
+    # (2 x 192 = llama-2m's 384), plus a 128 x 8 router per layer; 4x the MLP weights in all.
+    "mixtral-2m": dict(_LLAMA, vocab_size=8192, n_layer=4, n_head=4, n_kv_head=2, d_model=128,
+                       d_ff=192, max_seq_len=512, tie_embeddings=True, n_experts=8, experts_per_token=2),
     "llama-4m": dict(_LLAMA, vocab_size=8192, n_layer=6, n_head=6, n_kv_head=2, d_model=192,
                       d_ff=512, max_seq_len=512, tie_embeddings=True),
     "llama-8m": dict(_LLAMA, vocab_size=8192, n_layer=8, n_head=8, n_kv_head=4, d_model=256,

@@ -308,3 +308,47 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     kl = masked_mean((t.exp() * (t - s)).sum(-1), scored)
     ce = F.cross_entropy(student_logits.float().flatten(0, -2), labels.flatten(), ignore_index=ignore_index)
     return alpha * temperature ** 2 * kl + (1 - alpha) * ce, kl.detach(), ce.detach()
+
+
+# ---- mixture-of-experts router losses ------------------------------------------------------
+#
+# Both read the router logits (tokens, experts) of every MoE layer of one forward. The load-balancing
+# loss is Switch's (Fedus et al. 2021, eq. 4-6) as Mixtral's transformers code computes it: over all
+# layers' tokens pooled, E * sum_e f_e * P_e, where f_e is the share of the top-k assignments that
+# went to expert e (summing to k) and P_e the mean router probability of e; a perfectly even router
+# scores k. The z-loss (ST-MoE, Zoph et al. 2022) is the mean squared log-sum-exp of the logits: it
+# keeps them small, so the softmax stays out of fp32's round-off.
+
+
+def expert_load(router_logits: torch.Tensor, top_k: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The share of one layer's top-k assignments each expert received, (experts,), summing to 1."""
+    experts = router_logits.shape[-1]
+    chosen = router_logits.float().topk(top_k, dim=-1).indices
+    rows = torch.ones(chosen.shape[0], device=chosen.device) if mask is None else mask.reshape(-1).float()
+    counts = torch.zeros(experts, device=chosen.device).index_add_(0, chosen.reshape(-1), rows.repeat_interleave(top_k))
+    return counts / counts.sum().clamp(min=1)
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch/Mixtral auxiliary loss over every layer's router logits; `mask` (batch, seq) leaves padding out."""
+    experts = router_logits[0].shape[-1]
+    rows = None if mask is None else mask.reshape(-1, 1).float()
+    assigned = router_logits[0].new_zeros(experts, dtype=torch.float32)
+    probs = torch.zeros_like(assigned)
+    total = 0.0
+    for logits in router_logits:
+        p = logits.float().softmax(-1)
+        chosen = F.one_hot(p.topk(top_k, dim=-1).indices, experts).sum(1).float()  # (tokens, experts) 0/1
+        if rows is not None:
+            p, chosen = p * rows, chosen * rows
+        assigned = assigned + chosen.sum(0)
+        probs = probs + p.sum(0)
+        total = total + (p.shape[0] if rows is None else rows.sum())
+    return experts * (assigned / total * probs / total).sum()
+
+
+def router_z_loss(router_logits: list[torch.Tensor], mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over tokens (and layers) of logsumexp(router logits)^2."""
+    z = torch.cat([logits.float().logsumexp(-1) ** 2 for logits in router_logits])
+    return masked_mean(z, None if mask is None else mask.reshape(-1).repeat(len(router_logits)))

@@ -26,6 +26,7 @@ from llmkit.config import ModelConfig
 from llmkit.data.collate import IGNORE_INDEX
 from llmkit.errors import ConfigError
 from llmkit.losses import linear_cross_entropy
+from llmkit.moe import MoE, inactive_parameters
 from llmkit.tokenizer import Tokenizer
 
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -342,12 +343,12 @@ def _eager_attention(q, k, v, mask, is_causal: bool, scale: float | None):
 class MLP(nn.Module):
     """down(act(gate(x)) * up(x)) when gated (SwiGLU, GeGLU), else down(act(up(x))) (GPT-2)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, d_ff: int | None = None):
         super().__init__()
-        c = config
-        self.gate_proj = nn.Linear(c.d_model, c.d_ff, bias=c.bias) if c.gated_mlp else None
-        self.up_proj = nn.Linear(c.d_model, c.d_ff, bias=c.bias)
-        self.down_proj = nn.Linear(c.d_ff, c.d_model, bias=c.bias)
+        c, d_ff = config, d_ff or config.d_ff
+        self.gate_proj = nn.Linear(c.d_model, d_ff, bias=c.bias) if c.gated_mlp else None
+        self.up_proj = nn.Linear(c.d_model, d_ff, bias=c.bias)
+        self.down_proj = nn.Linear(d_ff, c.d_model, bias=c.bias)
         self.act = _ACTIVATIONS[c.activation]
 
     def fuse(self) -> None:
@@ -376,7 +377,9 @@ class Block(nn.Module):
         self.attn = Attention(config, layer)
         self.attn_post_norm = _norm(config) if config.sandwich_norm else None
         self.mlp_norm = _norm(config)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config) if not config.n_experts else MoE(
+            config, _ACTIVATIONS[config.activation],
+            MLP(config, config.shared_expert_d_ff) if config.shared_expert_d_ff else None)
         self.mlp_post_norm = _norm(config) if config.sandwich_norm else None
         self.drop = nn.Dropout(config.dropout)
 
@@ -432,8 +435,8 @@ class Transformer(nn.Module):
                 else:
                     p.fill_(1.0 - self.config.norm_offset if self.config.norm == "rmsnorm" else 1.0)  # gains of 1
             else:
-                scale = 1 / math.sqrt(2 * self.config.n_layer) if name.endswith(("o_proj.weight",
-                                                                                  "down_proj.weight")) else 1.0
+                scale = 1 / math.sqrt(2 * self.config.n_layer) if name.endswith(("o_proj.weight", "down_proj.weight",
+                                                                                  "mlp.down_proj")) else 1.0
                 nn.init.normal_(p, mean=0.0, std=std * scale)
 
     def fuse_projections(self) -> Transformer:
@@ -621,6 +624,7 @@ class Transformer(nn.Module):
         c = self.config
         seq_len = seq_len or c.max_seq_len
         weights = self.num_parameters(exclude_embeddings=True)
+        weights -= inactive_parameters(c)  # a token runs experts_per_token of each layer's experts
         if c.tie_embeddings:
             weights += self.lm_head.weight.numel()
         norms = sum(p.numel() for n, p in self.named_parameters() if p.dim() < 2)

@@ -209,6 +209,7 @@ def _summary(config, model, data_report, metas, tokenizer, history, result, time
                      "energy": result.energy},
         "final": {"train_loss": train[-1]["loss"], "val_loss": val[-1]["val_loss"] if val else None,
                   "val_ppl": val[-1]["val_ppl"] if val else None, "val_bpb": val[-1].get("val_bpb") if val else None},
+        "expert_load": (result.report or {}).get("expert_load"),  # a mixture of experts: the load band
         "timings_s": timings,
         "samples": samples,
         "checkpoint": str(result.last_checkpoint),
@@ -219,6 +220,18 @@ def _measured(value) -> str:
     """A throughput reading; the first log window includes start-up and compiling, so a run too short
     for a second window has none."""
     return "not measured (the run ended within its first log window)" if value is None else str(value)
+
+
+def _expert_lines(s: dict) -> list[str]:
+    """A mixture of experts: how evenly the routers spread the tokens, and the utilisation plot."""
+    band, c = s.get("expert_load"), s["model"]["config"]
+    if not band:
+        return []
+    return [f"{c['n_experts']} experts, {c['experts_per_token']} per token: over the last {band['steps_averaged']} "
+            f"steps each expert received {band['min_load']:.2f}-{band['max_load']:.2f} x its even share of tokens "
+            f"(in one step, per layer: the idlest {band['step_min_load']:.2f} x, the busiest "
+            f"{band['step_max_load']:.2f} x).",
+            "", "![expert utilisation](train/expert_load.png)", ""]
 
 
 def render_report(s: dict) -> str:
@@ -253,6 +266,7 @@ def render_report(s: dict) -> str:
         "## Model", "",
         f"Preset `{m['preset']}`: {m['parameters']:,} parameters ({m['non_embedding_parameters']:,} non-embedding), "
         f"{human(m['flops_per_token'])} training FLOPs per token at context {c['context']}.", "",
+        *_expert_lines(s),
         "```json", json.dumps(m["config"], indent=1), "```", "",
         "## Run configuration", "",
         "```json", json.dumps(c, indent=1), "```", "",

@@ -13,6 +13,7 @@ import torch
 
 from llmkit.config import PRESETS, ModelConfig
 from llmkit.errors import ConfigError
+from llmkit.moe import inactive_parameters
 
 BYTES_PER_PARAM = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}
 
@@ -59,6 +60,7 @@ def model_summary(path_or_preset: str | ModelConfig, seq_len: int | None = None)
         # Kaplan et al. (2020): non-embedding N ~ 12 n_layer d^2 (4d^2 attention + 8d^2 for a 4d MLP)
         "approx_12_n_layer_d2": 12 * config.n_layer * config.d_model ** 2,
         "approx_over_exact": 12 * config.n_layer * config.d_model ** 2 / non_embedding,
+        "active_parameters": params - inactive_parameters(config),  # run per token (all but idle experts)
         "weight_memory_bytes": {k: int(params * b) for k, b in BYTES_PER_PARAM.items()},
         "seq_len": seq_len,
         "flops_per_token_forward": model.flops_per_token(seq_len, training=False),
@@ -99,7 +101,8 @@ def render_summary(s: dict[str, Any]) -> str:
              "  " + ", ".join(f"{k}={v}" for k, v in c.items() if k != "name"),
              f"parameters: {s['parameters']:,} ({human(s['parameters'])}); "
              f"non-embedding {s['non_embedding_parameters']:,}; 12·n_layer·d² = {s['approx_12_n_layer_d2']:,} "
-             f"({s['approx_over_exact']:.3f}x the non-embedding count)",
+             f"({s['approx_over_exact']:.3f}x the non-embedding count)"
+             + (f"; active per token {s['active_parameters']:,}" if s["active_parameters"] != s["parameters"] else ""),
              "weight memory: " + ", ".join(f"{k} {human(v, 'B')}" for k, v in s["weight_memory_bytes"].items()),
              f"FLOPs per token at seq_len {s['seq_len']}: forward {human(s['flops_per_token_forward'])}, "
              f"training {human(s['flops_per_token_training'])} = 6N {human(parts['6N'])} + attention "
@@ -252,6 +255,9 @@ def training_memory(config: ModelConfig, method: str = "full", batch_size: int =
     """
     if method not in ("full", "lora", "qlora"):
         raise ConfigError(f"method={method!r}; expected full, lora or qlora")
+    if config.n_experts:
+        raise ConfigError(f"the training-memory estimate does not model mixture-of-experts layers (n_experts="
+                          f"{config.n_experts}: routed activations, idle experts' gradients); expected a dense model")
     if precision not in _TRAIN_BYTES:
         raise ConfigError(f"precision={precision!r}; expected one of {sorted(_TRAIN_BYTES)}")
     b = _TRAIN_BYTES[precision]

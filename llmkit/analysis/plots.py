@@ -82,6 +82,107 @@ def plot_ppo_rollouts(history: list[dict], out: str | os.PathLike) -> Path:
     return _save(fig, out)
 
 
+def plot_compared_runs(runs: dict[str, str | os.PathLike | list[dict]], out: str | os.PathLike,
+                       title: str = "runs compared") -> Path:
+    """Several runs' held-out curves over tokens seen: bits per byte where logged (else loss), and the
+    training loss (smoothed), one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_val, ax_train) = plt.subplots(1, 2, figsize=(11, 4))
+    ylabel = "validation loss (nats/token)"
+    for name, metrics in runs.items():
+        records = read_metrics(metrics) if not isinstance(metrics, list) else metrics
+        tokens = {r["step"]: r["tokens_seen"] for r in records if "tokens_seen" in r}
+        val = [r for r in records if "val_loss" in r]
+        key = "val_bpb" if val and all("val_bpb" in r for r in val) else "val_loss"
+        ylabel = "validation bits per byte" if key == "val_bpb" else ylabel
+        ax_val.plot([tokens.get(r["step"], 0) for r in val], [r[key] for r in val], "o-", label=name)
+        train = [(tokens.get(r["step"], 0), r.get("lm_loss", r["loss"])) for r in records if "loss" in r]
+        if train:
+            window = max(1, len(train) // 25)
+            xs = [x for x, _ in train][window - 1:]
+            ys = [sum(y for _, y in train[i - window + 1:i + 1]) / window for i in range(window - 1, len(train))]
+            ax_train.plot(xs, ys, label=name)
+    ax_val.set(xlabel="tokens seen", ylabel=ylabel, title=f"{title}: held-out")
+    ax_train.set(xlabel="tokens seen", ylabel="training LM loss (smoothed)", title=f"{title}: training")
+    for ax in (ax_val, ax_train):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save(fig, out)
+
+
+def expert_loads(records: list[dict]) -> tuple[list[int], dict[int, list[list[float]]]]:
+    """The `expert_load.<layer>.<expert>` shares of each training record: (steps, {layer: [per step:
+    [share of each expert]]}); empty for a dense run."""
+    keys = sorted({k for r in records for k in r if k.startswith("expert_load.")},
+                  key=lambda k: tuple(int(p) for p in k.split(".")[1:]))
+    rows = [r for r in records if keys and keys[0] in r]
+    layers: dict[int, list[str]] = {}
+    for k in keys:
+        layers.setdefault(int(k.split(".")[1]), []).append(k)
+    return [r["step"] for r in rows], {layer: [[r[k] for k in ks] for r in rows] for layer, ks in layers.items()}
+
+
+def expert_load_band(records: list[dict], last: float = 0.2) -> dict[str, float]:
+    """Loads as multiples of the even share (1.0) over the last `last` fraction of the logged steps.
+
+    min_load / max_load: each expert's share averaged over those steps, the smallest and largest over
+    all layers and experts: whether an expert collapsed (near 0) or took over (near n_experts /
+    experts_per_token) for good. step_min_load / step_max_load: the idlest and busiest expert of one
+    layer in one step, averaged over layers and steps: a router that sends every token of a batch to
+    the same experts but changes them from step to step looks even on average and shows here."""
+    steps, layers = expert_loads(records)
+    if not steps:
+        return {}
+    start = int(len(steps) * (1 - last))
+    fair, step_min, step_max = [], [], []
+    for per_step in layers.values():
+        tail = per_step[start:]
+        n = len(tail[0])
+        fair += [n * sum(s[e] for s in tail) / len(tail) for e in range(n)]
+        step_min += [n * min(s) for s in tail]
+        step_max += [n * max(s) for s in tail]
+    return {"min_load": min(fair), "max_load": max(fair), "step_min_load": sum(step_min) / len(step_min),
+            "step_max_load": sum(step_max) / len(step_max), "steps_averaged": len(steps) - start}
+
+
+def plot_expert_load(metrics: str | os.PathLike | list[dict], out: str | os.PathLike, title: str = "training") -> Path:
+    """One panel per MoE layer: each expert's share of the routed tokens over training (smoothed), with
+    the even share 1 / n_experts dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics) if not isinstance(metrics, list) else metrics
+    steps, layers = expert_loads(records)
+    if not steps:
+        raise ValueError("no expert_load.<layer>.<expert> metrics in these records (not a mixture-of-experts run)")
+    cols = min(4, len(layers))
+    rows = -(-len(layers) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols + 1, 3.0 * rows), squeeze=False, sharey=True)
+    window = max(1, len(steps) // 25)
+    for ax, (layer, per_step) in zip(axes.flat, layers.items(), strict=False):
+        n = len(per_step[0])
+        for e in range(n):
+            share = [s[e] for s in per_step]
+            smooth = [sum(share[max(0, i - window + 1):i + 1]) / len(share[max(0, i - window + 1):i + 1])
+                      for i in range(len(share))]
+            ax.plot(steps, smooth, linewidth=1, label=f"expert {e}")
+        ax.axhline(1 / n, color="black", linestyle="--", linewidth=0.8)
+        ax.set(title=f"layer {layer}", xlabel="step")
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(layers):]:
+        ax.axis("off")
+    axes[0, 0].set_ylabel(f"token share ({window}-step mean)")
+    axes[0, -1].legend(fontsize=6, ncol=4, loc="upper right", framealpha=0.8)
+    fig.suptitle(f"{title}: expert utilisation (dashed: even share)")
+    return _save(fig, out)
+
+
 def _save(fig, out: str | os.PathLike) -> Path:
     """Write `fig` as a PNG at `out` (folders created) and free it."""
     import matplotlib.pyplot as plt

@@ -1,7 +1,9 @@
 """GGUF files (llama.cpp's format) in and out: file <-> (ModelConfig, llmkit-named tensors, Tokenizer).
 
-Three architectures: `llama`, `qwen2` (llama + q/k/v biases) and `gemma3` (q/k norms, sandwich
-norms, scaled embeddings, sliding-window layers). Reading parses with the `gguf` package (llama.cpp's
+Three architectures: `llama` (also Mixtral: `llama.expert_count` experts, the router as
+`ffn_gate_inp`, the experts stacked 3-D as `ffn_{gate,up,down}_exps`), `qwen2` (llama + q/k/v
+biases), `qwen2moe` (qwen2 with those experts, unrenormalised top-k, and a sigmoid-gated shared
+expert `ffn_*_shexp`) and `gemma3` (q/k norms, sandwich norms, scaled embeddings, sliding-window layers). Reading parses with the `gguf` package (llama.cpp's
 own reader), dequantizes every tensor to float32 with the package's dequantizers (so our weights
 are bit-identical to what transformers' `gguf_file=` loader produces) and undoes what llama.cpp's
 converter changed: for `llama` only, the row permutation of the Q and K projections (its llama RoPE
@@ -29,8 +31,8 @@ from llmkit.files import atomic_path
 from llmkit.formats.gguf_tokenizer import tokenizer_from_metadata, tokenizer_to_metadata
 from llmkit.tokenizer import Tokenizer
 
-ARCHITECTURES = ("llama", "qwen2", "gemma3")
-_HF_TO_ARCH = {"llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3"}
+ARCHITECTURES = ("llama", "qwen2", "gemma3", "qwen2moe")
+_HF_TO_ARCH = {"llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3", "mixtral": "llama", "qwen2_moe": "qwen2moe"}
 
 # llama.cpp's gemma3: every 6th layer is global unless `sliding_window_pattern` says otherwise
 # (src/models/gemma3.cpp: load_swa_pattern(ml, 6)); sliding layers use RoPE base 10,000 unless
@@ -90,11 +92,22 @@ def _names(config: ModelConfig) -> dict[str, str]:
         norms.update(attn_q_norm="attn.q_norm", attn_k_norm="attn.k_norm")
     if c.sandwich_norm:
         norms.update(post_attention_norm="attn_post_norm", post_ffw_norm="mlp_post_norm")
+    if c.n_experts:  # the router and the experts' stacked (experts, out, in) matrices
+        for g in ("ffn_gate", "ffn_up", "ffn_down"):
+            del linears[g]
+        linears["ffn_gate_inp"] = "mlp.router"
+    if c.shared_expert_d_ff:  # Qwen2-MoE's shared expert and its gate
+        linears.update(ffn_gate_shexp="mlp.shared_expert.gate_proj", ffn_up_shexp="mlp.shared_expert.up_proj",
+                       ffn_down_shexp="mlp.shared_expert.down_proj")
+        if c.shared_expert_gate:
+            linears["ffn_gate_inp_shexp"] = "mlp.shared_expert_gate"
     for i in range(c.n_layer):
         for g, o in {**norms, **linears}.items():
             names[f"blk.{i}.{g}.weight"] = f"blocks.{i}.{o}.weight"
             if g in biased:
                 names[f"blk.{i}.{g}.bias"] = f"blocks.{i}.{o}.bias"
+        if c.n_experts:
+            names.update({f"blk.{i}.ffn_{p}_exps.weight": f"blocks.{i}.mlp.{p}_proj" for p in ("gate", "up", "down")})
     return names
 
 
@@ -256,8 +269,17 @@ def config_from_metadata(meta: dict, tensor_names: set[str], source: str) -> Mod
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id"))
     if arch == "llama":
         fields["bias"] = "blk.0.attn_q.bias" in tensor_names
-    elif arch == "qwen2":
+        if meta.get(a + "expert_count"):  # Mixtral
+            fields.update(n_experts=int(meta[a + "expert_count"]),
+                          experts_per_token=int(_require(meta, a + "expert_used_count", source)))
+    elif arch in ("qwen2", "qwen2moe"):
         fields["qkv_bias"] = True
+        if arch == "qwen2moe":  # llama.cpp's qwen2moe: softmax top-k without renormalisation, a gated shared expert
+            fields.update(n_experts=int(_require(meta, a + "expert_count", source)),
+                          experts_per_token=int(_require(meta, a + "expert_used_count", source)),
+                          d_ff=int(_require(meta, a + "expert_feed_forward_length", source)),
+                          shared_expert_d_ff=int(_require(meta, a + "expert_shared_feed_forward_length", source)),
+                          moe_renormalize=False)
     else:
         fields.update(_gemma3_fields(meta, fields, source))
     try:
@@ -455,7 +477,15 @@ def _expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
                        b + "attn.o_proj.bias": (c.d_model,), b + "mlp.gate_proj.bias": (c.d_ff,),
                        b + "mlp.up_proj.bias": (c.d_ff,), b + "mlp.down_proj.bias": (c.d_model,),
                        b + "attn.q_norm.weight": (c.head_dim,), b + "attn.k_norm.weight": (c.head_dim,),
-                       b + "attn_post_norm.weight": (c.d_model,), b + "mlp_post_norm.weight": (c.d_model,)})
+                       b + "attn_post_norm.weight": (c.d_model,), b + "mlp_post_norm.weight": (c.d_model,),
+                       b + "mlp.router.weight": (c.n_experts, c.d_model),
+                       b + "mlp.gate_proj": (c.n_experts, c.d_ff, c.d_model),
+                       b + "mlp.up_proj": (c.n_experts, c.d_ff, c.d_model),
+                       b + "mlp.down_proj": (c.n_experts, c.d_model, c.d_ff),
+                       b + "mlp.shared_expert.gate_proj.weight": (c.shared_expert_d_ff, c.d_model),
+                       b + "mlp.shared_expert.up_proj.weight": (c.shared_expert_d_ff, c.d_model),
+                       b + "mlp.shared_expert.down_proj.weight": (c.d_model, c.shared_expert_d_ff),
+                       b + "mlp.shared_expert_gate.weight": (1, c.d_model)})
     return shapes
 
 
@@ -520,12 +550,18 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig, state_dict: dict[st
 
 def _check_expressible(c: ModelConfig, arch: str) -> None:
     """Refuse, by name, what llama.cpp's graph for `arch` would compute differently."""
+    if arch == "llama" and c.sliding_window is not None:
+        raise ConfigError(f"GGUF export of a {c.hf_model_type} model with sliding_window={c.sliding_window} is not "
+                          "supported (llama.cpp's llama attends to every position)")
     if arch == "llama" and c.bias:
         raise ConfigError("GGUF export of llama models with biases is not supported (llama.cpp's llama has none)")
-    if arch == "qwen2" and c.sliding_window is not None:
+    if arch == "qwen2moe" and (c.moe_renormalize or not c.shared_expert_gate):
+        raise ConfigError("GGUF export of a qwen2_moe model with moe_renormalize=True or an ungated shared expert is "
+                          "not supported (llama.cpp's qwen2moe uses the raw top-k probabilities and a sigmoid gate)")
+    if arch in ("qwen2", "qwen2moe") and c.sliding_window is not None:
         raise ConfigError(f"GGUF export of a qwen2 model with sliding_window={c.sliding_window} is not supported "
                           "(llama.cpp's qwen2 attends to every position)")
-    if arch == "qwen2" and c.head_dim * c.n_head != c.d_model:
+    if arch in ("qwen2", "qwen2moe") and c.head_dim * c.n_head != c.d_model:
         raise ConfigError(f"GGUF export of a qwen2 model with head_dim={c.head_dim} != d_model/n_head is not "
                           "supported (llama.cpp's qwen2 derives head_dim from d_model)")
     if arch == "gemma3":
@@ -561,6 +597,12 @@ def _write_metadata(w, c: ModelConfig, token_meta: dict, quant: str, name: str |
     _write_rope_scaling(w, c)
     if w.arch == "gemma3":
         _write_gemma3_layers(w, c)
+    if c.n_experts:
+        w.add_expert_count(c.n_experts)
+        w.add_expert_used_count(c.experts_per_token)
+    if c.shared_expert_d_ff:
+        w.add_expert_feed_forward_length(c.d_ff)
+        w.add_expert_shared_feed_forward_length(c.shared_expert_d_ff)
     for key, value in token_meta.items():
         if key == "tokenizer.ggml.token_type":
             w.add_array(key, [int(v) for v in value])

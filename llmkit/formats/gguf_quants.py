@@ -43,14 +43,22 @@ def plan_types(config: ModelConfig, ftype: str) -> dict[str, str]:
     c, n = config, config.n_layer
     rows = {"token_embd": c.d_model, "output": c.d_model, "attn_q": c.d_model, "attn_k": c.d_model,
             "attn_v": c.d_model, "attn_output": c.n_head * c.head_dim, "ffn_gate": c.d_model, "ffn_up": c.d_model,
-            "ffn_down": c.d_ff}
+            "ffn_down": c.d_ff, "ffn_gate_exps": c.d_model, "ffn_up_exps": c.d_model, "ffn_down_exps": c.d_ff,
+            "ffn_gate_shexp": c.d_model, "ffn_up_shexp": c.d_model, "ffn_down_shexp": c.shared_expert_d_ff}
     names = ["token_embd", "output_norm"] + ([] if c.tie_embeddings else ["output"])
+    mlp = ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps") if c.n_experts else ("ffn_gate", "ffn_up",
+                                                                                               "ffn_down")
+    if c.shared_expert_d_ff:
+        mlp += ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp") + (("ffn_gate_inp_shexp",) if c.shared_expert_gate
+                                                                      else ())
     for i in range(n):
-        names += [f"blk.{i}.{p}" for p in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
-                                            "ffn_gate", "ffn_up", "ffn_down")]
+        names += [f"blk.{i}.{p}" for p in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", *mlp)]
     plan = {}
     for base_name in names:
         kind = base_name.split(".")[-1]
+        if kind.endswith("norm") or kind.startswith("ffn_gate_inp"):  # llama.cpp never quantizes a router
+            plan[base_name + ".weight"] = "F32"
+            continue
         if kind.endswith("norm"):
             plan[base_name + ".weight"] = "F32"
             continue
@@ -67,7 +75,7 @@ def plan_types(config: ModelConfig, ftype: str) -> dict[str, str]:
                 t = "Q5_K" if layer < 2 else "Q4_K"
             elif ftype in ("Q4_K_M", "Q5_K_M") and _more_bits(layer, n):
                 t = "Q6_K"
-        elif kind == "ffn_down":
+        elif kind in ("ffn_down", "ffn_down_exps", "ffn_down_shexp"):
             if ftype == "Q3_K_M":
                 t = "Q5_K" if layer < n // 16 else "Q4_K"
             elif ftype in ("Q4_K_M", "Q5_K_M") and _more_bits(layer, n):

@@ -37,14 +37,16 @@ _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 class _Entry:
     """One tensor in the HF file and the llmkit tensor(s) it becomes.
 
-    kind: "copy" (same layout), "transpose" (GPT-2's Conv1D stores [in, out]) or "qkv"
-    (GPT-2's fused c_attn, transposed, split into q, k, v).
+    kind: "copy" (same layout), "transpose" (GPT-2's Conv1D stores [in, out]), "qkv"
+    (GPT-2's fused c_attn, transposed, split into q, k, v) or "expert" (one expert's matrix, row
+    `expert` of our stacked (experts, out, in) tensor).
     """
 
     hf: str
     shape: tuple[int, ...]
     ours: tuple[str, ...]
     kind: str = "copy"
+    expert: int = 0
 
 
 def _tensor_map(config: ModelConfig) -> list[_Entry]:
@@ -100,6 +102,9 @@ def _decoder_map(c: ModelConfig) -> list[_Entry]:
             E.append(_Entry(f"{h}.self_attn.{name}_proj.weight", (out_dim, in_dim), (f"{o}.attn.{name}_proj.weight",)))
             if name in biased:
                 E.append(_Entry(f"{h}.self_attn.{name}_proj.bias", (out_dim,), (f"{o}.attn.{name}_proj.bias",)))
+        if c.n_experts:
+            E += _moe_entries(c, h, o)
+            continue
         for name, out_dim, in_dim in (("gate", c.d_ff, c.d_model), ("up", c.d_ff, c.d_model),
                                       ("down", c.d_model, c.d_ff)):
             E.append(_Entry(f"{h}.mlp.{name}_proj.weight", (out_dim, in_dim), (f"{o}.mlp.{name}_proj.weight",)))
@@ -109,6 +114,35 @@ def _decoder_map(c: ModelConfig) -> list[_Entry]:
     if not c.tie_embeddings and not c.num_labels:
         E.append(_Entry("lm_head.weight", (c.vocab_size, c.d_model), ("lm_head.weight",)))
     return E
+
+
+def _moe_entries(c: ModelConfig, h: str, o: str) -> list[_Entry]:
+    """One layer's router and experts (one tensor per expert and matrix on disk, as transformers saves
+    them): mixtral's block_sparse_moe.experts.N.w1/w3/w2, qwen2_moe's mlp.experts.N.gate/up/down_proj
+    and its shared expert with the sigmoid gate."""
+    mixtral = c.hf_model_type == "mixtral"
+    moe = f"{h}.block_sparse_moe" if mixtral else f"{h}.mlp"
+    names = {"gate": "w1", "up": "w3", "down": "w2"} if mixtral else {n: f"{n}_proj" for n in ("gate", "up", "down")}
+    E = [_Entry(f"{moe}.gate.weight", (c.n_experts, c.d_model), (f"{o}.mlp.router.weight",))]
+    shapes = {"gate": (c.d_ff, c.d_model), "up": (c.d_ff, c.d_model), "down": (c.d_model, c.d_ff)}
+    for j in range(c.n_experts):
+        E += [_Entry(f"{moe}.experts.{j}.{hf}.weight", shapes[name], (f"{o}.mlp.{name}_proj",), "expert", j)
+              for name, hf in names.items()]
+    if c.shared_expert_d_ff:
+        f = c.shared_expert_d_ff
+        E += [_Entry(f"{moe}.shared_expert.{n}_proj.weight", shape, (f"{o}.mlp.shared_expert.{n}_proj.weight",))
+              for n, shape in (("gate", (f, c.d_model)), ("up", (f, c.d_model)), ("down", (c.d_model, f)))]
+        if c.shared_expert_gate:
+            E.append(_Entry(f"{moe}.shared_expert_gate.weight", (1, c.d_model), (f"{o}.mlp.shared_expert_gate.weight",)))
+    return E
+
+
+def _stack_experts(tensors: dict[str, torch.Tensor], entries: list[_Entry]) -> None:
+    """Replace the per-expert tensors `_from_hf` read ("name#j") by our stacked (experts, out, in) ones."""
+    stacked = {e.ours[0] for e in entries if e.kind == "expert"}
+    for name in stacked:
+        parts = sorted((k for k in tensors if k.startswith(name + "#")), key=lambda k: int(k.rsplit("#", 1)[1]))
+        tensors[name] = torch.stack([tensors.pop(k) for k in parts])
 
 
 def _score_entries(c: ModelConfig) -> list[_Entry]:
@@ -300,6 +334,7 @@ def load_checkpoint(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]
                     tensors.update(_from_hf(e, f.get_tensor(located[e.hf][1])))
         except Exception as e:  # safetensors raises its own error types
             raise FormatError(f"{file}: cannot read tensors ({e})") from None
+    _stack_experts(tensors, entries)
     if config.tie_embeddings:
         tensors["lm_head.weight"] = tensors["embed.weight"]
     return config, tensors
@@ -310,6 +345,8 @@ def _from_hf(e: _Entry, t: torch.Tensor) -> dict[str, torch.Tensor]:
         return {e.ours[0]: t}
     if e.kind == "transpose":
         return {e.ours[0]: t.t().contiguous()}
+    if e.kind == "expert":
+        return {f"{e.ours[0]}#{e.expert}": t}
     parts = (t.t() if t.dim() == 2 else t).chunk(3, dim=0)  # qkv
     return {name: p.contiguous() for name, p in zip(e.ours, parts, strict=True)}
 
@@ -319,6 +356,8 @@ def _to_hf(e: _Entry, sd: dict[str, torch.Tensor]) -> torch.Tensor:
         return sd[e.ours[0]]
     if e.kind == "transpose":
         return sd[e.ours[0]].t()
+    if e.kind == "expert":
+        return sd[e.ours[0]][e.expert]
     fused = torch.cat([sd[n] for n in e.ours], dim=0)
     return fused.t() if fused.dim() == 2 else fused
 

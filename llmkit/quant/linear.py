@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from llmkit.errors import ConfigError
+from llmkit.moe import MoE
 from llmkit.quant.weights import int8_rows, quantize_int4, quantize_int8
 
 SMALL_BATCH = 16  # rows at or below this use the packed kernel; above, the int8 GEMM
@@ -110,7 +111,7 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int = 32, head_bits: i
     model.fuse_projections()
     for parent in list(model.blocks.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
+            if isinstance(child, nn.Linear) and not isinstance(parent, MoE):  # routers stay exact, as in llama.cpp
                 setattr(parent, name, PackedLinear(child, bits, group_size, int8_prefill))
     if isinstance(model.lm_head, nn.Linear):
         model.lm_head = PackedLinear(model.lm_head, head_bits, group_size, int8_prefill)

@@ -5,7 +5,8 @@ lives there, without a model). `metrics` holds detached scalars the loop logs; `
 of scored tokens) feeds the throughput counters.
 
 - continued pretraining and SFT: `causal_lm_loss` (SFT batches carry IGNORE_INDEX labels on the
-  prompt, the template and the padding; `llmkit.data.chat` builds them), also named `sft_loss`;
+  prompt, the template and the padding; `llmkit.data.chat` builds them), also named `sft_loss`; on a
+  mixture-of-experts model it adds the router losses (`router_losses`) with the config's coefficients;
 - sequence classification: `classification_loss` on `Transformer.classify`;
 - preferences: `reward_objective` (Bradley-Terry on a scalar head), `dpo_objective` (DPO/IPO);
 - RLHF: `ppo_objective` on `response_forward` (the policy's log-probs and its value head);
@@ -23,13 +24,17 @@ from llmkit.losses import (
     cross_entropy,
     distillation_loss,
     entropy,
+    expert_load,
+    load_balancing_loss,
     ppo_policy_loss,
     ppo_value_loss,
     preference_loss,
+    router_z_loss,
     sequence_logps,
     token_logps,
 )
 from llmkit.model import Transformer
+from llmkit.moe import router_logits
 from llmkit.train.distributed import unwrap
 
 __all__ = ["IGNORE_INDEX", "OBJECTIVES", "causal_lm_loss", "classification_loss", "distill_objective",
@@ -58,7 +63,27 @@ def causal_lm_loss(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]
         loss = model(x, attention_mask=mask, labels=y)
     else:
         loss = cross_entropy(model(x, attention_mask=mask) if mask is not None else model(x), y)
-    return loss, {"loss": loss.detach(), "tokens": scored.sum()}
+    metrics = {"tokens": scored.sum()}
+    loss = router_losses(unwrap(model), loss, metrics, mask)
+    return loss, {"loss": loss.detach(), **metrics}
+
+
+def router_losses(model, loss: torch.Tensor, metrics: dict, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`loss` plus the load-balancing and z-losses of the routers of the forward just run, weighted by
+    the config's `router_aux_loss_coef` and `router_z_loss_coef` (unchanged for a dense model or an
+    eval-mode forward). Adds `lm_loss`, `aux_loss`, `z_loss` and each layer's expert loads
+    (`expert_load.<layer>.<expert>`, shares summing to 1 per layer) to `metrics`."""
+    logits = router_logits(model) if isinstance(model, Transformer) else []
+    if not logits:
+        return loss
+    c = model.config
+    aux = load_balancing_loss(logits, c.experts_per_token, mask)
+    z = router_z_loss(logits, mask)
+    metrics.update(lm_loss=loss.detach(), aux_loss=aux.detach(), z_loss=z.detach())
+    for layer, layer_logits in enumerate(logits):
+        for e, share in enumerate(expert_load(layer_logits.detach(), c.experts_per_token, mask)):
+            metrics[f"expert_load.{layer}.{e}"] = share
+    return loss + c.router_aux_loss_coef * aux + c.router_z_loss_coef * z
 
 
 # SFT is the causal-LM loss on masked labels: the mask lives in the data, not in the loss.

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from llmkit.analysis.plots import expert_load_band, plot_expert_load
 from llmkit.config import PRESETS, ModelConfig
 from llmkit.data.shards import META, ShardLoader, read_meta
 from llmkit.errors import ConfigError, DataError
@@ -120,8 +121,17 @@ def run(config: PretrainConfig) -> TrainResult:
     report = {"command": "pretrain", "config": dataclasses.asdict(config), **run_summary(result),
               "parameters": model.num_parameters(), "tokens_seen": next(
                   (r["tokens_seen"] for r in reversed(result.history) if "tokens_seen" in r), 0)}
+    sections, plots = [f"- data: `{config.data}`, context {config.context}, {report['parameters']:,} parameters, "
+                       f"{report['tokens_seen']:,} tokens seen, seed {config.seed}"], {}
+    if world.is_main and model.config.n_experts:
+        report["expert_load"] = expert_load_band(result.history)
+        plots["expert utilisation"] = plot_expert_load(result.history, Path(config.out_dir) / "expert_load.png",
+                                                       config.model).name
+        band = report["expert_load"]
+        sections.append(f"- experts: {model.config.n_experts}, {model.config.experts_per_token} per token; over the "
+                        f"last {band['steps_averaged']} steps each expert got {band['min_load']:.2f}-"
+                        f"{band['max_load']:.2f} x its even share of tokens (in one step, per layer: the idlest "
+                        f"{band['step_min_load']:.2f} x, the busiest {band['step_max_load']:.2f} x)")
     if world.is_main:
-        write_report(config.out_dir, f"Pretraining `{config.model}`", report, [
-            f"- data: `{config.data}`, context {config.context}, {report['parameters']:,} parameters, "
-            f"{report['tokens_seen']:,} tokens seen, seed {config.seed}"])
+        write_report(config.out_dir, f"Pretraining `{config.model}`", report, sections, plots)
     return dataclasses.replace(result, report=report)
