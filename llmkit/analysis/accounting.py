@@ -70,9 +70,9 @@ def model_summary(path_or_preset: str | ModelConfig, seq_len: int | None = None)
         # 16-bit weights and KV cache (int8/int4: quantized weights, a bf16 cache) for one seq_len sequence
         "inference_memory_bytes": {k: int(params * b + kv_per_token * seq_len * (4 if k == "fp32" else 2))
                                    for k, b in BYTES_PER_PARAM.items()},
-        # full fine-tuning with AdamW, one sequence of seq_len (`training_memory`)
-        "training_memory_bytes": {p: training_memory(config, "full", 1, seq_len, p, parameters=params)["total_bytes"]
-                                  for p in ("bf16", "fp32")},
+        # full fine-tuning with AdamW, one sequence of seq_len (`training_memory`; dense models only)
+        "training_memory_bytes": None if config.n_experts else {
+            p: training_memory(config, "full", 1, seq_len, p, parameters=params)["total_bytes"] for p in ("bf16", "fp32")},
         # every layer's key and value of one token (a sliding layer stops growing at its window)
         "kv_cache_bytes_per_token": {"float32": kv_per_token * 4, "bfloat16": kv_per_token * 2},
         # one sequence of seq_len tokens; sliding-window layers hold their window only (a ring buffer)
@@ -110,7 +110,8 @@ def render_summary(s: dict[str, Any]) -> str:
              f"inference memory (weights + KV cache of one {s['seq_len']}-token sequence): "
              + ", ".join(f"{k} {human(v, 'B')}" for k, v in s["inference_memory_bytes"].items()),
              f"full fine-tuning memory (AdamW, batch 1 x {s['seq_len']}): "
-             + ", ".join(f"{k} {human(v, 'B')}" for k, v in s["training_memory_bytes"].items()),
+             + (", ".join(f"{k} {human(v, 'B')}" for k, v in s["training_memory_bytes"].items())
+                if s["training_memory_bytes"] else "not estimated for mixture-of-experts layers"),
              "KV cache per token: " + ", ".join(f"{k} {human(v, 'B')}" for k, v in s["kv_cache_bytes_per_token"].items()),
              f"KV cache of one {s['seq_len']}-token sequence: "
              + ", ".join(f"{k} {human(v, 'B')}" for k, v in s["kv_cache_bytes"].items())]
