@@ -101,6 +101,29 @@ def train_tokenizer(data: Annotated[str, arg("a folder written by `llmkit data p
     print(f"{tok} -> {out}")
 
 
+# ---- embeddings ------------------------------------------------------------------------------
+
+
+def embed(input: Annotated[str, arg("a text file, one text per line ('-': standard input)")] = "-",
+          model: Annotated[str, arg("an encoder: an HF folder or a registry name")] = "all-minilm-l6-v2",
+          batch_size: Annotated[int, arg("texts per forward pass")] = 32) -> None:
+    """Print one JSON line per text: the text and its sentence embedding."""
+    import sys
+
+    from llmkit.embeddings import load_embedder
+
+    if input == "-":
+        lines = sys.stdin.read().splitlines()
+    elif Path(input).is_file():
+        lines = Path(input).read_text(encoding="utf-8").splitlines()
+    else:
+        raise ConfigError(f"--input {input}: no such file; expected a text file with one text per line, or '-'")
+    texts = [line for line in lines if line.strip()]
+    vectors = load_embedder(model)(texts, batch_size) if texts else []
+    for text, vector in zip(texts, vectors, strict=True):
+        print(json_.dumps({"text": text, "embedding": vector.tolist()}))
+
+
 # ---- generate, chat, next --------------------------------------------------------------------
 
 
