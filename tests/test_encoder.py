@@ -1,0 +1,142 @@
+"""BERT-style encoders as config fields of the one model: parity with transformers' BertForMaskedLM and
+BertForSequenceClassification in fp32, both directions (their folders read by llmkit, ours read by
+transformers), on tiny random models whose norms and biases are moved off their initial values and
+whose batches are padded and carry token types; and the encoder's clear errors."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from llmkit import ConfigError, FormatError, ModelConfig, Transformer
+from llmkit.formats import hf
+from llmkit.generate import generate_tensor
+
+VOCAB = 97
+
+
+def _bert_config(**changes) -> transformers.BertConfig:
+    return transformers.BertConfig(**{**dict(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=40, type_vocab_size=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        layer_norm_eps=1e-12), **changes})
+
+
+def _random(cls, config, seed: int = 0):
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm.weight" in name:
+                p.uniform_(0.5, 1.5)  # perturbed norms: a swapped or missing LayerNorm cannot hide
+            else:
+                p.normal_(0.0, 0.1)
+    return model
+
+
+def _batch(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (3, 12), generator=g)
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, 8:] = 0  # right padding, as BERT batches are padded
+    mask[2, 5:] = 0
+    types = torch.randint(0, 2, (3, 12), generator=g)
+    return ids, mask, types
+
+
+# fp32 with the same math in another order: measured max |diff| 6e-7 (MLM logits), 6e-8 (class logits).
+TOL = dict(atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cls", [transformers.BertForMaskedLM, transformers.BertForSequenceClassification])
+def test_parity_both_directions(cls, tmp_path):
+    config = _bert_config(num_labels=3) if cls is transformers.BertForSequenceClassification else _bert_config()
+    reference = _random(cls, config)
+    reference.save_pretrained(tmp_path / "hf")
+    ours = Transformer.from_pretrained(tmp_path / "hf")
+    assert not ours.config.causal and ours.config.hf_model_type == "bert"
+    ids, mask, types = _batch()
+    real = mask.bool()
+
+    def run(model):
+        return model.classify(ids, mask, types) if model.score is not None else model(ids, mask,
+                                                                                       token_type_ids=types)
+
+    with torch.no_grad():
+        want = reference(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        got = run(ours)
+    if want.dim() == 3:  # padded positions are not compared: transformers computes them, nobody reads them
+        want, got = want[real], got[real]
+    torch.testing.assert_close(got, want, **TOL)
+
+    ours.save_pretrained(tmp_path / "ours")
+    saved = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert saved["architectures"] == [cls.__name__]
+    back = cls.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        again = back(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+    torch.testing.assert_close(again[real] if again.dim() == 3 else again, got, **TOL)
+
+
+def test_encoder_is_bidirectional_and_padding_free():
+    """A later token changes an earlier token's output (not causal); each row equals itself unpadded."""
+    model = Transformer.from_state_dict(*_ours_from(transformers.BertForMaskedLM))
+    ids, mask, types = _batch()
+    with torch.no_grad():
+        full = model(ids, mask, token_type_ids=types)
+        changed = ids.clone()
+        changed[0, -1] = (changed[0, -1] + 1) % VOCAB
+        assert (model(changed, mask, token_type_ids=types)[0, 0] - full[0, 0]).abs().max() > 1e-3
+        row = model(ids[2:, :5], token_type_ids=types[2:, :5])[0]
+    torch.testing.assert_close(full[2, :5], row, **TOL)
+
+
+def _ours_from(cls):
+    """(config, tensors) of a random transformers model, read through its saved folder."""
+    folder = Path(tempfile.mkdtemp())
+    _random(cls, _bert_config()).save_pretrained(folder)
+    return hf.load_checkpoint(folder)
+
+
+def test_bert_model_folder_without_prefix_reads(tmp_path):
+    """sentence-transformers' BertModel folders store names without `bert.`; the pooler comes along."""
+    reference = _random(transformers.BertModel, _bert_config())
+    reference.save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(tmp_path)
+    assert ours.config.pooler and not ours.config.mlm_head
+    ids, mask, types = _batch()
+    with torch.no_grad():
+        want = reference(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        got = ours.hidden_states(ids, mask, token_type_ids=types)
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], **TOL)
+
+
+def test_an_encoder_cannot_generate():
+    model = Transformer.from_state_dict(*_ours_from(transformers.BertForMaskedLM))
+    with pytest.raises(ConfigError, match="encoder.*cannot generate"):
+        generate_tensor(model, torch.tensor([[1, 2, 3]]), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(position_embedding_type="relative_key"), "position_embedding_type"),
+    (dict(is_decoder=True), "is_decoder"),
+    (dict(architectures=["BertForPreTraining"]), "BertForPreTraining"),
+])
+def test_unsupported_bert_configs_are_refused_by_name(changes, message, tmp_path):
+    _random(transformers.BertForMaskedLM, _bert_config()).save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    with pytest.raises(FormatError, match=message):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_encoder_config_errors():
+    with pytest.raises(ConfigError, match="pooling"):
+        ModelConfig(pooling="max")
+    with pytest.raises(ConfigError, match="sliding_window"):
+        ModelConfig(causal=False, sliding_window=8)
