@@ -450,6 +450,10 @@ _GPT2 = dict(pos_embedding="learned", norm="layernorm", activation="gelu_tanh", 
              bias=True, tie_embeddings=True, vocab_size=50257, max_seq_len=1024,
              bos_token_id=50256, eos_token_id=50256)
 _LLAMA = dict(pos_embedding="rope", norm="rmsnorm", activation="silu", gated_mlp=True, bias=False)
+# BERT: learned positions + token types, post-norm GELU blocks with biases, the MLM head, bidirectional.
+_BERT = dict(pos_embedding="learned", norm="layernorm", norm_eps=1e-12, activation="gelu", gated_mlp=False, bias=True,
+             tie_embeddings=True, causal=False, post_norm=True, embed_norm=True, type_vocab_size=2, mlm_head=True,
+             pooling="cls")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "gpt2": dict(_GPT2, n_layer=12, n_head=12, d_model=768),
@@ -480,6 +484,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                       d_ff=512, max_seq_len=512, tie_embeddings=True),
     "llama-8m": dict(_LLAMA, vocab_size=8192, n_layer=8, n_head=8, n_kv_head=4, d_model=256,
                       d_ff=704, max_seq_len=512, tie_embeddings=True),
+    # A small encoder for MLM pretraining on CPU (about 2M parameters at an 8,192-token vocabulary).
+    "bert-2m": dict(_BERT, vocab_size=8192, n_layer=4, n_head=4, d_model=128, d_ff=512, max_seq_len=512),
     "llama-16m": dict(_LLAMA, vocab_size=8192, n_layer=8, n_head=8, n_kv_head=4, d_model=384,
                       d_ff=1024, max_seq_len=1024, tie_embeddings=True),
 }
