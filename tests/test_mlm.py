@@ -180,3 +180,11 @@ def test_next_token_objectives_refuse_an_encoder():
         check_objective(ModelConfig.from_preset("bert-2m"), "sft")
     check_objective(ModelConfig.from_preset("bert-2m"), "mlm")
     check_objective(ModelConfig.from_preset("llama-tiny"), "pretrain")
+
+
+def test_the_mlm_recipe_parses():
+    from llmkit.options import build_config
+
+    config = build_config(PretrainConfig, Path(__file__).parents[1] / "recipes" / "mlm.yaml")
+    assert (config.model, config.objective, config.mask_prob, config.max_minutes) == ("bert-2m", "mlm", 0.15, 10)
+    check_objective(ModelConfig.from_preset(config.model), config.objective)
