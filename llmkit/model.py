@@ -621,6 +621,8 @@ class Transformer(nn.Module):
             total -= self.embed.weight.numel()
             if self.pos_embed is not None:
                 total -= self.pos_embed.weight.numel()
+            if self.type_embed is not None:
+                total -= self.type_embed.weight.numel()
         return total
 
     def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> int:

@@ -198,3 +198,17 @@ def test_finetune_sft_refuses_an_encoder(tmp_path):
     with pytest.raises(ConfigError, match="is an encoder"):
         finetune.run(FinetuneConfig(model=str(tmp_path / "mlm"), data=str(tmp_path / "sft.jsonl"), task="sft",
                                     method="full", out_dir=str(tmp_path / "run"), progress=False))
+
+
+def test_scoring_and_accounting_know_an_encoder():
+    """Perplexity would let an encoder read the token it predicts: refused; `llmkit info` counts no KV cache."""
+    from llmkit.analysis.accounting import model_summary
+    from llmkit.eval.perplexity import perplexity
+    from llmkit.tokenizer import Tokenizer
+
+    config = ModelConfig.from_preset("bert-2m", vocab_size=300)
+    with pytest.raises(ConfigError, match="encoder.*causal LM"):
+        perplexity(Transformer(config), Tokenizer.train_chars(["some text"]), "some text")
+    summary = model_summary(config)
+    assert set(summary["kv_cache_bytes"].values()) == {0}
+    assert summary["non_embedding_parameters"] == summary["parameters"] - (300 + 512 + 2) * 128

@@ -54,9 +54,10 @@ def model_summary(path_or_preset: str | ModelConfig, seq_len: int | None = None)
         "seq_len": seq_len,
         "flops_per_token_forward": model.flops_per_token(seq_len, training=False),
         "flops_per_token_training": model.flops_per_token(seq_len, training=True),
-        # one sequence of seq_len tokens; sliding-window layers hold their window only (a ring buffer)
+        # one sequence of seq_len tokens; sliding-window layers hold their window only (a ring buffer);
+        # an encoder keeps no cache (it reads each sequence whole)
         "kv_cache_bytes": {str(dtype).removeprefix("torch."): KVCache(config, 1, seq_len, "meta", dtype).nbytes
-                           for dtype in (torch.float32, torch.bfloat16)},
+                           if config.causal else 0 for dtype in (torch.float32, torch.bfloat16)},
     }
 
 
