@@ -451,7 +451,8 @@ class Transformer(nn.Module):
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                labels: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+                labels: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
+                scored_logits: bool = False) -> torch.Tensor:
         """Logits of shape (batch, seq, vocab) for `input_ids` of shape (batch, seq), or, given `labels`,
         the mean next-token cross-entropy.
 
@@ -466,21 +467,29 @@ class Transformer(nn.Module):
             `forward` keeps DDP, FSDP2 and torch.compile wrappers in the path. An encoder's (MLM)
             labels are the original tokens at the masked positions, unshifted.
         token_type_ids: segment ids (batch, seq) of a model with `type_vocab_size`; zeros by default.
+        scored_logits: with `labels`, return the logits (n_scored, vocab) of the scored positions instead of
+            the loss (MLM scores 15 % of the positions: the head runs on those only).
         """
         if self.lm_head is None:
             raise ConfigError(f"this model is a classifier (num_labels={self.config.num_labels}) without "
                               "an LM head; call model.classify(input_ids, attention_mask)")
         hidden = self.hidden_states(input_ids, attention_mask, positions, kv_cache, token_type_ids)
-        if self.mlm_dense is not None:
-            hidden = self.mlm_norm(_ACTIVATIONS[self.config.activation](self.mlm_dense(hidden)))
         if labels is None:
-            return self.lm_head(hidden)
-        if type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
+            return self.lm_head(self._mlm_transform(hidden))
+        if type(self.lm_head) is nn.Linear and self.lm_head.bias is None and not scored_logits:
             return linear_cross_entropy(hidden, self.lm_head.weight, labels)
-        # A rewritten head (LoRA, quantized) computes its own logits, for the scored positions only.
+        # A rewritten head (LoRA, quantized) or an MLM head computes its own logits, for the scored positions only.
         scored = labels != IGNORE_INDEX
-        logits = self.lm_head(hidden[scored])
+        logits = self.lm_head(self._mlm_transform(hidden[scored]))
+        if scored_logits:
+            return logits
         return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels[scored])
+
+    def _mlm_transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        """BertForMaskedLM's transform before the decoder: LayerNorm(act(dense(h))); nothing without an MLM head."""
+        if self.mlm_dense is None:
+            return hidden
+        return self.mlm_norm(_ACTIVATIONS[self.config.activation](self.mlm_dense(hidden)))
 
     def classify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  token_type_ids: torch.Tensor | None = None) -> torch.Tensor:

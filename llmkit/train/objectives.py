@@ -73,10 +73,12 @@ def mlm_loss(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Masked-language-model cross-entropy of an encoder on `{"input_ids", "labels"}` (the original token
     at the chosen positions, IGNORE_INDEX elsewhere; `llmkit.data.masking`); metrics add the
     masked-token accuracy."""
-    logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
-    loss, accuracy = masked_lm_loss(logits, batch["labels"])
-    return loss, {"loss": loss.detach(), "accuracy": accuracy.detach(),
-                  "tokens": (batch["labels"] != IGNORE_INDEX).sum()}
+    labels = batch["labels"]
+    chosen = labels[labels != IGNORE_INDEX]
+    # The head runs at the chosen positions only: logits (n_chosen, vocab), in the order of `chosen`.
+    logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels, scored_logits=True)
+    loss, accuracy = masked_lm_loss(logits, chosen)
+    return loss, {"loss": loss.detach(), "accuracy": accuracy.detach(), "tokens": chosen.new_tensor(len(chosen))}
 
 
 def check_objective(config, objective: str) -> None:
