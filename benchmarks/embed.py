@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    load = os.getloadavg()  # other work on the machine slows both sides alike (they run in turns)
     texts = [r.text for r in movie_reviews("rotten_tomatoes")[:args.texts]]
     ours = load_embedder("all-minilm-l6-v2")
     reference = SentenceTransformer(str(resolve("all-minilm-l6-v2")), device="cpu")
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
                                                                  .abs().max()),
         "command": " ".join(["python benchmarks/embed.py", *(sys.argv[1:] if argv is None else argv)]),
         "commit": commit, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
+        "machine": machine(), "load_average_at_start": load,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
