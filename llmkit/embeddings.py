@@ -57,13 +57,17 @@ class Embedder:
         too_long = [len(r) for r in rows if len(r) > self.max_length]
         if too_long:
             raise ConfigError(f"an input of {too_long[0]} tokens is longer than this embedder's {self.max_length}")
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))  # similar lengths batch with little padding
         out = []
         for start in range(0, len(rows), batch_size):
-            ids, mask = pad_batch(rows[start:start + batch_size], self.tokenizer.pad_id or 0)
+            ids, mask = pad_batch([rows[i] for i in order[start:start + batch_size]], self.tokenizer.pad_id or 0)
             hidden = self.model.hidden_states(ids.to(self.model.device), mask.to(self.model.device))
             vectors = pool(hidden.float(), mask.to(hidden.device), self.pooling)
             out.append(F.normalize(vectors, dim=-1) if self.normalize else vectors)
-        return torch.cat(out).cpu() if out else torch.zeros(0, self.dim)
+        if not out:
+            return torch.zeros(0, self.dim)
+        vectors = torch.cat(out).cpu()
+        return vectors[torch.argsort(torch.tensor(order))]  # back in the order given
 
 
 def load_embedder(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | None = None) -> Embedder:
