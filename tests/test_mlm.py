@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llmkit import ModelConfig, commands
 from llmkit.data.collate import IGNORE_INDEX
@@ -65,6 +66,26 @@ def test_loss_reads_only_the_chosen_positions():
     assert torch.equal(touched, labels != IGNORE_INDEX)
     with pytest.raises(ConfigError, match="no chosen position"):
         masked_lm_loss(logits, torch.full((2, 7), IGNORE_INDEX))
+
+
+def test_mlm_objective_accuracies_by_hand():
+    """Accuracy over all chosen positions and over those showing [MASK], from logits the test writes."""
+    labels = torch.full((1, 6), IGNORE_INDEX)
+    labels[0, [0, 2, 3, 5]] = torch.tensor([7, 8, 9, 7])
+    inputs = torch.tensor([[MASK, 20, MASK, 9, 21, MASK]])  # position 3 shows its own token
+    logits = torch.zeros(4, 30)
+    logits[[0, 1, 2, 3], [7, 1, 9, 2]] = 1.0  # right, wrong, right (unchanged), wrong
+
+    def model(input_ids, attention_mask=None, labels=None, scored_logits=False):
+        assert scored_logits and torch.equal(input_ids, inputs)
+        return logits
+
+    from llmkit.train.objectives import mlm_loss
+
+    loss, metrics = mlm_loss(model, {"input_ids": inputs, "labels": labels, "at_mask": inputs == MASK})
+    assert metrics["accuracy"].item() == 0.5 and metrics["mask_accuracy"].item() == pytest.approx(1 / 3)
+    assert metrics["tokens"].item() == 4
+    torch.testing.assert_close(loss, F.cross_entropy(logits, torch.tensor([7, 8, 9, 7])))
 
 
 class _Windows:
@@ -137,6 +158,7 @@ def test_pretrain_mlm_reports_accuracy_perplexity_and_baseline(corpus, tmp_path)
     mlm = result.report["mlm"]
     last = result.report["last_eval"]
     assert mlm["masked_accuracy"] == last["val_accuracy"] and 0 <= mlm["masked_accuracy"] <= 1
+    assert mlm["accuracy_at_mask"] == last["val_mask_accuracy"] and 0 <= mlm["accuracy_at_mask"] <= 1
     assert mlm["mlm_perplexity"] == pytest.approx(math.exp(last["val_loss"]))
     assert last["val_loss"] < math.log(Tokenizer.from_pretrained(corpus / "tokenizer").vocab_size)  # it learned
     # The baseline by hand: the most frequent ordinary token of the training shards ...

@@ -39,7 +39,8 @@ def mask_tokens(ids: torch.Tensor, mask_id: int, vocab_size: int, special_ids: S
 
 
 class MaskedBatches:
-    """MLM batches `{"input_ids", "labels"}` from a loader of `(x, y)` token windows (x is used).
+    """MLM batches `{"input_ids", "labels", "at_mask"}` from a loader of `(x, y)` token windows (x is used);
+    `at_mask` marks the positions that show [MASK] (where only the context can tell the token).
 
     Batch n's masks come from a generator seeded with (seed, n), so a resumed run masks exactly as
     the uninterrupted one; `state_dict` carries the wrapped loader's position and n."""
@@ -54,7 +55,7 @@ class MaskedBatches:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.count)
         self.count += 1
         inputs, labels = mask_tokens(x, self.mask_id, self.vocab_size, self.special_ids, generator, self.mask_prob)
-        return {"input_ids": inputs, "labels": labels}
+        return {"input_ids": inputs, "labels": labels, "at_mask": inputs == self.mask_id}
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         return self.mask(self.loader.next_batch()[0])

@@ -72,13 +72,18 @@ sft_loss = causal_lm_loss
 def mlm_loss(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Masked-language-model cross-entropy of an encoder on `{"input_ids", "labels"}` (the original token
     at the chosen positions, IGNORE_INDEX elsewhere; `llmkit.data.masking`); metrics add the
-    masked-token accuracy."""
+    masked-token accuracy over the chosen positions and, given `at_mask`, over those showing [MASK]."""
     labels = batch["labels"]
     chosen = labels[labels != IGNORE_INDEX]
     # The head runs at the chosen positions only: logits (n_chosen, vocab), in the order of `chosen`.
     logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels, scored_logits=True)
     loss, accuracy = masked_lm_loss(logits, chosen)
-    return loss, {"loss": loss.detach(), "accuracy": accuracy.detach(), "tokens": chosen.new_tensor(len(chosen))}
+    metrics = {"loss": loss.detach(), "accuracy": accuracy.detach(), "tokens": chosen.new_tensor(len(chosen))}
+    if "at_mask" in batch:  # the positions showing [MASK]: only the context tells the token there
+        at_mask = batch["at_mask"][labels != IGNORE_INDEX]
+        right = logits.detach().argmax(-1) == chosen
+        metrics["mask_accuracy"] = right[at_mask].float().mean() if bool(at_mask.any()) else accuracy.detach()
+    return loss, metrics
 
 
 def check_objective(config, objective: str) -> None:
