@@ -432,8 +432,13 @@ class _NonEmpty:
 
 
 def _read_backend(path: Path) -> Backend:
+    """The tokenizer.json without the fixed padding and truncation some carry (BERT's pad every text to
+    128 ids): as with transformers, a caller pads and truncates when it asks to."""
     try:
-        return Backend.from_file(str(path))
+        backend = Backend.from_file(str(path))
+        backend.no_padding()
+        backend.no_truncation()
+        return backend
     except Exception as e:
         raise FormatError(f"tokenizer file {path} could not be parsed ({str(e)[:200]}); expected a HF tokenizers JSON "
                           "(tokenizer.json written by tokenizers or transformers)") from None

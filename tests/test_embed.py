@@ -53,6 +53,18 @@ def test_embeddings_equal_sentence_transformers(sentences, reference):
     torch.testing.assert_close(ours.norm(dim=-1), torch.ones(100))  # modules.json asks for Normalize
 
 
+def test_the_bert_tokenizer_reads_without_its_fixed_padding(sentences):
+    """MiniLM's tokenizer.json pads every text to 128 ids; llmkit's tokenizer encodes as transformers' does."""
+    from transformers import AutoTokenizer
+
+    from llmkit.tokenizer import Tokenizer
+
+    ours = Tokenizer.from_pretrained(resolve(NAME))
+    theirs = AutoTokenizer.from_pretrained(str(resolve(NAME)))
+    for text in sentences[:5]:
+        assert ours.encode(text, add_special_tokens=True) == theirs(text)["input_ids"]
+
+
 def test_batching_and_padding_do_not_change_a_vector(sentences):
     embedder = load_embedder(NAME)
     alone = torch.cat([embedder([s]) for s in sentences[:6]])
