@@ -17,6 +17,7 @@ _EXPORTS = {
     "ConfigError": "llmkit.errors", "DataError": "llmkit.errors", "FormatError": "llmkit.errors",
     "LlmkitError": "llmkit.errors",
     "generate": "llmkit.generate", "generate_tensor": "llmkit.generate", "stream": "llmkit.generate",
+    "embed": "llmkit.embeddings",
     "KVCache": "llmkit.model", "Transformer": "llmkit.model", "load": "llmkit.model",
     "Tokenizer": "llmkit.tokenizer",
 }

@@ -101,6 +101,8 @@ VERBS: dict[str, Verb | dict[str, Verb]] = {
                      "continue a prompt (streams the text; --json for tokens, logprobs, finish reason)"),
     "chat": Verb("commands:chat",
                  "chat in the terminal with the model's chat template (streaming; /reset, /system, /history)"),
+    "embed": Verb("commands:embed", "sentence embeddings of texts from an encoder (all-MiniLM-L6-v2 by default), "
+                                    "one JSON line each"),
     "next": Verb("commands:next_tokens", "the k most likely next tokens after a text, with probabilities"),
     "export": Verb("commands:export", "write a model as GGUF for llama.cpp (F32/F16/BF16, Q8_0, Q4_0, Q4_1, "
                                       "K-quants) or as an HF checkpoint folder"),

@@ -30,7 +30,7 @@ from llmkit.options import arg, arg_of
 from llmkit.peft.lora import merge_adapter
 from llmkit.serve.config import ServeConfig
 from llmkit.serve.schema import token_string
-from llmkit.tokenizer import Tokenizer
+from llmkit.tokenizer import ENCODER_SPECIALS, Tokenizer
 from llmkit.train.memory import rss_mb
 
 Model = Annotated[str, arg("an HF checkpoint folder, a .gguf file, a preset or a model name (smollm2-135m-instruct)")]
@@ -103,15 +103,45 @@ def train_tokenizer(data: Annotated[str, arg("a folder written by `llmkit data p
                     out: Annotated[str, arg("output folder (tokenizer.json, tokenizer_config.json)")],
                     chars: Annotated[bool, arg("character level instead of BPE (--vocab-size is ignored)")] = False,
                     chat_template: Annotated[str, arg("chatml, llama2, alpaca, vicuna, or a Jinja string")]
-                    = "chatml") -> None:
+                    = "chatml",
+                    encoder: Annotated[bool, arg("for an encoder (MLM): BERT's special tokens [PAD] [UNK] [CLS] [SEP] "
+                                                 "[MASK], documents ending in [SEP], texts framed [CLS] ... [SEP], "
+                                                 "no chat template")] = False) -> None:
     """Train a byte-level BPE (or char-level) tokenizer on a prepared corpus."""
     texts = [d.text for d in prep.read_documents(Path(data) / "train.jsonl")]
+    kinds = dict(special_tokens=ENCODER_SPECIALS, bos_token="[CLS]", eos_token="[SEP]", pad_token="[PAD]",
+                 chat_template=None) if encoder else dict(chat_template=chat_template)
     if chars:
-        tok = Tokenizer.train_chars(texts, chat_template=chat_template)
+        tok = Tokenizer.train_chars(texts, **kinds)
     else:
-        tok = Tokenizer.train(texts, vocab_size, chat_template=chat_template, show_progress=True)
+        tok = Tokenizer.train(texts, vocab_size, show_progress=True, **kinds)
+    if encoder:
+        tok.frame_as_encoder()
     tok.save_pretrained(out)
     print(f"{tok} -> {out}")
+
+
+# ---- embeddings ------------------------------------------------------------------------------
+
+
+def embed(input: Annotated[str, arg("a text file, one text per line ('-': standard input)")] = "-",
+          model: Annotated[str, arg("an encoder: an HF folder or a registry name")] = "all-minilm-l6-v2",
+          batch_size: Annotated[int, arg("texts per forward pass")] = 32) -> None:
+    """Print one JSON line per text: the text and its sentence embedding."""
+    import sys
+
+    from llmkit.embeddings import load_embedder
+
+    if input == "-":
+        lines = sys.stdin.read().splitlines()
+    elif Path(input).is_file():
+        lines = Path(input).read_text(encoding="utf-8").splitlines()
+    else:
+        raise ConfigError(f"--input {input}: no such file; expected a text file with one text per line, or '-'")
+    texts = [line for line in lines if line.strip()]
+    vectors = load_embedder(model)(texts, batch_size) if texts else []
+    for text, vector in zip(texts, vectors, strict=True):
+        print(json_.dumps({"text": text, "embedding": vector.tolist()}))
 
 
 # ---- generate, chat, next --------------------------------------------------------------------

@@ -22,6 +22,7 @@ POS_EMBEDDINGS = ("rope", "learned")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+POOLINGS = ("last", "cls", "mean")
 
 # transformers' names for our activations, both directions.
 _HF_ACT = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
@@ -73,6 +74,14 @@ class ModelConfig:
     # 0: a language model. N > 0: a sequence classifier (N classes) or reward model (N = 1): a `score`
     # head maps the last real token's hidden state to N logits, as transformers' *ForSequenceClassification.
     num_labels: int = 0
+    # Encoders (BERT): bidirectional attention, BERT's embeddings and blocks, the MLM head and pooling.
+    causal: bool = True  # False: every token attends to every real token of its row (an encoder; cannot generate)
+    post_norm: bool = False  # x = norm(x + sublayer(x)) (BERT) instead of x + sublayer(norm(x)); no final norm
+    type_vocab_size: int = 0  # > 0: token-type (segment) embeddings added to the token embeddings (BERT: 2)
+    embed_norm: bool = False  # a norm over the summed embeddings, before the first block (BERT)
+    mlm_head: bool = False  # the LM head reads norm(act(dense(h))) and has a bias (BertForMaskedLM's head)
+    pooling: str = "last"  # the token a classifier reads: "last" real token (decoders), "cls" (first), "mean"
+    pooler: bool = False  # the classifier reads tanh(dense(pooled)) and its `score` has a bias (BERT's pooler)
     name: str = field(default="custom", compare=False)
     # Mixture of experts (llmkit/moe.py): n_experts > 0 replaces every block's MLP by a router and
     # n_experts MLPs of width d_ff, of which each token runs `experts_per_token` (Mixtral, Qwen2-MoE, OLMoE).
@@ -136,6 +145,7 @@ class ModelConfig:
         if not isinstance(self.num_labels, int) or isinstance(self.num_labels, bool) or self.num_labels < 0:
             raise ConfigError(f"num_labels must be an integer >= 0 (0: a language model), got {self.num_labels!r}")
         self._validate_moe()
+        self._validate_encoder()
 
     def _validate_moe(self) -> None:
         for name in ("n_experts", "experts_per_token", "shared_expert_d_ff"):
@@ -157,6 +167,18 @@ class ModelConfig:
             raise ConfigError("n_experts > 0 needs gated_mlp=True (the experts are SwiGLU MLPs, as in Mixtral)")
         if self.bias:
             raise ConfigError("n_experts > 0 with bias=True is not supported (the experts and router have no biases)")
+
+    def _validate_encoder(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"pooling={self.pooling!r}; expected one of {POOLINGS}")
+        if not isinstance(self.type_vocab_size, int) or isinstance(self.type_vocab_size, bool) or self.type_vocab_size < 0:
+            raise ConfigError(f"type_vocab_size must be an integer >= 0 (0: no token types), got {self.type_vocab_size!r}")
+        if not self.causal and self.sliding_window is not None:
+            raise ConfigError("causal=False (an encoder) with sliding_window: llmkit's encoders attend to the whole "
+                              "sequence; set sliding_window=None")
+        if self.post_norm and self.sandwich_norm:
+            raise ConfigError("post_norm and sandwich_norm both set; a block is either post-norm (BERT) or "
+                              "pre-norm with sandwich norms (Gemma)")
 
     def layer_type(self, layer: int) -> str:
         """ "full_attention" or "sliding_attention" for block `layer`."""
@@ -209,8 +231,10 @@ class ModelConfig:
         model_type = self.hf_model_type
         hf = {"gpt2": self._to_hf_gpt2, "llama": self._to_hf_llama, "qwen2": self._to_hf_qwen2,
               "gemma3_text": self._to_hf_gemma3, "mixtral": self._to_hf_mixtral,
-              "qwen2_moe": self._to_hf_qwen2_moe}[model_type]()
+              "qwen2_moe": self._to_hf_qwen2_moe, "bert": self._to_hf_bert}[model_type]()
         causal, classifier = HF_FAMILIES[model_type]
+        if model_type == "bert" and not self.mlm_head:
+            causal = "BertModel"  # the bare encoder (sentence-transformers' checkpoints)
         hf = {"architectures": [classifier if self.num_labels else causal], "model_type": model_type, **hf,
               "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id}
         if self.num_labels:
@@ -283,6 +307,17 @@ class ModelConfig:
                 "decoder_sparse_step": 1, "mlp_only_layers": [], "qkv_bias": self.qkv_bias,
                 "use_sliding_window": False, "sliding_window": None, "max_window_layers": self.n_layer}
 
+    def _to_hf_bert(self) -> dict[str, Any]:
+        return {
+            "vocab_size": self.vocab_size, "hidden_size": self.d_model, "num_hidden_layers": self.n_layer,
+            "num_attention_heads": self.n_head, "intermediate_size": self.d_ff,
+            "hidden_act": _HF_ACT[self.activation], "hidden_dropout_prob": self.dropout,
+            "attention_probs_dropout_prob": self.dropout, "max_position_embeddings": self.max_seq_len,
+            "type_vocab_size": self.type_vocab_size, "initializer_range": self.init_std,
+            "layer_norm_eps": self.norm_eps, "position_embedding_type": "absolute", "is_decoder": False,
+            "tie_word_embeddings": True,
+        }
+
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Build from the contents of a transformers `config.json` (gpt2, llama, qwen2 or gemma3_text)."""
@@ -293,7 +328,7 @@ class ModelConfig:
             num_labels = len(hf.get("id2label") or {}) or int(hf.get("num_labels", 2))
         readers = {"gpt2": cls._from_hf_gpt2, "llama": cls._from_hf_llama, "mistral": cls._from_hf_llama,
                    "qwen2": cls._from_hf_qwen2, "gemma3_text": cls._from_hf_gemma3, "mixtral": cls._from_hf_mixtral,
-                   "qwen2_moe": cls._from_hf_qwen2_moe}
+                   "qwen2_moe": cls._from_hf_qwen2_moe, "bert": cls._from_hf_bert}
         if model_type == "gemma3":
             raise ConfigError(f"{source}: model_type 'gemma3' is the multimodal Gemma3ForConditionalGeneration; "
                               "llmkit reads text-only Gemma-3 checkpoints (model_type 'gemma3_text')")
@@ -323,6 +358,31 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
             pad_token_id=hf.get("pad_token_id"),
         )
+
+    @classmethod
+    def _from_hf_bert(cls, hf: dict[str, Any], source: str) -> ModelConfig:
+        """BertModel, BertForMaskedLM or BertForSequenceClassification (the architecture picks the heads)."""
+        architecture = (hf.get("architectures") or ["BertModel"])[0]
+        if architecture not in ("BertModel", "BertForMaskedLM", "BertForSequenceClassification"):
+            raise ConfigError(f"{source}: architecture {architecture!r} is not supported for bert; llmkit reads "
+                              "BertModel, BertForMaskedLM and BertForSequenceClassification")
+        for key, supported in (("position_embedding_type", "absolute"), ("is_decoder", False),
+                               ("add_cross_attention", False), ("tie_word_embeddings", True)):
+            if hf.get(key, supported) != supported:
+                raise ConfigError(f"{source}: {key}={hf[key]!r} is not supported for bert; expected {supported!r}")
+        act = hf.get("hidden_act", "gelu")
+        if act not in _FROM_HF_ACT:
+            raise ConfigError(f"{source}: unsupported hidden_act {act!r}")
+        return cls(
+            name=hf.get("_name_or_path") or "bert", vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
+            n_head=hf["num_attention_heads"], d_model=hf["hidden_size"], d_ff=hf["intermediate_size"],
+            max_seq_len=hf.get("max_position_embeddings", 512), pos_embedding="learned", norm="layernorm",
+            norm_eps=hf.get("layer_norm_eps", 1e-12), activation=_FROM_HF_ACT[act], gated_mlp=False, bias=True,
+            tie_embeddings=True, dropout=hf.get("hidden_dropout_prob", 0.0), init_std=hf.get("initializer_range", 0.02),
+            causal=False, post_norm=True, embed_norm=True, type_vocab_size=hf.get("type_vocab_size", 2),
+            mlm_head=architecture == "BertForMaskedLM", pooling="cls", pooler=architecture != "BertForMaskedLM",
+            bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id", 0))
 
     @classmethod
     def _from_hf_decoder(cls, hf: dict[str, Any], source: str, act_key: str, defaults: dict[str, Any],
@@ -429,6 +489,7 @@ HF_FAMILIES = {
     "gemma3_text": ("Gemma3ForCausalLM", "Gemma3TextForSequenceClassification"),
     "mixtral": ("MixtralForCausalLM", "MixtralForSequenceClassification"),
     "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeForSequenceClassification"),
+    "bert": ("BertForMaskedLM", "BertForSequenceClassification"),  # BertModel without the MLM head
 }
 
 # Gemma3TextConfig's defaults where they matter when a key is absent.
@@ -448,13 +509,19 @@ _FAMILY_FIELDS: dict[str, dict[str, Any]] = {
                     moe_renormalize=True, shared_expert_d_ff=0, **_NOT_GEMMA),
     "qwen2_moe": dict(pos_embedding="rope", norm="rmsnorm", gated_mlp=True, bias=False, shared_expert_gate=True,
                       **_NOT_GEMMA),
+    "bert": dict(pos_embedding="learned", norm="layernorm", gated_mlp=False, bias=True, tie_embeddings=True,
+                 rope_scaling=None, causal=False, post_norm=True, embed_norm=True, pooling="cls", **_NOT_GEMMA),
 }
+# What every decoder family fixes: none of the encoder fields.
+_DECODER = dict(causal=True, post_norm=False, type_vocab_size=0, embed_norm=False, mlm_head=False, pooling="last",
+                pooler=False)
 _MOE_FAMILIES = ("mixtral", "qwen2_moe")
 
 
 def _misfits(c: ModelConfig, family: str) -> list[str]:
     """What keeps `c` out of `family`, as 'field=wanted (got value)' strings; empty when it fits."""
-    wrong = [f"{k}={v!r} (got {getattr(c, k)!r})" for k, v in _FAMILY_FIELDS[family].items() if getattr(c, k) != v]
+    fixed = _FAMILY_FIELDS[family] if family == "bert" else {**_FAMILY_FIELDS[family], **_DECODER}
+    wrong = [f"{k}={v!r} (got {getattr(c, k)!r})" for k, v in fixed.items() if getattr(c, k) != v]
     sliding = c.sliding_window is not None and any(c.layer_type(i) == "sliding_attention" for i in range(c.n_layer))
     if (family in _MOE_FAMILIES) != (c.n_experts > 0):
         wrong.append(f"n_experts{'>' if family in _MOE_FAMILIES else '='}0 (got n_experts={c.n_experts})")
@@ -466,6 +533,11 @@ def _misfits(c: ModelConfig, family: str) -> list[str]:
         wrong.append("the same attention in every layer (got layer_types)")
     if family in ("gpt2", "llama") and sliding:
         wrong.append(f"no sliding_attention layers (got sliding_window={c.sliding_window})")
+    if family == "bert" and (c.n_kv_head != c.n_head or c.head_dim * c.n_head != c.d_model or c.type_vocab_size < 1
+                             or (c.num_labels and not c.pooler)):
+        wrong.append(f"n_kv_head=n_head, head_dim*n_head=d_model, type_vocab_size >= 1 and a pooler when a "
+                     f"classifier (got n_kv_head={c.n_kv_head}, head_dim={c.head_dim}, "
+                     f"type_vocab_size={c.type_vocab_size}, pooler={c.pooler})")
     if family == "gpt2" and (c.n_kv_head != c.n_head or c.head_dim * c.n_head != c.d_model):
         wrong.append(f"n_kv_head=n_head and head_dim*n_head=d_model (got n_kv_head={c.n_kv_head}, "
                      f"head_dim={c.head_dim})")
@@ -487,6 +559,10 @@ _GPT2 = dict(pos_embedding="learned", norm="layernorm", activation="gelu_tanh", 
              bias=True, tie_embeddings=True, vocab_size=50257, max_seq_len=1024,
              bos_token_id=50256, eos_token_id=50256)
 _LLAMA = dict(pos_embedding="rope", norm="rmsnorm", activation="silu", gated_mlp=True, bias=False)
+# BERT: learned positions + token types, post-norm GELU blocks with biases, the MLM head, bidirectional.
+_BERT = dict(pos_embedding="learned", norm="layernorm", norm_eps=1e-12, activation="gelu", gated_mlp=False, bias=True,
+             tie_embeddings=True, causal=False, post_norm=True, embed_norm=True, type_vocab_size=2, mlm_head=True,
+             pooling="cls")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "gpt2": dict(_GPT2, n_layer=12, n_head=12, d_model=768),
@@ -521,6 +597,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                       d_ff=512, max_seq_len=512, tie_embeddings=True),
     "llama-8m": dict(_LLAMA, vocab_size=8192, n_layer=8, n_head=8, n_kv_head=4, d_model=256,
                       d_ff=704, max_seq_len=512, tie_embeddings=True),
+    # A small encoder for MLM pretraining on CPU (about 2M parameters at an 8,192-token vocabulary).
+    "bert-2m": dict(_BERT, vocab_size=8192, n_layer=4, n_head=4, d_model=128, d_ff=512, max_seq_len=512),
     "llama-16m": dict(_LLAMA, vocab_size=8192, n_layer=8, n_head=8, n_kv_head=4, d_model=384,
                       d_ff=1024, max_seq_len=1024, tie_embeddings=True),
 }

@@ -11,6 +11,7 @@ mean the same thing here as there:
   IPO (Azar et al. 2023): ((h_c - h_r) - 1 / (2 beta))^2 on per-token averaged log-ratios, as trl.
 - PPO (Schulman et al. 2017; Ziegler et al. 2019): the clipped surrogate, the clipped value loss,
   GAE, per-token KL estimators (Schulman's k1/k2/k3), entropy.
+- masked-language modelling (Devlin et al. 2019): cross-entropy on the chosen positions only.
 - Distillation (Hinton et al. 2015): T^2 * KL(teacher_T || student_T) mixed with hard-label CE.
 
 Sequence-level inputs have shape (batch,); token-level ones (batch, steps) with a 0/1 `mask`.
@@ -73,6 +74,17 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
     logits = logits.flatten(0, -2)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return F.cross_entropy(logits, labels.flatten(), ignore_index=ignore_index)
+
+
+def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean cross-entropy, accuracy) over the chosen positions only (labels != IGNORE_INDEX) of an
+    MLM batch (Devlin et al. 2019): the other positions' logits never enter the loss."""
+    chosen = labels != IGNORE_INDEX
+    if not bool(chosen.any()):
+        raise ConfigError("an MLM batch with no chosen position; raise mask_prob or the context")
+    picked = logits[chosen]
+    loss = cross_entropy(picked, labels[chosen])
+    return loss, (picked.argmax(-1) == labels[chosen]).float().mean()
 
 
 @torch.compiler.disable  # tuned eager code (in-place, reused buffers); tracing it only adds copies

@@ -86,6 +86,9 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        if not config.causal:
+            raise ConfigError("this model is an encoder (causal=False): every token reads the whole sequence, so "
+                              "it cannot generate; use llmkit.embed, model.classify or its MLM logits")
         self.max_len = max_len or config.max_seq_len
         self.sliding = [config.sliding_window if config.layer_type(i) == SLIDING else None
                         for i in range(config.n_layer)]
@@ -368,7 +371,8 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); with `sandwich_norm` each
-    sublayer's output is normalised again before it is added (Gemma)."""
+    sublayer's output is normalised again before it is added (Gemma); with `post_norm` the norm
+    follows each residual add instead, norm(x + attn(x)) (BERT)."""
 
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
@@ -382,8 +386,12 @@ class Block(nn.Module):
             MLP(config, config.shared_expert_d_ff) if config.shared_expert_d_ff else None)
         self.mlp_post_norm = _norm(config) if config.sandwich_norm else None
         self.drop = nn.Dropout(config.dropout)
+        self.post_norm = config.post_norm
 
     def forward(self, x, rope_cs, step: Step, kv_cache: KVCache | None):
+        if self.post_norm:
+            x = self.attn_norm(x + self.drop(self.attn(x, rope_cs, step, kv_cache)))
+            return self.mlp_norm(x + self.drop(self.mlp(x)))
         h = self.attn(self.attn_norm(x), rope_cs, step, kv_cache)
         if self.attn_post_norm is not None:
             h = self.attn_post_norm(h)
@@ -405,17 +413,23 @@ class Transformer(nn.Module):
         c = config
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
         self.pos_embed = nn.Embedding(c.max_seq_len, c.d_model) if c.pos_embedding == "learned" else None
+        self.type_embed = nn.Embedding(c.type_vocab_size, c.d_model) if c.type_vocab_size else None
+        self.embed_norm = _norm(c) if c.embed_norm else None
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c, i) for i in range(c.n_layer))
         first: dict[str, int] = {}
         for i in range(c.n_layer):
             first.setdefault(c.layer_type(i), i)
         self.kind_layers = {i: kind for kind, i in first.items()}  # the first layer of each kind -> its kind
-        self.norm = _norm(c)
+        self.norm = nn.Identity() if c.post_norm else _norm(c)  # a post-norm block ends normalised
         # A classifier keeps an LM head only when it costs nothing (tied to the embedding), as in HF.
         lm = not c.num_labels or c.tie_embeddings
-        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False) if lm else None
-        self.score = nn.Linear(c.d_model, c.num_labels, bias=False) if c.num_labels else None
+        mlm = c.mlm_head and not c.num_labels  # BertForMaskedLM's transform before the (biased) decoder
+        self.mlm_dense = nn.Linear(c.d_model, c.d_model) if mlm else None
+        self.mlm_norm = _norm(c) if mlm else None
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=mlm) if lm else None
+        self.pooler = nn.Linear(c.d_model, c.d_model) if c.pooler else None
+        self.score = nn.Linear(c.d_model, c.num_labels, bias=c.pooler) if c.num_labels else None
         self.reset_parameters()
         self.tie_weights()
 
@@ -458,7 +472,8 @@ class Transformer(nn.Module):
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
+                labels: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
+                scored_logits: bool = False) -> torch.Tensor:
         """Logits of shape (batch, seq, vocab) for `input_ids` of shape (batch, seq), or, given `labels`,
         the mean next-token cross-entropy.
 
@@ -470,31 +485,48 @@ class Transformer(nn.Module):
         labels: (batch, seq) target ids already aligned with the inputs (the next token of each
             position; IGNORE_INDEX where unscored). The loss is computed chunk by chunk from the
             hidden states (`llmkit.losses`), so the logits are never materialised. Going through
-            `forward` keeps DDP, FSDP2 and torch.compile wrappers in the path.
+            `forward` keeps DDP, FSDP2 and torch.compile wrappers in the path. An encoder's (MLM)
+            labels are the original tokens at the masked positions, unshifted.
+        token_type_ids: segment ids (batch, seq) of a model with `type_vocab_size`; zeros by default.
+        scored_logits: with `labels`, return the logits (n_scored, vocab) of the scored positions instead of
+            the loss (MLM scores 15 % of the positions: the head runs on those only).
         """
         if self.lm_head is None:
             raise ConfigError(f"this model is a classifier (num_labels={self.config.num_labels}) without "
                               "an LM head; call model.classify(input_ids, attention_mask)")
-        hidden = self.hidden_states(input_ids, attention_mask, positions, kv_cache)
+        hidden = self.hidden_states(input_ids, attention_mask, positions, kv_cache, token_type_ids)
         if labels is None:
-            return self.lm_head(hidden)
-        if type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
+            return self.lm_head(self._mlm_transform(hidden))
+        if type(self.lm_head) is nn.Linear and self.lm_head.bias is None and not scored_logits:
             return linear_cross_entropy(hidden, self.lm_head.weight, labels)
-        # A rewritten head (LoRA, quantized) computes its own logits, for the scored positions only.
+        # A rewritten head (LoRA, quantized) or an MLM head computes its own logits, for the scored positions only.
         scored = labels != IGNORE_INDEX
-        logits = self.lm_head(hidden[scored])
+        logits = self.lm_head(self._mlm_transform(hidden[scored]))
+        if scored_logits:
+            return logits
         return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels[scored])
 
-    def classify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Class logits (batch, num_labels) (a reward when num_labels is 1) read off the last real token
-        of each row, so right- and left-padded batches give each row's unpadded result."""
+    def _mlm_transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        """BertForMaskedLM's transform before the decoder: LayerNorm(act(dense(h))); nothing without an MLM head."""
+        if self.mlm_dense is None:
+            return hidden
+        return self.mlm_norm(_ACTIVATIONS[self.config.activation](self.mlm_dense(hidden)))
+
+    def classify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Class logits (batch, num_labels) (a reward when num_labels is 1) read off the token that
+        `config.pooling` names (a decoder's last real token, an encoder's first), so right- and
+        left-padded batches give each row's unpadded result; BERT's pooler (tanh(dense)) first if any."""
         if self.score is None:
             raise ConfigError("this model has no classification head; build it with num_labels > 0 "
                               "(ModelConfig.replace(num_labels=N))")
-        hidden = self.hidden_states(input_ids, attention_mask)
-        return self.score(pool_last(hidden, attention_mask))
+        hidden = self.hidden_states(input_ids, attention_mask, token_type_ids=token_type_ids)
+        pooled = pool(hidden, attention_mask, self.config.pooling)
+        if self.pooler is not None:
+            pooled = torch.tanh(self.pooler(pooled))
+        return self.score(pooled)
 
-    def hidden_states(self, input_ids, attention_mask=None, positions=None, kv_cache=None,
+    def hidden_states(self, input_ids, attention_mask=None, positions=None, kv_cache=None, token_type_ids=None,
                       attentions: list[torch.Tensor] | None = None):
         """The final-norm hidden states (batch, seq, d_model) that the LM head (or any head) reads.
 
@@ -516,7 +548,7 @@ class Transformer(nn.Module):
             raise ConfigError(f"position {int(positions.max())} is beyond the learned position table "
                               f"of {self.config.max_seq_len}")
         step = Step(past, self._masks(new_mask, T, past, kv_cache, input_ids.device), attentions)
-        hidden = self._trunk(input_ids, positions, step, kv_cache)
+        hidden = self._trunk(input_ids, positions, step, kv_cache, token_type_ids)
         if kv_cache is not None:
             kv_cache.length = past + T
             kv_cache.next_position += T if new_mask is None else new_mask.sum(1)
@@ -545,7 +577,7 @@ class Transformer(nn.Module):
         return self.lm_head(self._trunk(input_ids, positions, Step(slot, masks), kv_cache))
 
     def _trunk(self, input_ids: torch.Tensor, positions: torch.Tensor, step: Step,
-               kv_cache: KVCache | None) -> torch.Tensor:
+               kv_cache: KVCache | None, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """embed -> positions -> blocks -> final norm: the one forward every entry point runs."""
         c = self.config
         x = self.embed(input_ids)
@@ -553,6 +585,10 @@ class Transformer(nn.Module):
             x = x * torch.tensor(c.d_model ** 0.5, dtype=x.dtype)  # rounded to the dtype, as Gemma does
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
+        if self.type_embed is not None:
+            x = x + self.type_embed(torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         x = self.drop(x)
         ropes = {}
         if self.pos_embedding_is_rope:
@@ -585,7 +621,10 @@ class Transformer(nn.Module):
         return start + (new_mask.long().cumsum(1) - 1).clamp(min=0)
 
     def _masks(self, new_mask, T, past, kv_cache, device) -> dict[str, tuple[torch.Tensor | None, bool]]:
-        """SDPA's (mask, is_causal) for each layer kind; the common cases need no mask tensor at all."""
+        """SDPA's (mask, is_causal) for each layer kind; the common cases need no mask tensor at all.
+        An encoder's queries see every real key of their row."""
+        if not self.config.causal:
+            return dict.fromkeys(self.kind_layers.values(), (None if new_mask is None else new_mask[:, None, None, :], False))
         if kv_cache is not None:
             kv_cache.valid[:, past:past + T] = True if new_mask is None else new_mask
             padded = not bool(kv_cache.valid[:, :past + T].all())
@@ -615,6 +654,8 @@ class Transformer(nn.Module):
             total -= self.embed.weight.numel()
             if self.pos_embed is not None:
                 total -= self.pos_embed.weight.numel()
+            if self.type_embed is not None:
+                total -= self.type_embed.weight.numel()
         return total
 
     def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> int:
@@ -663,6 +704,19 @@ class Transformer(nn.Module):
 
         return hf.save_checkpoint(Path(path), self.config, self.state_dict(), dtype=dtype,
                                   max_shard_size=max_shard_size)
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, how: str) -> torch.Tensor:
+    """One vector (batch, d) per row: the last real token, the first ("cls") or the mean of the real ones."""
+    if how == "last":
+        return pool_last(hidden, attention_mask)
+    if how == "mean":
+        if attention_mask is None:
+            return hidden.mean(1)
+        weights = attention_mask.to(hidden.dtype)[..., None]
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+    first = 0 if attention_mask is None else attention_mask.long().argmax(-1)  # the first real token
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
 
 
 def pool_last(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

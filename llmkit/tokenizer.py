@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as Backend
 
 from llmkit.errors import ConfigError, DataError, FormatError, StorageError
@@ -24,6 +24,8 @@ from llmkit.files import atomic_path, atomic_write_json
 
 ENDOFTEXT = "<|endoftext|>"
 CHATML_SPECIALS = (ENDOFTEXT, "<|im_start|>", "<|im_end|>")
+# An encoder's (BERT's) special tokens: documents end in [SEP]; MLM replaces chosen tokens by [MASK].
+ENCODER_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 # ---- built-in chat templates (the strings the reference models ship) ----------------------------
 
@@ -185,6 +187,18 @@ class Tokenizer:
         if not seen.any:
             raise DataError("the training corpus is empty; expected at least one non-empty text to train on")
         return cls._with_specials(backend, special_tokens, bos_token, eos_token, pad_token, chat_template)
+
+    def frame_as_encoder(self) -> Tokenizer:
+        """`encode(text, add_special_tokens=True)` gives [CLS] text [SEP], as BERT's tokenizers do (the
+        pooled [CLS] is what an encoder's classifier reads). Needs ENCODER_SPECIALS. Returns self."""
+        ids = {t: self.token_to_id(t) for t in ("[CLS]", "[SEP]")}
+        missing = [t for t, i in ids.items() if i is None]
+        if missing:
+            raise ConfigError(f"the tokenizer has no {missing} token(s); train it with ENCODER_SPECIALS "
+                              "(`llmkit tokenizer train --encoder`)")
+        self.backend.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=list(ids.items()))
+        return self
 
     @classmethod
     def train_chars(cls, texts: Iterable[str], special_tokens: Sequence[str] = CHATML_SPECIALS,
@@ -418,8 +432,13 @@ class _NonEmpty:
 
 
 def _read_backend(path: Path) -> Backend:
+    """The tokenizer.json without the fixed padding and truncation some carry (BERT's pad every text to
+    128 ids): as with transformers, a caller pads and truncates when it asks to."""
     try:
-        return Backend.from_file(str(path))
+        backend = Backend.from_file(str(path))
+        backend.no_padding()
+        backend.no_truncation()
+        return backend
     except Exception as e:
         raise FormatError(f"tokenizer file {path} could not be parsed ({str(e)[:200]}); expected a HF tokenizers JSON "
                           "(tokenizer.json written by tokenizers or transformers)") from None

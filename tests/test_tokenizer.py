@@ -176,7 +176,7 @@ def test_empty_corpus():
 def test_missing_folder(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(FormatError, match=f"{missing}: not a folder, not a .gguf file and not a known model name; "
-                                          "expected an HF checkpoint folder, a GGUF file or one of: gemma-3-270m"):
+                                          "expected an HF checkpoint folder, a GGUF file or one of: all-minilm-l6-v2, gemma-3-270m"):
         Tokenizer.from_pretrained(missing)
     with pytest.raises(FormatError, match="has no tokenizer.json and no vocab.json \\+ merges.txt"):
         Tokenizer.from_pretrained(tmp_path)

