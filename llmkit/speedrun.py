@@ -45,6 +45,8 @@ class SpeedrunConfig:
     runs_dir: str = "runs"
     budget_minutes: float = field(default=10.0, metadata={"help": "wall clock for the whole pipeline"})
     sources: str = field(default="wikipedia:0.5,bbcnews:0.5", metadata={"help": "NAME:WEIGHT,... mixture"})
+    max_docs_per_source: int | None = field(default=None, metadata={
+        "help": "read only the first N documents of each source (a quick run; default: all)"})
     vocab_size: int = 4096
     model: str = field(default="llama-2m", metadata={"help": "model preset (its vocabulary is the tokenizer's); "
                                                             "chosen by the sweep in docs/speedrun.md"})
@@ -113,7 +115,8 @@ def speedrun(config: SpeedrunConfig) -> Path:
     timings: dict[str, float] = {}
 
     with _stage(timings, "fetch + prepare"):
-        data_report = prepare(parse_weights(config.sources), run / "data", PrepareConfig(seed=config.seed),
+        data_report = prepare(parse_weights(config.sources), run / "data",
+                              PrepareConfig(seed=config.seed, max_docs_per_source=config.max_docs_per_source),
                               progress=True)
 
     with _stage(timings, "tokenizer"):
