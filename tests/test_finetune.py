@@ -182,3 +182,9 @@ def test_every_phase_of_a_finetune_run_shows_progress(base, tmp_path, capsys):
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in logged if "loss" in r][-1]
     assert err.rsplit("loss=", 1)[1][:6] == f"{last['loss']:.4f}" and last["tokens_seen"] > 0
+
+
+def test_a_validation_split_larger_than_the_training_one_is_warned(base, tmp_path, capsys):
+    assert run("--model", str(base / "model"), "--data", str(base / "sft.jsonl"), "--method", "lora",
+               "--max-examples", "1", "--max-steps", "1", "--out-dir", str(tmp_path / "run")) == 0
+    assert "warning: " + str(base / "sft.jsonl") + ": 2 validation examples but 1 training ones" in capsys.readouterr().err

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import time
 import uuid
 from functools import partial
@@ -504,6 +505,10 @@ def serve(config: ServeConfig) -> None:
         config.served_model_name = Path(config.model).name if Path(config.model).exists() else config.model
     app = create_app(model, tokenizer, config)
     print(f"serving {config.served_model_name} on http://{config.host}:{config.port} (chat page at /)", flush=True)
+    handler = logging.StreamHandler()  # a line per finished request, as vLLM and llama.cpp's server log them
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logging.getLogger("llmkit.serve").addHandler(handler)
+    logging.getLogger("llmkit.serve").setLevel(logging.INFO)
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
 
 
