@@ -28,7 +28,7 @@ from llmkit.generate import chat as terminal
 from llmkit.generate.sampling import SamplingParams
 from llmkit.model import load as load_model
 from llmkit.options import arg, arg_of
-from llmkit.peft.lora import merge_adapter
+from llmkit.peft.adapters import merge_adapter
 from llmkit.serve.config import ServeConfig
 from llmkit.serve.schema import token_string
 from llmkit.tokenizer import Tokenizer

@@ -36,9 +36,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llmkit.errors import ConfigError
 from llmkit.generate.chat import end_of_turn_ids
 from llmkit.generate.sampling import SamplingParams
+from llmkit.model import Transformer
 from llmkit.progress import phase
 from llmkit.serve.config import ServeConfig
 from llmkit.serve.errors import APIError, error_response
+from llmkit.serve.metrics import Metrics
 from llmkit.serve.scheduler import Overloaded, Scheduler
 from llmkit.serve.schema import (
     ChatRequest,
@@ -180,14 +182,24 @@ async def wait_for_disconnect(request: Request) -> None:
         pass
 
 
-def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
-    """The FastAPI app; its scheduler thread starts and stops with the app's lifespan."""
+def create_app(model, tokenizer, config: ServeConfig | None = None,
+               adapters: dict[str, Transformer] | None = None) -> FastAPI:
+    """The FastAPI app; its scheduler threads start and stop with the app's lifespan. `adapters` are
+    models served under names of their own (`--lora-modules`: the base with a LoRA adapter merged),
+    each with its own scheduler and the same tokenizer and limits."""
     config = config or ServeConfig()
     name = config.served_model_name or config.model or "llmkit"
     context, vocab = model.config.max_seq_len, model.config.vocab_size
-    scheduler = Scheduler(model, tokenizer, kv_budget=config.kv_budget, max_rows=config.max_rows,
-                          max_waiting=config.max_waiting, prefill_chunk=config.prefill_chunk,
-                          prefix_cache=config.prefix_cache)
+    metrics = Metrics()
+    schedulers = {served: Scheduler(m, tokenizer, kv_budget=config.kv_budget, max_rows=config.max_rows,
+                                    max_waiting=config.max_waiting, prefill_chunk=config.prefill_chunk,
+                                    prefix_cache=config.prefix_cache, metrics=metrics)
+                  for served, m in {name: model, **(adapters or {})}.items()}
+    scheduler = schedulers[name]
+    metrics.gauges.update({  # over every served model (each scheduler set its own)
+        "num_requests_running": lambda: sum(len(s.running) + len(s.filling) for s in schedulers.values()),
+        "num_requests_waiting": lambda: sum(len(s.waiting) for s in schedulers.values()),
+        "kv_cache_usage_perc": lambda: sum(s.kv_usage() for s in schedulers.values()) / len(schedulers)})
     chat_stops = end_of_turn_ids(tokenizer)
     # No token covers more characters than the longest in the vocabulary (twice that allows for
     # normalizers that merge characters), so a longer text is over the context without tokenizing it.
@@ -195,12 +207,14 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        scheduler.start()
+        for s in schedulers.values():
+            s.start()
         yield
-        scheduler.stop()
+        for s in schedulers.values():
+            s.stop()
 
     app = FastAPI(title="llmkit", version="0.1.0", lifespan=lifespan)
-    app.state.scheduler = scheduler
+    app.state.scheduler, app.state.schedulers = scheduler, schedulers
     app.add_middleware(BodyLimit, limit=config.max_request_bytes)
     app.add_middleware(Guard, allowed_hosts=allowed_hosts(config), api_key=config.api_key)
 
@@ -238,10 +252,13 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         return error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", type="internal_error"))
 
     # ---- from a request to scheduler requests -------------------------------------------------------
-    def check_model(body: SamplingFields) -> None:
-        if body.model != name:
-            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {name!r}",
-                           param="model", type="not_found_error", code="model_not_found")
+    def check_model(body: SamplingFields) -> Scheduler:
+        """The scheduler of the model the request names (the base, or a LoRA module)."""
+        if body.model not in schedulers:
+            raise APIError(404, f"the model {body.model!r} does not exist; this server serves "
+                                f"{', '.join(map(repr, schedulers))}", param="model", type="not_found_error",
+                           code="model_not_found")
+        return schedulers[body.model]
 
     def encode(text: str, param: str, add_special_tokens: bool = True) -> list[int]:
         """Tokenize (on a worker thread: see `offload`) after a length check that needs no tokenizing."""
@@ -341,12 +358,13 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
     # ---- routes --------------------------------------------------------------------------------
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "llmkit", "max_model_len": context}]}
+        return {"object": "list", "data": [
+            {"id": served, "object": "model", "created": int(time.time()), "owned_by": "llmkit",
+             "max_model_len": context, **({} if served == name else {"parent": name})} for served in schedulers]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        check_model(body)
+        scheduler = check_model(body)
         if body.suffix:
             raise APIError(400, "suffix is not supported (no fill-in-the-middle)", param="suffix")
         if body.best_of not in (None, body.n):
@@ -358,7 +376,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         params = body.to_sampling_params(config, vocab, context, prompts, 16, logprobs=body.logprobs, echo=body.echo)
         job = Job(scheduler, prompts, params)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": name}
+                "model": body.model}
         k = body.logprobs
         n = params.n
         if body.stream:
@@ -397,7 +415,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
-        check_model(body)
+        scheduler = check_model(body)
         if not body.messages:
             raise APIError(400, "messages is empty; expected at least one message", param="messages")
         if body.top_logprobs is not None and not body.logprobs:
@@ -413,7 +431,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
                                          stop_token_ids=sorted({*chat_stops, *(body.stop_token_ids or [])}))
         job = Job(scheduler, [ids], params)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": name}
+                "model": body.model}
         if body.stream:
             started: set[int] = set()
             chunk_head = {**head, "object": "chat.completion.chunk"}
@@ -474,14 +492,14 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        alive = scheduler.thread is not None and scheduler.thread.is_alive()
+        alive = all(s.thread is not None and s.thread.is_alive() for s in schedulers.values())
         if not alive:
             raise APIError(503, "the scheduler is not running", type="server_error")
         return {"status": "ok"}
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(scheduler.metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -498,18 +516,39 @@ def serve(config: ServeConfig) -> None:
 
     if not config.model:
         raise ConfigError("serve needs a model: an HF folder, a .gguf file or a registry name")
+    modules = lora_modules(config.lora_modules)
     with phase(f"load {config.model}"):
         model, tokenizer = load(config.model, config.quantize, config.threads, config.chat_template, config.dtype,
                                 config.device, config.max_model_len)
+    adapters = {}
+    for module, path in modules.items():
+        with phase(f"load the LoRA module {module} ({path})"):
+            adapters[module] = load(config.model, config.quantize, None, None, config.dtype, config.device,
+                                    config.max_model_len, adapter=path)[0]
     if config.served_model_name is None:
         config.served_model_name = Path(config.model).name if Path(config.model).exists() else config.model
-    app = create_app(model, tokenizer, config)
+    app = create_app(model, tokenizer, config, adapters)
     print(f"serving {config.served_model_name} on http://{config.host}:{config.port} (chat page at /)", flush=True)
     handler = logging.StreamHandler()  # a line per finished request, as vLLM and llama.cpp's server log them
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     logging.getLogger("llmkit.serve").addHandler(handler)
     logging.getLogger("llmkit.serve").setLevel(logging.INFO)
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+
+
+def lora_modules(specs: list[str]) -> dict[str, str]:
+    """`--lora-modules NAME=PATH ...` as {NAME: PATH}, every one checked before anything loads."""
+    modules = {}
+    for spec in specs:
+        module, sep, path = spec.partition("=")
+        if not sep or not module or not path:
+            raise ConfigError(f"--lora-modules {spec!r}; expected NAME=PATH (a LoRA adapter or LoRA run folder)")
+        if module in modules:
+            raise ConfigError(f"--lora-modules names {module!r} twice; expected one path per name")
+        if not Path(path).is_dir():
+            raise ConfigError(f"--lora-modules {module}={path}: no such folder")
+        modules[module] = path
+    return modules
 
 
 @contextlib.contextmanager
