@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json as json_
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Annotated, Literal
@@ -27,7 +29,7 @@ from llmkit.generate import chat as terminal
 from llmkit.generate.sampling import SamplingParams
 from llmkit.model import load as load_model
 from llmkit.options import arg, arg_of
-from llmkit.peft.lora import merge_adapter
+from llmkit.peft.adapters import merge_adapter
 from llmkit.serve.config import ServeConfig
 from llmkit.serve.schema import token_string
 from llmkit.tokenizer import ENCODER_SPECIALS, Tokenizer
@@ -173,9 +175,17 @@ def generate(model: Model, prompt: Annotated[str, arg("the text to continue")], 
         print(json_.dumps(rows, indent=2))
         return
     print(prompt, end="", flush=True)
+    started, first, tokens = time.perf_counter(), None, 0
     for chunk in api.stream(lm, tokenizer, prompt, compile=compile, **kwargs):
+        first = first or time.perf_counter()
+        tokens += 1
         print(chunk.text, end="", flush=True)
     print()
+    if tokens:  # as litgpt does: on stderr, so the text on stdout stays the text
+        total = time.perf_counter() - started
+        rate = (tokens - 1) / (time.perf_counter() - first) if tokens > 1 else 0.0
+        print(f"{tokens} tokens in {total:.2f} s: first after {first - started:.2f} s, then {rate:.1f} tokens/s",
+              file=sys.stderr)
 
 
 def chat(model: Model, sampling: SamplingParams = TERMINAL,

@@ -1,5 +1,6 @@
 """Named progress for the phases a user waits on: a tqdm bar over work of known size, or a line when
-the phase starts and one with its time when it ends, so nothing long runs in silence. On stderr."""
+the phase starts and one with its time when it ends, so nothing long runs in silence; and warnings
+about settings that run but probably not as meant. On stderr."""
 
 from __future__ import annotations
 
@@ -31,3 +32,8 @@ def phase(name: str, enabled: bool = True) -> Iterator[None]:
     started = time.perf_counter()
     yield
     print(f"{name}: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+
+
+def warn(message: str) -> None:
+    """A setting that runs but probably not as meant (one line, on stderr, above any bar)."""
+    tqdm.write(f"warning: {message}", file=sys.stderr)

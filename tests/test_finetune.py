@@ -182,3 +182,57 @@ def test_every_phase_of_a_finetune_run_shows_progress(base, tmp_path, capsys):
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in logged if "loss" in r][-1]
     assert err.rsplit("loss=", 1)[1][:6] == f"{last['loss']:.4f}" and last["tokens_seen"] > 0
+
+
+def test_a_validation_split_larger_than_the_training_one_is_warned(base, tmp_path, capsys):
+    assert run("--model", str(base / "model"), "--data", str(base / "sft.jsonl"), "--method", "lora",
+               "--max-examples", "1", "--max-steps", "1", "--out-dir", str(tmp_path / "run")) == 0
+    assert "warning: " + str(base / "sft.jsonl") + ": 2 validation examples but 1 training ones" in capsys.readouterr().err
+
+
+def test_serve_lora_modules_serves_each_adapter_under_its_name(base, lora_run, tmp_path):
+    """vLLM's --lora-modules: the base under its name, each adapter under its own; greedy replies and their
+    log-probs equal llmkit.generate on the base and on the merged checkpoint."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from serve_helpers import get, post
+
+    from llmkit.generate import generate
+
+    run_dir, checkpoint, merged = lora_run
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "llmkit", "serve", str(base / "model"), "--port", str(port),
+                             "--served-model-name", "base", "--lora-modules", f"sft={run_dir}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                status, body = get(f"{url}/v1/models")
+                break
+            except OSError:
+                assert time.time() < deadline and proc.poll() is None, "the server did not come up"
+                time.sleep(0.3)
+        models = json.loads(body)["data"]
+        assert [(m["id"], m.get("parent")) for m in models] == [("base", None), ("sft", "base")]
+        for name, folder in (("base", base / "model"), ("sft", merged)):
+            status, out, _ = post(f"{url}/v1/completions", {"model": name, "prompt": "Who wrote", "max_tokens": 6,
+                                                            "temperature": 0, "ignore_eos": True, "logprobs": 0})
+            model, tok = chat_load(str(folder))
+            expected = generate(model, tok, "Who wrote", max_new_tokens=6, temperature=0, ignore_eos=True,
+                                logprobs=0)
+            assert status == 200 and out["model"] == name and out["choices"][0]["text"] == expected.text, name
+            torch.testing.assert_close(out["choices"][0]["logprobs"]["token_logprobs"], list(expected.logprobs),
+                                       rtol=0, atol=1e-4)  # fp32 sums of one model, batched vs alone
+        status, out, _ = post(f"{url}/v1/completions", {"model": "other", "prompt": "x"})
+        assert status == 404 and "'base', 'sft'" in out["error"]["message"]
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    assert main(["serve", str(base / "model"), "--lora-modules", "sft"]) == 1  # NAME=PATH expected

@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 
 import pytest
 import torch
@@ -31,7 +32,8 @@ def test_generate_verb_streams_the_same_text_as_the_json_result(folder, capsys):
     args = ["generate", str(folder), "--prompt", "the cat", "--max-new-tokens", "12", "--temperature", "0",
             "--ignore-eos"]
     assert main(args) == 0
-    streamed = capsys.readouterr().out
+    streamed, timing = capsys.readouterr()
+    assert re.fullmatch(r"12 tokens in [0-9.]+ s: first after [0-9.]+ s, then [0-9.]+ tokens/s\n", timing)
     assert main(args + ["--json"]) == 0
     result = json.loads(capsys.readouterr().out)[0]
     assert len(result["token_ids"]) == 12 and result["finish_reason"] == "length"

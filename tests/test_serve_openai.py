@@ -5,6 +5,7 @@ its rows; errors have OpenAI's shape and never take the server down."""
 
 import asyncio
 import json
+import re
 import time
 import urllib.error
 import urllib.request
@@ -333,7 +334,8 @@ def test_cli_serves_a_folder_on_localhost_within_max_model_len(tiny_dir):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
-        assert "http://127.0.0.1:" in proc.stdout.readline()
+        lines = [proc.stdout.readline() for _ in range(3)]  # the load phase's two lines, then the address
+        assert lines[0].startswith("load ") and lines[1].startswith("load ") and "http://127.0.0.1:" in lines[2], lines
         deadline = time.time() + 60
         while True:
             try:
@@ -355,3 +357,6 @@ def test_cli_serves_a_folder_on_localhost_within_max_model_len(tiny_dir):
     finally:
         proc.terminate()
         proc.wait(20)
+    log = proc.stdout.read()  # one line per finished request, as vLLM and llama.cpp's server print them
+    assert re.search(r"request [0-9a-f]+: length, prompt 30 tokens, generated 10 in 1 row\(s\), first token \d+ ms, "
+                     r"total \d+ ms", log), log

@@ -274,3 +274,9 @@ def test_tokens_seen_counts_real_tokens_and_the_bar_shows_the_logged_loss(tmp_pa
     err = capsys.readouterr().err
     assert err.rsplit("loss=", 1)[1][:6] == f"{steps[-1]['loss']:.4f}"  # the last step's loss, not step 1's
     assert "validation" in err
+
+
+def test_warmup_longer_than_the_run_is_warned(tmp_path, capsys):
+    train(tiny_model(), causal_lm_loss, RandomWindows(text_tokens(), 2, 16), quiet(max_steps=2, warmup_steps=5),
+          tmp_path)
+    assert "warning: warmup_steps=5 >= max_steps=2: the learning rate never reaches" in capsys.readouterr().err

@@ -32,15 +32,18 @@ def end_of_turn_ids(tokenizer) -> list[int]:
 
 def load(spec: str, quantize: str | None = None, threads: int | None = None,
          chat_template: str | None = None, dtype: str = "auto",
-         device: str | None = None, max_model_len: int | None = None) -> tuple[Transformer, Tokenizer]:
+         device: str | None = None, max_model_len: int | None = None,
+         adapter: str | None = None) -> tuple[Transformer, Tokenizer]:
     """Model and tokenizer of an HF folder, a .gguf file, a registry name or a LoRA adapter folder (its
     recorded base with the adapter merged), ready to chat with:
     `quantize` "int8"/"int4" swaps in packed linears (llmkit/quant), `threads` sets torch's,
     `chat_template` (a built-in name, a .jinja file or a Jinja string) replaces the tokenizer's, as
     vLLM's and llama.cpp's `--chat-template` do (base models such as Gemma-3-270M ship none);
     `dtype` ("auto" keeps the checkpoint's), `device` and `max_model_len` (a shorter context:
-    prompt + reply) are vLLM's `--dtype`, `--device` and `--max-model-len`."""
+    prompt + reply) are vLLM's `--dtype`, `--device` and `--max-model-len`; `adapter` (a LoRA adapter
+    or run folder) is merged into the model before it is quantized, whatever base it records."""
     from llmkit.peft.adapters import load as load_any
+    from llmkit.peft.adapters import merge_into
 
     if quantize not in (None, "int8", "int4"):
         raise ConfigError(f"quantize={quantize!r}; expected 'int8' or 'int4'")
@@ -49,6 +52,8 @@ def load(spec: str, quantize: str | None = None, threads: int | None = None,
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer = load_any(spec, dtype=DTYPES[dtype], device=device)
+    if adapter is not None:
+        merge_into(model, adapter)
     if max_model_len is not None:
         model.config = model.config.cap_context(max_model_len)
     if chat_template:

@@ -52,8 +52,27 @@ def load(spec: str | os.PathLike, dtype: torch.dtype | None = None,
         return load_model(spec, dtype=dtype, device=device)
     spec = latest(Path(spec)) or spec
     model, tokenizer = load_model(recorded_base(spec))
-    dtype = dtype or model.dtype
-    merge_lora(load_adapter(model.float(), spec))
+    merge_into(model, spec)
     if (Path(spec) / "tokenizer.json").is_file():
         tokenizer = Tokenizer.from_pretrained(spec)
-    return model.to(device=device, dtype=dtype), tokenizer
+    return model.to(device=device, dtype=dtype or model.dtype), tokenizer
+
+
+def merge_into(model: Transformer, adapter: str | os.PathLike) -> Transformer:
+    """Fold a LoRA adapter (or a LoRA run's newest checkpoint) into `model`, in place: W0 + (alpha/r) B A
+    computed in fp32, the model left in its dtype."""
+    adapter = (latest(Path(adapter)) or adapter) if Path(adapter).is_dir() else adapter
+    dtype = model.dtype
+    merge_lora(load_adapter(model.float(), adapter))
+    return model.to(dtype)
+
+
+def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """`llmkit merge-lora`: a base model (folder, GGUF or registry name) + an adapter (or a LoRA run's
+    folder) -> a merged HF checkpoint with the base's tokenizer."""
+    model, tokenizer = load_model(base, dtype=torch.float32)
+    merge_into(model, adapter)
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return Path(out)

@@ -6,7 +6,6 @@
     save_adapter(model, "runs/adapter")      # adapter_config.json + adapter_model.safetensors (peft's format)
     load_adapter(base_model, "runs/adapter") # LoRA applied with the saved r, alpha, targets, then loaded
     merge_lora(model)                        # fold B A into W0 and drop the adapters: a plain Transformer
-    merge_adapter(base, adapter_folder, out) # files in, merged HF checkpoint out (`llmkit merge-lora`)
 
 `targets` are short names: q, k, v, o (attention), gate, up, down (MLP), or "all". `base_bits` 8 or
 4 stores every frozen block linear quantized (QLoRA, `llmkit.peft.qlora`). Each adapted layer is a
@@ -37,7 +36,6 @@ from llmkit.config import ModelConfig
 from llmkit.errors import ConfigError, FormatError
 from llmkit.files import atomic_path, atomic_write_json, read_json
 from llmkit.formats.hf import _tensor_map, read_safetensors
-from llmkit.formats.runs import latest
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -436,17 +434,3 @@ def load_adapter(model: nn.Module, folder: str | Path, base_bits: int = 0) -> nn
                               f"{tuple(state[key].shape) if key in state else 'no such tensor'}")
     model.load_state_dict(tensors, strict=False)
     return model
-
-
-def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
-    """Base model (folder, GGUF or registry name) + adapter folder (or a LoRA run's folder: its newest
-    checkpoint) -> a merged HF checkpoint with tokenizer."""
-    from llmkit.model import load
-
-    model, tokenizer = load(base, dtype=torch.float32)
-    adapter = (latest(Path(adapter)) or adapter) if Path(adapter).is_dir() else adapter  # a run: its newest
-    merge_lora(load_adapter(model, adapter))
-    model.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    return Path(out)

@@ -22,6 +22,7 @@ import base64
 import contextlib
 import hmac
 import json
+import logging
 import time
 import uuid
 from functools import partial
@@ -37,9 +38,11 @@ from llmkit.embeddings import Embedder, load_embedder
 from llmkit.errors import ConfigError
 from llmkit.generate.chat import end_of_turn_ids
 from llmkit.generate.sampling import SamplingParams
+from llmkit.model import Transformer
 from llmkit.progress import phase
 from llmkit.serve.config import ServeConfig
 from llmkit.serve.errors import APIError, error_response
+from llmkit.serve.metrics import Metrics
 from llmkit.serve.scheduler import Overloaded, Scheduler
 from llmkit.serve.schema import (
     ChatRequest,
@@ -182,18 +185,28 @@ async def wait_for_disconnect(request: Request) -> None:
         pass
 
 
-def create_app(model, tokenizer, config: ServeConfig | None = None, embedder: Embedder | None = None) -> FastAPI:
-    """The FastAPI app; its scheduler thread starts and stops with the app's lifespan. An encoder
+def create_app(model, tokenizer, config: ServeConfig | None = None, embedder: Embedder | None = None,
+               adapters: dict[str, Transformer] | None = None) -> FastAPI:
+    """The FastAPI app; its scheduler threads start and stop with the app's lifespan. An encoder
     (causal=False) answers /v1/embeddings (through `embedder`, or pooling as its config says) and
-    refuses the generating routes."""
+    refuses the generating routes. `adapters` are models served under names of their own
+    (`--lora-modules`: the base with a LoRA adapter merged), each with its own scheduler and the same
+    tokenizer and limits."""
     config = config or ServeConfig()
     if not model.config.causal and embedder is None:
         embedder = Embedder(model, tokenizer, model.config.pooling, False, model.config.max_seq_len)
     name = config.served_model_name or config.model or "llmkit"
     context, vocab = model.config.max_seq_len, model.config.vocab_size
-    scheduler = Scheduler(model, tokenizer, kv_budget=config.kv_budget, max_rows=config.max_rows,
-                          max_waiting=config.max_waiting, prefill_chunk=config.prefill_chunk,
-                          prefix_cache=config.prefix_cache)
+    metrics = Metrics()
+    schedulers = {served: Scheduler(m, tokenizer, kv_budget=config.kv_budget, max_rows=config.max_rows,
+                                    max_waiting=config.max_waiting, prefill_chunk=config.prefill_chunk,
+                                    prefix_cache=config.prefix_cache, metrics=metrics)
+                  for served, m in {name: model, **(adapters or {})}.items()}
+    scheduler = schedulers[name]
+    metrics.gauges.update({  # over every served model (each scheduler set its own)
+        "num_requests_running": lambda: sum(len(s.running) + len(s.filling) for s in schedulers.values()),
+        "num_requests_waiting": lambda: sum(len(s.waiting) for s in schedulers.values()),
+        "kv_cache_usage_perc": lambda: sum(s.kv_usage() for s in schedulers.values()) / len(schedulers)})
     chat_stops = end_of_turn_ids(tokenizer)
     # No token covers more characters than the longest in the vocabulary (twice that allows for
     # normalizers that merge characters), so a longer text is over the context without tokenizing it.
@@ -201,12 +214,14 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, embedder: Em
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        scheduler.start()
+        for s in schedulers.values():
+            s.start()
         yield
-        scheduler.stop()
+        for s in schedulers.values():
+            s.stop()
 
     app = FastAPI(title="llmkit", version="0.1.0", lifespan=lifespan)
-    app.state.scheduler = scheduler
+    app.state.scheduler, app.state.schedulers = scheduler, schedulers
     app.add_middleware(BodyLimit, limit=config.max_request_bytes)
     app.add_middleware(Guard, allowed_hosts=allowed_hosts(config), api_key=config.api_key)
 
@@ -244,16 +259,19 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, embedder: Em
         return error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", type="internal_error"))
 
     # ---- from a request to scheduler requests -------------------------------------------------------
-    def check_model(body: SamplingFields | EmbeddingRequest, generates: bool = True) -> None:
+    def check_model(body: SamplingFields | EmbeddingRequest, generates: bool = True) -> Scheduler:
+        """The scheduler of the model the request names (the base, or a LoRA module)."""
         if generates and embedder is not None:
             raise APIError(400, f"{name!r} is an encoder: it cannot generate text; this server answers "
                                 "/v1/embeddings", param="model", code="model_not_supported")
         if not generates and embedder is None:
             raise APIError(400, f"{name!r} is a decoder; /v1/embeddings needs an encoder (causal=False) such as "
                                 "all-minilm-l6-v2", param="model", code="model_not_supported")
-        if body.model != name:
-            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {name!r}",
-                           param="model", type="not_found_error", code="model_not_found")
+        if body.model not in schedulers:
+            raise APIError(404, f"the model {body.model!r} does not exist; this server serves "
+                                f"{', '.join(map(repr, schedulers))}", param="model", type="not_found_error",
+                           code="model_not_found")
+        return schedulers[body.model]
 
     def encode(text: str, param: str, add_special_tokens: bool = True) -> list[int]:
         """Tokenize (on a worker thread: see `offload`) after a length check that needs no tokenizing."""
@@ -353,12 +371,13 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, embedder: Em
     # ---- routes --------------------------------------------------------------------------------
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "llmkit", "max_model_len": context}]}
+        return {"object": "list", "data": [
+            {"id": served, "object": "model", "created": int(time.time()), "owned_by": "llmkit",
+             "max_model_len": context, **({} if served == name else {"parent": name})} for served in schedulers]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        check_model(body)
+        scheduler = check_model(body)
         if body.suffix:
             raise APIError(400, "suffix is not supported (no fill-in-the-middle)", param="suffix")
         if body.best_of not in (None, body.n):
@@ -370,7 +389,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, embedder: Em
         params = body.to_sampling_params(config, vocab, context, prompts, 16, logprobs=body.logprobs, echo=body.echo)
         job = Job(scheduler, prompts, params)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": name}
+                "model": body.model}
         k = body.logprobs
         n = params.n
         if body.stream:
@@ -409,7 +428,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, embedder: Em
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
-        check_model(body)
+        scheduler = check_model(body)
         if not body.messages:
             raise APIError(400, "messages is empty; expected at least one message", param="messages")
         if body.top_logprobs is not None and not body.logprobs:
@@ -425,7 +444,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, embedder: Em
                                          stop_token_ids=sorted({*chat_stops, *(body.stop_token_ids or [])}))
         job = Job(scheduler, [ids], params)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": name}
+                "model": body.model}
         if body.stream:
             started: set[int] = set()
             chunk_head = {**head, "object": "chat.completion.chunk"}
@@ -512,14 +531,14 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, embedder: Em
 
     @app.get("/health")
     async def health():
-        alive = scheduler.thread is not None and scheduler.thread.is_alive()
+        alive = all(s.thread is not None and s.thread.is_alive() for s in schedulers.values())
         if not alive:
             raise APIError(503, "the scheduler is not running", type="server_error")
         return {"status": "ok"}
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(scheduler.metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -536,6 +555,7 @@ def serve(config: ServeConfig) -> None:
 
     if not config.model:
         raise ConfigError("serve needs a model: an HF folder, a .gguf file or a registry name")
+    modules = lora_modules(config.lora_modules)
     with phase(f"load {config.model}"):
         model, tokenizer = load(config.model, config.quantize, config.threads, config.chat_template, config.dtype,
                                 config.device, config.max_model_len)
@@ -543,11 +563,35 @@ def serve(config: ServeConfig) -> None:
     if not model.config.causal:  # an encoder: pooled and normalised as its sentence-transformers files say
         embedder = load_embedder(config.model, config.device)
         model, tokenizer = embedder.model, embedder.tokenizer
+    adapters = {}
+    for module, path in modules.items():
+        with phase(f"load the LoRA module {module} ({path})"):
+            adapters[module] = load(config.model, config.quantize, None, None, config.dtype, config.device,
+                                    config.max_model_len, adapter=path)[0]
     if config.served_model_name is None:
         config.served_model_name = Path(config.model).name if Path(config.model).exists() else config.model
-    app = create_app(model, tokenizer, config, embedder)
+    app = create_app(model, tokenizer, config, embedder, adapters)
     print(f"serving {config.served_model_name} on http://{config.host}:{config.port} (chat page at /)", flush=True)
+    handler = logging.StreamHandler()  # a line per finished request, as vLLM and llama.cpp's server log them
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logging.getLogger("llmkit.serve").addHandler(handler)
+    logging.getLogger("llmkit.serve").setLevel(logging.INFO)
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+
+
+def lora_modules(specs: list[str]) -> dict[str, str]:
+    """`--lora-modules NAME=PATH ...` as {NAME: PATH}, every one checked before anything loads."""
+    modules = {}
+    for spec in specs:
+        module, sep, path = spec.partition("=")
+        if not sep or not module or not path:
+            raise ConfigError(f"--lora-modules {spec!r}; expected NAME=PATH (a LoRA adapter or LoRA run folder)")
+        if module in modules:
+            raise ConfigError(f"--lora-modules names {module!r} twice; expected one path per name")
+        if not Path(path).is_dir():
+            raise ConfigError(f"--lora-modules {module}={path}: no such folder")
+        modules[module] = path
+    return modules
 
 
 @contextlib.contextmanager

@@ -38,6 +38,9 @@ class ServeConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
         "help": "weights' and activations' dtype; auto keeps the checkpoint's (float32 for GGUF)"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1, mps (default: cpu)"})
+    lora_modules: list[str] = field(default_factory=list, metadata={
+        "help": "NAME=PATH: serve the base model with this LoRA adapter (an adapter or LoRA run folder) under "
+                "the model name NAME too, as vLLM's --lora-modules (repeat the flag for more)"})
     max_model_len: int | None = field(default=None, metadata={
         "help": "the longest prompt + reply, in tokens (default: the model's context, max_seq_len); longer "
                 "prompts are refused"})

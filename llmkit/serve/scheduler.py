@@ -22,6 +22,7 @@ fit wait in a queue; when the queue is full `submit` raises `Overloaded` (HTTP 4
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -47,6 +48,8 @@ from llmkit.model import KVCache, Transformer
 from llmkit.serve.metrics import Metrics
 from llmkit.serve.prefix_cache import PrefixCache
 
+log = logging.getLogger("llmkit.serve")  # one line per finished request (`llmkit serve` prints them)
+
 
 class Overloaded(Exception):
     """The waiting queue is full; the client should retry after `retry_after` seconds."""
@@ -69,6 +72,7 @@ class Request:
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     last_token_at: float | None = None
+    first_token_at: float | None = None
     fill: PromptFill | None = None  # its prefill, while the prompt is being run in chunks
 
     @property
@@ -284,6 +288,7 @@ class Scheduler:
         self.metrics.add("generation_tokens_total", len(chunks))
         for request in stepped.values():
             if request.last_token_at is None:
+                request.first_token_at = now
                 self.metrics.observe("time_to_first_token_seconds", now - request.arrived)
             else:
                 self.metrics.observe("inter_token_latency_seconds", now - request.last_token_at)
@@ -312,6 +317,12 @@ class Scheduler:
         self.metrics.finish(reason)
         if request.last_token_at is not None:
             self.metrics.observe("e2e_request_latency_seconds", request.last_token_at - request.arrived)
+        if log.isEnabledFor(logging.INFO):
+            generated = sum(len(c.token_ids) for c in request.completions)
+            ttft = "-" if request.first_token_at is None else f"{1000 * (request.first_token_at - request.arrived):.0f}"
+            log.info("request %x: %s, prompt %d tokens, generated %d in %d row(s), first token %s ms, total %.0f ms",
+                     id(request) & 0xFFFFFF, reason, len(request.prompt), generated, len(request.seqs), ttft,
+                     1000 * (time.perf_counter() - request.arrived))
         if emit:
             request.emit(None)
 

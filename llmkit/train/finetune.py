@@ -38,7 +38,7 @@ from llmkit.formats.runs import latest
 from llmkit.model import Transformer, load
 from llmkit.peft.lora import LoraConfig, apply_lora, read_adapter, save_adapter_state, trainable_parameters
 from llmkit.peft.prompt_tuning import ADAPTER_WEIGHTS, PromptTuning, save_prompt_state
-from llmkit.progress import bar, phase
+from llmkit.progress import bar, phase, warn
 from llmkit.tokenizer import Tokenizer
 from llmkit.train.loop import LoopConfig, TrainResult, train
 from llmkit.train.memory import peak_rss_mb, reset_peak_rss, rss_mb
@@ -141,6 +141,9 @@ def split_items(config: FinetuneConfig, tokenizer: Tokenizer, encoder: bool = Fa
         items = items[:config.max_examples]
     if config.max_val_examples is not None:
         val = val[:config.max_val_examples]
+    if len(val) > len(items):
+        warn(f"{config.data}: {len(val)} validation examples but {len(items)} training ones; each evaluation "
+             "then costs more than the training between them (lower val_fraction or max_val_examples)")
     if not items or not val:
         raise DataError(f"{config.data}: {len(items)} training and {len(val)} validation examples; expected some of each")
     return items, val

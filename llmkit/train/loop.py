@@ -239,6 +239,9 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
         (a LoRA run saves only its adapter); load_weights returns the full state dict to resume from.
     """
     config.validate()
+    if config.warmup_steps >= config.max_steps:
+        progress.warn(f"warmup_steps={config.warmup_steps} >= max_steps={config.max_steps}: the learning rate never "
+                      f"reaches lr={config.lr} (it is still warming up when training ends)")
     meter = EnergyMeter().start()
     out_dir = Path(out_dir)
     device = resolve_device(config.device)
