@@ -44,10 +44,12 @@ demo: $(VENV)/.installed
 
 # The real-checkpoint verb tests (Qwen2.5-0.5B and Gemma-3 with llama.cpp references, logits over 150k-262k
 # vocabularies) run in a process of their own: after the rest of the suite the allocator's high-water mark
-# plus theirs came within 2 GB of the machine's 24 GB.
+# plus theirs came within 2 GB of the machine's 24 GB. So does the README's walkthrough (every command of the
+# README and of the recipes' headers, in a fresh folder), which loads the three real models in-process.
 test: $(VENV)/.installed-dev $(VENV)/.installed-llamacpp
-	$(BIN)/python -m pytest -q --ignore=tests/test_real_families.py
+	$(BIN)/python -m pytest -q --ignore=tests/test_real_families.py --ignore=tests/test_readme.py
 	$(BIN)/python -m pytest -q tests/test_real_families.py
+	$(BIN)/python -m pytest -q tests/test_readme.py
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check llmkit tests benchmarks

@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +150,8 @@ def speedrun(config: SpeedrunConfig) -> Path:
           flush=True)
 
     with _stage(timings, "pretrain"):
+        if (run / "train").exists():  # a speedrun is rebuilt whole: data, tokenizer, shards and the training
+            shutil.rmtree(run / "train")
         pre = PretrainConfig(
             model=config.model, data=str(run / "shards"), tokenizer=str(run / "tokenizer"),
             out_dir=str(run / "train"), context=config.context, batch_size=config.batch_size, max_steps=max_steps,

@@ -188,7 +188,9 @@ def test_cli_eval_writes_report_equal_to_the_library(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["eval", str(folder), "--tasks", f"{MC_YAML},{GEN_YAML}", "--shots", "2", "--limit", "6",
                  "--out", str(out)]) == 0
-    assert "| llmkit_local_mc | multiple_choice | 2 | 6 | acc |" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "| llmkit_local_mc | multiple_choice | 2 | 6 | acc |" in printed.out
+    assert f"load {folder} ..." in printed.err and "llmkit_local_mc" in printed.err  # the load, then each task's bar
     saved = json.loads((out / "results.json").read_text())["results"]
     direct = evaluate(model, tok, [str(MC_YAML), str(GEN_YAML)], shots=2, limit=6, progress=False)["results"]
     assert saved == json.loads(json.dumps(direct))

@@ -254,6 +254,9 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
     model = dist_.wrap(model, strategy, world, device)
     optimizer = adamw(model, config.lr, config.weight_decay, (config.beta1, config.beta2), config.eps)
 
+    if not config.resume and (earlier := checkpoint.latest(out_dir)) is not None:
+        raise ConfigError(f"{out_dir} holds a checkpoint of an earlier run ({earlier.name}); pass --resume to "
+                          "continue it, or another --out-dir for a new run (a new run there would mix with it)")
     step, tokens_seen, history = 0, 0, []
     metrics_path = out_dir / "metrics.jsonl"
     if config.resume and (found := checkpoint.latest(out_dir)) is not None:
