@@ -32,10 +32,11 @@ def served(tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    log = folder / "serve.log"  # a file, not a pipe nobody reads: the server logs a line per request
     process = subprocess.Popen([sys.executable, "-m", "llmkit", "serve", str(folder), "--port", str(port),
                                 "--served-model-name", NAME, "--max-rows", "64", "--kv-budget", "140000",
                                 "--max-tokens-limit", str(LONG), "--max-request-bytes", "200000"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
@@ -44,7 +45,7 @@ def served(tmp_path_factory):
                 break
         except OSError:
             pass
-        assert process.poll() is None and time.time() < deadline, process.stdout.read() if process.poll() else "timeout"
+        assert process.poll() is None and time.time() < deadline, log.read_text() if process.poll() else "timeout"
         time.sleep(0.2)
     model, tok = llmkit.load(folder)
     try:
