@@ -3,9 +3,15 @@ the wire) and the Prometheus metrics as a dict."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -30,6 +36,31 @@ def metrics(server, headers=None) -> dict:
     _, text = get(f"{server}/metrics", headers)
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+@contextlib.contextmanager
+def llmkit_serve(args: list[str], log: Path, timeout: float = 120):
+    """`python -m llmkit serve ARGS --port P` as a real process, its output in `log` (a file: a pipe
+    nobody reads would fill with the request log); yields its base URL once /health answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "llmkit", "serve", *args, "--port", str(port)],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                if get(f"{url}/health")[0] == 200:
+                    break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, f"the server did not come up:\n{log.read_text()}"
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 TEXT = ["the cat sat on the mat. ", "a dog ran in the park! ", "héllo wörld, naïve café "] * 20

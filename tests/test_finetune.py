@@ -6,11 +6,13 @@ import json
 
 import pytest
 import torch
+from serve_helpers import get, llmkit_serve, post
 
 from llmkit.cli import main
 from llmkit.config import ModelConfig
 from llmkit.errors import FormatError
 from llmkit.eval.runner import run_eval
+from llmkit.generate import generate
 from llmkit.generate.chat import load as chat_load
 from llmkit.model import Transformer
 from llmkit.peft.lora import LoraConfig, apply_lora, load_adapter, save_adapter
@@ -193,33 +195,10 @@ def test_a_validation_split_larger_than_the_training_one_is_warned(base, tmp_pat
 def test_serve_lora_modules_serves_each_adapter_under_its_name(base, lora_run, tmp_path):
     """vLLM's --lora-modules: the base under its name, each adapter under its own; greedy replies and their
     log-probs equal llmkit.generate on the base and on the merged checkpoint."""
-    import socket
-    import subprocess
-    import sys
-    import time
-
-    from serve_helpers import get, post
-
-    from llmkit.generate import generate
-
     run_dir, checkpoint, merged = lora_run
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "llmkit", "serve", str(base / "model"), "--port", str(port),
-                             "--served-model-name", "base", "--lora-modules", f"sft={run_dir}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                status, body = get(f"{url}/v1/models")
-                break
-            except OSError:
-                assert time.time() < deadline and proc.poll() is None, "the server did not come up"
-                time.sleep(0.3)
-        models = json.loads(body)["data"]
+    with llmkit_serve([str(base / "model"), "--served-model-name", "base", "--lora-modules", f"sft={run_dir}"],
+                      tmp_path / "serve.log") as url:
+        models = json.loads(get(f"{url}/v1/models")[1])["data"]
         assert [(m["id"], m.get("parent")) for m in models] == [("base", None), ("sft", "base")]
         for name, folder in (("base", base / "model"), ("sft", merged)):
             status, out, _ = post(f"{url}/v1/completions", {"model": name, "prompt": "Who wrote", "max_tokens": 6,
@@ -232,7 +211,4 @@ def test_serve_lora_modules_serves_each_adapter_under_its_name(base, lora_run, t
                                        rtol=0, atol=1e-4)  # fp32 sums of one model, batched vs alone
         status, out, _ = post(f"{url}/v1/completions", {"model": "other", "prompt": "x"})
         assert status == 404 and "'base', 'sft'" in out["error"]["message"]
-    finally:
-        proc.terminate()
-        proc.wait(20)
     assert main(["serve", str(base / "model"), "--lora-modules", "sft"]) == 1  # NAME=PATH expected

@@ -13,7 +13,7 @@ import urllib.request
 import openai
 import pytest
 import torch
-from serve_helpers import get, metrics, post, save_tiny
+from serve_helpers import get, llmkit_serve, metrics, post, save_tiny
 
 import llmkit
 from llmkit import ModelConfig, Transformer
@@ -321,42 +321,20 @@ def test_api_key_and_a_full_queue(tiny):
         assert status == 429 and headers["retry-after"] == "1" and out["error"]["code"] == "rate_limit_exceeded"
 
 
-def test_cli_serves_a_folder_on_localhost_within_max_model_len(tiny_dir):
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "llmkit.cli", "serve", str(tiny_dir), "--port", str(port),
-                             "--served-model-name", "cli-tiny", "--max-model-len", "40"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    try:
-        lines = [proc.stdout.readline() for _ in range(3)]  # the load phase's two lines, then the address
-        assert lines[0].startswith("load ") and lines[1].startswith("load ") and "http://127.0.0.1:" in lines[2], lines
-        deadline = time.time() + 60
-        while True:
-            try:
-                status, body = get(f"http://127.0.0.1:{port}/v1/models")
-                break
-            except OSError:
-                assert time.time() < deadline and proc.poll() is None, "the server did not come up"
-                time.sleep(0.2)
+def test_cli_serves_a_folder_on_localhost_within_max_model_len(tiny_dir, tmp_path):
+    log = tmp_path / "serve.log"
+    with llmkit_serve([str(tiny_dir), "--served-model-name", "cli-tiny", "--max-model-len", "40"], log) as url:
+        status, body = get(f"{url}/v1/models")
         assert status == 200 and json.loads(body)["data"][0] == {
             "id": "cli-tiny", "object": "model", "created": json.loads(body)["data"][0]["created"],
             "owned_by": "llmkit", "max_model_len": 40}  # the cap, not the model's 96
-        status, out, _ = post(f"http://127.0.0.1:{port}/v1/completions",
-                              {"model": "cli-tiny", "prompt": list(range(3, 53)), "max_tokens": 1})
+        status, out, _ = post(f"{url}/v1/completions", {"model": "cli-tiny", "prompt": list(range(3, 53)),
+                                                        "max_tokens": 1})
         assert status == 400 and out["error"]["code"] == "context_length_exceeded" and "40 tokens" in out["error"]["message"]
-        status, out, _ = post(f"http://127.0.0.1:{port}/v1/completions",
-                              {"model": "cli-tiny", "prompt": list(range(3, 33)), "max_tokens": 100,
-                               "ignore_eos": True, "temperature": 0})
+        status, out, _ = post(f"{url}/v1/completions", {"model": "cli-tiny", "prompt": list(range(3, 33)),
+                                                        "max_tokens": 100, "ignore_eos": True, "temperature": 0})
         assert status == 200 and out["usage"]["completion_tokens"] == 10  # 30 + 10 fill the capped context
-    finally:
-        proc.terminate()
-        proc.wait(20)
-    log = proc.stdout.read()  # one line per finished request, as vLLM and llama.cpp's server print them
-    assert re.search(r"request [0-9a-f]+: length, prompt 30 tokens, generated 10 in 1 row\(s\), first token \d+ ms, "
-                     r"total \d+ ms", log), log
+    lines = log.read_text().splitlines()  # the load phase, the address, then a line per finished request
+    assert lines[0].startswith("load ") and lines[1].startswith("load ") and "http://127.0.0.1:" in lines[2], lines
+    assert any(re.search(r"request [0-9a-f]+: length, prompt 30 tokens, generated 10 in 1 row\(s\), first token "
+                         r"\d+ ms, total \d+ ms", line) for line in lines), lines
