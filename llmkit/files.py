@@ -58,10 +58,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         os.close(fd)
         tmp = Path(tmp_name)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the final file gets the usual permissions
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        # mkstemp makes 0600, and a writer may replace the file with its own 0600 one (safetensors does):
+        # the final file gets the umask's permissions, set after the writer is done
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
         fsync_dir(target.parent)
     except OSError as e:
