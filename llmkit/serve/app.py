@@ -190,13 +190,13 @@ def create_app(model, tokenizer, config: ServeConfig | None = None,
     config = config or ServeConfig()
     name = config.served_model_name or config.model or "llmkit"
     context, vocab = model.config.max_seq_len, model.config.vocab_size
-    metrics = Metrics()
+    counts = Metrics()  # one set of counters and histograms for every served model
     schedulers = {served: Scheduler(m, tokenizer, kv_budget=config.kv_budget, max_rows=config.max_rows,
                                     max_waiting=config.max_waiting, prefill_chunk=config.prefill_chunk,
-                                    prefix_cache=config.prefix_cache, metrics=metrics)
+                                    prefix_cache=config.prefix_cache, metrics=counts)
                   for served, m in {name: model, **(adapters or {})}.items()}
     scheduler = schedulers[name]
-    metrics.gauges.update({  # over every served model (each scheduler set its own)
+    counts.gauges.update({  # over every served model (each scheduler set its own)
         "num_requests_running": lambda: sum(len(s.running) + len(s.filling) for s in schedulers.values()),
         "num_requests_waiting": lambda: sum(len(s.waiting) for s in schedulers.values()),
         "kv_cache_usage_perc": lambda: sum(s.kv_usage() for s in schedulers.values()) / len(schedulers)})
@@ -499,7 +499,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None,
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(counts.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/", include_in_schema=False)
     async def page():
