@@ -18,7 +18,7 @@ import torch
 from llmkit.config import ModelConfig
 from llmkit.errors import FormatError
 from llmkit.files import atomic_path, cache_dir, sha256_file
-from llmkit.formats.runs import latest
+from llmkit.formats.runs import newest
 from llmkit.tokenizer import Tokenizer, register_named_reader
 
 
@@ -83,9 +83,7 @@ MODELS: dict[str, tuple[str, str] | Joined | Folder] = {
 def resolve(spec: str | os.PathLike) -> Path:
     """The folder or GGUF file that `spec` names: a training run's folder means its newest complete
     checkpoint; a registry model is fetched on first use."""
-    path = Path(spec)
-    if path.is_dir() and (newest := latest(path)) is not None:
-        return newest
+    path = newest(spec)
     if path.exists():
         return path
     if str(spec) in MODELS:

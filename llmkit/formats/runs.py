@@ -4,6 +4,7 @@ folder names its newest complete checkpoint."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 STATE_DIR = "trainer_state"
@@ -24,3 +25,9 @@ def complete_checkpoints(out_dir: Path) -> list[Path]:
 def latest(out_dir: Path) -> Path | None:
     found = complete_checkpoints(out_dir)
     return found[-1] if found else None
+
+
+def newest(spec: str | os.PathLike) -> Path:
+    """What a path names as a model: a run folder its newest complete checkpoint, anything else itself."""
+    path = Path(spec)
+    return (latest(path) or path) if path.is_dir() else path

@@ -15,7 +15,7 @@ import torch
 
 from llmkit.errors import FormatError
 from llmkit.files import read_json
-from llmkit.formats.runs import latest
+from llmkit.formats.runs import newest
 from llmkit.model import Transformer
 from llmkit.model import load as load_model
 from llmkit.peft.lora import ADAPTER_CONFIG, load_adapter, merge_lora
@@ -25,8 +25,7 @@ from llmkit.tokenizer import Tokenizer
 def is_adapter(spec: str | os.PathLike) -> bool:
     """Whether `spec` is an adapter folder (peft's adapter_config.json, no model config.json), or the
     run folder of a LoRA fine-tuning (its newest checkpoint is one)."""
-    folder = Path(spec)
-    folder = (latest(folder) or folder) if folder.is_dir() else folder
+    folder = newest(spec)
     return folder.is_dir() and (folder / ADAPTER_CONFIG).is_file() and not (folder / "config.json").is_file()
 
 
@@ -50,7 +49,7 @@ def load(spec: str | os.PathLike, dtype: torch.dtype | None = None,
     then cast to `dtype`, or to the base's own), with the adapter folder's tokenizer when it has one."""
     if not is_adapter(spec):
         return load_model(spec, dtype=dtype, device=device)
-    spec = latest(Path(spec)) or spec
+    spec = newest(spec)
     model, tokenizer = load_model(recorded_base(spec))
     merge_into(model, spec)
     if (Path(spec) / "tokenizer.json").is_file():
@@ -61,9 +60,8 @@ def load(spec: str | os.PathLike, dtype: torch.dtype | None = None,
 def merge_into(model: Transformer, adapter: str | os.PathLike) -> Transformer:
     """Fold a LoRA adapter (or a LoRA run's newest checkpoint) into `model`, in place: W0 + (alpha/r) B A
     computed in fp32, the model left in its dtype."""
-    adapter = (latest(Path(adapter)) or adapter) if Path(adapter).is_dir() else adapter
     dtype = model.dtype
-    merge_lora(load_adapter(model.float(), adapter))
+    merge_lora(load_adapter(model.float(), newest(adapter)))
     return model.to(dtype)
 
 

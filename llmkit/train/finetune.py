@@ -34,7 +34,7 @@ from llmkit.data.collate import collate_classification, collate_sft
 from llmkit.data.labelled import movie_reviews, read_labelled, sentiment_prompt, sentiment_rows
 from llmkit.data.split import hold_out
 from llmkit.errors import ConfigError, DataError
-from llmkit.formats.runs import latest
+from llmkit.formats.runs import newest
 from llmkit.model import Transformer, load
 from llmkit.peft.lora import LoraConfig, apply_lora, read_adapter, save_adapter_state, trainable_parameters
 from llmkit.peft.prompt_tuning import ADAPTER_WEIGHTS, PromptTuning, save_prompt_state
@@ -176,8 +176,7 @@ def add_classification_head(model: Transformer, num_labels: int, seed: int = 0) 
 def base_name(spec: str) -> str:
     """How an adapter records its base: a local folder or file as an absolute path (so it loads from any
     working directory), a registry name as it is."""
-    path = Path(spec)
-    path = (latest(path) or path) if path.is_dir() else path  # a run: the checkpoint it trained from
+    path = newest(spec)  # a run: the checkpoint it trained from
     return str(path.resolve()) if path.exists() else spec
 
 
