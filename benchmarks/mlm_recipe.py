@@ -54,7 +54,7 @@ def main() -> None:
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                           "load_average_at_end": os.getloadavg()[0]},
-              "recipe_commands": list(seconds), "seconds": seconds, "steps": report.get("step"),
+              "recipe_commands": list(seconds), "seconds": seconds, "steps": report.get("steps"),
               "mlm": report["mlm"],
               "evaluations": [{k: e[k] for k in ("step", "val_loss", "val_accuracy", "val_mask_accuracy")}
                               for e in evals]}

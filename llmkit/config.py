@@ -81,7 +81,8 @@ class ModelConfig:
     embed_norm: bool = False  # a norm over the summed embeddings, before the first block (BERT)
     mlm_head: bool = False  # the LM head reads norm(act(dense(h))) and has a bias (BertForMaskedLM's head)
     pooling: str = "last"  # the token a classifier reads: "last" real token (decoders), "cls" (first), "mean"
-    pooler: bool = False  # the classifier reads tanh(dense(pooled)) and its `score` has a bias (BERT's pooler)
+    pooler: bool = False  # the classifier reads act(dense(pooled)) and its `score` has a bias (BERT's pooler)
+    pooler_activation: str = "tanh"  # that act: tanh (BERT's pooler) or the blocks' (RoFormer's classifier head)
     name: str = field(default="custom", compare=False)
     # Mixture of experts (llmkit/moe.py): n_experts > 0 replaces every block's MLP by a router and
     # n_experts MLPs of width d_ff, of which each token runs `experts_per_token` (Mixtral, Qwen2-MoE, OLMoE).
@@ -123,6 +124,8 @@ class ModelConfig:
             raise ConfigError(f"norm={self.norm!r}; expected one of {NORMS}")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"activation={self.activation!r}; expected one of {ACTIVATIONS}")
+        if self.pooler_activation not in ("tanh", *ACTIVATIONS):
+            raise ConfigError(f"pooler_activation={self.pooler_activation!r}; expected one of {('tanh', *ACTIVATIONS)}")
         if self.pos_embedding == "rope" and self.head_dim % 2:
             raise ConfigError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
         if not self.rope_theta > 0 or (self.rope_local_theta is not None and not self.rope_local_theta > 0):
@@ -231,10 +234,11 @@ class ModelConfig:
         model_type = self.hf_model_type
         hf = {"gpt2": self._to_hf_gpt2, "llama": self._to_hf_llama, "qwen2": self._to_hf_qwen2,
               "gemma3_text": self._to_hf_gemma3, "mixtral": self._to_hf_mixtral,
-              "qwen2_moe": self._to_hf_qwen2_moe, "bert": self._to_hf_bert}[model_type]()
+              "qwen2_moe": self._to_hf_qwen2_moe, "bert": self._to_hf_bert,
+              "roformer": self._to_hf_roformer}[model_type]()
         causal, classifier = HF_FAMILIES[model_type]
-        if model_type == "bert" and not self.mlm_head:
-            causal = "BertModel"  # the bare encoder (sentence-transformers' checkpoints)
+        if model_type in ENCODER_FAMILIES and not self.mlm_head:
+            causal = ENCODER_FAMILIES[model_type]  # the bare encoder (sentence-transformers' checkpoints)
         hf = {"architectures": [classifier if self.num_labels else causal], "model_type": model_type, **hf,
               "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id}
         if self.num_labels:
@@ -318,6 +322,11 @@ class ModelConfig:
             "tie_word_embeddings": True,
         }
 
+    def _to_hf_roformer(self) -> dict[str, Any]:
+        hf = self._to_hf_bert()
+        del hf["position_embedding_type"]
+        return {**hf, "embedding_size": self.d_model, "rotary_value": False}
+
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Build from the contents of a transformers `config.json` (gpt2, llama, qwen2 or gemma3_text)."""
@@ -328,7 +337,7 @@ class ModelConfig:
             num_labels = len(hf.get("id2label") or {}) or int(hf.get("num_labels", 2))
         readers = {"gpt2": cls._from_hf_gpt2, "llama": cls._from_hf_llama, "mistral": cls._from_hf_llama,
                    "qwen2": cls._from_hf_qwen2, "gemma3_text": cls._from_hf_gemma3, "mixtral": cls._from_hf_mixtral,
-                   "qwen2_moe": cls._from_hf_qwen2_moe, "bert": cls._from_hf_bert}
+                   "qwen2_moe": cls._from_hf_qwen2_moe, "bert": cls._from_hf_bert, "roformer": cls._from_hf_roformer}
         if model_type == "gemma3":
             raise ConfigError(f"{source}: model_type 'gemma3' is the multimodal Gemma3ForConditionalGeneration; "
                               "llmkit reads text-only Gemma-3 checkpoints (model_type 'gemma3_text')")
@@ -362,27 +371,45 @@ class ModelConfig:
     @classmethod
     def _from_hf_bert(cls, hf: dict[str, Any], source: str) -> ModelConfig:
         """BertModel, BertForMaskedLM or BertForSequenceClassification (the architecture picks the heads)."""
-        architecture = (hf.get("architectures") or ["BertModel"])[0]
-        if architecture not in ("BertModel", "BertForMaskedLM", "BertForSequenceClassification"):
-            raise ConfigError(f"{source}: architecture {architecture!r} is not supported for bert; llmkit reads "
-                              "BertModel, BertForMaskedLM and BertForSequenceClassification")
-        for key, supported in (("position_embedding_type", "absolute"), ("is_decoder", False),
-                               ("add_cross_attention", False), ("tie_word_embeddings", True)):
-            if hf.get(key, supported) != supported:
-                raise ConfigError(f"{source}: {key}={hf[key]!r} is not supported for bert; expected {supported!r}")
+        return cls._from_hf_encoder(hf, source, "bert", {"position_embedding_type": "absolute"},
+                                    pos_embedding="learned", pooler_activation="tanh")
+
+    @classmethod
+    def _from_hf_roformer(cls, hf: dict[str, Any], source: str) -> ModelConfig:
+        """RoFormer: BERT with rotary positions (interleaved pairs; the weight map reorders q and k rows
+        into llmkit's halves) and a classifier head `out_proj(act(dense(cls)))` in place of the pooler."""
+        hidden = hf["hidden_size"]
+        act = hf.get("hidden_act", "gelu")
+        return cls._from_hf_encoder(hf, source, "roformer", {"rotary_value": False, "embedding_size": hidden},
+                                    pos_embedding="rope", rope_theta=10000.0,
+                                    pooler_activation=_FROM_HF_ACT.get(act, "gelu"))
+
+    @classmethod
+    def _from_hf_encoder(cls, hf: dict[str, Any], source: str, family: str, fixed: dict[str, Any],
+                         **fields: Any) -> ModelConfig:
+        """The keys BERT and RoFormer share; `fixed`: the family's keys that must hold their one value."""
+        bare, masked, classifier = ENCODER_FAMILIES[family], *HF_FAMILIES[family]
+        architecture = (hf.get("architectures") or [bare])[0]
+        if architecture not in (bare, masked, classifier):
+            raise ConfigError(f"{source}: architecture {architecture!r} is not supported for {family}; llmkit reads "
+                              f"{bare}, {masked} and {classifier}")
+        for key, supported in {**fixed, "is_decoder": False, "add_cross_attention": False,
+                               "tie_word_embeddings": True}.items():
+            if hf.get(key) is not None and hf[key] != supported:
+                raise ConfigError(f"{source}: {key}={hf[key]!r} is not supported for {family}; expected {supported!r}")
         act = hf.get("hidden_act", "gelu")
         if act not in _FROM_HF_ACT:
             raise ConfigError(f"{source}: unsupported hidden_act {act!r}")
         return cls(
-            name=hf.get("_name_or_path") or "bert", vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
+            name=hf.get("_name_or_path") or family, vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
             n_head=hf["num_attention_heads"], d_model=hf["hidden_size"], d_ff=hf["intermediate_size"],
-            max_seq_len=hf.get("max_position_embeddings", 512), pos_embedding="learned", norm="layernorm",
+            max_seq_len=hf.get("max_position_embeddings", 512), norm="layernorm",
             norm_eps=hf.get("layer_norm_eps", 1e-12), activation=_FROM_HF_ACT[act], gated_mlp=False, bias=True,
             tie_embeddings=True, dropout=hf.get("hidden_dropout_prob", 0.0), init_std=hf.get("initializer_range", 0.02),
             causal=False, post_norm=True, embed_norm=True, type_vocab_size=hf.get("type_vocab_size", 2),
-            mlm_head=architecture == "BertForMaskedLM", pooling="cls", pooler=architecture != "BertForMaskedLM",
+            mlm_head=architecture == masked, pooling="cls", pooler=architecture != masked,
             bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
-            pad_token_id=hf.get("pad_token_id", 0))
+            pad_token_id=hf.get("pad_token_id", 0), **fields)
 
     @classmethod
     def _from_hf_decoder(cls, hf: dict[str, Any], source: str, act_key: str, defaults: dict[str, Any],
@@ -489,8 +516,11 @@ HF_FAMILIES = {
     "gemma3_text": ("Gemma3ForCausalLM", "Gemma3TextForSequenceClassification"),
     "mixtral": ("MixtralForCausalLM", "MixtralForSequenceClassification"),
     "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeForSequenceClassification"),
-    "bert": ("BertForMaskedLM", "BertForSequenceClassification"),  # BertModel without the MLM head
+    "bert": ("BertForMaskedLM", "BertForSequenceClassification"),
+    "roformer": ("RoFormerForMaskedLM", "RoFormerForSequenceClassification"),
 }
+# The encoder families and their bare model (no MLM head: sentence-transformers' checkpoints).
+ENCODER_FAMILIES = {"bert": "BertModel", "roformer": "RoFormerModel"}
 
 # Gemma3TextConfig's defaults where they matter when a key is absent.
 _GEMMA3_DEFAULTS = {"rope_theta": 1_000_000.0, "tie_word_embeddings": True, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
@@ -510,7 +540,12 @@ _FAMILY_FIELDS: dict[str, dict[str, Any]] = {
     "qwen2_moe": dict(pos_embedding="rope", norm="rmsnorm", gated_mlp=True, bias=False, shared_expert_gate=True,
                       **_NOT_GEMMA),
     "bert": dict(pos_embedding="learned", norm="layernorm", gated_mlp=False, bias=True, tie_embeddings=True,
-                 rope_scaling=None, causal=False, post_norm=True, embed_norm=True, pooling="cls", **_NOT_GEMMA),
+                 rope_scaling=None, causal=False, post_norm=True, embed_norm=True, pooling="cls",
+                 pooler_activation="tanh", **_NOT_GEMMA),
+    # RoFormer's sinusoids are RoPE with base 10,000 over the whole head.
+    "roformer": dict(pos_embedding="rope", rope_theta=10000.0, norm="layernorm", gated_mlp=False, bias=True,
+                     tie_embeddings=True, rope_scaling=None, causal=False, post_norm=True, embed_norm=True,
+                     pooling="cls", **_NOT_GEMMA),
 }
 # What every decoder family fixes: none of the encoder fields.
 _DECODER = dict(causal=True, post_norm=False, type_vocab_size=0, embed_norm=False, mlm_head=False, pooling="last",
@@ -520,7 +555,7 @@ _MOE_FAMILIES = ("mixtral", "qwen2_moe")
 
 def _misfits(c: ModelConfig, family: str) -> list[str]:
     """What keeps `c` out of `family`, as 'field=wanted (got value)' strings; empty when it fits."""
-    fixed = _FAMILY_FIELDS[family] if family == "bert" else {**_FAMILY_FIELDS[family], **_DECODER}
+    fixed = _FAMILY_FIELDS[family] if family in ENCODER_FAMILIES else {**_FAMILY_FIELDS[family], **_DECODER}
     wrong = [f"{k}={v!r} (got {getattr(c, k)!r})" for k, v in fixed.items() if getattr(c, k) != v]
     sliding = c.sliding_window is not None and any(c.layer_type(i) == "sliding_attention" for i in range(c.n_layer))
     if (family in _MOE_FAMILIES) != (c.n_experts > 0):
@@ -533,7 +568,9 @@ def _misfits(c: ModelConfig, family: str) -> list[str]:
         wrong.append("the same attention in every layer (got layer_types)")
     if family in ("gpt2", "llama") and sliding:
         wrong.append(f"no sliding_attention layers (got sliding_window={c.sliding_window})")
-    if family == "bert" and (c.n_kv_head != c.n_head or c.head_dim * c.n_head != c.d_model or c.type_vocab_size < 1
+    if family == "roformer" and c.pooler_activation != c.activation:
+        wrong.append(f"pooler_activation=activation (got {c.pooler_activation!r}, {c.activation!r})")
+    if family in ENCODER_FAMILIES and (c.n_kv_head != c.n_head or c.head_dim * c.n_head != c.d_model or c.type_vocab_size < 1
                              or (c.num_labels and not c.pooler)):
         wrong.append(f"n_kv_head=n_head, head_dim*n_head=d_model, type_vocab_size >= 1 and a pooler when a "
                      f"classifier (got n_kv_head={c.n_kv_head}, head_dim={c.head_dim}, "
@@ -563,6 +600,9 @@ _LLAMA = dict(pos_embedding="rope", norm="rmsnorm", activation="silu", gated_mlp
 _BERT = dict(pos_embedding="learned", norm="layernorm", norm_eps=1e-12, activation="gelu", gated_mlp=False, bias=True,
              tie_embeddings=True, causal=False, post_norm=True, embed_norm=True, type_vocab_size=2, mlm_head=True,
              pooling="cls")
+# RoFormer: BERT with rotary positions. From scratch it learns word order far sooner than BERT's learned
+# positions (docs/encoders.md: an MLM run of the same size and budget).
+_ROFORMER = dict(_BERT, pos_embedding="rope", rope_theta=10000.0, pooler_activation="gelu")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "gpt2": dict(_GPT2, n_layer=12, n_head=12, d_model=768),
@@ -599,6 +639,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                       d_ff=704, max_seq_len=512, tie_embeddings=True),
     # A small encoder for MLM pretraining on CPU (about 2M parameters at an 8,192-token vocabulary).
     "bert-2m": dict(_BERT, vocab_size=8192, n_layer=4, n_head=4, d_model=128, d_ff=512, max_seq_len=512),
+    "roformer-2m": dict(_ROFORMER, vocab_size=8192, n_layer=4, n_head=4, d_model=128, d_ff=512, max_seq_len=512),
     "llama-16m": dict(_LLAMA, vocab_size=8192, n_layer=8, n_head=8, n_kv_head=4, d_model=384,
                       d_ff=1024, max_seq_len=1024, tie_embeddings=True),
 }

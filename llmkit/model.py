@@ -516,14 +516,16 @@ class Transformer(nn.Module):
                  token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Class logits (batch, num_labels) (a reward when num_labels is 1) read off the token that
         `config.pooling` names (a decoder's last real token, an encoder's first), so right- and
-        left-padded batches give each row's unpadded result; BERT's pooler (tanh(dense)) first if any."""
+        left-padded batches give each row's unpadded result; BERT's pooler (tanh(dense)) first if any
+        (RoFormer's: the blocks' activation)."""
         if self.score is None:
             raise ConfigError("this model has no classification head; build it with num_labels > 0 "
                               "(ModelConfig.replace(num_labels=N))")
         hidden = self.hidden_states(input_ids, attention_mask, token_type_ids=token_type_ids)
         pooled = pool(hidden, attention_mask, self.config.pooling)
         if self.pooler is not None:
-            pooled = torch.tanh(self.pooler(pooled))
+            act = self.config.pooler_activation
+            pooled = (torch.tanh if act == "tanh" else _ACTIVATIONS[act])(self.pooler(pooled))
         return self.score(pooled)
 
     def hidden_states(self, input_ids, attention_mask=None, positions=None, kv_cache=None, token_type_ids=None,

@@ -1,7 +1,8 @@
 """BERT-style encoders as config fields of the one model: parity with transformers' BertForMaskedLM and
-BertForSequenceClassification in fp32, both directions (their folders read by llmkit, ours read by
-transformers), on tiny random models whose norms and biases are moved off their initial values and
-whose batches are padded and carry token types; and the encoder's clear errors."""
+BertForSequenceClassification (and RoFormer's, BERT with rotary positions) in fp32, both directions
+(their folders read by llmkit, ours read by transformers), on tiny random models whose norms and biases
+are moved off their initial values and whose batches are padded and carry token types; and the
+encoder's clear errors."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from llmkit.generate import generate_tensor
 VOCAB = 97
 
 
-def _bert_config(**changes) -> transformers.BertConfig:
-    return transformers.BertConfig(**{**dict(
+def _bert_config(config_class=transformers.BertConfig, **changes) -> transformers.BertConfig:
+    return config_class(**{**dict(
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
         max_position_embeddings=40, type_vocab_size=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         layer_norm_eps=1e-12), **changes})
@@ -32,6 +33,8 @@ def _random(cls, config, seed: int = 0):
     model = cls(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if "embed_positions" in name:
+                continue  # RoFormer's sinusoid table: a formula, not a weight
             if "LayerNorm.weight" in name:
                 p.uniform_(0.5, 1.5)  # perturbed norms: a swapped or missing LayerNorm cannot hide
             else:
@@ -53,13 +56,20 @@ def _batch(seed: int = 1):
 TOL = dict(atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("cls", [transformers.BertForMaskedLM, transformers.BertForSequenceClassification])
-def test_parity_both_directions(cls, tmp_path):
-    config = _bert_config(num_labels=3) if cls is transformers.BertForSequenceClassification else _bert_config()
+ENCODERS = {"bert": (transformers.BertConfig, transformers.BertForMaskedLM, transformers.BertForSequenceClassification),
+            "roformer": (transformers.RoFormerConfig, transformers.RoFormerForMaskedLM,
+                         transformers.RoFormerForSequenceClassification)}
+
+
+@pytest.mark.parametrize("family, head", [(f, h) for f in ENCODERS for h in ("mlm", "classify")])
+def test_parity_both_directions(family, head, tmp_path):
+    config_class, masked, classifier = ENCODERS[family]
+    cls = classifier if head == "classify" else masked
+    config = _bert_config(config_class, **(dict(num_labels=3) if head == "classify" else {}))
     reference = _random(cls, config)
     reference.save_pretrained(tmp_path / "hf")
     ours = Transformer.from_pretrained(tmp_path / "hf")
-    assert not ours.config.causal and ours.config.hf_model_type == "bert"
+    assert not ours.config.causal and ours.config.hf_model_type == family
     ids, mask, types = _batch()
     real = mask.bool()
 
@@ -139,6 +149,21 @@ def test_unsupported_bert_configs_are_refused_by_name(changes, message, tmp_path
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
     with pytest.raises(FormatError, match=message):
         Transformer.from_pretrained(tmp_path)
+
+
+def test_roformer_files_that_rotate_otherwise_are_refused(tmp_path):
+    """RoFormer's rotation is a formula: a stored table that differs from it, or rotated values, is refused."""
+    reference = _random(transformers.RoFormerForMaskedLM, _bert_config(transformers.RoFormerConfig))
+    with torch.no_grad():
+        reference.roformer.encoder.embed_positions.weight[3] += 0.5
+    reference.save_pretrained(tmp_path / "table")
+    with pytest.raises(FormatError, match="sinusoidal position table"):
+        Transformer.from_pretrained(tmp_path / "table")
+    _random(transformers.RoFormerForMaskedLM, _bert_config(transformers.RoFormerConfig)).save_pretrained(tmp_path / "v")
+    path = tmp_path / "v" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "rotary_value": True}))
+    with pytest.raises(FormatError, match="rotary_value"):
+        Transformer.from_pretrained(tmp_path / "v")
 
 
 def test_encoder_config_errors():

@@ -208,5 +208,5 @@ def test_the_mlm_recipe_parses():
     from llmkit.options import build_config
 
     config = build_config(PretrainConfig, Path(__file__).parents[1] / "recipes" / "mlm.yaml")
-    assert (config.model, config.objective, config.mask_prob, config.max_minutes) == ("bert-2m", "mlm", 0.15, 10)
+    assert (config.model, config.objective, config.mask_prob, config.max_minutes) == ("roformer-2m", "mlm", 0.15, 10)
     check_objective(ModelConfig.from_preset(config.model), config.objective)

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from llmkit.config import ModelConfig
+from llmkit.config import ENCODER_FAMILIES, ModelConfig
 from llmkit.errors import ConfigError, FormatError, StorageError
 from llmkit.files import atomic_path, atomic_write_json, read_json
 
@@ -40,8 +40,10 @@ class _Entry:
     """One tensor in the HF file and the llmkit tensor(s) it becomes.
 
     kind: "copy" (same layout), "transpose" (GPT-2's Conv1D stores [in, out]), "qkv"
-    (GPT-2's fused c_attn, transposed, split into q, k, v) or "expert" (one expert's matrix, row
-    `expert` of our stacked (experts, out, in) tensor).
+    (GPT-2's fused c_attn, transposed, split into q, k, v), "expert" (one expert's matrix, row
+    `expert` of our stacked (experts, out, in) tensor), "pairs" (RoFormer's q/k rows rotate in adjacent
+    pairs, llmkit's in halves of each of `heads` heads: the rows are reordered) or "sinusoid"
+    (RoFormer's stored table of positions: written from the formula, checked against it on reading).
     """
 
     hf: str
@@ -49,13 +51,14 @@ class _Entry:
     ours: tuple[str, ...]
     kind: str = "copy"
     expert: int = 0
+    heads: int = 0
 
 
 def _tensor_map(config: ModelConfig) -> list[_Entry]:
     c = config
     model_type = c.hf_model_type
-    if model_type == "bert":
-        return _bert_map(c)
+    if model_type in ENCODER_FAMILIES:
+        return _encoder_map(c, model_type)
     if model_type != "gpt2":
         return _decoder_map(c) + _score_entries(c)
     E: list[_Entry] = []
@@ -149,40 +152,62 @@ def _stack_experts(tensors: dict[str, torch.Tensor], entries: list[_Entry]) -> N
         tensors[name] = torch.stack([tensors.pop(k) for k in parts])
 
 
-def _bert_map(c: ModelConfig) -> list[_Entry]:
+def _encoder_map(c: ModelConfig, family: str) -> list[_Entry]:
     """BertModel / BertForMaskedLM / BertForSequenceClassification: post-norm blocks under `bert.`, the MLM
-    head under `cls.predictions`, the pooler and the biased `classifier`."""
-    d, b = c.d_model, "bert"
+    head under `cls.predictions`, the pooler and the biased `classifier`. RoFormer: the same under
+    `roformer.` without learned positions (q and k rotate instead), its classifier `dense` + `out_proj`."""
+    d, b = c.d_model, family
+    rotary = family == "roformer"
 
-    def linear(hf: str, ours: str, out_dim: int, in_dim: int) -> list[_Entry]:
-        return [_Entry(f"{hf}.weight", (out_dim, in_dim), (f"{ours}.weight",)),
-                _Entry(f"{hf}.bias", (out_dim,), (f"{ours}.bias",))]
+    def linear(hf: str, ours: str, out_dim: int, in_dim: int, kind: str = "copy") -> list[_Entry]:
+        heads = c.n_head if kind == "pairs" else 0
+        return [_Entry(f"{hf}.weight", (out_dim, in_dim), (f"{ours}.weight",), kind, heads=heads),
+                _Entry(f"{hf}.bias", (out_dim,), (f"{ours}.bias",), kind, heads=heads)]
 
     def norm(hf: str, ours: str) -> list[_Entry]:
         return [_Entry(f"{hf}.{p}", (d,), (f"{ours}.{p}",)) for p in ("weight", "bias")]
 
     E = [_Entry(f"{b}.embeddings.word_embeddings.weight", (c.vocab_size, d), ("embed.weight",)),
-         _Entry(f"{b}.embeddings.position_embeddings.weight", (c.max_seq_len, d), ("pos_embed.weight",)),
          _Entry(f"{b}.embeddings.token_type_embeddings.weight", (c.type_vocab_size, d), ("type_embed.weight",)),
          *norm(f"{b}.embeddings.LayerNorm", "embed_norm")]
+    if rotary:
+        E.append(_Entry(f"{b}.encoder.embed_positions.weight", (c.max_seq_len, c.head_dim), (), "sinusoid"))
+    else:
+        E.append(_Entry(f"{b}.embeddings.position_embeddings.weight", (c.max_seq_len, d), ("pos_embed.weight",)))
     for i in range(c.n_layer):
         h, o = f"{b}.encoder.layer.{i}", f"blocks.{i}"
         for hf_name, ours in (("query", "q"), ("key", "k"), ("value", "v")):
-            E += linear(f"{h}.attention.self.{hf_name}", f"{o}.attn.{ours}_proj", d, d)
+            kind = "pairs" if rotary and ours != "v" else "copy"
+            E += linear(f"{h}.attention.self.{hf_name}", f"{o}.attn.{ours}_proj", d, d, kind)
         E += linear(f"{h}.attention.output.dense", f"{o}.attn.o_proj", d, d)
         E += norm(f"{h}.attention.output.LayerNorm", f"{o}.attn_norm")
         E += linear(f"{h}.intermediate.dense", f"{o}.mlp.up_proj", c.d_ff, d)
         E += linear(f"{h}.output.dense", f"{o}.mlp.down_proj", d, c.d_ff)
         E += norm(f"{h}.output.LayerNorm", f"{o}.mlp_norm")
     if c.pooler:
-        E += linear(f"{b}.pooler.dense", "pooler", d, d)
+        E += linear("classifier.dense" if rotary else f"{b}.pooler.dense", "pooler", d, d)
     if c.num_labels:
-        return E + linear("classifier", "score", c.num_labels, d)
+        return E + linear("classifier.out_proj" if rotary else "classifier", "score", c.num_labels, d)
     if c.mlm_head:
         E += linear("cls.predictions.transform.dense", "mlm_dense", d, d)
         E += norm("cls.predictions.transform.LayerNorm", "mlm_norm")
         E.append(_Entry("cls.predictions.bias", (c.vocab_size,), ("lm_head.bias",)))
     return E
+
+
+def _halves_order(rows: int, heads: int) -> torch.Tensor:
+    """The row order that turns each head's adjacent rotary pairs (0, 1), (2, 3), ... (RoFormer) into
+    llmkit's halves (0, d/2), (1, d/2 + 1), ...: the same rotation, so the same attention scores."""
+    dim = rows // heads
+    within = torch.cat([torch.arange(0, dim, 2), torch.arange(1, dim, 2)])
+    return (torch.arange(heads)[:, None] * dim + within).flatten()
+
+
+def sinusoid_table(positions: int, dim: int) -> torch.Tensor:
+    """RoFormer's stored position table: sin of each pair's angle in the first half, cos in the second."""
+    angle = torch.arange(positions, dtype=torch.float64)[:, None] / 10000.0 ** (
+        torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    return torch.cat([angle.sin(), angle.cos()], dim=1).float()
 
 
 def _score_entries(c: ModelConfig) -> list[_Entry]:
@@ -195,8 +220,8 @@ def _canonical_name(name: str, model_type: str) -> str:
     checkpoints (sentence-transformers') the `bert.` one."""
     if model_type == "gpt2" and not name.startswith(("transformer.", "lm_head.", "score.")):
         return "transformer." + name
-    if model_type == "bert" and not name.startswith(("bert.", "cls.", "classifier.")):
-        return "bert." + name
+    if model_type in ENCODER_FAMILIES and not name.startswith((f"{model_type}.", "cls.", "classifier.")):
+        return f"{model_type}." + name
     return name
 
 
@@ -347,7 +372,7 @@ def load_checkpoint(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]
     expected = {e.hf for e in entries}
     if model_type == "gpt2":
         located.pop("lm_head.weight", None)  # GPT-2's head is the token embedding
-    if model_type == "bert" and config.mlm_head and not config.num_labels:
+    if model_type in ENCODER_FAMILIES and config.mlm_head and not config.num_labels:
         for name in _BERT_TIED:
             located.pop(name, None)
     unexpected = sorted(set(located) - expected)
@@ -389,6 +414,15 @@ def load_checkpoint(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]
 def _from_hf(e: _Entry, t: torch.Tensor) -> dict[str, torch.Tensor]:
     if e.kind == "copy":
         return {e.ours[0]: t}
+    if e.kind == "pairs":
+        return {e.ours[0]: t[_halves_order(len(t), e.heads)].contiguous()}
+    if e.kind == "sinusoid":
+        # sin/cos of the same angles, transformers' in numpy, ours in torch: equal to float32 rounding
+        # (1e-5 leaves room for it), compared in the file's dtype (a bf16 checkpoint stores bf16 values).
+        if not torch.allclose(t.float(), sinusoid_table(*e.shape).to(t.dtype).float(), atol=1e-5):
+            raise FormatError(f"{e.hf}: not RoFormer's sinusoidal position table; llmkit computes the rotary "
+                              "angles from the formula and refuses a file whose table differs")
+        return {}
     if e.kind == "transpose":
         return {e.ours[0]: t.t().contiguous()}
     if e.kind == "expert":
@@ -400,6 +434,11 @@ def _from_hf(e: _Entry, t: torch.Tensor) -> dict[str, torch.Tensor]:
 def _to_hf(e: _Entry, sd: dict[str, torch.Tensor]) -> torch.Tensor:
     if e.kind == "copy":
         return sd[e.ours[0]]
+    if e.kind == "pairs":
+        t = sd[e.ours[0]]
+        return t[torch.argsort(_halves_order(len(t), e.heads))]
+    if e.kind == "sinusoid":
+        return sinusoid_table(*e.shape)
     if e.kind == "transpose":
         return sd[e.ours[0]].t()
     if e.kind == "expert":
