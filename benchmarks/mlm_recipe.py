@@ -6,10 +6,15 @@ figures: masked-token accuracy over all chosen positions and at [MASK] positions
 and the MLM perplexity, plus every evaluation.
 
     python benchmarks/mlm_recipe.py
+    python benchmarks/mlm_recipe.py --model bert-2m --out benchmarks/results/mlm_recipe_bert.json
+
+`--model` trains another encoder preset on the same recipe (BERT's learned positions against the
+recipe's rotary ones).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -31,7 +36,11 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="", help="an encoder preset in place of the recipe's model")
+    p.add_argument("--out", default="benchmarks/results/mlm_recipe.json")
+    args = p.parse_args(argv)
     header = [line for line in (ROOT / "recipes/mlm.yaml").read_text().splitlines() if line.startswith("#")]
     commands = [shlex.split(m, comments=True) for line in header if (m := (re.match(r"#\s{2,}(llmkit .*)", line)
                                                                             or [None, None])[1])]
@@ -44,13 +53,15 @@ def main() -> None:
         for argv in commands:
             print("$", " ".join(argv), flush=True)
             started = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "llmkit", *argv[1:], *(["--progress", "false"]
-                            if argv[1] == "pretrain" else [])], cwd=folder, env=env, check=True)
+            extra = ["--progress", "false", *(["--model", args.model] if args.model else [])]
+            subprocess.run([sys.executable, "-m", "llmkit", *argv[1:], *(extra if argv[1] == "pretrain" else [])],
+                           cwd=folder, env=env, check=True)
             seconds[" ".join(argv)] = round(time.perf_counter() - started, 1)
         run = Path(folder) / "runs/mlm"
         report = json.loads((run / "report.json").read_text())
         evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"val_loss"' in line]
-    result = {"command": "python benchmarks/mlm_recipe.py", "commit": commit,
+    command = " ".join(["python benchmarks/mlm_recipe.py", *(sys.argv[1:] if argv is None else argv)])
+    result = {"command": command, "commit": commit, "model": report["config"]["model"],
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                           "load_average_at_end": os.getloadavg()[0]},
@@ -58,7 +69,7 @@ def main() -> None:
               "mlm": report["mlm"],
               "evaluations": [{k: e[k] for k in ("step", "val_loss", "val_accuracy", "val_mask_accuracy")}
                               for e in evals]}
-    out = ROOT / "benchmarks/results/mlm_recipe.json"
+    out = ROOT / args.out
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["mlm"], indent=2))
 
