@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -80,7 +81,8 @@ def run_arm(name: str, data: Path, work: Path, args) -> dict:
             "tokens_seen": history[-1].get("tokens_seen") or max(r.get("tokens_seen", 0) for r in history),
             "val_loss": final["val_loss"], "val_bpb": final.get("val_bpb"),
             "tokens_per_s": statistics.median(speeds) if speeds else None,
-            "expert_load": result.report.get("expert_load"), "out_dir": str(out)}
+            "expert_load": result.report.get("expert_load"), "out_dir": str(out),
+            "load_average_at_end": os.getloadavg()[0]}  # other work on the machine slows both arms alike
 
 
 def markdown(report: dict, pngs: dict[str, str]) -> str:
