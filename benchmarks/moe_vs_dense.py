@@ -4,12 +4,15 @@ Arms (each trained from its own seeded initial weights by `llmkit.train.pretrain
 other, on the same token shards):
 - dense: `llama-2m`;
 - moe: `mixtral-2m` (8 experts, 2 per token: llama-2m's active parameters plus a router per layer),
-  with the load-balancing loss (coefficient 0.01) and the router z-loss (0.001);
-- moe-no-balance: the same with the load-balancing coefficient 0 (z-loss kept).
+  with the load-balancing loss (coefficient 0.01) of each layer's router, averaged (`router_balance:
+  layer`, Switch), and the router z-loss (0.001);
+- moe-global: the same with transformers' load-balancing loss, which pools every layer's tokens into
+  one count (`router_balance: global`);
+- moe-no-balance: the load-balancing coefficient 0 (z-loss kept).
 Each gets `--minutes` of training (the loop's schedule follows the clock, as in the speedrun); the
 result records bits per byte on the held-out shards, tokens/s, tokens seen, and for the MoE arms
 each expert's share of the routed tokens over the last 20 % of steps as a multiple of its even
-share (the band [min, max]: 0 means an expert collapsed). Needs ~20 quiet minutes on 2 cores:
+share (the band [min, max]: 0 means an expert collapsed). Needs ~26 quiet minutes on 2 cores:
 
     python benchmarks/moe_vs_dense.py                       # writes benchmarks/results/moe_vs_dense.json
     python benchmarks/moe_vs_dense.py --docs docs           # also docs/moe_vs_dense.md and its PNGs
@@ -40,6 +43,7 @@ from llmkit.train import pretrain  # noqa: E402
 from llmkit.train.pretrain import PretrainConfig  # noqa: E402
 
 ARMS = {"dense": ("llama-2m", {}), "moe": ("mixtral-2m", {}),
+        "moe-global": ("mixtral-2m", {"router_balance": "global"}),
         "moe-no-balance": ("mixtral-2m", {"router_aux_loss_coef": 0.0})}
 
 

@@ -93,6 +93,10 @@ class ModelConfig:
     shared_expert_gate: bool = True  # the shared MLP's output times sigmoid(x . w) (Qwen2-MoE's gate)
     router_aux_loss_coef: float = 0.01  # Switch/Mixtral load-balancing loss in the training objective
     router_z_loss_coef: float = 0.001  # ST-MoE router z-loss: mean logsumexp(router logits)^2
+    # "layer": the balancing loss of each layer's router, averaged (Switch); "global": transformers'
+    # load_balancing_loss_func over every layer's tokens at once, where one layer's dead expert can hide
+    # behind another layer's busy one (docs/moe_vs_dense.md measured it).
+    router_balance: str = "layer"
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -158,6 +162,9 @@ class ModelConfig:
         for name in ("router_aux_loss_coef", "router_z_loss_coef"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.router_balance not in ("layer", "global"):
+            raise ConfigError(f"router_balance={self.router_balance!r}; expected 'layer' (each layer's router "
+                              "balanced) or 'global' (transformers' loss over all layers at once)")
         if not self.n_experts:
             if self.shared_expert_d_ff:
                 raise ConfigError(f"shared_expert_d_ff={self.shared_expert_d_ff} needs n_experts > 0 (a shared "
@@ -295,9 +302,11 @@ class ModelConfig:
                 "final_logit_softcapping": None, "attn_logit_softcapping": None}
 
     def _to_hf_moe(self) -> dict[str, Any]:
-        """The keys mixtral and qwen2_moe share; router_z_loss_coef is llmkit's own (transformers keeps it)."""
+        """The keys mixtral and qwen2_moe share; router_z_loss_coef and router_balance are llmkit's own
+        (transformers keeps them)."""
         return {"num_experts_per_tok": self.experts_per_token, "router_aux_loss_coef": self.router_aux_loss_coef,
-                "router_z_loss_coef": self.router_z_loss_coef, "output_router_logits": False,
+                "router_z_loss_coef": self.router_z_loss_coef, "router_balance": self.router_balance,
+                "output_router_logits": False,
                 "hidden_act": _HF_ACT[self.activation]}
 
     def _to_hf_mixtral(self) -> dict[str, Any]:
@@ -480,7 +489,8 @@ class ModelConfig:
                               "(llmkit's router adds no noise; expected 0)")
         return dict(n_experts=int(hf[experts_key]), experts_per_token=int(hf.get("num_experts_per_tok", 2)),
                     router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
-                    router_z_loss_coef=float(hf.get("router_z_loss_coef", 0.0)))
+                    router_z_loss_coef=float(hf.get("router_z_loss_coef", 0.0)),
+                    router_balance=hf.get("router_balance", "layer"))
 
     @classmethod
     def _from_hf_mixtral(cls, hf: dict[str, Any], source: str) -> ModelConfig:

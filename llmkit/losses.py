@@ -342,8 +342,12 @@ def expert_load(router_logits: torch.Tensor, top_k: int, mask: torch.Tensor | No
 
 
 def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int,
-                        mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Switch/Mixtral auxiliary loss over every layer's router logits; `mask` (batch, seq) leaves padding out."""
+                        mask: torch.Tensor | None = None, per_layer: bool = False) -> torch.Tensor:
+    """Switch/Mixtral auxiliary loss over every layer's router logits; `mask` (batch, seq) leaves padding out.
+    As transformers' `load_balancing_loss_func` it pools all layers' tokens into one count (top_k when
+    balanced); `per_layer` averages each layer's own loss instead, so every layer must balance."""
+    if per_layer:
+        return torch.stack([load_balancing_loss([logits], top_k, mask) for logits in router_logits]).mean()
     experts = router_logits[0].shape[-1]
     rows = None if mask is None else mask.reshape(-1, 1).float()
     assigned = router_logits[0].new_zeros(experts, dtype=torch.float32)

@@ -176,10 +176,11 @@ def test_encoder_config_errors():
 # ---- fine-tuning an encoder as a classifier ------------------------------------------------------
 
 
-def test_finetune_classify_on_an_encoder(tmp_path):
-    """`finetune --task classify` on an MLM encoder: the [CLS]-framed texts, BERT's pooler and biased head;
-    it learns a separable task, and the checkpoint is a BertForSequenceClassification that transformers
-    runs to the same logits."""
+@pytest.mark.parametrize("preset", ["bert-2m", "roformer-2m"])
+def test_finetune_classify_on_an_encoder(preset, tmp_path):
+    """`finetune --task classify` on an MLM encoder: the [CLS]-framed texts, BERT's pooler and biased head
+    (RoFormer's classifier head); it learns a separable task, and the checkpoint is a
+    *ForSequenceClassification that transformers runs to the same logits."""
     from llmkit.tokenizer import ENCODER_SPECIALS, Tokenizer
     from llmkit.train import finetune
     from llmkit.train.finetune import FinetuneConfig
@@ -197,7 +198,7 @@ def test_finetune_classify_on_an_encoder(tmp_path):
                                 bos_token="[CLS]", eos_token="[SEP]", pad_token="[PAD]", chat_template=None)
     tokenizer.frame_as_encoder()
     torch.manual_seed(0)
-    Transformer(ModelConfig.from_preset("bert-2m", vocab_size=tokenizer.vocab_size, n_layer=2, d_model=64,
+    Transformer(ModelConfig.from_preset(preset, vocab_size=tokenizer.vocab_size, n_layer=2, d_model=64,
                                         d_ff=128, max_seq_len=64)).save_pretrained(tmp_path / "mlm")
     tokenizer.save_pretrained(tmp_path / "mlm")
     config = FinetuneConfig(model=str(tmp_path / "mlm"), data=str(tmp_path / "cls.jsonl"), task="classify",
@@ -207,11 +208,12 @@ def test_finetune_classify_on_an_encoder(tmp_path):
     assert result.report["val_accuracy"] >= 0.9  # chance is 0.5; measured 1.0
 
     folder = Path(result.last_checkpoint)
-    assert json.loads((folder / "config.json").read_text())["architectures"] == ["BertForSequenceClassification"]
+    classifier = ENCODERS[preset.split("-")[0]][2]
+    assert json.loads((folder / "config.json").read_text())["architectures"] == [classifier.__name__]
     ours = Transformer.from_pretrained(folder)
     ids = torch.tensor([tokenizer.encode("sun and the warm day", add_special_tokens=True)])
     assert ids[0, 0] == tokenizer.token_to_id("[CLS]")
-    reference = transformers.BertForSequenceClassification.from_pretrained(folder).eval()
+    reference = classifier.from_pretrained(folder).eval()
     with torch.no_grad():
         torch.testing.assert_close(ours.classify(ids), reference(input_ids=ids).logits, **TOL)
 

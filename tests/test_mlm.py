@@ -215,7 +215,7 @@ def test_the_mlm_recipe_parses():
 def test_a_rotary_encoder_learns_from_word_order():
     """Rows of random tokens, each said twice ("a a b b ..."): at [MASK] only the neighbour tells the
     token, and which neighbour depends on the position, so accuracy there comes from word order alone
-    (a guess without it scores 1/196). RoFormer's rotary positions learn it in a few hundred steps,
+    (a guess without it scores 1/195). RoFormer's rotary positions learn it in a few hundred steps,
     where BERT's learned positions stay at the guess for thousands (docs/encoders.md)."""
     from llmkit import Transformer
     from llmkit.train.objectives import mlm_loss

@@ -158,7 +158,8 @@ def test_objective_adds_the_router_losses_with_the_config_coefficients():
     x = torch.randint(0, 320, (2, 12))
     loss, metrics = causal_lm_loss(model, (x, x))
     logits = router_logits(model)
-    expected = metrics["lm_loss"] + 0.3 * load_balancing_loss(logits, 2) + 0.05 * router_z_loss(logits)
+    per_layer = torch.stack([load_balancing_loss_func((layer,), 4, 2) for layer in logits]).mean()
+    expected = metrics["lm_loss"] + 0.3 * per_layer + 0.05 * router_z_loss(logits)
     torch.testing.assert_close(loss, expected, atol=1e-6, rtol=0)
     assert metrics["aux_loss"] > 0 and metrics["z_loss"] > 0
     for layer in range(2):
@@ -170,12 +171,28 @@ def test_objective_adds_the_router_losses_with_the_config_coefficients():
     padded["attention_mask"][0, :5] = 0  # left padding: its tokens are routed but count in no router loss
     _, masked = causal_lm_loss(model, padded)
     mask_logits = router_logits(model)
-    torch.testing.assert_close(masked["aux_loss"], load_balancing_loss(mask_logits, 2, padded["attention_mask"]),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(masked["aux_loss"], load_balancing_loss(mask_logits, 2, padded["attention_mask"],
+                                                                       per_layer=True), atol=1e-6, rtol=0)
     assert abs(sum(masked[f"expert_load.0.{e}"].item() for e in range(4)) - 1) < 1e-6
     model.eval()  # evaluation: the LM loss alone, no router logits kept
     loss, metrics = causal_lm_loss(model, (x, x))
     assert "aux_loss" not in metrics and router_logits(model) == []
+    glob = _random_ours(_tiny(router_aux_loss_coef=0.3, router_z_loss_coef=0.05, router_balance="global")).train()
+    _, metrics = causal_lm_loss(glob, (x, x))
+    torch.testing.assert_close(metrics["aux_loss"], load_balancing_loss_func(tuple(router_logits(glob)), 4, 2),
+                               atol=1e-6, rtol=0)
+
+
+def test_per_layer_balance_sees_what_pooling_the_layers_hides():
+    """Layer 0 sends every token to expert 0, layer 1 to expert 1 (top-1 of 2): pooled over both layers
+    each expert gets half the tokens, so transformers' loss reads nearly balanced; each layer alone is
+    fully skewed, and the per-layer loss says so."""
+    a = torch.tensor([[4.0, 0.0]]).repeat(6, 1)
+    b = a.flip(-1)
+    p = torch.e ** 4 / (torch.e ** 4 + 1)  # the favoured expert's probability
+    # Pooled: f_e = 1/2 and P_e = (p + 1 - p) / 2 = 1/2 for both experts, so E * sum f P = 1 = k, "balanced".
+    assert abs(load_balancing_loss([a, b], 1).item() - 1.0) < 1e-6
+    assert abs(load_balancing_loss([a, b], 1, per_layer=True).item() - 2 * p) < 1e-5  # 2 P: skewed
 
 
 # ---- dispatch and decoding ---------------------------------------------------------------------

@@ -81,7 +81,7 @@ def router_losses(model, loss: torch.Tensor, metrics: dict, mask: torch.Tensor |
     if not logits:
         return loss
     c = model.config
-    aux = load_balancing_loss(logits, c.experts_per_token, mask)
+    aux = load_balancing_loss(logits, c.experts_per_token, mask, per_layer=c.router_balance == "layer")
     z = router_z_loss(logits, mask)
     metrics.update(lm_loss=loss.detach(), aux_loss=aux.detach(), z_loss=z.detach())
     for layer, layer_logits in enumerate(logits):
