@@ -72,6 +72,7 @@ def run_arm(name: str, data: Path, work: Path, args) -> dict:
     model.save_pretrained(init)
     active = model.num_parameters() - inactive_parameters(config)
     out = work / name
+    shutil.rmtree(out, ignore_errors=True)  # each arm trains afresh: an earlier run's checkpoints would be refused
     result = pretrain.run(PretrainConfig(
         model=str(init), data=str(data), out_dir=str(out), context=args.context, batch_size=args.batch_size,
         max_steps=args.max_steps, max_minutes=args.minutes, lr=args.lr, warmup_steps=args.warmup_steps,
