@@ -112,6 +112,10 @@ VERBS: dict[str, Verb | dict[str, Verb]] = {
         "ask": Verb("commands:rag_ask", "answer a question from retrieved passages with [n] citations, "
                                         "printing the sources"),
     },
+    "moderation": {
+        "train": Verb("commands:moderation_train", "train the moderation classifier (all-MiniLM-L6-v2 + a logistic "
+                                                   "head on ToxiGen) for `serve --moderation`; prints held-out P/R"),
+    },
     "serve": Verb("serve.app:serve",
                   "an OpenAI-compatible server (continuous batching, streaming, metrics) with a chat page at /"),
     "eval": Verb("commands:evaluate",

@@ -324,3 +324,16 @@ def rag_ask(model: Model, index: Annotated[str, arg("an index folder written by 
     print(answer.text)
     for p in answer.cited or answer.retrieved:
         print(f"[{p['n']}] {p['title']} ({p['id']}){'' if answer.cited else ' (retrieved, not cited)'}")
+
+
+def moderation_train(out: Annotated[str, arg("the folder to write the moderator to", positional=True)],
+                     embedder: Annotated[str, arg("the sentence encoder under the head")] = "all-minilm-l6-v2",
+                     threshold: Annotated[float, arg("hate probability at which a text is flagged")] = 0.5) -> None:
+    """Train the moderation classifier (encoder + logistic head on ToxiGen) and print its held-out precision/recall."""
+    from llmkit import moderation
+
+    moderator = moderation.train(embedder, threshold)
+    moderator.save(out)
+    for name, m in moderator.meta["held_out_metrics"].items():
+        print(f"{name:10s} precision {m['precision']:.3f} recall {m['recall']:.3f} f1 {m['f1']:.3f} (n={m['n']})")
+    print(f"wrote {out}")

@@ -16,7 +16,6 @@ querying embedder's weights and tokenizer fingerprints with the manifest's and r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ import bm25s
 import torch
 from safetensors.torch import load_file, save_file
 
-from llmkit.embeddings import DEFAULT_MODEL, Embedder, load_embedder
+from llmkit.embeddings import DEFAULT_MODEL, Embedder, fingerprint, load_embedder
 from llmkit.errors import ConfigError, FormatError
 from llmkit.files import atomic_write_json, fsync_dir, read_json, read_jsonl_rows
 from llmkit.progress import phase
@@ -39,17 +38,6 @@ STOPWORDS = "en"
 MODES = ("hybrid", "bm25", "dense")
 MANIFEST_FIELDS = {"format", "embedder", "embedder_sha256", "tokenizer_sha256", "dim", "bm25", "passages",
                    "corpora"}
-
-
-def fingerprint(embedder: Embedder) -> dict:
-    """sha256 of the encoder's weights (every tensor, by name) and of its tokenizer's JSON: what makes
-    two embedders give the same vectors, whatever folder or registry name they came from."""
-    weights = hashlib.sha256()
-    for name, tensor in sorted(embedder.model.state_dict().items()):
-        weights.update(name.encode())
-        weights.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    tokenizer = hashlib.sha256(embedder.tokenizer.backend.to_str().encode()).hexdigest()
-    return {"embedder_sha256": weights.hexdigest(), "tokenizer_sha256": tokenizer, "dim": embedder.dim}
 
 
 def bm25_tokens(texts: list[str]) -> list[list[str]]:

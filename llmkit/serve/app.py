@@ -39,6 +39,8 @@ from llmkit.errors import ConfigError
 from llmkit.generate.chat import end_of_turn_ids
 from llmkit.generate.sampling import SamplingParams
 from llmkit.model import Transformer
+from llmkit.moderation import Moderator
+from llmkit.moderation import load as load_moderator
 from llmkit.progress import phase
 from llmkit.rag.ask import cited, grounded_messages, last_user_text, numbered
 from llmkit.rag.index import Index
@@ -51,6 +53,7 @@ from llmkit.serve.schema import (
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
+    ModerationRequest,
     SamplingFields,
     TokenizeRequest,
     chat_logprobs,
@@ -188,7 +191,8 @@ async def wait_for_disconnect(request: Request) -> None:
 
 
 def create_app(model, tokenizer, config: ServeConfig | None = None, embedder: Embedder | None = None,
-               adapters: dict[str, Transformer] | None = None, retriever: Index | None = None) -> FastAPI:
+               adapters: dict[str, Transformer] | None = None, retriever: Index | None = None,
+               moderator: Moderator | None = None) -> FastAPI:
     """The FastAPI app; its scheduler threads start and stop with the app's lifespan. An encoder
     (causal=False) answers /v1/embeddings (through `embedder`, or pooling as its config says) and
     refuses the generating routes. `adapters` are models served under names of their own
@@ -322,6 +326,14 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, embedder: Em
         sources = numbered(retriever.search(question, config.rag_k))
         return grounded_messages(question, sources, messages[:-1]), sources
 
+    def moderated(text: str) -> dict:
+        """{"moderation": {flagged, categories flagged}} for a generated text with --moderation; {} without."""
+        if moderator is None:
+            return {}
+        (result,) = moderator.moderate([text])
+        return {"moderation": {"flagged": result["flagged"],
+                               "categories": [c for c, on in result["categories"].items() if on]}}
+
     async def offload(fn, *args, **kwargs):
         """CPU work (tokenizing, templates, large responses) runs on a worker thread, not the event loop."""
         return await run_in_threadpool(fn, *args, **kwargs)
@@ -433,7 +445,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, embedder: Em
                             ids, lps, tops = r.prompt + ids, c.prompt_logprobs + lps, c.prompt_top_logprobs + tops
                         logprobs = legacy_logprobs(tokenizer, ids, lps, tops)
                     choices.append({"index": p * n + c.index, "text": echoed + c.text, "logprobs": logprobs,
-                                    "finish_reason": c.finish_reason})
+                                    "finish_reason": c.finish_reason, **moderated(c.text)})
             return {**head, "choices": choices, "usage": usage(job)}
 
         return await respond(answer)
@@ -462,6 +474,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, embedder: Em
                 "model": body.model, **({} if sources is None else {"sources": sources})}
         if body.stream:
             started: set[int] = set()
+            texts: dict[int, str] = {}
             chunk_head = {k: v for k, v in head.items() if k != "sources"} | {"object": "chat.completion.chunk"}
 
             def frame(p, chunk):
@@ -474,8 +487,10 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, embedder: Em
                 if body.logprobs:
                     logprobs = chat_logprobs(tokenizer, [chunk.token_id], [chunk.logprob], [chunk.top_logprobs])
                 delta = {"content": chunk.text} if chunk.text or not chunk.finish_reason else {}
+                texts[chunk.index] = texts.get(chunk.index, "") + chunk.text
+                verdict = moderated(texts[chunk.index]) if chunk.finish_reason else {}  # on the whole reply, at its end
                 yield {**chunk_head, "choices": [{"index": chunk.index, "delta": delta, "logprobs": logprobs,
-                                                  "finish_reason": chunk.finish_reason}]}
+                                                  "finish_reason": chunk.finish_reason, **verdict}]}
 
             frame.head = chunk_head
             return stream(job, body, frame)
@@ -489,7 +504,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, embedder: Em
                 if sources is not None:
                     message["citations"] = [p["n"] for p in cited(c.text, sources)]
                 choices.append({"index": c.index, "message": message, "logprobs": logprobs,
-                                "finish_reason": c.finish_reason})
+                                "finish_reason": c.finish_reason, **moderated(c.text)})
             return {**head, "choices": choices, "usage": usage(job)}
 
         return await respond(answer)
@@ -519,6 +534,15 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, embedder: Em
                     "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
         return await respond(answer)
+
+    @app.post("/v1/moderations")
+    async def moderations(body: ModerationRequest):
+        if moderator is None:
+            raise APIError(404, "this server has no moderation model; start it with --moderation FOLDER "
+                                "(`llmkit moderation train FOLDER`)", type="not_found_error", code="model_not_found")
+        texts = body.texts()
+        return await respond(lambda: {"id": f"modr-{uuid.uuid4().hex}", "model": body.model or "llmkit-moderation",
+                                      "results": moderator.moderate(texts)})
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
@@ -593,7 +617,11 @@ def serve(config: ServeConfig) -> None:
     if config.rag:
         with phase(f"load the retrieval index {config.rag}"):
             retriever = Index.load(config.rag)
-    app = create_app(model, tokenizer, config, embedder, adapters, retriever)
+    moderator = None
+    if config.moderation:
+        with phase(f"load the moderation model {config.moderation}"):
+            moderator = load_moderator(config.moderation)
+    app = create_app(model, tokenizer, config, embedder, adapters, retriever, moderator)
     print(f"serving {config.served_model_name} on http://{config.host}:{config.port} (chat page at /)", flush=True)
     handler = logging.StreamHandler()  # a line per finished request, as vLLM and llama.cpp's server log them
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
