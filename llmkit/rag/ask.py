@@ -31,11 +31,12 @@ def numbered(hits: list[Hit]) -> list[dict]:
     return [{"n": n, **h.passage} for n, h in enumerate(hits, 1)]
 
 
-def grounded_messages(question: str, passages: list[dict], messages: list[dict] | None = None) -> list[dict]:
+def grounded_messages(question: str, passages: list[dict], messages: list[dict] | None = None,
+                      instruction: str = INSTRUCTION) -> list[dict]:
     """The chat with the numbered passages and the question as its last user turn (earlier turns kept)."""
     context = "\n\n".join(f"[{p['n']}] {p['title']}: {p['text']}" if p.get("title") else f"[{p['n']}] {p['text']}"
                           for p in passages)
-    turn = {"role": "user", "content": f"{INSTRUCTION}\n\n{context}\n\nQuestion: {question}"}
+    turn = {"role": "user", "content": f"{instruction}\n\n{context}\n\nQuestion: {question}"}
     return [*(messages or []), turn]
 
 
@@ -62,12 +63,13 @@ def last_user_text(messages: list[dict]) -> str:
 
 
 def ask(model, tokenizer, index: Index, question: str, k: int = 3, mode: str = "hybrid",
-        max_new_tokens: int = 128, **sampling) -> Answer:
+        max_new_tokens: int = 128, instruction: str = INSTRUCTION, **sampling) -> Answer:
     """Answer `question` from the k passages `index` retrieves for it (greedy unless sampling says otherwise)."""
     if not question.strip():
         raise ConfigError("the question is empty")
     passages = numbered(index.search(question, k, mode))
-    text = tokenizer.render_chat(grounded_messages(question, passages), add_generation_prompt=True)
+    text = tokenizer.render_chat(grounded_messages(question, passages, instruction=instruction),
+                                 add_generation_prompt=True)
     ids = tokenizer.encode(text, add_special_tokens=False)
     sampling = {"temperature": 0.0, "stop_token_ids": end_of_turn_ids(tokenizer), **sampling}
     out = generate(model, tokenizer, ids, max_new_tokens=max_new_tokens, **sampling)
