@@ -91,3 +91,15 @@ def test_moderations_answer_the_openai_client(setup):
     assert got.results[1].model_extra["profanity"] == ["fucking"]
     with pytest.raises(openai.BadRequestError, match="input is empty"):
         client.moderations.create(input=[])
+
+
+def test_completions_report_the_verdict_streaming_or_not(setup):
+    url, _, _, _ = setup
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    whole = client.completions.create(model="tiny", prompt="the cat", max_tokens=6, temperature=0)
+    assert whole.choices[0].model_extra["moderation"] == {"flagged": True, "categories": ["hate"]}
+    assert whole.choices[0].text  # flagged, and still there
+    chunks = list(client.completions.create(model="tiny", prompt="the cat", max_tokens=6, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert [c.choices[0].model_extra.get("moderation") for c in chunks][-1] == {"flagged": True, "categories": ["hate"]}
+    assert all("moderation" not in c.choices[0].model_extra for c in chunks[:-1])

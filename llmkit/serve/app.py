@@ -418,6 +418,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, embedder: Em
         n = params.n
         if body.stream:
             sent: dict[int, int] = {}  # characters streamed per choice (for text_offset)
+            texts: dict[int, str] = {}  # the text so far per choice (for --moderation's verdict at its end)
 
             def frame(p, chunk):
                 index = p * n + chunk.index
@@ -426,8 +427,10 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, embedder: Em
                     logprobs = legacy_logprobs(tokenizer, [chunk.token_id], [chunk.logprob], [chunk.top_logprobs],
                                                sent.get(index, 0))
                 sent[index] = sent.get(index, 0) + len(chunk.text)
+                texts[index] = texts.get(index, "") + chunk.text
+                verdict = moderated(texts[index]) if chunk.finish_reason else {}  # on the whole text, at its end
                 yield {**head, "choices": [{"index": index, "text": chunk.text, "logprobs": logprobs,
-                                            "finish_reason": chunk.finish_reason}]}
+                                            "finish_reason": chunk.finish_reason, **verdict}]}
 
             frame.head = head
             return stream(job, body, frame)
