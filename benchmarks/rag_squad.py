@@ -31,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.mlm_recipe import cpu_name  # noqa: E402
 from llmkit.eval.tasks import normalize, token_f1  # noqa: E402
 from llmkit.files import atomic_write_json, cache_dir  # noqa: E402
 from llmkit.generate.api import generate  # noqa: E402
@@ -43,12 +44,6 @@ GROUNDED = ("Answer the question with a short phrase taken from the numbered pas
             "passage you used like [1].")
 SUPPORT = 0.5  # share of an answer's tokens that must occur in one retrieved passage for it to count as supported
 
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.partition(":")[2].strip()
-    return platform.processor() or platform.machine()
 
 
 def questions(n: int, seed: int = 0) -> list[dict]:
