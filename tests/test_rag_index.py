@@ -133,6 +133,8 @@ def test_bad_corpora_and_folders_get_clear_errors(saved, tmp_path, embedder):
     twice = [{"id": "a", "title": "", "text": "one"}, {"id": "a", "title": "", "text": "two"}]
     with pytest.raises(ConfigError, match="'a' occurs twice"):
         index.build(twice, embedder)
+    with pytest.raises(ConfigError, match="embedder passed in memory"):
+        Index.load(saved)  # built from an Embedder object: no name to load one by
     with pytest.raises(FormatError, match="no manifest.json"):
         Index.load(tmp_path / "nowhere", embedder)
     broken = tmp_path / "broken"

@@ -35,6 +35,7 @@ from llmkit.progress import phase
 FORMAT = "llmkit-rag-index/1"
 RRF_K = 60  # reciprocal-rank fusion's constant, as Cormack et al. and most hybrid search engines use it
 STOPWORDS = "en"
+IN_MEMORY = "(in memory)"  # the manifest's embedder name when build() was given an Embedder, not a name
 MODES = ("hybrid", "bm25", "dense")
 MANIFEST_FIELDS = {"format", "embedder", "embedder_sha256", "tokenizer_sha256", "dim", "bm25", "passages",
                    "corpora"}
@@ -158,6 +159,9 @@ class Index:
             if not (folder / name).is_file():
                 raise FormatError(f"{folder}: {name} is missing; the index folder is incomplete (rebuild it with "
                                   "`llmkit rag index`)")
+        if embedder is None and manifest["embedder"] == IN_MEMORY:
+            raise ConfigError(f"{folder} was built with an embedder passed in memory, not by name; pass the same "
+                              "embedder to Index.load")
         if embedder is None or isinstance(embedder, str):
             embedder = load_embedder(embedder or manifest["embedder"])
         got = fingerprint(embedder)
@@ -185,7 +189,7 @@ def build(passages: list[dict], embedder: Embedder | str = DEFAULT_MODEL, corpor
         seen = set()
         twice = next(i for i in ids if i in seen or seen.add(i))
         raise ConfigError(f"passage id {twice!r} occurs twice; expected unique ids (a citation names one passage)")
-    name = embedder if isinstance(embedder, str) else "(in memory)"
+    name = embedder if isinstance(embedder, str) else IN_MEMORY
     if isinstance(embedder, str):
         embedder = load_embedder(embedder)
     texts = [f"{p['title']}: {p['text']}" if p.get("title") else p["text"] for p in passages]
