@@ -281,3 +281,59 @@ def evaluate(model: Annotated[str, arg("the model to score, as for every verb (n
                              seed=seed)
     print(runner.results_table([result]), end="")
     print(f"-> {out}/results.json, report.md, results.png")
+
+
+# ---- rag -------------------------------------------------------------------------------------------
+
+RagMode = Annotated[Literal["hybrid", "bm25", "dense"], arg("retrieval: BM25 and dense fused by reciprocal rank "
+                                                            "(hybrid), or either alone")]
+
+
+def rag_index(out: Annotated[str, arg("the index folder to write (replaced whole if it exists)", positional=True)],
+              corpus: Annotated[list[str], arg("'wikipedia' (10k leads), 'squad' (SQuAD v1.1 dev paragraphs) or a "
+                                               'JSONL file of {"id", "title", "text"} rows; repeat for more')],
+              embedder: Annotated[str, arg("the encoder for dense retrieval: a registry name or HF folder")]
+              = "all-minilm-l6-v2",
+              limit: Annotated[int | None, arg("index only the first N passages of each corpus")] = None,
+              max_words: Annotated[int, arg("longer documents are split into windows of this many words")] = 200,
+              ) -> None:
+    """Build a hybrid (BM25 + dense) retrieval index over corpora and write it to a folder."""
+    from llmkit.rag import corpus as corpora
+    from llmkit.rag import index
+
+    passages = [p for name in corpus for p in corpora.passages(name, max_words)[:limit]]
+    folder = index.build(passages, embedder, corpora=list(corpus)).save(out)
+    print(f"indexed {len(passages)} passages from {', '.join(corpus)}: {folder}")
+
+
+def rag_ask(model: Model, index: Annotated[str, arg("an index folder written by `llmkit rag index`")],
+            question: Annotated[str, arg("the question", positional=True)],
+            k: Annotated[int, arg("passages retrieved into the prompt")] = 3, mode: RagMode = "hybrid",
+            max_new_tokens: Annotated[int, arg("longest answer, in tokens")] = 128, json: Json = False,
+            quantize: Quantize = None, threads: Threads = None, dtype: Dtype = "auto", device: Device = None) -> None:
+    """Answer a question from retrieved passages, citing them ([1], [2]); print the answer and its sources."""
+    from llmkit.rag.ask import ask
+    from llmkit.rag.index import Index
+
+    retriever = Index.load(index)
+    lm, tokenizer = terminal.load(model, quantize, threads, dtype=dtype, device=device)
+    answer = ask(lm, tokenizer, retriever, question, k, mode, max_new_tokens)
+    if json:
+        print(json_.dumps(dataclasses.asdict(answer), indent=2, ensure_ascii=False))
+        return
+    print(answer.text)
+    for p in answer.cited or answer.retrieved:
+        print(f"[{p['n']}] {p['title']} ({p['id']}){'' if answer.cited else ' (retrieved, not cited)'}")
+
+
+def moderation_train(out: Annotated[str, arg("the folder to write the moderator to", positional=True)],
+                     embedder: Annotated[str, arg("the sentence encoder under the head")] = "all-minilm-l6-v2",
+                     threshold: Annotated[float, arg("hate probability at which a text is flagged")] = 0.5) -> None:
+    """Train the moderation classifier (encoder + logistic head on ToxiGen) and print its held-out precision/recall."""
+    from llmkit import moderation
+
+    moderator = moderation.train(embedder, threshold)
+    moderator.save(out)
+    for name, m in moderator.meta["held_out_metrics"].items():
+        print(f"{name:10s} precision {m['precision']:.3f} recall {m['recall']:.3f} f1 {m['f1']:.3f} (n={m['n']})")
+    print(f"wrote {out}")
