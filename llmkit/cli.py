@@ -106,6 +106,8 @@ VERBS: dict[str, Verb | dict[str, Verb]] = {
     "next": Verb("commands:next_tokens", "the k most likely next tokens after a text, with probabilities"),
     "export": Verb("commands:export", "write a model as GGUF for llama.cpp (F32/F16/BF16, Q8_0, Q4_0, Q4_1, "
                                       "K-quants) or as an HF checkpoint folder"),
+    "imatrix": Verb("commands:imatrix", "an importance matrix from calibration text, for `export --imatrix` "
+                    "(llama.cpp's imatrix)"),
     "serve": Verb("serve.app:serve",
                   "an OpenAI-compatible server (continuous batching, streaming, metrics) with a chat page at /"),
     "eval": Verb("commands:evaluate",

@@ -75,6 +75,20 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], include_head: b
     return stats
 
 
+def source_batches(tokenizer, source: str = "wikipedia", max_tokens: int = 16384, seq_len: int = 256,
+                   device: str | torch.device = "cpu") -> list[torch.Tensor]:
+    """Calibration batches from a packaged text source (`llmkit data fetch` names): its training documents
+    only (`data.split`'s held-out rule), so held-out perplexity on the same source stays clean."""
+    from llmkit.data.corpora import documents
+    from llmkit.data.split import is_held_out
+
+    texts = (d.text for d in documents(source) if not is_held_out(f"{d.source}\0{d.id}", HELD_OUT))
+    return token_batches(tokenizer, texts, seq_len, max_tokens, device)
+
+
+HELD_OUT = 0.01  # the share of a source's documents never used for calibration (as `data prepare` splits)
+
+
 def token_batches(tokenizer, texts: Iterable[str], seq_len: int = 256, max_tokens: int = 16384,
                   device: str | torch.device = "cpu") -> list[torch.Tensor]:
     """Calibration text -> rows of `seq_len` token ids (at most `max_tokens` in all), as llama.cpp's imatrix chunks it."""
