@@ -108,6 +108,8 @@ VERBS: dict[str, Verb | dict[str, Verb]] = {
                                       "K-quants) or as an HF checkpoint folder"),
     "imatrix": Verb("commands:imatrix", "an importance matrix from calibration text, for `export --imatrix` "
                     "(llama.cpp's imatrix)"),
+    "prune": Verb("train.compress:run", "prune a model: magnitude/Wanda zeros (N:M too), or heads, MLP channels "
+                  "and layers (a smaller dense model) with distillation recovery", _report),
     "serve": Verb("serve.app:serve",
                   "an OpenAI-compatible server (continuous batching, streaming, metrics) with a chat page at /"),
     "eval": Verb("commands:evaluate",
