@@ -87,8 +87,8 @@ def params_of(model) -> int:
 
 
 class Report:
-    def __init__(self, args, tok, ids):
-        self.args, self.tok, self.ids, self.rows = args, tok, ids, []
+    def __init__(self, args, tok, ids, header: dict):
+        self.args, self.tok, self.ids, self.rows, self.header = args, tok, ids, [], header
 
     def gguf_row(self, method: str, setting: str, config, state_dict, quant: str = "F32", importance=None,
                  params: int | None = None, **extra) -> dict:
@@ -113,12 +113,16 @@ class Report:
 
     def add(self, row: dict) -> dict:
         self.rows.append(row)
+        partial = {**self.header, "partial": True, "eval_tokens": len(self.ids), "rows": self.rows}
+        Path(self.args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(self.args.out).write_text(json.dumps(partial, indent=2, default=float) + "\n")  # a killed run keeps its rows
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
         gc.collect()
         return row
 
 
 def time_llama_cpp(path: Path, ids: list[int], threads: int, prefill: int = 512, decode: int = 32) -> dict:
+    prefill = min(prefill, len(ids))
     ref = LlamaCpp(path, n_ctx=max(prefill, 64) + decode, n_threads=threads, logits_all=False)
     ref.llm.reset()
     ref.llm.eval(ids[:8])  # warm-up
@@ -139,6 +143,7 @@ def time_llama_cpp(path: Path, ids: list[int], threads: int, prefill: int = 512,
 
 @torch.no_grad()
 def time_llmkit(model, tok, ids: list[int], prefill: int = 512, decode: int = 32) -> dict:
+    prefill = min(prefill, len(ids))
     model(torch.tensor([ids[:8]]))  # warm-up
     t = time.perf_counter()
     model(torch.tensor([ids[:prefill]]))
@@ -155,13 +160,13 @@ def packed_bytes(model) -> int:
     return sum(seen.values())
 
 
-def run(args) -> dict:
+def run(args, header: dict) -> dict:
     torch.set_num_threads(args.threads)
     base, tok = llmkit.load(args.model, dtype=torch.float32)
     base.eval()
     ids = eval_ids(tok, args.eval_tokens)
     batches = source_batches(tok, SOURCE, args.calib_tokens, 256)
-    rep = Report(args, tok, ids)
+    rep = Report(args, tok, ids, header)
     groups = set(args.groups.split(","))
     base_sd = {k: v.clone() for k, v in base.state_dict().items()}
 
@@ -181,7 +186,7 @@ def run(args) -> dict:
         del stats
     if "gguf" in groups:
         matrix, _ = imatrix.compute(fresh(), batches)
-        for quant in ("Q4_K_M", "Q3_K_M", "Q4_0"):
+        for quant in args.quants.split(","):
             for use in (False, True):
                 rep.gguf_row("imatrix" if use else "round-to-nearest", quant, base.config, base_sd, quant=quant,
                              importance=matrix if use else None, params=params_of(base))
@@ -330,6 +335,7 @@ def main() -> None:
     p.add_argument("--n-head", type=int, default=6)
     p.add_argument("--d-ff", type=int, default=1024)
     p.add_argument("--n-layer", type=int, default=28)
+    p.add_argument("--quants", default="Q4_K_M,Q3_K_M,Q4_0", help="GGUF file types of the gguf group")
     p.add_argument("--recover-steps", type=int, default=200)
     p.add_argument("--recover-batch", type=int, default=4)
     p.add_argument("--recover-lr", type=float, default=3e-4)
@@ -343,10 +349,11 @@ def main() -> None:
         p.error(f"unknown groups {sorted(unknown)}; expected a subset of {GROUPS}")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     started = time.time()
-    result = {"command": "python benchmarks/compression.py " + " ".join(sys.argv[1:]), "commit": commit,
+    header = {"command": "python benchmarks/compression.py " + " ".join(sys.argv[1:]), "commit": commit,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": args.threads,
-              "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
-              **run(args)}
+              "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+                          "load_average_at_start": os.getloadavg()[0]}}
+    result = {**header, **run(args, header)}
     result["seconds"] = round(time.time() - started)
     result["machine"]["load_average_at_end"] = os.getloadavg()[0]
     result["claims"] = claims(result["rows"])
