@@ -324,8 +324,8 @@ def markdown(results: list[tuple[str, dict]]) -> str:
               "SmolLM2's packaged weights are a Q4_1 GGUF: every block of 32 weights already lies on a 4-bit "
               "min/max grid, which llmkit's int4 with groups of 32 reproduces exactly, so at g32 round-to-nearest "
               "is lossless on the weights and GPTQ has nothing to correct (identical rows); its cost over fp32 there "
-              "is the int8 LM head and the int8 activations of the prefill GEMM. Groups of 128 do not line up "
-              "with the Q4_1 blocks.", ""]
+              "is the int8 LM head and the int8 activations of the prefill GEMM. Groups of 64 span two Q4_1 blocks "
+              "(two grids), so rounding to them loses information.", ""]
     return "\n".join(lines)
 
 
@@ -363,8 +363,8 @@ def main() -> None:
     p.add_argument("--d-ff", type=int, default=1024)
     p.add_argument("--n-layer", type=int, default=28)
     # SmolLM2's weights come from a Q4_1 GGUF: 4-bit min/max grids on blocks of 32, which int4 g32 reproduces
-    # exactly (nothing for GPTQ to correct); groups of 128 do not line up with them.
-    p.add_argument("--int4-group", type=int, default=128, help="int4 group size (32, 64, 128)")
+    # exactly (nothing for GPTQ to correct); groups of 64 (576 = 9 x 64) span two of their grids.
+    p.add_argument("--int4-group", type=int, default=64, help="int4 group size (32, 64, 128)")
     p.add_argument("--quants", default="Q4_K_M,Q3_K_M,Q4_0", help="GGUF file types of the gguf group")
     p.add_argument("--recover-steps", type=int, default=200)
     p.add_argument("--recover-batch", type=int, default=4)
