@@ -116,6 +116,10 @@ VERBS: dict[str, Verb | dict[str, Verb]] = {
         "train": Verb("commands:moderation_train", "train the moderation classifier (all-MiniLM-L6-v2 + a logistic "
                                                    "head on ToxiGen) for `serve --moderation`; prints held-out P/R"),
     },
+    "imatrix": Verb("commands:imatrix", "an importance matrix from calibration text, for `export --imatrix` "
+                    "(llama.cpp's imatrix)"),
+    "prune": Verb("train.compress:run", "prune a model: magnitude/Wanda zeros (N:M too), or heads, MLP channels "
+                  "and layers (a smaller dense model) with distillation recovery", _report),
     "serve": Verb("serve.app:serve",
                   "an OpenAI-compatible server (continuous batching, streaming, metrics) with a chat page at /"),
     "eval": Verb("commands:evaluate",

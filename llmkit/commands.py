@@ -13,6 +13,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Annotated, Literal
 
+import torch
+
 from llmkit import rope
 from llmkit.analysis import accounting
 from llmkit.analysis import published as accounting_table
@@ -30,6 +32,8 @@ from llmkit.generate.sampling import SamplingParams
 from llmkit.model import load as load_model
 from llmkit.options import arg, arg_of
 from llmkit.peft.adapters import merge_adapter
+from llmkit.quant import imatrix as imatrix_file
+from llmkit.quant.calibrate import source_batches
 from llmkit.serve.config import ServeConfig
 from llmkit.serve.schema import token_string
 from llmkit.tokenizer import ENCODER_SPECIALS, Tokenizer
@@ -223,7 +227,9 @@ def export(model: Model, out: Annotated[str, arg("the .gguf file, or the HF fold
                                                          "folder (config.json, model.safetensors, tokenizer)")]
            = "gguf",
            quant: Annotated[Literal[tuple(FILE_TYPES)], arg("GGUF file type; K-quants use llama.cpp's mixed "
-                                                            "recipes (gguf only)")] = "Q8_0") -> None:
+                                                            "recipes (gguf only)")] = "Q8_0",
+           imatrix: Annotated[str | None, arg("an importance matrix (`llmkit imatrix`): the quantizers minimise "
+                                              "the activation-weighted error (gguf only)")] = None) -> None:
     """Write a model as GGUF for llama.cpp (F32/F16/BF16, Q8_0, Q4_0, Q4_1, K-quants) or as an HF folder."""
     if format == "hf":
         lm, tokenizer = load_model(model)
@@ -231,9 +237,20 @@ def export(model: Model, out: Annotated[str, arg("the .gguf file, or the HF fold
         tokenizer.save_pretrained(out)
         print(f"{out}: HF checkpoint, {sum(p.numel() for p in lm.parameters()):,} parameters")
         return
-    types = gguf.export_gguf(model, out, quant)
+    types = gguf.export_gguf(model, out, quant, importance=imatrix_file.load(imatrix) if imatrix else None)
     mix = ", ".join(f"{n} {t}" for t, n in Counter(types.values()).most_common())
     print(f"{out}: {Path(out).stat().st_size / 1e6:.1f} MB, {len(types)} tensors ({mix})")
+
+
+def imatrix(model: Model, out: Annotated[str, arg("the importance matrix file to write (.safetensors)")],
+            data: Annotated[str, arg("calibration text: a packaged source (its training documents)")] = "wikipedia",
+            tokens: Annotated[int, arg("calibration tokens")] = 16384,
+            seq_len: Annotated[int, arg("tokens per calibration chunk")] = 256) -> None:
+    """llama.cpp's importance matrix: each linear layer's mean squared input activation per channel."""
+    lm, tokenizer = load_model(model, dtype=torch.float32)
+    matrix, meta = imatrix_file.compute(lm, source_batches(tokenizer, data, tokens, seq_len))
+    imatrix_file.save(out, matrix, {**meta, "dataset": data, "model": str(model)})
+    print(f"{out}: {len(matrix)} tensors from {meta['tokens']} tokens of {data!r}")
 
 
 def merge_lora(model: Model,
