@@ -18,8 +18,7 @@ from llmkit.model import Transformer
 
 lm_eval = pytest.importorskip("lm_eval")
 
-SUBJECTS = ("world religions", "conceptual physics", "management")  # short questions: 5-shot fits 2,048 tokens
-PER_SUBJECT = 8
+SUBJECTS = {"world religions": 6, "conceptual physics": 7, "management": 8}  # short questions; unequal sizes
 
 
 def test_packaged_mmlu_is_the_full_test_set():
@@ -57,50 +56,54 @@ def tiny_folder(tmp_path_factory):
 
 def _subset() -> list[dict]:
     rows = mmlu.rows()
-    return [r for s in SUBJECTS for r in [r for r in rows if r["subject"] == s][:PER_SUBJECT]]
+    return [r for s, n in SUBJECTS.items() for r in [r for r in rows if r["subject"] == s][:n]]
 
 
-def _lm_eval_tasks(folder: Path, rows: list[dict]) -> list[str]:
-    """One lm-eval task per subject: lm-eval's own mmlu template over the same rows, exemplars from the
-    same (test) split with its first_n sampler."""
-    template = Path(lm_eval.__file__).parent / "tasks/mmlu/default/_default_template_yaml"
-    names = []
-    for i, subject in enumerate(SUBJECTS):
-        data = folder / f"mmlu_{i}.jsonl"
-        data.write_text("".join(json.dumps(r) + "\n" for r in rows if r["subject"] == subject))
-        name = f"llmkit_mmlu_{i}"
-        spec = {"include": str(template), "task": name, "dataset_path": "json", "dataset_name": None,
-                "dataset_kwargs": {"data_files": {"test": str(data)}}, "fewshot_split": "test",
-                "description": mmlu.description(subject)}
-        (folder / f"{name}.yaml").write_text(json.dumps(spec))  # JSON is YAML
-        names.append(name)
-    return names
-
-
-@pytest.mark.parametrize("shots", [0, 5])
-def test_mmlu_equals_lm_eval_hf_model(tiny_folder, tmp_path, shots):
+@pytest.fixture(scope="module")
+def lm_eval_run(tiny_folder, tmp_path_factory):
+    """lm-eval's own mmlu template (its `_default_template_yaml`) over the same rows, one task per subject and
+    shot count, exemplars from the same (test) split by its first_n sampler; one lm-eval run for all."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    model, tok, folder = tiny_folder
+    folder, tasks = tmp_path_factory.mktemp("lm-eval-tasks"), {}
+    template = Path(lm_eval.__file__).parent / "tasks/mmlu/default/_default_template_yaml"
     rows = _subset()
-    names = _lm_eval_tasks(tmp_path, rows)
-    theirs = simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32", tasks=names,
-                             num_fewshot=shots, device="cpu", batch_size=8, log_samples=True,
-                             task_manager=TaskManager(include_path=str(tmp_path)))
+    for i, subject in enumerate(SUBJECTS):
+        data = folder / f"mmlu_{i}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows if r["subject"] == subject))
+        for shots in (0, 5):
+            name = tasks[subject, shots] = f"llmkit_mmlu_{i}_{shots}"
+            spec = {"include": str(template), "task": name, "dataset_path": "json", "dataset_name": None,
+                    "dataset_kwargs": {"data_files": {"test": str(data)}}, "fewshot_split": "test",
+                    "num_fewshot": shots, "description": mmlu.description(subject)}
+            (folder / f"{name}.yaml").write_text(json.dumps(spec))  # JSON is YAML
+    result = simple_evaluate(model="hf", model_args=f"pretrained={tiny_folder[2]},dtype=float32",
+                             tasks=list(tasks.values()), device="cpu", batch_size=8, log_samples=True,
+                             task_manager=TaskManager(include_path=str(folder), include_defaults=False))
+    return tasks, result
+
+
+@pytest.mark.parametrize("shots", [0, 5])
+def test_mmlu_equals_lm_eval_hf_model(tiny_folder, lm_eval_run, shots):
+    model, tok, _ = tiny_folder
+    names, theirs = lm_eval_run
+    rows = _subset()
     task = dataclasses.replace(T.get_task("mmlu"), load=lambda: [mmlu.to_doc(r) for r in rows])
     ours = evaluate(model, tok, [task], shots=shots, progress=False)
 
-    their_lls = []
-    for name in names:
-        samples = sorted(theirs["samples"][name], key=lambda s: s["doc_id"])
+    their_lls, prompts = [], []
+    for subject in SUBJECTS:
+        samples = sorted(theirs["samples"][names[subject, shots]], key=lambda s: s["doc_id"])
         their_lls += [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
-        assert samples[0]["arguments"][0][0] == ours["samples"]["mmlu"][len(their_lls) - len(samples)]["prompt"]
-    our_lls = [row["loglikelihoods"] for row in ours["samples"]["mmlu"]]
+        prompts += [s["arguments"][0][0] for s in samples]
+    assert prompts == [row["prompt"] for row in ours["samples"]["mmlu"]]
     # float32 on both sides, the same tokens: they differ only by summation order (~1e-5 nats)
-    assert our_lls == [pytest.approx(lls, abs=1e-3) for lls in their_lls]
+    assert [row["loglikelihoods"] for row in ours["samples"]["mmlu"]] == [pytest.approx(x, abs=1e-3) for x in their_lls]
     r = ours["results"]["mmlu"]
-    per_subject = [theirs["results"][n]["acc,none"] for n in names]
+    per_subject = [theirs["results"][names[s, shots]]["acc,none"] for s in SUBJECTS]
     assert [r["subjects"][s] for s in SUBJECTS] == per_subject
-    assert r["acc_macro"] == pytest.approx(sum(per_subject) / len(per_subject), abs=1e-12)
-    assert r["acc"] == pytest.approx(sum(per_subject) / len(per_subject), abs=1e-12)  # equal-size subjects
+    assert r["acc_macro"] == pytest.approx(sum(per_subject) / 3, abs=1e-12)
+    micro = sum(a * n for a, n in zip(per_subject, SUBJECTS.values(), strict=True)) / sum(SUBJECTS.values())
+    assert r["acc"] == pytest.approx(micro, abs=1e-12)
+    assert 0 < r["acc"] < 1  # neither trivially all right nor all wrong
