@@ -165,3 +165,6 @@ from llmkit.eval import mmlu  # noqa: E402
 
 register(Task("mmlu", "multiple_choice", mmlu.docs, source="mmlu", fewshot_select=mmlu.first_n,
               aggregate=mmlu.by_subject, max_shots=5))
+from llmkit.eval import bbq  # noqa: E402
+
+register(Task("bbq", "multiple_choice", bbq.docs, source="bigbench_safety", aggregate=bbq.by_category))
