@@ -31,7 +31,7 @@ def test_bias_scores_by_hand():
     # s_DIS = 2 * 2/3 - 1; ambiguous accuracy 1/4, so s_AMB = (1 - 1/4) * (2 * 2/3 - 1)
     assert out["bias_disambig"] == pytest.approx(1 / 3, abs=1e-12)
     assert out["bias_ambig"] == pytest.approx(0.75 / 3, abs=1e-12)
-    assert out["acc_ambig"] == 0.25 and out["acc_disambig"] == pytest.approx(2 / 5)  # golds 0, 0, 1, 1, 0
+    assert out["acc_ambig"] == 0.25 and out["acc_disambig"] == pytest.approx(3 / 5)  # golds 0, 0, 1, 1, 0
     assert out["overall"]["bias_n_disambig"] == 3 and out["overall"]["bias_n_ambig"] == 3
     assert out["categories"]["age"] == out["overall"]
 
