@@ -396,4 +396,9 @@ def files(name: str) -> list[Path]:
     """The unpacked files of source `name` (fetching it if needed), sorted."""
     root = fetch(name)
     manifest = json.loads((root / MANIFEST).read_text())
-    return [root / rel for rel in manifest["files"]]
+    paths = [root / rel for rel in manifest["files"]]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(f"source {name!r}: {len(missing)} unpacked file(s) are missing from the cache, e.g. "
+                        f"{missing[0]}; expected every file its manifest lists. Delete {root} to fetch it again")
+    return paths
