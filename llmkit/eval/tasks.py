@@ -68,6 +68,8 @@ class Task:
     aggregate: Callable[[list[dict], list[dict]], dict] | None = field(default=None, repr=False)
     # generation: the raw output -> the text answers are extracted from (e.g. citation marks removed)
     postprocess: Callable[[str], str] | None = field(default=None, repr=False)
+    # doc -> the doc as evaluated, applied after `--limit` to the evaluated docs only (retrieval); exemplars unchanged
+    prepare: Callable[[dict], dict] | None = field(default=None, repr=False)
     # keyword options -> a configured copy of the task (`configure`); None: the task takes none
     options: Callable[..., Task] | None = field(default=None, repr=False)
 
