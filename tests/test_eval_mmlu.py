@@ -25,8 +25,11 @@ def test_packaged_mmlu_is_the_full_test_set():
     rows = mmlu.rows()
     assert len(rows) == 14_042 and len({r["subject"] for r in rows}) == 57
     assert all(r["question"] != "question" for r in rows)  # the header rows are gone
-    doc = mmlu.docs()[0]
-    assert doc["choices"] == ["A", "B", "C", "D"] and doc["query"].endswith("\nD. Not wrong, Not wrong\nAnswer:")
+    docs = mmlu.docs()
+    assert docs[0]["choices"] == ["A", "B", "C", "D"] and docs[0]["subject"] == "abstract algebra"
+    assert len({d["subject"] for d in docs[:57]}) == 57  # interleaved: any --limit spans the subjects
+    moral = [d for d in docs if d["subject"] == "moral scenarios"]
+    assert moral[0]["query"].endswith("\nD. Not wrong, Not wrong\nAnswer:") and len(moral) == 895
 
 
 def test_first_n_exemplars_are_the_subjects_first_questions_without_the_doc():

@@ -15,6 +15,7 @@ gives lm-eval the same rows and split. Results add per-subject accuracy and the 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 
 from llmkit.data.sources import files
@@ -62,7 +63,13 @@ def to_doc(row: dict) -> dict:
 
 @functools.cache
 def docs() -> list[dict]:
-    return [to_doc(r) for r in rows()]
+    """Subjects interleaved (alphabetical, one question of each in turn, each in file order), so `--limit 570`
+    is the first ten questions of every subject; exemplars are still each subject's first questions."""
+    by_subject: dict[str, list[dict]] = {}
+    for r in rows():
+        by_subject.setdefault(r["subject"], []).append(to_doc(r))
+    turns = itertools.zip_longest(*(by_subject[s] for s in sorted(by_subject)))
+    return [d for turn in turns for d in turn if d is not None]
 
 
 def first_n(pool: list[dict], doc: dict, shots: int) -> list[dict]:
