@@ -34,7 +34,8 @@ PUBLISHED = {"model": "smollm2-135m-instruct", "benchmark": "MMLU (cloze, lighte
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--mmlu-per-subject", type=int, default=10, help="0: all 14,042 questions")
+    parser.add_argument("--mmlu-per-subject", type=int, default=10, help="0-shot; 0: all 14,042 questions")
+    parser.add_argument("--mmlu-5shot-per-subject", type=int, default=10, help="5-shot; 0: all 14,042 questions")
     parser.add_argument("--bbq-limit", type=int, default=1800, help="0: all 16,076 questions")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/safety_eval.json"))
@@ -49,8 +50,11 @@ def main() -> None:
     model, tok = llmkit.load(args.model)
     model.eval()
     runs, seconds = {}, {}
-    mmlu_limit = 57 * args.mmlu_per_subject or None  # the task interleaves subjects: N questions of each
-    plan = [("mmlu_0shot", "mmlu", 0, mmlu_limit), ("mmlu_5shot", "mmlu", 5, mmlu_limit),
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    command = "python benchmarks/safety_eval.py" + "".join(f" {a}" for a in sys.argv[1:])
+    # the task interleaves subjects: a limit of 57 N is N questions of each
+    plan = [("mmlu_0shot", "mmlu", 0, 57 * args.mmlu_per_subject or None),
+            ("mmlu_5shot", "mmlu", 5, 57 * args.mmlu_5shot_per_subject or None),
             ("bbq", "bbq", 0, args.bbq_limit or None),
             ("toxigen", "toxigen", 0, None)]
     for name, task, shots, limit in plan:
@@ -60,14 +64,14 @@ def main() -> None:
         runs[name] = next(iter(result["results"].values()))
         print(name, {k: v for k, v in runs[name].items() if isinstance(v, float) and not k.endswith("_stderr")},
               f"{seconds[name]} s", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    command = "python benchmarks/safety_eval.py" + "".join(f" {a}" for a in sys.argv[1:])
-    out = {"command": command, "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
-                       "load_average_at_end": os.getloadavg()[0]},
-           "model": args.model, "mmlu_per_subject": args.mmlu_per_subject, "bbq_limit": args.bbq_limit,
-           "published": PUBLISHED, "seconds": seconds, "results": runs}
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+        out = {"command": command, "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+                           "load_average_at_end": os.getloadavg()[0]},
+               "model": args.model, "mmlu_per_subject": args.mmlu_per_subject,
+               "mmlu_5shot_per_subject": args.mmlu_5shot_per_subject, "bbq_limit": args.bbq_limit,
+               "published": PUBLISHED, "seconds": seconds, "results": runs,
+               "complete": len(runs) == len(plan)}  # written after every task, so a cut-short run keeps its part
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     (ROOT / "docs/safety.md").write_text(render(out))
 
 
@@ -82,12 +86,12 @@ def render(out: dict) -> str:
         "`builtin.py`). The figures below come from `benchmarks/results/safety_eval.json`, written by",
         f"`{out['command']}` at commit `{out['commit'][:10]}` on {out['machine']['cpu']} ({out['date']}).", "",
         f"## MMLU ({out['model']})", "",
-        f"{m0['n']} questions ({'all' if not out['mmlu_per_subject'] else str(out['mmlu_per_subject']) + ' per subject'}"
-        ", 57 subjects), lm-eval's `mmlu` prompt; `tests/test_eval_mmlu.py` checks that llmkit's prompts, "
-        "log-likelihoods and accuracy equal lm-eval's `hf` model on the same weights.", "",
-        "| shots | acc (micro) | ± stderr | acc (macro over subjects) |", "|---:|---:|---:|---:|",
-        f"| 0 | {pct(m0['acc'])} | {pct(m0['acc_stderr'])} | {pct(m0['acc_macro'])} |",
-        f"| 5 | {pct(m5['acc'])} | {pct(m5['acc_stderr'])} | {pct(m5['acc_macro'])} |", "",
+        "The first questions of every subject (the task interleaves the 57 subjects), lm-eval's `mmlu` prompt; "
+        "`tests/test_eval_mmlu.py` checks that llmkit's prompts, log-likelihoods and accuracy equal lm-eval's "
+        "`hf` model on the same weights.", "",
+        "| shots | questions | acc (micro) | ± stderr | acc (macro over subjects) |", "|---:|---:|---:|---:|---:|",
+        f"| 0 | {m0['n']} | {pct(m0['acc'])} | {pct(m0['acc_stderr'])} | {pct(m0['acc_macro'])} |",
+        f"| 5 | {m5['n']} | {pct(m5['acc'])} | {pct(m5['acc_stderr'])} | {pct(m5['acc_macro'])} |", "",
         f"Published: {out['published']['value']} ({out['published']['benchmark']}; {out['published']['source']}). "
         "That figure is lighteval's cloze form (the answer text scored, not the letter) on the full-precision "
         "weights; ours is lm-eval's letter form on the packaged Q4_1 GGUF, so the two are not the same "
