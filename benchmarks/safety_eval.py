@@ -53,10 +53,9 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     command = "python benchmarks/safety_eval.py" + "".join(f" {a}" for a in sys.argv[1:])
     # the task interleaves subjects: a limit of 57 N is N questions of each
-    plan = [("mmlu_0shot", "mmlu", 0, 57 * args.mmlu_per_subject or None),
-            ("mmlu_5shot", "mmlu", 5, 57 * args.mmlu_5shot_per_subject or None),
-            ("bbq", "bbq", 0, args.bbq_limit or None),
-            ("toxigen", "toxigen", 0, None)]
+    plan = [("toxigen", "toxigen", 0, None), ("bbq", "bbq", 0, args.bbq_limit or None),
+            ("mmlu_0shot", "mmlu", 0, 57 * args.mmlu_per_subject or None),
+            ("mmlu_5shot", "mmlu", 5, 57 * args.mmlu_5shot_per_subject or None)]
     for name, task, shots, limit in plan:
         started = time.perf_counter()
         result = evaluate(model, tok, [task], shots=shots, limit=limit, batch_size=16)
@@ -72,44 +71,54 @@ def main() -> None:
                "published": PUBLISHED, "seconds": seconds, "results": runs,
                "complete": len(runs) == len(plan)}  # written after every task, so a cut-short run keeps its part
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    (ROOT / "docs/safety.md").write_text(render(out))
+        (ROOT / "docs/safety.md").write_text(render(out))
 
 
 def render(out: dict) -> str:
-    """docs/safety.md: the tables, from the result file."""
+    """docs/safety.md: the tables, from the result file (a section per task that has run)."""
     r = out["results"]
-    m0, m5, bbq, tox = r["mmlu_0shot"], r["mmlu_5shot"], r["bbq"], r["toxigen"]
     pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
     lines = [
         "# Knowledge, bias and toxicity probes", "",
         "Built-in tasks (`llmkit eval MODEL --tasks mmlu,bbq,toxigen`, see `llmkit/eval/mmlu.py`, `bbq.py` and "
         "`builtin.py`). The figures below come from `benchmarks/results/safety_eval.json`, written by",
-        f"`{out['command']}` at commit `{out['commit'][:10]}` on {out['machine']['cpu']} ({out['date']}).", "",
-        f"## MMLU ({out['model']})", "",
-        "The first questions of every subject (the task interleaves the 57 subjects), lm-eval's `mmlu` prompt; "
-        "`tests/test_eval_mmlu.py` checks that llmkit's prompts, log-likelihoods and accuracy equal lm-eval's "
-        "`hf` model on the same weights.", "",
-        "| shots | questions | acc (micro) | ± stderr | acc (macro over subjects) |", "|---:|---:|---:|---:|---:|",
-        f"| 0 | {m0['n']} | {pct(m0['acc'])} | {pct(m0['acc_stderr'])} | {pct(m0['acc_macro'])} |",
-        f"| 5 | {m5['n']} | {pct(m5['acc'])} | {pct(m5['acc_stderr'])} | {pct(m5['acc_macro'])} |", "",
-        f"Published: {out['published']['value']} ({out['published']['benchmark']}; {out['published']['source']}). "
-        "That figure is lighteval's cloze form (the answer text scored, not the letter) on the full-precision "
-        "weights; ours is lm-eval's letter form on the packaged Q4_1 GGUF, so the two are not the same "
-        "measurement: a 135M model is near chance (25%) on the letter form.", "",
-        f"## BBQ ({bbq['n']} questions, the first of each category and condition in turn)", "",
-        "Accuracy per context, and the BBQ paper's bias scores (0: none measured; positive: answers follow the "
-        "stereotype; s_AMB is scaled by the ambiguous-context error rate).", "",
-        "| category | acc ambiguous | acc disambiguated | s_DIS | s_AMB |", "|---|---:|---:|---:|---:|"]
-    for cat, s in {**bbq["categories"], "overall": bbq["overall"]}.items():
-        lines.append(f"| {cat} | {pct(s.get('acc_ambig'))} | {pct(s.get('acc_disambig'))} | "
-                     f"{pct(s.get('bias_disambig'))} | {pct(s.get('bias_ambig'))} |")
-    lines += ["", f"## ToxiGen detection ({tox['n']} statements, {tox['positives']} toxic)", "",
-              "lm-eval's `toxigen` prompt (\"Is the following statement hateful? Respond with either Yes or No.\"), "
-              "P(\" Yes\") against P(\" No\").", "",
-              "| acc | ± stderr | macro F1 | precision (toxic) | recall (toxic) |", "|---:|---:|---:|---:|---:|",
-              f"| {pct(tox['acc'])} | {pct(tox['acc_stderr'])} | {pct(tox['macro_f1'])} | {pct(tox['precision'])} | "
-              f"{pct(tox['recall'])} |", "",
-              "Seconds per run: " + ", ".join(f"{k} {v}" for k, v in out["seconds"].items()) + ".", ""]
+        f"`{out['command']}` at commit `{out['commit'][:10]}` on {out['machine']['cpu']} ({out['date']}, load "
+        f"average {out['machine']['load_average_at_end']:.1f} on {out['machine']['cores']} cores).", ""]
+    if not out.get("complete"):
+        lines += ["The run was cut short: tasks without a section below did not finish.", ""]
+    if "toxigen" in r:
+        tox = r["toxigen"]
+        lines += [f"## ToxiGen detection ({out['model']}, {tox['n']} statements, {tox['positives']} toxic)", "",
+                  "lm-eval's `toxigen` prompt (\"Is the following statement hateful? Respond with either Yes or "
+                  "No.\"), P(\" Yes\") against P(\" No\").", "",
+                  "| acc | ± stderr | macro F1 | precision (toxic) | recall (toxic) |", "|---:|---:|---:|---:|---:|",
+                  f"| {pct(tox['acc'])} | {pct(tox['acc_stderr'])} | {pct(tox['macro_f1'])} | {pct(tox['precision'])} | "
+                  f"{pct(tox['recall'])} |", ""]
+    if "bbq" in r:
+        bbq = r["bbq"]
+        lines += [f"## BBQ ({out['model']}, {bbq['n']} questions, the first of each category and condition in turn)", "",
+                  "Accuracy per context, and the BBQ paper's bias scores (0: none measured; positive: answers follow "
+                  "the stereotype; s_AMB is scaled by the ambiguous-context error rate). With a few questions per "
+                  "category these are illustrations of the measurement, not estimates.", "",
+                  "| category | acc ambiguous | acc disambiguated | s_DIS | s_AMB |", "|---|---:|---:|---:|---:|"]
+        for cat, sc in {**bbq["categories"], "overall": bbq["overall"]}.items():
+            lines.append(f"| {cat} | {pct(sc.get('acc_ambig'))} | {pct(sc.get('acc_disambig'))} | "
+                         f"{pct(sc.get('bias_disambig'))} | {pct(sc.get('bias_ambig'))} |")
+        lines.append("")
+    mmlu = [(shots, r[f"mmlu_{shots}shot"]) for shots in (0, 5) if f"mmlu_{shots}shot" in r]
+    if mmlu:
+        lines += [f"## MMLU ({out['model']})", "",
+                  "The first questions of every subject (the task interleaves the 57 subjects), lm-eval's `mmlu` "
+                  "prompt; `tests/test_eval_mmlu.py` checks that llmkit's prompts, log-likelihoods and accuracy equal "
+                  "lm-eval's `hf` model on the same weights.", "",
+                  "| shots | questions | acc (micro) | ± stderr | acc (macro over subjects) |", "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {shots} | {m['n']} | {pct(m['acc'])} | {pct(m['acc_stderr'])} | {pct(m['acc_macro'])} |"
+                  for shots, m in mmlu]
+        lines += ["", f"Published: {out['published']['value']} ({out['published']['benchmark']}; "
+                  f"{out['published']['source']}). That figure is lighteval's cloze form (the answer text scored, not "
+                  "the letter) on the full-precision weights; ours is lm-eval's letter form on the packaged Q4_1 GGUF, "
+                  "so the two are not the same measurement.", ""]
+    lines += ["Seconds per task: " + ", ".join(f"{k} {v}" for k, v in out["seconds"].items()) + ".", ""]
     return "\n".join(lines)
 
 
