@@ -84,6 +84,9 @@ def render(out: dict) -> str:
         "`builtin.py`). The figures below come from `benchmarks/results/safety_eval.json`, written by",
         f"`{out['command']}` at commit `{out['commit'][:10]}` on {out['machine']['cpu']} ({out['date']}, load "
         f"average {out['machine']['load_average_at_end']:.1f} on {out['machine']['cores']} cores).", ""]
+    lines += ["These are subsets sized for a shared 2-core machine; the whole sets run with `--mmlu-per-subject 0 "
+              "--mmlu-5shot-per-subject 0 --bbq-limit 0` (hours on 2 cores). `--threads 1`: on a loaded machine "
+              "torch's thread pool made each forward ~30x slower than one thread.", ""]
     if not out.get("complete"):
         lines += ["The run was cut short: tasks without a section below did not finish.", ""]
     if "toxigen" in r:
