@@ -106,6 +106,20 @@ VERBS: dict[str, Verb | dict[str, Verb]] = {
     "next": Verb("commands:next_tokens", "the k most likely next tokens after a text, with probabilities"),
     "export": Verb("commands:export", "write a model as GGUF for llama.cpp (F32/F16/BF16, Q8_0, Q4_0, Q4_1, "
                                       "K-quants) or as an HF checkpoint folder"),
+    "rag": {
+        "index": Verb("commands:rag_index", "build a hybrid retrieval index (BM25 + all-MiniLM-L6-v2 embeddings, "
+                                            "reciprocal-rank fusion) over the Wikipedia leads, SQuAD dev or a JSONL file"),
+        "ask": Verb("commands:rag_ask", "answer a question from retrieved passages with [n] citations, "
+                                        "printing the sources"),
+    },
+    "moderation": {
+        "train": Verb("commands:moderation_train", "train the moderation classifier (all-MiniLM-L6-v2 + a logistic "
+                                                   "head on ToxiGen) for `serve --moderation`; prints held-out P/R"),
+    },
+    "imatrix": Verb("commands:imatrix", "an importance matrix from calibration text, for `export --imatrix` "
+                    "(llama.cpp's imatrix)"),
+    "prune": Verb("train.compress:run", "prune a model: magnitude/Wanda zeros (N:M too), or heads, MLP channels "
+                  "and layers (a smaller dense model) with distillation recovery", _report),
     "serve": Verb("serve.app:serve",
                   "an OpenAI-compatible server (continuous batching, streaming, metrics) with a chat page at /"),
     "eval": Verb("commands:evaluate",

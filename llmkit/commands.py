@@ -13,6 +13,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Annotated, Literal
 
+import torch
+
 from llmkit import rope
 from llmkit.analysis import accounting
 from llmkit.analysis import published as accounting_table
@@ -30,6 +32,8 @@ from llmkit.generate.sampling import SamplingParams
 from llmkit.model import load as load_model
 from llmkit.options import arg, arg_of
 from llmkit.peft.adapters import merge_adapter
+from llmkit.quant import imatrix as imatrix_file
+from llmkit.quant.calibrate import source_batches
 from llmkit.serve.config import ServeConfig
 from llmkit.serve.schema import token_string
 from llmkit.tokenizer import ENCODER_SPECIALS, Tokenizer
@@ -223,7 +227,9 @@ def export(model: Model, out: Annotated[str, arg("the .gguf file, or the HF fold
                                                          "folder (config.json, model.safetensors, tokenizer)")]
            = "gguf",
            quant: Annotated[Literal[tuple(FILE_TYPES)], arg("GGUF file type; K-quants use llama.cpp's mixed "
-                                                            "recipes (gguf only)")] = "Q8_0") -> None:
+                                                            "recipes (gguf only)")] = "Q8_0",
+           imatrix: Annotated[str | None, arg("an importance matrix (`llmkit imatrix`): the quantizers minimise "
+                                              "the activation-weighted error (gguf only)")] = None) -> None:
     """Write a model as GGUF for llama.cpp (F32/F16/BF16, Q8_0, Q4_0, Q4_1, K-quants) or as an HF folder."""
     if format == "hf":
         lm, tokenizer = load_model(model)
@@ -231,9 +237,20 @@ def export(model: Model, out: Annotated[str, arg("the .gguf file, or the HF fold
         tokenizer.save_pretrained(out)
         print(f"{out}: HF checkpoint, {sum(p.numel() for p in lm.parameters()):,} parameters")
         return
-    types = gguf.export_gguf(model, out, quant)
+    types = gguf.export_gguf(model, out, quant, importance=imatrix_file.load(imatrix) if imatrix else None)
     mix = ", ".join(f"{n} {t}" for t, n in Counter(types.values()).most_common())
     print(f"{out}: {Path(out).stat().st_size / 1e6:.1f} MB, {len(types)} tensors ({mix})")
+
+
+def imatrix(model: Model, out: Annotated[str, arg("the importance matrix file to write (.safetensors)")],
+            data: Annotated[str, arg("calibration text: a packaged source (its training documents)")] = "wikipedia",
+            tokens: Annotated[int, arg("calibration tokens")] = 16384,
+            seq_len: Annotated[int, arg("tokens per calibration chunk")] = 256) -> None:
+    """llama.cpp's importance matrix: each linear layer's mean squared input activation per channel."""
+    lm, tokenizer = load_model(model, dtype=torch.float32)
+    matrix, meta = imatrix_file.compute(lm, source_batches(tokenizer, data, tokens, seq_len))
+    imatrix_file.save(out, matrix, {**meta, "dataset": data, "model": str(model)})
+    print(f"{out}: {len(matrix)} tensors from {meta['tokens']} tokens of {data!r}")
 
 
 def merge_lora(model: Model,
@@ -281,3 +298,59 @@ def evaluate(model: Annotated[str, arg("the model to score, as for every verb (n
                              seed=seed)
     print(runner.results_table([result]), end="")
     print(f"-> {out}/results.json, report.md, results.png")
+
+
+# ---- rag -------------------------------------------------------------------------------------------
+
+RagMode = Annotated[Literal["hybrid", "bm25", "dense"], arg("retrieval: BM25 and dense fused by reciprocal rank "
+                                                            "(hybrid), or either alone")]
+
+
+def rag_index(out: Annotated[str, arg("the index folder to write (replaced whole if it exists)", positional=True)],
+              corpus: Annotated[list[str], arg("'wikipedia' (10k leads), 'squad' (SQuAD v1.1 dev paragraphs) or a "
+                                               'JSONL file of {"id", "title", "text"} rows; repeat for more')],
+              embedder: Annotated[str, arg("the encoder for dense retrieval: a registry name or HF folder")]
+              = "all-minilm-l6-v2",
+              limit: Annotated[int | None, arg("index only the first N passages of each corpus")] = None,
+              max_words: Annotated[int, arg("longer documents are split into windows of this many words")] = 200,
+              ) -> None:
+    """Build a hybrid (BM25 + dense) retrieval index over corpora and write it to a folder."""
+    from llmkit.rag import corpus as corpora
+    from llmkit.rag import index
+
+    passages = [p for name in corpus for p in corpora.passages(name, max_words)[:limit]]
+    folder = index.build(passages, embedder, corpora=list(corpus)).save(out)
+    print(f"indexed {len(passages)} passages from {', '.join(corpus)}: {folder}")
+
+
+def rag_ask(model: Model, index: Annotated[str, arg("an index folder written by `llmkit rag index`")],
+            question: Annotated[str, arg("the question", positional=True)],
+            k: Annotated[int, arg("passages retrieved into the prompt")] = 3, mode: RagMode = "hybrid",
+            max_new_tokens: Annotated[int, arg("longest answer, in tokens")] = 128, json: Json = False,
+            quantize: Quantize = None, threads: Threads = None, dtype: Dtype = "auto", device: Device = None) -> None:
+    """Answer a question from retrieved passages, citing them ([1], [2]); print the answer and its sources."""
+    from llmkit.rag.ask import ask
+    from llmkit.rag.index import Index
+
+    retriever = Index.load(index)
+    lm, tokenizer = terminal.load(model, quantize, threads, dtype=dtype, device=device)
+    answer = ask(lm, tokenizer, retriever, question, k, mode, max_new_tokens)
+    if json:
+        print(json_.dumps(dataclasses.asdict(answer), indent=2, ensure_ascii=False))
+        return
+    print(answer.text)
+    for p in answer.cited or answer.retrieved:
+        print(f"[{p['n']}] {p['title']} ({p['id']}){'' if answer.cited else ' (retrieved, not cited)'}")
+
+
+def moderation_train(out: Annotated[str, arg("the folder to write the moderator to", positional=True)],
+                     embedder: Annotated[str, arg("the sentence encoder under the head")] = "all-minilm-l6-v2",
+                     threshold: Annotated[float, arg("hate probability at which a text is flagged")] = 0.5) -> None:
+    """Train the moderation classifier (encoder + logistic head on ToxiGen) and print its held-out precision/recall."""
+    from llmkit import moderation
+
+    moderator = moderation.train(embedder, threshold)
+    moderator.save(out)
+    for name, m in moderator.meta["held_out_metrics"].items():
+        print(f"{name:10s} precision {m['precision']:.3f} recall {m['recall']:.3f} f1 {m['f1']:.3f} (n={m['n']})")
+    print(f"wrote {out}")

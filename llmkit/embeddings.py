@@ -9,6 +9,7 @@ computes. A plain HF encoder folder pools as its config says (`pooling`) and is 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,17 @@ class Embedder:
             return torch.zeros(0, self.dim)
         vectors = torch.cat(out).cpu()
         return vectors[torch.argsort(torch.tensor(order))]  # back in the order given
+
+
+def fingerprint(embedder: Embedder) -> dict:
+    """sha256 of the encoder's weights (every tensor, by name) and of its tokenizer's JSON: what makes
+    two embedders give the same vectors, whatever folder or registry name they came from."""
+    weights = hashlib.sha256()
+    for name, tensor in sorted(embedder.model.state_dict().items()):
+        weights.update(name.encode())
+        weights.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    tokenizer = hashlib.sha256(embedder.tokenizer.backend.to_str().encode()).hexdigest()
+    return {"embedder_sha256": weights.hexdigest(), "tokenizer_sha256": tokenizer, "dim": embedder.dim}
 
 
 def load_embedder(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | None = None) -> Embedder:

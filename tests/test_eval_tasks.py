@@ -88,8 +88,9 @@ def test_cot_variant():
 
 
 def test_unknown_task_lists_the_known_ones():
-    with pytest.raises(ConfigError, match=r"unknown task 'mmlu'; known tasks: arithmetic, gsm, humaneval, sentiment"):
-        T.get_task("mmlu")
+    with pytest.raises(ConfigError, match=r"unknown task 'hellaswag'; known tasks: arithmetic, bbq, gsm, gsm8k_sample, "
+                                          r"humaneval, mmlu"):
+        T.get_task("hellaswag")
 
 
 def test_malformed_row_names_file_and_line(tmp_path):

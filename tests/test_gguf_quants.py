@@ -112,3 +112,44 @@ def test_unknown_file_type():
     with pytest.raises(ConfigError, match="Q2_K"):
         plan_types(WIDE, "Q2_K")
     assert set(gguf_quants.FILE_TYPES) >= {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M", "Q3_K_M", "Q5_K_M"}
+
+
+# ---- importance-weighted quantization (llama.cpp's imatrix) -----------------------------------
+
+WEIGHTED_TYPES = ["Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "Q4_0", "Q5_0", "Q8_0", "Q4_1"]
+
+
+@pytest.mark.parametrize("name", WEIGHTED_TYPES)
+def test_an_all_ones_importance_gives_the_plain_bytes(name):
+    x = _weights(rows=8)
+    np.testing.assert_array_equal(quantize(x, name, np.ones(x.shape[1], dtype=np.float32)), quantize(x, name))
+
+
+def _weighted_error(x, name, importance, with_importance=True):
+    qtype = gguf.GGMLQuantizationType[name]
+    packed = quantize(x, name, importance if with_importance else None)
+    decoded = gguf.quants.dequantize(packed, qtype)  # what a reader decodes
+    return float((importance * (decoded - x) ** 2).sum())
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q5_0", "Q3_K", "Q4_K", "IQ4_NL"])
+def test_a_non_uniform_importance_lowers_the_weighted_error(name):
+    x = _weights(rows=16, seed=3)[3:]
+    rng = np.random.default_rng(4)
+    importance = np.exp(2.0 * rng.standard_normal(x.shape[1])).astype(np.float32)  # a few channels dominate
+    plain = _weighted_error(x, name, importance, with_importance=False)
+    weighted = _weighted_error(x, name, importance)
+    assert weighted < 0.95 * plain, (weighted, plain)
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q5_0"])
+def test_weighted_q_0_packing_is_bit_exact_against_the_gguf_dequantizer(name):
+    x = _weights(rows=8)
+    importance = np.linspace(0.1, 3.0, x.shape[1], dtype=np.float32)
+    packed, expected = gguf_quants._WEIGHTED_ONLY[name](x, importance)
+    np.testing.assert_array_equal(gguf.quants.dequantize(packed, gguf.GGMLQuantizationType[name]), expected)
+
+
+def test_importance_of_the_wrong_shape_is_refused():
+    with pytest.raises(ConfigError, match=r"importance of shape \(3,\); expected 512 finite non-negative"):
+        quantize(_weights(rows=4), "Q4_0", np.ones(3))

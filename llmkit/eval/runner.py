@@ -45,12 +45,16 @@ def evaluate(model, tokenizer, tasks, shots: int = 0, limit: int | None = None, 
         docs = task.load()
         n = limit if limit is not None else task.default_limit
         docs = docs[:n] if n else docs
+        if task.prepare is not None:
+            docs = [task.prepare(d) for d in docs]
         pool = task.fewshot_pool() if task.fewshot_pool else task.load()
         prompts = [T.build_prompt(task, d, T.exemplars(task, pool, i, d, shots, seed), tokenizer, chat, cot)
                    for i, d in enumerate(docs)]
         score = _SCORERS[task.kind]
         metrics, rows = score(model, tokenizer, task, docs, prompts, chat=chat, cot=cot, batch_size=batch_size,
                               progress=progress, timeout=timeout, seed=seed)
+        if task.aggregate is not None:
+            metrics |= task.aggregate(docs, rows)
         results[task.name] = {"kind": task.kind, "n": len(docs), "shots": shots, **metrics}
         samples[task.name] = rows
         timings[task.name] = round(time.perf_counter() - start, 2)
@@ -109,7 +113,7 @@ def _score_generation(model, tokenizer, task, docs, prompts, *, cot, batch_size,
     rows = []
     for prompt, doc, out in zip(prompts, docs, outputs, strict=True):
         answers = [doc["answer"]] if isinstance(doc["answer"], str) else doc["answer"]
-        extracted = T.extract_answer(out, task, cot)
+        extracted = T.extract_answer(task.postprocess(out) if task.postprocess else out, task, cot)
         pred = T.normalize(extracted, task.normalize)
         em = float(any(pred == T.normalize(a, task.normalize) for a in answers))
         per_doc["exact_match"].append(em)
@@ -193,8 +197,8 @@ def results_table(runs: list[dict]) -> str:
     for run in runs:
         for name, r in run["results"].items():
             for metric, value in r.items():
-                if metric in ("kind", "n", "shots") or metric.endswith("_stderr"):
-                    continue
+                if metric in ("kind", "n", "shots") or metric.endswith("_stderr") or not isinstance(value, float):
+                    continue  # breakdowns (a dict per subject or category) are in results.json
                 err = r.get(f"{metric}_stderr")
                 lines.append(f"| {name} | {r['kind']} | {r['shots']} | {r['n']} | {metric} | {value:.4f} | "
                              f"{'' if err is None else f'{err:.4f}'} |")

@@ -62,6 +62,16 @@ class Task:
     source: str = ""  # the data's registry name (its license goes into the report)
     default_limit: int | None = None  # a full run's size, when the data set is open-ended
     max_shots: int | None = None  # 0: zero-shot only (the prompt already has exemplars, or they cannot fit)
+    # (pool, doc, shots) -> exemplars, for tasks with canonical ones (MMLU: the subject's first n); None: a seeded draw
+    fewshot_select: Callable[[list[dict], dict, int], list[dict]] | None = field(default=None, repr=False)
+    # (docs, per-doc sample rows) -> more results (per-subject scores, bias scores), merged into the task's results
+    aggregate: Callable[[list[dict], list[dict]], dict] | None = field(default=None, repr=False)
+    # generation: the raw output -> the text answers are extracted from (e.g. citation marks removed)
+    postprocess: Callable[[str], str] | None = field(default=None, repr=False)
+    # doc -> the doc as evaluated, applied after `--limit` to the evaluated docs only (retrieval); exemplars unchanged
+    prepare: Callable[[dict], dict] | None = field(default=None, repr=False)
+    # keyword options -> a configured copy of the task (`configure`); None: the task takes none
+    options: Callable[..., Task] | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -88,6 +98,17 @@ def get_task(name: str) -> Task:
         return TASKS[name]
     raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))} "
                       "(or a task file: .jsonl, or an lm-eval .yaml over local JSONL)")
+
+
+def configure(task: Task | str, **options) -> Task:
+    """`task` with `options` applied (e.g. `configure("squad_closedbook", retrieve=fn)`); an option the task
+    does not take is a ConfigError naming the ones it does."""
+    task = task if isinstance(task, Task) else get_task(task)
+    if not options:
+        return task
+    if task.options is None:
+        raise ConfigError(f"task {task.name!r} takes no options, got {', '.join(sorted(options))}")
+    return task.options(**options)
 
 
 def known_tasks() -> list[str]:
@@ -270,6 +291,8 @@ def exemplars(task: Task, docs_pool: list[dict], doc_index: int, doc: dict, shot
     """`shots` exemplars for doc `doc_index`: a seeded draw from the pool, never the doc itself."""
     if shots <= 0:
         return []
+    if task.fewshot_select is not None:
+        return task.fewshot_select(docs_pool, doc, shots)
     pool = [d for d in docs_pool if d is not doc and d.get("query") != doc.get("query")]
     if shots > len(pool):
         raise ConfigError(f"task {task.name!r}: {shots}-shot needs {shots} exemplars but its pool has only "
@@ -285,11 +308,12 @@ def build_prompt(task: Task, doc: dict, shots: list[dict], tokenizer=None, chat:
         query = f"{query}{'' if query.endswith((' ', chr(10))) else ' '}{COT_ZERO_SHOT}"
     body = "".join(d["query"] + task.target_delimiter + target_text(task, d, cot) + task.fewshot_delimiter
                    for d in shots) + query
+    description = doc.get("description", task.description)  # per doc where it names the doc's subject
     if not chat:
-        return task.description + body
+        return description + body
     if tokenizer is None or tokenizer.chat_template is None:
         raise ConfigError(f"task {task.name!r}: the chat variant needs a tokenizer with a chat template")
-    messages = ([{"role": "system", "content": task.description.strip()}] if task.description.strip() else [])
+    messages = ([{"role": "system", "content": description.strip()}] if description.strip() else [])
     messages.append({"role": "user", "content": body})
     return tokenizer.render_chat(messages, add_generation_prompt=True)
 

@@ -111,6 +111,11 @@ def _names(config: ModelConfig) -> dict[str, str]:
     return names
 
 
+def gguf_names(config: ModelConfig) -> dict[str, str]:
+    """GGUF tensor name -> llmkit state-dict name (the importance matrix keys its vectors by the former)."""
+    return _names(config)
+
+
 def _norm_shift(arch: str, gguf_name: str) -> float:
     """What llama.cpp's converter adds to a stored weight: 1 to every gemma3 norm (gain 1 + w)."""
     return 1.0 if arch == "gemma3" and gguf_name.endswith("norm.weight") else 0.0
@@ -503,8 +508,12 @@ def is_gguf(path: str | os.PathLike) -> bool:
 
 
 def write_gguf(path: str | os.PathLike, config: ModelConfig, state_dict: dict[str, torch.Tensor],
-               tokenizer: Tokenizer, quant: str = "F16", name: str | None = None) -> dict[str, str]:
+               tokenizer: Tokenizer, quant: str = "F16", name: str | None = None,
+               importance: dict[str, np.ndarray] | None = None) -> dict[str, str]:
     """Write a llama, qwen2 or gemma3 GGUF at file type `quant` (see `gguf_quants.FILE_TYPES`), atomically.
+
+    `importance` (GGUF tensor name -> per-input-column weight: an importance matrix, see quant/imatrix.py)
+    makes the quantizers minimise the importance-weighted error; a name it has that the model lacks is refused.
 
     Returns GGUF tensor name -> the type it was stored as (llama.cpp's mixed recipe for K-quants).
     """
@@ -523,6 +532,10 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig, state_dict: dict[st
                           f"{config.vocab_size}; GGUF needs them equal")
 
     plan = gguf_quants.plan_types(config, quant)
+    unknown = sorted(set(importance or ()) - set(plan))
+    if unknown:
+        raise ConfigError(f"the importance matrix has tensors this model lacks: {', '.join(unknown[:5])}; "
+                          "expected one computed on this model")
     out_types: dict[str, str] = {}
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -537,7 +550,7 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig, state_dict: dict[st
             elif shift := _norm_shift(arch, g):
                 x = x + np.float32(shift)
             type_name = plan[g] if g in plan else "F32"  # biases and the extra norms stay F32, as in llama.cpp
-            data = gguf_quants.quantize(np.ascontiguousarray(x), type_name)
+            data = gguf_quants.quantize(np.ascontiguousarray(x), type_name, (importance or {}).get(g))
             qtype = gguf.GGMLQuantizationType[type_name]
             w.add_tensor(g, data, raw_dtype=qtype if type_name not in ("F32", "F16") else None)
             out_types[g] = type_name
@@ -627,9 +640,10 @@ def _write_gemma3_layers(w, c: ModelConfig) -> None:
     w.add_rope_freq_base_swa(c.rope_theta if c.rope_local_theta is None else c.rope_local_theta)
 
 
-def export_gguf(spec: str | os.PathLike, out: str | os.PathLike, quant: str = "Q8_0") -> dict[str, str]:
+def export_gguf(spec: str | os.PathLike, out: str | os.PathLike, quant: str = "Q8_0",
+                importance: dict[str, np.ndarray] | None = None) -> dict[str, str]:
     """`llmkit export`: a checkpoint folder, GGUF file or registry name -> a GGUF file at `quant`."""
     from llmkit.formats import named
 
     config, tensors, tokenizer = named.read(spec)
-    return write_gguf(out, config, tensors, tokenizer, quant=quant)
+    return write_gguf(out, config, tensors, tokenizer, quant=quant, importance=importance)

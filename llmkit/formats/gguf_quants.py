@@ -94,14 +94,41 @@ def plan_types(config: ModelConfig, ftype: str) -> dict[str, str]:
 # Quantizers
 
 
-def quantize(x: np.ndarray, type_name: str) -> np.ndarray:
-    """float32 rows -> the GGUF payload of `type_name` (float arrays for F32/F16, uint8 blocks otherwise)."""
+def quantize(x: np.ndarray, type_name: str, importance: np.ndarray | None = None) -> np.ndarray:
+    """float32 rows -> the GGUF payload of `type_name` (float arrays for F32/F16, uint8 blocks otherwise).
+
+    `importance` (one non-negative weight per column: llama.cpp's imatrix, the mean squared input
+    activation of each input channel) makes the scale searches minimise the importance-weighted error
+    (ggml's `quant_weights`). The K-quants and IQ4_NL multiply their own per-weight search weights by
+    it, so all-ones gives the plain bytes; Q4_0 and Q5_0, plain max-abs rounding otherwise, search their
+    scale only when the importance is not uniform (a uniform one says no column matters more). Q8_0,
+    Q4_1, Q5_1 and the float types ignore it, as llama.cpp's Q8_0 does.
+    """
     import gguf
 
     x = np.ascontiguousarray(x, dtype=np.float32)
+    if importance is not None:
+        importance = check_importance(importance, x.shape[-1])
     if type_name in _OURS:
-        return _OURS[type_name](x)[0]
+        return _OURS[type_name](x, importance)[0]
+    if type_name in _WEIGHTED_ONLY and importance is not None and np.ptp(importance) > 0:
+        return _WEIGHTED_ONLY[type_name](x, importance)[0]
     return gguf.quants.quantize(x, gguf.GGMLQuantizationType[type_name])
+
+
+def check_importance(importance: np.ndarray, columns: int) -> np.ndarray:
+    imp = np.asarray(importance, dtype=np.float32)
+    if imp.shape != (columns,) or not np.all(np.isfinite(imp)) or (imp < 0).any():
+        raise ConfigError(f"importance of shape {imp.shape}; expected {columns} finite non-negative weights, "
+                          "one per input column")
+    return imp
+
+
+def _per_weight(importance: np.ndarray | None, shape: tuple[int, ...], size: int) -> np.ndarray | float:
+    """The per-column importance laid out as the quantizer's blocks (rows of `size`); 1.0 without one."""
+    if importance is None:
+        return 1.0
+    return np.broadcast_to(importance, shape).reshape(-1, size)
 
 
 def _blocks(x: np.ndarray, size: int) -> np.ndarray:
@@ -147,13 +174,15 @@ def _qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, n
     return best_scale.astype(np.float32), (-best_min).astype(np.float32)
 
 
-def _qx(x: np.ndarray, nmax: int) -> np.ndarray:
-    """Symmetric signed scale per row (make_qx_quants, rmse_type 1: weights x^2); levels in [-nmax, nmax)."""
+def _qx(x: np.ndarray, nmax: int, weights: np.ndarray | None = None, with_levels: bool = False):
+    """Symmetric signed scale per row (make_qx_quants; rmse_type 1: weights x^2 unless given); levels in
+    [-nmax, nmax)."""
     idx = np.abs(x).argmax(1)
     mx = np.take_along_axis(x, idx[:, None], 1)[:, 0]
     ok = mx != 0
     safe = np.where(ok, mx, 1.0)
-    w = x * x
+    w = x * x if weights is None else weights
+    best_lvl = np.zeros(x.shape)
     best_scale = np.zeros(len(x))
     best = np.full(len(x), -np.inf)
     for step in range(-9, 10):
@@ -166,7 +195,9 @@ def _qx(x: np.ndarray, nmax: int) -> np.ndarray:
         better = score > best
         best = np.where(better, score, best)
         best_scale = np.where(better, scale, best_scale)
-    return best_scale.astype(np.float32)
+        if with_levels:
+            best_lvl = np.where(better[:, None], lvl, best_lvl)
+    return (best_scale.astype(np.float32), best_lvl) if with_levels else best_scale.astype(np.float32)
 
 
 def _signed_max(v: np.ndarray) -> np.ndarray:
@@ -183,12 +214,14 @@ def _pack_scales_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
     return out
 
 
-def _scale_min_k(x: np.ndarray, nmax: int, rmin: float, nstep: int):
+def _scale_min_k(x: np.ndarray, nmax: int, rmin: float, nstep: int, importance: np.ndarray | float = 1.0):
     """Q4_K/Q5_K: 8 sub-blocks of 32 -> fp16 d, dmin, 6-bit scales/mins, levels and their decoded values."""
     nb = len(x)
     xs = x.reshape(nb, 8, 32)
     av = np.sqrt((xs * xs).mean(2, keepdims=True))
-    scale, mn = _qkx2(xs.reshape(-1, 32), (av + np.abs(xs)).reshape(-1, 32), nmax, rmin, 0.1, nstep)
+    w = (av + np.abs(xs)).reshape(-1, 32)
+    w = w if isinstance(importance, float) else importance.reshape(-1, 32) * w
+    scale, mn = _qkx2(xs.reshape(-1, 32), w, nmax, rmin, 0.1, nstep)
     scale, mn = scale.reshape(nb, 8), mn.reshape(nb, 8)
     max_scale, max_min = scale.max(1), mn.max(1)
     inv_s = np.where(max_scale > 0, 63 / np.where(max_scale > 0, max_scale, 1), 0)
@@ -205,18 +238,18 @@ def _scale_min_k(x: np.ndarray, nmax: int, rmin: float, nstep: int):
     return d_bytes, m_bytes, _pack_scales_k4(ls, lm), lvl, decoded
 
 
-def quantize_q4_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def quantize_q4_k(x: np.ndarray, importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Q4_K (144 bytes per 256): d, dmin, 12 scale bytes, 128 bytes of 4-bit levels."""
     shape = x.shape
-    d, m, scales, lvl, decoded = _scale_min_k(_blocks(x, QK_K), 15, -1.0, 20)
+    d, m, scales, lvl, decoded = _scale_min_k(_blocks(x, QK_K), 15, -1.0, 20, _per_weight(importance, shape, QK_K))
     qs = (lvl[:, 0::2] | (lvl[:, 1::2] << 4)).reshape(len(lvl), 128)
     return _rows(np.hstack([d, m, scales, qs]), shape), decoded.reshape(shape)
 
 
-def quantize_q5_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def quantize_q5_k(x: np.ndarray, importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Q5_K (176 bytes per 256): d, dmin, 12 scale bytes, 32 bytes of high bits, 128 of low nibbles."""
     shape = x.shape
-    d, m, scales, lvl, decoded = _scale_min_k(_blocks(x, QK_K), 31, -0.5, 15)
+    d, m, scales, lvl, decoded = _scale_min_k(_blocks(x, QK_K), 31, -0.5, 15, _per_weight(importance, shape, QK_K))
     low = lvl & 0xF
     qs = (low[:, 0::2] | (low[:, 1::2] << 4)).reshape(len(lvl), 128)
     qh = np.zeros((len(lvl), 32), dtype=np.uint8)
@@ -225,13 +258,15 @@ def quantize_q5_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _rows(np.hstack([d, m, scales, qh, qs]), shape), decoded.reshape(shape)
 
 
-def _sixteen_scales(b: np.ndarray, nmax: int, scale_range: int):
+def _sixteen_scales(b: np.ndarray, nmax: int, scale_range: int, importance: np.ndarray | float = 1.0):
     """Q6_K's and Q3_K's scales: each 256-block as 16 sub-blocks of 16, each sub-block's best scale for
     levels in [-nmax, nmax) (make_qx_quants), and the block's d that stores those scales as signed
     integers in [-scale_range, scale_range). Returns (sub-blocks, scales, 1/d, d as f16 bytes, d)."""
     nb = len(b)
     xs = b.reshape(nb, 16, 16)
-    scale = _qx(xs.reshape(-1, 16), nmax).reshape(nb, 16)
+    x16 = xs.reshape(-1, 16)
+    scale = _qx(x16, nmax, None if isinstance(importance, float) else importance.reshape(-1, 16) * (x16 * x16))
+    scale = scale.reshape(nb, 16)
     top = _signed_max(scale)
     ok = top != 0
     iscale = np.where(ok, -scale_range / np.where(ok, top, 1), 0)
@@ -239,12 +274,12 @@ def _sixteen_scales(b: np.ndarray, nmax: int, scale_range: int):
     return xs, scale, iscale, d_bytes, d
 
 
-def quantize_q6_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def quantize_q6_k(x: np.ndarray, importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Q6_K (210 bytes per 256): 128 bytes low nibbles, 64 bytes high bits, 16 int8 scales, d."""
     shape = x.shape
     b = _blocks(x, QK_K)
     nb = len(b)
-    xs, scale, iscale, d_bytes, d = _sixteen_scales(b, 32, 128)
+    xs, scale, iscale, d_bytes, d = _sixteen_scales(b, 32, 128, _per_weight(importance, shape, QK_K))
     ls = np.minimum(127, np.rint(iscale[:, None] * scale)).astype(np.int8)
     dl = d[:, None] * ls.astype(np.float32)
     safe = np.where(dl != 0, dl, 1.0)[..., None]
@@ -257,12 +292,12 @@ def quantize_q6_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _rows(np.hstack([ql, qh, ls.view(np.uint8), d_bytes]), shape), decoded.reshape(shape)
 
 
-def quantize_q3_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def quantize_q3_k(x: np.ndarray, importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Q3_K (110 bytes per 256): 32 bytes high-bit mask, 64 bytes 2-bit levels, 12 scale bytes, d."""
     shape = x.shape
     b = _blocks(x, QK_K)
     nb = len(b)
-    xs, scale, iscale, d_bytes, d = _sixteen_scales(b, 4, 32)
+    xs, scale, iscale, d_bytes, d = _sixteen_scales(b, 4, 32, _per_weight(importance, shape, QK_K))
     ls = (np.clip(np.rint(iscale[:, None] * scale), -32, 31) + 32).astype(np.uint8)  # 0..63
     dl = d[:, None] * (ls.astype(np.int8) - np.int8(32)).astype(np.float32)
     safe = np.where(dl != 0, dl, 1.0)[..., None]
@@ -286,14 +321,14 @@ IQ4_NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 3
 _IQ4_NL_MIDPOINTS = (IQ4_NL_VALUES[1:] + IQ4_NL_VALUES[:-1]) / 2
 
 
-def quantize_iq4_nl(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def quantize_iq4_nl(x: np.ndarray, importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """IQ4_NL (18 bytes per 32): fp16 d and 4-bit indices into a fixed non-linear grid."""
     shape = x.shape
     b = _blocks(x, 32)
     top = _signed_max(b)
     ok = top != 0
     safe = np.where(ok, top, 1.0)
-    w = b * b
+    w = b * b if importance is None else _per_weight(importance, shape, 32) * (b * b)
     best = np.full(len(b), -np.inf)
     best_d = np.zeros(len(b))
     best_idx = np.zeros(b.shape, dtype=np.uint8)
@@ -319,6 +354,36 @@ def _rows(blocks: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.ascontiguousarray(blocks.astype(np.uint8)).reshape(*shape[:-1], -1)
 
 
+def _weighted_q_0(x: np.ndarray, importance: np.ndarray, nmax: int):
+    """Q4_0 / Q5_0 with an importance: the scale of each block of 32 chosen by weighted least squares
+    (ggml's quantize_row_q4_0_impl: weights importance * sqrt(mean x^2 + x^2)); levels in [-nmax, nmax)."""
+    b = _blocks(x, 32)
+    sigma2 = (b * b).mean(1, keepdims=True)
+    w = _per_weight(importance, x.shape, 32) * np.sqrt(sigma2 + b * b)
+    scale, lvl = _qx(b, nmax, w, with_levels=True)
+    d_bytes, d = _f16(scale)
+    return d_bytes, d, (lvl + nmax).astype(np.uint8)
+
+
+def quantize_q4_0_weighted(x: np.ndarray, importance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_0 (18 bytes per 32): fp16 d, 16 bytes of 4-bit levels (low nibbles: the first 16 values)."""
+    d_bytes, d, q = _weighted_q_0(x, importance, 8)
+    decoded = d[:, None] * (q.astype(np.float32) - 8)
+    return _rows(np.hstack([d_bytes, q[:, :16] | (q[:, 16:] << 4)]), x.shape), decoded.reshape(x.shape)
+
+
+def quantize_q5_0_weighted(x: np.ndarray, importance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q5_0 (22 bytes per 32): fp16 d, 32 high bits (little-endian uint32), 16 bytes of low nibbles."""
+    d_bytes, d, q = _weighted_q_0(x, importance, 16)
+    decoded = d[:, None] * (q.astype(np.float32) - 16)
+    high = (q >> 4).astype(np.uint32)
+    qh = (high << np.arange(32, dtype=np.uint32)).sum(1, dtype=np.uint32)
+    low = q & 0xF
+    return (_rows(np.hstack([d_bytes, qh.astype("<u4").view(np.uint8).reshape(-1, 4),
+                             low[:, :16] | (low[:, 16:] << 4)]), x.shape), decoded.reshape(x.shape))
+
+
+_WEIGHTED_ONLY = {"Q4_0": quantize_q4_0_weighted, "Q5_0": quantize_q5_0_weighted}
 _OURS = {"Q3_K": quantize_q3_k, "Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k, "Q6_K": quantize_q6_k,
          "IQ4_NL": quantize_iq4_nl}
 QUANTIZERS = dict(_OURS)

@@ -26,15 +26,19 @@ import torch.nn as nn
 
 from llmkit.errors import ConfigError
 from llmkit.moe import MoE
+from llmkit.quant.calibrate import Calibration
+from llmkit.quant.gptq import gptq_int4
 from llmkit.quant.weights import int8_rows, quantize_int4, quantize_int8
 
+_SHARED_INPUT = {"qkv_proj": "q_proj", "gate_up_proj": "gate_proj"}  # a fused layer's input is its first part's
 SMALL_BATCH = 16  # rows at or below this use the packed kernel; above, the int8 GEMM
 
 
 class PackedLinear(nn.Module):
     """y = x @ W_q^T (+ bias) with W_q an int8 or int4 quantization of a linear layer's weight."""
 
-    def __init__(self, linear: nn.Linear, bits: int = 8, group_size: int = 32, int8_prefill: bool = True):
+    def __init__(self, linear: nn.Linear, bits: int = 8, group_size: int = 32, int8_prefill: bool = True,
+                 int4: tuple | None = None):
         super().__init__()
         w = linear.weight.detach().float()
         self.out_features, self.in_features = w.shape
@@ -49,7 +53,8 @@ class PackedLinear(nn.Module):
             if self.in_features % group_size or self.out_features % 8:
                 raise ConfigError(f"int4 needs in_features ({self.in_features}) divisible by group_size "
                                   f"({group_size}) and out_features ({self.out_features}) divisible by 8")
-            q, scale, zero, dequant = quantize_int4(w, group_size)
+            # `int4`: a (q, scale, zero, dequant) already chosen on quantize_int4's grid (GPTQ)
+            q, scale, zero, dequant = int4 if int4 is not None else quantize_int4(w, group_size)
             self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
             self.register_buffer("scales", torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
                                  .to(torch.bfloat16))
@@ -87,7 +92,7 @@ class PackedLinear(nn.Module):
 
 @torch.no_grad()
 def quantize(model: nn.Module, bits: int = 8, group_size: int = 32, head_bits: int = 8,
-             int8_prefill: bool = True) -> nn.Module:
+             int8_prefill: bool = True, calibration: Calibration | None = None) -> nn.Module:
     """Swap, in place, every linear layer of `model.blocks` for a `PackedLinear` of `bits`, and the LM
     head for one of `head_bits`.
 
@@ -105,14 +110,25 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int = 32, head_bits: i
     higher precision: on SmolLM2-135M an int4 head raises the KL to the fp32 model ~30-fold (see
     benchmarks/results/generate.json). A tied head is quantized as its own copy; the embedding it was
     tied to stays in full precision. The model then runs inference only.
+
+    `calibration` with Gram matrices (`calibrate(model, batches, gram=True)`, taken before this call)
+    chooses the int4 weights of the blocks by GPTQ (quant/gptq.py) instead of rounding to nearest;
+    a fused layer uses the Gram matrix of the input its parts share.
     """
     if model.device.type != "cpu":
         raise ConfigError(f"quantize() uses PyTorch's CPU packed kernels; the model is on {model.device}")
+    if calibration is not None and (bits != 4 or not calibration.gram):
+        raise ConfigError("GPTQ (a calibration) applies to bits=4 and needs Gram matrices "
+                          "(calibrate(..., gram=True)); expected both")
     model.fuse_projections()
-    for parent in list(model.blocks.modules()):
+    for path, parent in list(model.blocks.named_modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and not isinstance(parent, MoE):  # routers stay exact, as in llama.cpp
-                setattr(parent, name, PackedLinear(child, bits, group_size, int8_prefill))
+                int4 = None
+                if calibration is not None:
+                    source = f"blocks.{path}.{_SHARED_INPUT.get(name, name)}"
+                    int4 = gptq_int4(child.weight, calibration.gram[source].to(child.weight.device), group_size)
+                setattr(parent, name, PackedLinear(child, bits, group_size, int8_prefill, int4))
     if isinstance(model.lm_head, nn.Linear):
         model.lm_head = PackedLinear(model.lm_head, head_bits, group_size, int8_prefill)
     return model.eval()

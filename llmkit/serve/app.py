@@ -39,7 +39,11 @@ from llmkit.errors import ConfigError
 from llmkit.generate.chat import end_of_turn_ids
 from llmkit.generate.sampling import SamplingParams
 from llmkit.model import Transformer
+from llmkit.moderation import Moderator
+from llmkit.moderation import load as load_moderator
 from llmkit.progress import phase
+from llmkit.rag.ask import cited, grounded_messages, last_user_text, numbered
+from llmkit.rag.index import Index
 from llmkit.serve.config import ServeConfig
 from llmkit.serve.errors import APIError, error_response
 from llmkit.serve.metrics import Metrics
@@ -49,6 +53,7 @@ from llmkit.serve.schema import (
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
+    ModerationRequest,
     SamplingFields,
     TokenizeRequest,
     chat_logprobs,
@@ -186,12 +191,15 @@ async def wait_for_disconnect(request: Request) -> None:
 
 
 def create_app(model, tokenizer, config: ServeConfig | None = None, embedder: Embedder | None = None,
-               adapters: dict[str, Transformer] | None = None) -> FastAPI:
+               adapters: dict[str, Transformer] | None = None, retriever: Index | None = None,
+               moderator: Moderator | None = None) -> FastAPI:
     """The FastAPI app; its scheduler threads start and stop with the app's lifespan. An encoder
     (causal=False) answers /v1/embeddings (through `embedder`, or pooling as its config says) and
     refuses the generating routes. `adapters` are models served under names of their own
     (`--lora-modules`: the base with a LoRA adapter merged), each with its own scheduler and the same
-    tokenizer and limits."""
+    tokenizer and limits. With a `retriever` (`--rag`), chat completions answer from the passages it
+    retrieves for the last user message: the response carries them as `sources` (numbered as the
+    prompt numbers them) and each message the numbers it cites (`citations`)."""
     config = config or ServeConfig()
     if not model.config.causal and embedder is None:
         embedder = Embedder(model, tokenizer, model.config.pooling, False, model.config.max_seq_len)
@@ -310,6 +318,22 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, embedder: Em
             raise APIError(400, "the rendered chat has no tokens", param="messages")
         return ids
 
+    def ground(messages: list[dict]) -> tuple[list[dict], list[dict]]:
+        """The chat with the last user turn replaced by the retrieved passages and its question, and the passages."""
+        if messages[-1].get("role") != "user":
+            raise APIError(400, "with --rag the last message must be the user's question", param="messages")
+        question = last_user_text(messages)
+        sources = numbered(retriever.search(question, config.rag_k))
+        return grounded_messages(question, sources, messages[:-1]), sources
+
+    def moderated(text: str) -> dict:
+        """{"moderation": {flagged, categories flagged}} for a generated text with --moderation; {} without."""
+        if moderator is None:
+            return {}
+        (result,) = moderator.moderate([text])
+        return {"moderation": {"flagged": result["flagged"],
+                               "categories": [c for c, on in result["categories"].items() if on]}}
+
     async def offload(fn, *args, **kwargs):
         """CPU work (tokenizing, templates, large responses) runs on a worker thread, not the event loop."""
         return await run_in_threadpool(fn, *args, **kwargs)
@@ -394,6 +418,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, embedder: Em
         n = params.n
         if body.stream:
             sent: dict[int, int] = {}  # characters streamed per choice (for text_offset)
+            texts: dict[int, str] = {}  # the text so far per choice (for --moderation's verdict at its end)
 
             def frame(p, chunk):
                 index = p * n + chunk.index
@@ -402,8 +427,10 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, embedder: Em
                     logprobs = legacy_logprobs(tokenizer, [chunk.token_id], [chunk.logprob], [chunk.top_logprobs],
                                                sent.get(index, 0))
                 sent[index] = sent.get(index, 0) + len(chunk.text)
+                texts[index] = texts.get(index, "") + chunk.text
+                verdict = moderated(texts[index]) if chunk.finish_reason else {}  # on the whole text, at its end
                 yield {**head, "choices": [{"index": index, "text": chunk.text, "logprobs": logprobs,
-                                            "finish_reason": chunk.finish_reason}]}
+                                            "finish_reason": chunk.finish_reason, **verdict}]}
 
             frame.head = head
             return stream(job, body, frame)
@@ -421,7 +448,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, embedder: Em
                             ids, lps, tops = r.prompt + ids, c.prompt_logprobs + lps, c.prompt_top_logprobs + tops
                         logprobs = legacy_logprobs(tokenizer, ids, lps, tops)
                     choices.append({"index": p * n + c.index, "text": echoed + c.text, "logprobs": logprobs,
-                                    "finish_reason": c.finish_reason})
+                                    "finish_reason": c.finish_reason, **moderated(c.text)})
             return {**head, "choices": choices, "usage": usage(job)}
 
         return await respond(answer)
@@ -438,28 +465,35 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, embedder: Em
                            param="top_logprobs")
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
-        ids = await offload(encode_chat, chat_messages(body.messages))
+        messages, sources = chat_messages(body.messages), None
+        if retriever is not None:
+            messages, sources = await offload(ground, messages)
+        ids = await offload(encode_chat, messages)
         params = body.to_sampling_params(config, vocab, context, [ids], None,
                                          logprobs=(body.top_logprobs or 0) if body.logprobs else None,
                                          stop_token_ids=sorted({*chat_stops, *(body.stop_token_ids or [])}))
         job = Job(scheduler, [ids], params)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": body.model}
+                "model": body.model, **({} if sources is None else {"sources": sources})}
         if body.stream:
             started: set[int] = set()
-            chunk_head = {**head, "object": "chat.completion.chunk"}
+            texts: dict[int, str] = {}
+            chunk_head = {k: v for k, v in head.items() if k != "sources"} | {"object": "chat.completion.chunk"}
 
             def frame(p, chunk):
-                if chunk.index not in started:
+                if chunk.index not in started:  # the sources come once, with a choice's first chunk
                     started.add(chunk.index)
-                    yield {**chunk_head, "choices": [{"index": chunk.index, "delta": {"role": "assistant", "content": ""},
-                                                      "logprobs": None, "finish_reason": None}]}
+                    yield {**chunk_head, **({} if sources is None else {"sources": sources}),
+                           "choices": [{"index": chunk.index, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}]}
                 logprobs = None
                 if body.logprobs:
                     logprobs = chat_logprobs(tokenizer, [chunk.token_id], [chunk.logprob], [chunk.top_logprobs])
                 delta = {"content": chunk.text} if chunk.text or not chunk.finish_reason else {}
+                texts[chunk.index] = texts.get(chunk.index, "") + chunk.text
+                verdict = moderated(texts[chunk.index]) if chunk.finish_reason else {}  # on the whole reply, at its end
                 yield {**chunk_head, "choices": [{"index": chunk.index, "delta": delta, "logprobs": logprobs,
-                                                  "finish_reason": chunk.finish_reason}]}
+                                                  "finish_reason": chunk.finish_reason, **verdict}]}
 
             frame.head = chunk_head
             return stream(job, body, frame)
@@ -469,8 +503,11 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, embedder: Em
             choices = []
             for c in job.completions:
                 logprobs = chat_logprobs(tokenizer, c.token_ids, c.logprobs, c.top_logprobs) if body.logprobs else None
-                choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
-                                "logprobs": logprobs, "finish_reason": c.finish_reason})
+                message = {"role": "assistant", "content": c.text}
+                if sources is not None:
+                    message["citations"] = [p["n"] for p in cited(c.text, sources)]
+                choices.append({"index": c.index, "message": message, "logprobs": logprobs,
+                                "finish_reason": c.finish_reason, **moderated(c.text)})
             return {**head, "choices": choices, "usage": usage(job)}
 
         return await respond(answer)
@@ -500,6 +537,15 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, embedder: Em
                     "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
         return await respond(answer)
+
+    @app.post("/v1/moderations")
+    async def moderations(body: ModerationRequest):
+        if moderator is None:
+            raise APIError(404, "this server has no moderation model; start it with --moderation FOLDER "
+                                "(`llmkit moderation train FOLDER`)", type="not_found_error", code="model_not_found")
+        texts = body.texts()
+        return await respond(lambda: {"id": f"modr-{uuid.uuid4().hex}", "model": body.model or "llmkit-moderation",
+                                      "results": moderator.moderate(texts)})
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
@@ -570,7 +616,15 @@ def serve(config: ServeConfig) -> None:
                                     config.max_model_len, adapter=path)[0]
     if config.served_model_name is None:
         config.served_model_name = Path(config.model).name if Path(config.model).exists() else config.model
-    app = create_app(model, tokenizer, config, embedder, adapters)
+    retriever = None
+    if config.rag:
+        with phase(f"load the retrieval index {config.rag}"):
+            retriever = Index.load(config.rag)
+    moderator = None
+    if config.moderation:
+        with phase(f"load the moderation model {config.moderation}"):
+            moderator = load_moderator(config.moderation)
+    app = create_app(model, tokenizer, config, embedder, adapters, retriever, moderator)
     print(f"serving {config.served_model_name} on http://{config.host}:{config.port} (chat page at /)", flush=True)
     handler = logging.StreamHandler()  # a line per finished request, as vLLM and llama.cpp's server log them
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))

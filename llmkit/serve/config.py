@@ -46,3 +46,10 @@ class ServeConfig:
                 "prompts are refused"})
     chat_template: str | None = field(default=None, metadata={
         "help": "replace the model's chat template: chatml, gemma, llama2, alpaca, vicuna, a .jinja file or Jinja"})
+    rag: str | None = field(default=None, metadata={
+        "help": "a retrieval index folder (`llmkit rag index`): chat completions answer from the passages it "
+                "retrieves for the last user message and return them as `sources`, cited by [n]"})
+    rag_k: int = field(default=3, metadata={"help": "passages retrieved per chat request with --rag"})
+    moderation: str | None = field(default=None, metadata={
+        "help": "a moderation folder (`llmkit moderation train`): answers /v1/moderations and checks every "
+                "generation; a flagged one is returned with moderation.flagged=true, not dropped"})

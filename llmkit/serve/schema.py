@@ -183,6 +183,21 @@ class EmbeddingRequest(BaseModel):
         return list(items)
 
 
+class ModerationRequest(BaseModel):
+    """OpenAI's /v1/moderations body: one text or a list of texts (`model` is optional, as OpenAI's)."""
+
+    model_config = STRICT
+
+    model: str | None = None
+    input: str | list[str]
+
+    def texts(self) -> list[str]:
+        items = [self.input] if isinstance(self.input, str) else list(self.input)
+        if not items:
+            raise APIError(400, "input is empty; expected a text or a list of texts", param="input")
+        return items
+
+
 class TokenizeRequest(BaseModel):
     model_config = STRICT
 
