@@ -66,14 +66,15 @@ def test_moe_vs_dense_script_smoke(shards, tmp_path, monkeypatch):
                           "--warmup-steps", "1", "--eval-batches", "1", "--no-progress", "--work", str(tmp_path / "w"),
                           "--out", str(tmp_path / "r.json"), "--docs", str(tmp_path / "docs")])
     arms = report["arms"]
-    assert list(arms) == ["dense", "moe", "moe-no-balance"]
+    assert list(arms) == ["dense", "moe", "moe-global", "moe-no-balance"]
+    assert arms["moe-global"]["overrides"] == {"router_balance": "global"}
     assert arms["moe"]["active_parameters"] == arms["dense"]["active_parameters"] + 4 * 128 * 8  # + the routers
     assert arms["dense"]["expert_load"] is None and arms["moe"]["expert_load"]["min_load"] >= 0
     assert all(a["steps"] == 2 and a["val_bpb"] > 0 for a in arms.values())
     assert json.loads((tmp_path / "r.json").read_text())["commit"]
     doc = (tmp_path / "docs" / "moe_vs_dense.md").read_text()
     assert "| moe-no-balance | `mixtral-2m` |" in doc and "Lowest held-out bits per byte" in doc
-    assert doc.count("x even |") == 2 and "| dense | `llama-2m` |" in doc
+    assert doc.count("x even |") == 3 and "| dense | `llama-2m` |" in doc
     for png in ("moe_vs_dense.png", "moe_vs_dense_moe_experts.png", "moe_vs_dense_moe-no-balance_experts.png"):
         assert (tmp_path / "docs" / png).read_bytes()[:4] == b"\x89PNG"
 
