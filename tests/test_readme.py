@@ -30,7 +30,7 @@ SKIPPED = {
     "make llamacpp": "installed by CI before the tests",
 }
 BUDGET = {  # appended to a command that runs this verb
-    "speedrun": ["--budget-minutes", "0.6", "--max-docs-per-source", "200", "--vocab-size", "512", "--context", "32",
+    "speedrun": ["--budget-minutes", "0.35", "--max-docs-per-source", "200", "--vocab-size", "512", "--context", "32",
                  "--batch-size", "2", "--compile", "false", "--reserve-minutes", "0.1", "--eval-every", "0",
                  "--eval-batches", "2", "--sample-tokens", "8", "--warmup-steps", "2"],
     "pretrain": ["--max-steps", "2", "--eval-every", "0", "--eval-batches", "2", "--save-every", "0",
