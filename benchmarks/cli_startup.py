@@ -19,19 +19,14 @@ import sys
 import time
 from pathlib import Path
 
+from provenance import cpu_name
+
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = {
     "python -c pass": [sys.executable, "-c", "pass"],
     "llmkit --help": [sys.executable, "-m", "llmkit", "--help"],
     "llmkit generate --help": [sys.executable, "-m", "llmkit", "generate", "--help"],
 }
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.partition(":")[2].strip()
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

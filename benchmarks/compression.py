@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from provenance import cpu_name
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -55,13 +57,6 @@ from llmkit.train import distill  # noqa: E402
 
 SOURCE = "wikipedia"
 GROUPS = ("base", "unstructured", "structured", "gguf", "int4")
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.partition(":")[2].strip()
-    return platform.processor() or platform.machine()
 
 
 def held_out_texts() -> list[str]:

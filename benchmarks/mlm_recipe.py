@@ -26,14 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from provenance import cpu_name
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.partition(":")[2].strip()
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> None:

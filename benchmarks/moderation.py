@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.mlm_recipe import cpu_name  # noqa: E402
+from benchmarks.provenance import cpu_name  # noqa: E402
 from llmkit import moderation  # noqa: E402
 from llmkit.files import atomic_write_json  # noqa: E402
 

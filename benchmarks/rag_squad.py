@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.mlm_recipe import cpu_name  # noqa: E402
+from benchmarks.provenance import cpu_name  # noqa: E402
 from llmkit.eval.tasks import normalize, token_f1  # noqa: E402
 from llmkit.files import atomic_write_json, cache_dir  # noqa: E402
 from llmkit.generate.api import generate  # noqa: E402

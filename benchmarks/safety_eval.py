@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from mlm_recipe import cpu_name
+from provenance import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

@@ -17,13 +17,13 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from provenance import cpu_name
 from tqdm import tqdm
 
 from llmkit.model import Transformer
@@ -33,13 +33,6 @@ from llmkit.train.sweep import SweepConfig, size_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "scaling_plan.json"
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.partition(":")[2].strip()
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> dict:
