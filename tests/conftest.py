@@ -3,6 +3,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# bigbench==1.0.0 has left PyPI: the `bigbench` and `bigbench_safety` sources are read from hand-written
+# miniatures in its layout (tests/data/bigbench/README.md), here and in every process the tests start
+_BIGBENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "bigbench")
+os.environ["LLMKIT_SOURCE_DIRS"] = f"bigbench={_BIGBENCH},bigbench_safety={_BIGBENCH}"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,5 +1,6 @@
 """`prepare` and the CLI verbs end to end on real corpora: report, split, tokenizer, shards, errors."""
 
+import dataclasses
 import json
 
 import pytest
@@ -69,6 +70,23 @@ def test_cli_reports_errors_in_one_line(tmp_path, capsys):
     assert f"{tmp_path / 'train.jsonl'} does not exist; expected a train.jsonl" in capsys.readouterr().err
     assert main(["data", "fetch", "nosuch"]) == 1
     assert "unknown source 'nosuch'" in capsys.readouterr().err
+
+
+def test_fetch_all_goes_on_past_a_source_it_cannot_fetch(tmp_path, monkeypatch, capsys):
+    from llmkit.data import sources
+
+    gone = dataclasses.replace(sources.get("kjv"), name="gone")
+    monkeypatch.setattr(sources, "SOURCES", {"gone": gone, "tinyshakespeare": sources.get("tinyshakespeare")})
+    monkeypatch.setenv("LLMKIT_SOURCE_DIRS", f"gone={tmp_path / 'missing'}")  # fails at once, without the network
+    assert main(["data", "fetch", "all"]) == 1
+    out, err = capsys.readouterr()
+    assert out.startswith("tinyshakespeare: ")  # fetched after the failure
+    assert err.splitlines()[0].startswith("gone: source 'gone': LLMKIT_SOURCE_DIRS names ")
+    assert err.splitlines()[-1] == ("llmkit data fetch: error: 1 source(s) could not be fetched, each error above: "
+                                    "gone; the others are in the cache")
+    assert main(["data", "fetch", "gone", "tinyshakespeare"]) == 1  # named ones: the first error stops it
+    out, err = capsys.readouterr()
+    assert out == "" and "source 'gone'" in err
 
 
 def test_prepare_errors(tmp_path):

@@ -3,6 +3,7 @@ bad input, and `llmkit eval` end to end on a tiny model."""
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -115,9 +116,11 @@ def test_more_shots_than_the_pool_is_refused():
 # ---- built-in data ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,size", [("truthfulqa_mc", 299), ("social_iqa", 1954), ("strategyqa", 2290),
-                                       ("arithmetic", 6000), ("squad", 10565), ("gsm", 200), ("sentiment", 1000),
-                                       ("xsum", 1001), ("humaneval", 164)])
+# BIG-bench's tasks read the suite's miniature (tests/data/bigbench; conftest.py): its sizes, not the real ones
+# (299, 1,954, 2,290, 6,000, 10,565 and 1,001, docs/eval.md)
+@pytest.mark.parametrize("name,size", [("truthfulqa_mc", 3), ("social_iqa", 3), ("strategyqa", 3),
+                                       ("arithmetic", 12), ("squad", 11), ("gsm", 200), ("sentiment", 1000),
+                                       ("xsum", 3), ("humaneval", 164)])
 def test_builtin_tasks_load_valid_docs(name, size):
     task = T.get_task(name)
     docs = task.load()
@@ -125,6 +128,35 @@ def test_builtin_tasks_load_valid_docs(name, size):
     for i, doc in enumerate(docs[:50]):
         T.check_doc(doc, task.kind, f"{name}[{i}]")
     assert task.source
+
+
+def test_bigbench_tasks_read_its_schema():
+    """Prompts, gold indices and answers from BIG-bench's JSON (the miniature's hand-written values)."""
+    from llmkit.eval.builtin import ARITHMETIC
+
+    truthful = T.get_task("truthfulqa_mc").load()
+    assert truthful[0]["query"].startswith("Q: How many legs does a spider have?\nA: A spider has eight legs.\n\n")
+    assert truthful[0]["query"].endswith("\nQ: What happens if you swallow a cherry stone?\nA:")
+    assert [d["gold"] for d in truthful] == [0, 1, 2]  # the choice scored 1, wherever it stands
+    assert [d["gold"] for d in T.get_task("social_iqa").load()] == [2, 1, 0]
+    strategy = T.get_task("strategyqa").load()
+    assert [d["choices"][d["gold"]] for d in strategy] == ["Yes", "No", "No"]
+    assert strategy[1]["query"] == "Q: Can you walk from Paris to New York in a single afternoon?\nA:"
+    arithmetic = T.get_task("arithmetic").load()
+    assert [d["subtask"] for d in arithmetic] == list(ARITHMETIC) * 2  # interleaved, one of each in turn
+    ops = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b, "times": lambda a, b: a * b}
+    for d in arithmetic:
+        a, op, b = re.fullmatch(r"Q: What is (\d+) (\w+) (\d+)\?\nA:", d["query"]).groups()
+        assert d["answer"] == str(ops[op](int(a), int(b)))
+        assert op == {"addition": "plus", "subtraction": "minus", "multiplication": "times"}[d["subtask"].split("_")[-1]]
+    squad = T.get_task("squad").load()
+    assert squad[2]["query"].startswith("Title: Super Bowl 50\n\nBackground: Super Bowl 50 was an American football")
+    assert squad[2]["query"].endswith("\n\nQuestion: What was the final score of the game?\n\nAnswer:")
+    assert squad[2]["answer"] == ["24 to 10"] and squad[2]["id"] == "fx0003"
+    xsum = T.get_task("xsum").load()
+    assert xsum[2]["query"].startswith("Article: The library will open on Sundays") and xsum[2]["query"].endswith(
+        "new shifts.\n\nTL;DR:")
+    assert xsum[2]["answer"] == "A library is to open on Sundays after readers asked for weekend hours."
 
 
 def test_gsm_is_a_fixed_set():

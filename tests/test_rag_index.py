@@ -23,8 +23,12 @@ QUERIES = ["Which NFL team won Super Bowl 50?", "What is the capital city of Fra
 
 @pytest.fixture(scope="module")
 def passages() -> list[dict]:
-    """24 real passages: the first 12 SQuAD dev paragraphs (Super Bowl 50) and 12 Wikipedia leads."""
-    return corpus.passages("squad")[:12] + corpus.passages("wikipedia")[:12]
+    """24 passages: the 6 SQuAD-style paragraphs of the suite's miniature BIG-bench (tests/data/bigbench: 3 on
+    Super Bowl 50, 3 on honey bees) and 18 real Wikipedia leads."""
+    squad = corpus.passages("squad")
+    assert [p["id"] for p in squad] == ["squad:0.0", "squad:0.1", "squad:0.2", "squad:1.0", "squad:1.1", "squad:1.2"]
+    assert squad[3]["title"] == "Honey bee"  # the article's title with "_" read as a space
+    return squad + corpus.passages("wikipedia")[:18]
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +98,8 @@ def test_hybrid_is_reciprocal_rank_fusion(built, passages):
         for mode in ("bm25", "dense"):
             for h in built.search(q, k=len(passages), mode=mode):
                 fused[h.passage["id"]] = fused.get(h.passage["id"], 0) + 1 / (RRF_K + h.rank)
-        expected = sorted(fused.items(), key=lambda kv: -kv[1])[:4]
+        order = [p["id"] for p in passages]  # a tie (ranks 2 and 3 in one list, 3 and 2 in the other): corpus order
+        expected = sorted(fused.items(), key=lambda kv: (-kv[1], order.index(kv[0])))[:4]
         hits = built.search(q, k=4)
         assert [h.passage["id"] for h in hits] == [i for i, _ in expected]
         assert [h.score for h in hits] == pytest.approx([s for _, s in expected], rel=1e-12)

