@@ -6,7 +6,7 @@ the commit, the machine, each command's wall time and peak RSS, and each run's r
 evaluations (the rows of metrics.jsonl that carry `val_*` or `eval_*` figures). PPO's reward/KL plot is
 copied to docs/align_ppo_reward_kl.png. docs/align.md quotes this file.
 
-    python benchmarks/align_movies.py            # about an hour on a 2-core machine
+    python benchmarks/align_movies.py            # about 12 minutes on a 2-core machine
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from provenance import provenance
 ROOT = Path(__file__).resolve().parent.parent
 
 COMMANDS = [  # (the command as docs/align.md shows it, the run folder it writes)
-    ("llmkit speedrun --name movies --sources movie_reviews:1 --budget-minutes 9 --seed 1337", "runs/movies"),
+    ("llmkit speedrun --name movies --sources movie_reviews:1 --budget-minutes 2 --seed 1337", "runs/movies"),
     ("llmkit pretrain --config recipes/movie-lm.yaml", "runs/movie-lm"),
     ("llmkit reward --config recipes/reward-movies.yaml", "runs/reward-movies"),
     ("llmkit ppo --config recipes/ppo-movies.yaml", "runs/ppo-movies"),
     ("llmkit dpo --config recipes/dpo-movies.yaml", "runs/dpo-movies"),
     ("llmkit dpo --config recipes/dpo-movies.yaml --loss-type ipo --out-dir runs/ipo-movies", "runs/ipo-movies"),
-    ("llmkit distill --config recipes/distill-movies.yaml", "runs/distill-movies"),
+    ("llmkit distill --config recipes/distill-movies.yaml", "runs/distill-soft"),
     ("llmkit distill --config recipes/distill-movies.yaml --alpha 0 --out-dir runs/distill-hard", "runs/distill-hard"),
     ("llmkit dpo --config recipes/dpo-smollm2-lora.yaml", "runs/dpo-smollm2-lora"),
 ]
