@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 import torch
-from provenance import provenance
+from provenance import cpu_name, provenance
 
 from llmkit import ModelConfig, Transformer
 from llmkit.generate.engine import generate_tensor
@@ -276,7 +276,7 @@ def main() -> None:
     report = {
         **started, "benchmark": "generate", "model": str(args.model or f"{args.preset} preset, random weights (seed 0)"),
         "threads": args.threads, "reps": args.reps, "greedy": True, "ignore_eos": True, "llmkit_compiled": args.compile,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
                     "loadavg_before": [round(x, 2) for x in load_before],
                     "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
