@@ -10,14 +10,20 @@ token in a text-only prompt) its logits are the frozen model's, bit for bit."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 
-from llmkit.errors import ConfigError, DataError
+from llmkit.config import ModelConfig
+from llmkit.errors import ConfigError, DataError, FormatError
+from llmkit.files import atomic_write_json
+from llmkit.formats.hf import _save_safetensors
 from llmkit.model import KVCache, Transformer
 from llmkit.vision.config import VLMConfig
 from llmkit.vision.cross_attention import GatedCrossAttention
-from llmkit.vision.encoder import VisionEncoder
+from llmkit.vision.encoder import VisionEncoder, read_tensors
 from llmkit.vision.projector import Projector
 
 
@@ -134,3 +140,40 @@ class VisionLanguageModel(nn.Module):
             cross_states = states if self.config.mode == "cross" else None
             logits = self(torch.tensor([[token]], device=device), kv_cache=cache, image_states=cross_states)
         return out
+
+    # ---- llmkit's own folder: config.json (both configs) + model.safetensors (every tensor) ----------
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write the whole model (LoRA merged first: `peft.merge_lora`) where `load_vlm` reads it."""
+        if any(".lora_" in name for name in self.state_dict()):
+            raise ConfigError("merge the LoRA adapters (llmkit.peft.lora.merge_lora(model.lm)) before saving")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()
+                 if not (k == "lm.lm_head.weight" and self.lm.config.tie_embeddings)}
+        _save_safetensors(state, folder / WEIGHTS)
+        atomic_write_json(folder / CONFIG, {"llmkit_vlm": self.config.to_dict(), "lm": self.lm.config.to_dict()})
+        return folder
+
+
+CONFIG, WEIGHTS = "config.json", "model.safetensors"
+
+
+def load_vlm(folder: str | Path) -> VisionLanguageModel:
+    """A folder `VisionLanguageModel.save_pretrained` wrote."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / CONFIG).read_text())
+    except (OSError, ValueError) as e:
+        raise FormatError(f"{folder / CONFIG}: cannot read ({e}); expected a vision-language model folder") from None
+    if "llmkit_vlm" not in meta:
+        raise FormatError(f"{folder / CONFIG}: not a llmkit vision-language model (no 'llmkit_vlm' entry)")
+    model = VisionLanguageModel(VLMConfig(**meta["llmkit_vlm"]), Transformer(ModelConfig.from_dict(meta["lm"])))
+    tensors = read_tensors(folder / WEIGHTS)
+    if model.lm.config.tie_embeddings:
+        tensors["lm.lm_head.weight"] = tensors["lm.embed.weight"]
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise FormatError(f"{folder / WEIGHTS}: does not match its config.json ({str(e).splitlines()[0]})") from None
+    model.lm.tie_weights()
+    return model.eval()
