@@ -6,7 +6,7 @@ several phrasings ("It is 7.", "That's a seven.", ...), questions in several too
 never trained on, asked "What digit is this?", answered by greedy generation and read back as a digit.
 
 The language model: a small llmkit Transformer (not SmolLM2-135M: one frozen 135M forward+backward took
-75 s on this machine's 2 cores) with a character-level tokenizer, first pretrained on the chats alone
+75 s on this machine's 2 cores) with a byte-level BPE trained on the phrasings, first pretrained on the chats alone
 (stage 0: it learns the answer's form, not the digit -- it cannot see one), then frozen:
   prefix (LLaVA): stage 1 trains the ViT (from scratch) and the projector; stage 2 adds LoRA on the LM.
   cross (Llama 3.2): the ViT, projector and zero-gated cross-attention layers train together (stage 2:
@@ -85,8 +85,9 @@ def read_digit(text: str) -> int | None:
 
 
 def tokenizer_for() -> Tokenizer:
-    texts = [q for q in QUESTIONS] + [a.format(n=d, w=WORDS[d]) for a in ANSWERS for d in range(10)] + ["user assistant"]
-    return Tokenizer.train_chars(texts, special_tokens=(*CHATML_SPECIALS, IMAGE_TOKEN))
+    """A byte-level BPE trained on the phrasings (words become single tokens: 24-token chats, not 57 characters)."""
+    texts = QUESTIONS + [a.format(n=d, w=WORDS[d]) for a in ANSWERS for d in range(10)] + ["user", "assistant"]
+    return Tokenizer.train(texts * 20, vocab_size=400, special_tokens=(*CHATML_SPECIALS, IMAGE_TOKEN))
 
 
 def lm_for(tokenizer: Tokenizer, d_model: int = 96) -> Transformer:
@@ -190,9 +191,9 @@ def grid(images, labels, answers, path: Path, n: int = 30) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1200, help="stage-1 steps (prefix); cross trains steps + lora_steps")
-    parser.add_argument("--lora-steps", type=int, default=300)
-    parser.add_argument("--lm-steps", type=int, default=300, help="stage 0: text-only pretraining of the small LM")
+    parser.add_argument("--steps", type=int, default=800, help="stage-1 steps (prefix); cross trains steps + lora_steps")
+    parser.add_argument("--lora-steps", type=int, default=200)
+    parser.add_argument("--lm-steps", type=int, default=200, help="stage 0: text-only pretraining of the small LM")
     parser.add_argument("--phrasings", type=int, default=2, help="captions per training image")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/vision_digits.json"))
     parser.add_argument("--png", default=str(ROOT / "docs/vision_digits.png"))
