@@ -89,10 +89,10 @@ class ImageChatBatches:
         return collate(picked, self.pad_id)
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "order": self.order, "position": self.position}
+        return {"generator": self.generator.get_state().tolist(), "order": self.order, "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
         self.order, self.position = state["order"], state["position"]
 
 
