@@ -203,12 +203,14 @@ def grid(images, labels, answers, path: Path, n: int = 30) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=800, help="stage-1 steps (prefix); cross trains steps + lora_steps")
-    parser.add_argument("--lora-steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=2500, help="stage-1 steps (prefix); cross trains steps + lora_steps")
+    parser.add_argument("--lora-steps", type=int, default=500)
     parser.add_argument("--lm-steps", type=int, default=600, help="stage 0: text-only pretraining of the small LM")
     parser.add_argument("--phrasings", type=int, default=2, help="captions per training image")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/vision_digits.json"))
     parser.add_argument("--png", default=str(ROOT / "docs/vision_digits.png"))
+    parser.add_argument("--save", default=None, help="write the better arm's model and tokenizer here "
+                                                     "(for `llmkit generate DIR QUESTION --image PNG`)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     from sklearn.linear_model import LogisticRegression
@@ -240,6 +242,9 @@ def main() -> None:
                              pixels[test_idx], test_labels, args.steps, work, args.lora_steps)
         print(f"{mode}: held-out accuracy {arms[mode]['accuracy']:.4f} ({arms[mode]['minutes']} min)")
     best = max(arms, key=lambda m: arms[m]["accuracy"])
+    if args.save:
+        arms[best]["model"].save_pretrained(args.save)
+        tokenizer.save_pretrained(args.save)
     grid([images[i] for i in test_idx[:30]], test_labels[:30], arms[best]["answers"][:30], Path(args.png))
 
     result = {
@@ -249,7 +254,9 @@ def main() -> None:
         "lm": {"config": lm.config.to_dict(), "parameters": lm.num_parameters(), "stage0_steps": args.lm_steps,
                "stage0_final_loss": stage0.history[-1]["loss"], "minutes": round(lm_minutes, 2)},
         "vision": VISION.to_dict(),
-        "arms": {m: {k: v for k, v in a.items() if k not in ("model", "answers")} | {"first_answers": a["answers"][:10]}
+        "arms": {m: {k: v for k, v in a.items() if k not in ("model", "answers")}
+                 | {"first_answers": a["answers"][:10],
+                    "unreadable_answers": sum(read_digit(x) is None for x in a["answers"])}
                  for m, a in arms.items()},
         "grid": str(Path(args.png).relative_to(ROOT)) if Path(args.png).is_relative_to(ROOT) else args.png,
         "grid_arm": best,
