@@ -169,7 +169,7 @@ def run_arm(mode: str, tokenizer, lm_state, train_rows_of, test_pixels, test_lab
     else:
         arm["stage2_trainable"] = set_stage(model, 2, train_encoder=True)
         result = train_stage(model, data, loop_config(steps + lora_steps, 1e-3), out / f"{mode}-stage2")
-        arm["gates_tanh"] = {name: [round(float(layer.attn_gate.tanh()), 4), round(float(layer.mlp_gate.tanh()), 4)]
+        arm["gates_tanh"] = {name: [round(float(layer.attn_gate.detach().tanh()), 4), round(float(layer.mlp_gate.detach().tanh()), 4)]
                              for name, layer in model.cross.items()}
     arm["lm_unchanged_outside_lora"] = all(torch.equal(v, model.lm.state_dict()[k]) for k, v in before.items()) \
         if mode == "cross" else None
