@@ -87,3 +87,29 @@ def test_processor_reads_files_and_rejects_bad_images(tmp_path):
         ours([tmp_path / "not.png"])
     with pytest.raises(DataError, match=r"pixel_values of shape \(1, 3, 8, 8\); this encoder expects \(images, 3, 16, 16\)"):
         VisionEncoder(TINY)(torch.zeros(1, 3, 8, 8))
+
+
+def test_configs_and_folders_refuse_what_they_cannot_run(tmp_path):
+    from llmkit.config import ModelConfig
+    from llmkit.errors import ConfigError, FormatError
+    from llmkit.model import Transformer
+    from llmkit.vision import VisionLanguageModel, VLMConfig
+    from llmkit.vision.hf import load_llava
+    from llmkit.vision.vlm import load_vlm
+
+    with pytest.raises(ConfigError, match="image_size=10 is not a multiple of patch_size=4"):
+        VisionConfig(image_size=10, patch_size=4)
+    with pytest.raises(ConfigError, match="mode='both'"):
+        VLMConfig(vision=TINY, mode="both")
+    with pytest.raises(ConfigError, match="feature_layer=5 for a 2-layer encoder"):
+        VLMConfig(vision=TINY, feature_layer=5)
+    lm = Transformer(ModelConfig(vocab_size=10, n_layer=1, n_head=2, d_model=8, d_ff=16, max_seq_len=16))
+    with pytest.raises(ConfigError, match="image_token_id=10 is outside the language model's vocabulary of 10"):
+        VisionLanguageModel(VLMConfig(vision=TINY, image_token_id=10), lm)
+    with pytest.raises(FormatError, match="not a llmkit vision-language model"):
+        (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+        load_vlm(tmp_path)
+    with pytest.raises(ConfigError, match="model_type 'llama'; expected 'llava'"):
+        load_llava(tmp_path)
+    with pytest.raises(ConfigError, match="model_type 'llama'; llmkit's image encoder reads 'vit'"):
+        VisionEncoder.from_pretrained(tmp_path)
