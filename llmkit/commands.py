@@ -173,8 +173,13 @@ def _openai_logprobs(tokenizer, tops: list | None) -> list | None:
 def generate(model: Model, prompt: Annotated[str, arg("the text to continue")], sampling: SamplingParams = TERMINAL,
              json: Annotated[bool, arg("print the completions as JSON (tokens, logprobs, finish reason)")] = False,
              quantize: Quantize = None, threads: Threads = None, compile: Compile = False, dtype: Dtype = "auto",
-             device: Device = None, max_model_len: MaxModelLen = None) -> None:
+             device: Device = None, max_model_len: MaxModelLen = None,
+             image: Annotated[str | None, arg("an image file: MODEL is a vision-language folder and PROMPT a question "
+                                              "about the image (greedy answer)")] = None) -> None:
     """Continue a prompt: stream the text, or print every completion."""
+    if image is not None:
+        print(_answer_about_image(model, prompt, image, sampling))
+        return
     lm, tokenizer = terminal.load(model, quantize, threads, dtype=dtype, device=device, max_model_len=max_model_len)
     kwargs = {f.name: getattr(sampling, f.name) for f in dataclasses.fields(sampling) if f.init}
     if json or sampling.num_beams > 1 or sampling.n > 1:
@@ -201,6 +206,23 @@ def generate(model: Model, prompt: Annotated[str, arg("the text to continue")], 
         rate = (tokens - 1) / (time.perf_counter() - first) if tokens > 1 else 0.0
         print(f"{tokens} tokens in {total:.2f} s: first after {first - started:.2f} s, then {rate:.1f} tokens/s",
               file=sys.stderr)
+
+
+def _answer_about_image(folder: str, question: str, image: str, sampling: SamplingParams) -> str:
+    """`generate --image`: the chat template's user turn holds the image placeholder and the question; the
+    answer is decoded greedily (VisionLanguageModel.generate) up to the end of the assistant's turn."""
+    from llmkit.train.vision import prompt_ids
+    from llmkit.vision import ImageProcessor
+    from llmkit.vision.vlm import load_vlm
+
+    if sampling.n != 1 or sampling.num_beams != 1:
+        raise ConfigError("generate --image answers once, greedily: --n and --num-beams must be 1")
+    model = load_vlm(folder)
+    tokenizer = Tokenizer.from_pretrained(folder)
+    pixels = ImageProcessor(model.config.vision)([image])
+    stop = {i for i in (tokenizer.eos_id, tokenizer.token_to_id("<|im_end|>")) if i is not None}
+    ids = model.generate(prompt_ids(model, tokenizer, question), pixels, sampling.max_new_tokens, stop)
+    return tokenizer.decode(ids)
 
 
 def chat(model: Model, sampling: SamplingParams = TERMINAL,

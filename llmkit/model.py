@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from llmkit.moe import MoE, inactive_parameters
 from llmkit.tokenizer import Tokenizer
 
 FULL, SLIDING = "full_attention", "sliding_attention"
+BeforeBlock = Callable[[int, torch.Tensor], torch.Tensor]  # (block index, hidden states) -> hidden states
 
 # ---------------------------------------------------------------------------------------------
 # Rotary position embeddings (the "rotate half" layout used by transformers' Llama)
@@ -473,7 +475,8 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 labels: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
-                scored_logits: bool = False) -> torch.Tensor:
+                scored_logits: bool = False, inputs_embeds: torch.Tensor | None = None,
+                before_block: BeforeBlock | None = None) -> torch.Tensor:
         """Logits of shape (batch, seq, vocab) for `input_ids` of shape (batch, seq), or, given `labels`,
         the mean next-token cross-entropy.
 
@@ -488,13 +491,15 @@ class Transformer(nn.Module):
             `forward` keeps DDP, FSDP2 and torch.compile wrappers in the path. An encoder's (MLM)
             labels are the original tokens at the masked positions, unshifted.
         token_type_ids: segment ids (batch, seq) of a model with `type_vocab_size`; zeros by default.
+        inputs_embeds, before_block: what a vision-language model (llmkit/vision) changes; see `hidden_states`.
         scored_logits: with `labels`, return the logits (n_scored, vocab) of the scored positions instead of
             the loss (MLM scores 15 % of the positions: the head runs on those only).
         """
         if self.lm_head is None:
             raise ConfigError(f"this model is a classifier (num_labels={self.config.num_labels}) without "
                               "an LM head; call model.classify(input_ids, attention_mask)")
-        hidden = self.hidden_states(input_ids, attention_mask, positions, kv_cache, token_type_ids)
+        hidden = self.hidden_states(input_ids, attention_mask, positions, kv_cache, token_type_ids,
+                                    inputs_embeds=inputs_embeds, before_block=before_block)
         if labels is None:
             return self.lm_head(self._mlm_transform(hidden))
         if type(self.lm_head) is nn.Linear and self.lm_head.bias is None and not scored_logits:
@@ -529,15 +534,22 @@ class Transformer(nn.Module):
         return self.score(pooled)
 
     def hidden_states(self, input_ids, attention_mask=None, positions=None, kv_cache=None, token_type_ids=None,
-                      attentions: list[torch.Tensor] | None = None):
+                      attentions: list[torch.Tensor] | None = None, inputs_embeds: torch.Tensor | None = None,
+                      before_block: BeforeBlock | None = None):
         """The final-norm hidden states (batch, seq, d_model) that the LM head (or any head) reads.
 
         Checks its inputs, writes the new keys/values into `kv_cache` (if any) and advances it. Given a
         list as `attentions` (transformers' `output_attentions`), attention runs eagerly and appends
-        each layer's softmax weights (batch, n_head, queries, keys) to it, in fp32."""
+        each layer's softmax weights (batch, n_head, queries, keys) to it, in fp32.
+        Two doors for llmkit/vision: `inputs_embeds` (batch, seq, d_model) replaces `embed_tokens(input_ids)`
+        (image features spliced in, LLaVA; `input_ids` still give the shape), and `before_block(i, x)`
+        returns the hidden states block i reads (gated cross-attention layers, Llama 3.2 vision)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
         B, T = input_ids.shape
+        if inputs_embeds is not None and inputs_embeds.shape != (B, T, self.config.d_model):
+            raise ValueError(f"inputs_embeds has shape {tuple(inputs_embeds.shape)}; expected ({B}, {T}, "
+                             f"{self.config.d_model}) for input_ids of shape ({B}, {T})")
         past = kv_cache.length if kv_cache is not None else 0
         limit = kv_cache.max_len if kv_cache is not None else self.config.max_seq_len
         if past + T > limit:
@@ -550,7 +562,7 @@ class Transformer(nn.Module):
             raise ConfigError(f"position {int(positions.max())} is beyond the learned position table "
                               f"of {self.config.max_seq_len}")
         step = Step(past, self._masks(new_mask, T, past, kv_cache, input_ids.device), attentions)
-        hidden = self._trunk(input_ids, positions, step, kv_cache, token_type_ids)
+        hidden = self._trunk(input_ids, positions, step, kv_cache, token_type_ids, inputs_embeds, before_block)
         if kv_cache is not None:
             kv_cache.length = past + T
             kv_cache.next_position += T if new_mask is None else new_mask.sum(1)
@@ -578,13 +590,19 @@ class Transformer(nn.Module):
             masks[kind] = (visible[:, None, None, :], False)
         return self.lm_head(self._trunk(input_ids, positions, Step(slot, masks), kv_cache))
 
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings as the first block sees them before positions (Gemma's scale applied)."""
+        x = self.embed(input_ids)
+        if self.config.embed_scale:
+            x = x * torch.tensor(self.config.d_model ** 0.5, dtype=x.dtype)  # rounded to the dtype, as Gemma does
+        return x
+
     def _trunk(self, input_ids: torch.Tensor, positions: torch.Tensor, step: Step,
-               kv_cache: KVCache | None, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+               kv_cache: KVCache | None, token_type_ids: torch.Tensor | None = None,
+               inputs_embeds: torch.Tensor | None = None, before_block: BeforeBlock | None = None) -> torch.Tensor:
         """embed -> positions -> blocks -> final norm: the one forward every entry point runs."""
         c = self.config
-        x = self.embed(input_ids)
-        if c.embed_scale:
-            x = x * torch.tensor(c.d_model ** 0.5, dtype=x.dtype)  # rounded to the dtype, as Gemma does
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         if self.type_embed is not None:
@@ -595,7 +613,9 @@ class Transformer(nn.Module):
         ropes = {}
         if self.pos_embedding_is_rope:
             ropes = {kind: rope_cos_sin(c, positions, x.dtype, kind) for kind in step.masks}
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            if before_block is not None:
+                x = before_block(i, x)
             x = block(x, ropes.get(block.attn.kind), step, kv_cache)
         return self.norm(x)
 
