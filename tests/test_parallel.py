@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from llmkit.analysis.accounting import parallel_costs
 from llmkit.config import ModelConfig
 from llmkit.errors import ConfigError
 from llmkit.model import Transformer
@@ -137,6 +138,10 @@ def test_tp_sp_and_pp_on_two_processes_equal_one_process(reference, tmp_path):
     assert sum(m["pp-1f1b"] for m in memory) == single_bytes  # the stages hold disjoint pieces
     assert max(m["pp-1f1b"] for m in memory) < 0.51 * single_bytes
     assert max(m["tp"] for m in memory) - EMBEDDINGS < 0.51 * (single_bytes - EMBEDDINGS)
+    # llmkit's accounting (docs/parallelism.md's table) predicts these counts exactly
+    llama = ModelConfig.from_preset("llama-tiny")
+    for name, sizes in (("tp", dict(tp=2)), ("pp-1f1b", dict(pp=2))):
+        assert max(m[name] for m in memory) == 4 * parallel_costs(llama, **sizes)["parameters_per_rank"], name
 
 
 def test_tp_by_fsdp_on_four_processes_equals_one_process_and_loads_in_transformers(reference, tmp_path):
@@ -149,6 +154,8 @@ def test_tp_by_fsdp_on_four_processes_equals_one_process_and_loads_in_transforme
     # the blocks split 4 ways (tp x dp_shard), the embedding, LM head and final norm 2 ways (FSDP only)
     expected = (single_bytes - EMBEDDINGS) / 4 + EMBEDDINGS / 2
     assert abs(max(memory) - expected) < 0.02 * expected, (memory, expected)
+    costs = parallel_costs(ModelConfig.from_preset("llama-tiny"), tp=2, dp_shard=2)
+    assert max(memory) == 4 * costs["parameters_per_rank"]
     folder = tmp_path / "tp2xfsdp2" / "checkpoints" / f"step-{STEPS:07d}"
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ours = Transformer.from_pretrained(folder).eval()
@@ -191,3 +198,17 @@ def test_data_slices_follow_the_mesh_order():
     # ranks = arange(8).view(pp=2, 1, dp_shard=2, tp=2): tp pairs and both stages share a slice
     assert [parallel.data_slice(layout, r)[0] for r in range(8)] == [0, 0, 1, 1, 0, 0, 1, 1]
     assert [list(parallel.stage_layers(5, 2, s)) for s in range(2)] == [[0, 1, 2], [3, 4]]
+
+
+def test_parallel_costs_by_hand():
+    llama = ModelConfig.from_preset("llama-tiny")  # a block: 12,288 attention + 36,864 MLP + 128 norm weights
+    params = 2 * (12_288 + 36_864 + 128) + 2 * 512 * 64 + 64
+    fsdp = parallel_costs(llama, dp_shard=2, seq_len=16)
+    assert fsdp["parameters_per_rank"] == params // 2
+    assert fsdp["state_bytes"] == params // 2 * (2 + 2 + 8)  # bf16 weights and gradients, fp32 AdamW moments
+    assert fsdp["traffic_bytes"]["dp_shard"] == 0.5 * params * (2 * 2 + 2)  # gather twice, reduce-scatter once
+    tp = parallel_costs(llama, tp=2, seq_len=16, micro_batch=3)
+    # 2 all-reduces of the residual stream per block forward, 2 backward; ring: 2 (n-1)/n of the bytes each
+    assert tp["traffic_bytes"]["tp"] == 4 * 1.0 * (3 * 16 * 64 * 2) * 2
+    pp = parallel_costs(llama, pp=2, microbatches=4, seq_len=16)
+    assert pp["traffic_bytes"]["pp"] == 2 * (16 * 64 * 2) * 4  # activations forward, their gradients back
