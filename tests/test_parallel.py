@@ -60,9 +60,9 @@ class Batches:
         self.step = state["step"]
 
 
-def _run(out, rank=0, world_size=1, *, stop_at=None, resume=False, model_seed=0, **sizes):
+def _run(out, rank=0, world_size=1, *, stop_at=None, resume=False, model_seed=0, preset="llama-tiny", **sizes):
     torch.manual_seed(model_seed)
-    model = Transformer(ModelConfig.from_preset("llama-tiny"))
+    model = Transformer(ModelConfig.from_preset(preset))
     config = LoopConfig(max_steps=STEPS, warmup_steps=2, lr=1e-3, save_every=STOP_AT, eval_every=0, progress=False,
                         seed=5, device="cpu", precision="fp32", resume=resume, **sizes)
     layout = parallel.check(config, model.config, world_size, BATCH, CONTEXT) if parallel.active(config) else None
@@ -126,8 +126,8 @@ def reference(tmp_path_factory):
 def test_tp_sp_and_pp_on_two_processes_equal_one_process(reference, tmp_path):
     single, single_bytes = reference
     _spawn(tmp_path, TWO, 2)
-    for name in TWO:
-        _assert_same_run(single, tmp_path / name)
+    for name, sizes in TWO.items():
+        _assert_same_run(single.parent / sizes.get("preset", "run"), tmp_path / name)
     # kill and resume under tp=2: the same curve as the uninterrupted run, bit for bit
     kept = sorted(p.name for p in (tmp_path / "tp-split" / "checkpoints").iterdir())
     assert kept == ["latest", f"step-{STOP_AT:07d}", f"step-{STEPS:07d}"]

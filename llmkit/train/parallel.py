@@ -182,7 +182,7 @@ def apply_tp(model: nn.Module, mesh, sequence_parallel: bool) -> None:
                 "attn.v_proj": ColwiseParallel(), "attn.o_proj": RowwiseParallel(output_layouts=between,
                                                                                  use_local_output=not sequence_parallel)}
         mlp = block.mlp
-        if hasattr(mlp, "down_proj"):  # a dense MLP (a MoE block runs whole on each tp rank)
+        if isinstance(mlp.down_proj, nn.Linear):  # a dense MLP (a MoE block runs whole on each tp rank)
             plan.update({"mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel(
                 output_layouts=between, use_local_output=not sequence_parallel)})
             if mlp.gate_proj is not None:
