@@ -31,7 +31,7 @@ from llmkit.train.objectives import causal_lm_loss
 
 STEPS, BATCH, CONTEXT, STOP_AT, TOL = 8, 4, 16, 4, 1e-5
 TWO = {"tp": dict(tp=2), "sp": dict(tp=2, sp=True), "pp-1f1b": dict(pp=2, pp_microbatches=4),
-       "pp-gpipe": dict(pp=2, pp_microbatches=4, pp_schedule="GPipe")}
+       "pp-gpipe": dict(pp=2, pp_microbatches=4, pp_schedule="GPipe"), "hsdp": dict(dp_replicate=2)}
 EMBEDDINGS = (2 * 512 * 64 + 64) * 4  # bytes of llama-tiny's embedding, LM head and final norm (fp32)
 FOUR = {"tp2xfsdp2": dict(tp=2, dp_shard=2)}
 
