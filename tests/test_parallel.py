@@ -33,7 +33,7 @@ STEPS, BATCH, CONTEXT, STOP_AT, TOL = 8, 4, 16, 4, 1e-5
 TWO = {"tp": dict(tp=2), "sp": dict(tp=2, sp=True), "pp-1f1b": dict(pp=2, pp_microbatches=4),
        "pp-gpipe": dict(pp=2, pp_microbatches=4, pp_schedule="GPipe"), "hsdp": dict(dp_replicate=2)}
 EMBEDDINGS = (2 * 512 * 64 + 64) * 4  # bytes of llama-tiny's embedding, LM head and final norm (fp32)
-FOUR = {"tp2xfsdp2": dict(tp=2, dp_shard=2)}
+FOUR = {"tp2xfsdp2": dict(tp=2, dp_shard=2), "tp2xpp2": dict(tp=2, pp=2, pp_microbatches=4)}
 
 
 class Batches:
@@ -144,12 +144,13 @@ def test_tp_sp_and_pp_on_two_processes_equal_one_process(reference, tmp_path):
         assert max(m[name] for m in memory) == 4 * parallel_costs(llama, **sizes)["parameters_per_rank"], name
 
 
-def test_tp_by_fsdp_on_four_processes_equals_one_process_and_loads_in_transformers(reference, tmp_path):
+def test_tp_by_fsdp_and_tp_by_pp_on_four_processes_equal_one_process_and_load_in_transformers(reference, tmp_path):
     import transformers
 
     single, single_bytes = reference
     _spawn(tmp_path, FOUR, 4)
-    _assert_same_run(single, tmp_path / "tp2xfsdp2")
+    for name in FOUR:
+        _assert_same_run(single, tmp_path / name)
     memory = [json.loads((tmp_path / f"memory-4-{r}.json").read_text())["tp2xfsdp2"] for r in range(4)]
     # the blocks split 4 ways (tp x dp_shard), the embedding, LM head and final norm 2 ways (FSDP only)
     expected = (single_bytes - EMBEDDINGS) / 4 + EMBEDDINGS / 2
