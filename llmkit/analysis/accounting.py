@@ -313,7 +313,7 @@ def parallel_costs(config: ModelConfig, *, dp_replicate: int = 1, dp_shard: int 
                    microbatches: int = 1, micro_batch: int = 1, seq_len: int = 4096,
                    precision: str = "bf16") -> dict[str, Any]:
     """Per-rank memory and per-step traffic of one parallel layout, placed as `llmkit.train.parallel` places
-    it: tp splits each block's linears (norms, a MoE, the embedding and LM head stay whole), pp gives each stage
+    it: tp splits each block's linears and an untied embedding (norms, a MoE and the LM head stay whole), pp gives each stage
     ceil(n_layer / pp) blocks (the first the embedding, the last the final norm and head), FSDP shards what a
     rank holds over dp_shard, replicas copy it over dp_replicate.
 
@@ -324,7 +324,7 @@ def parallel_costs(config: ModelConfig, *, dp_replicate: int = 1, dp_shard: int 
     ranks sends 2 (n-1)/n S, an all-gather or reduce-scatter (n-1)/n S): FSDP gathers the weights for
     forward and again for backward and reduce-scatters the gradients; replicas all-reduce their gradient
     shards; tp all-reduces (or, with sp, all-gathers then reduce-scatters: the same volume) the residual
-    stream twice per block in forward and twice in backward; pp sends each micro-batch's activations
+    stream twice per block in forward and twice in backward (and once after a split embedding); pp sends each micro-batch's activations
     forward and their gradients back.
     """
     if precision not in _TRAIN_BYTES:
@@ -341,6 +341,7 @@ def parallel_costs(config: ModelConfig, *, dp_replicate: int = 1, dp_shard: int 
     embed = model.embed.weight.numel()
     head = 0 if config.tie_embeddings else model.lm_head.weight.numel()
     layers = -(-config.n_layer // pp)
+    embed = embed if config.tie_embeddings else embed // tp  # tp splits an untied embedding by rows
     ends = [embed + (head + config.d_model if pp == 1 else 0), head + config.d_model]  # first, last stage
     stage_params = layers * (split // tp + block - split) + max(ends)
     params = stage_params / dp_shard
@@ -356,7 +357,7 @@ def parallel_costs(config: ModelConfig, *, dp_replicate: int = 1, dp_shard: int 
     traffic = {
         "dp_shard": ring(dp_shard) * stage_params * (2 * b["weights"] + b["grads"]),
         "dp_replicate": ring(dp_replicate, True) * params * b["grads"],
-        "tp": 4 * ring(tp, True) * residual * layers * microbatches,
+        "tp": (4 * layers + (not config.tie_embeddings)) * ring(tp, True) * residual * microbatches,
         "pp": (2 * residual * microbatches) if pp > 1 else 0,
     }
     return {"parameters_per_rank": int(params), "state_bytes": int(states), "activation_bytes": int(activations),

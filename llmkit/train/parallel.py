@@ -4,7 +4,7 @@ The sizes (`ParallelConfig`, fields of every training config and so flags of `pr
 multiply to the world size and name the dimensions of one mesh, ("pp", "dp_replicate", "dp_shard", "tp"):
 
 - tp: tensor parallel (`torch.distributed.tensor.parallel`): q/k/v and gate/up split by columns (whole
-  heads and channels per rank), o/down by rows, one all-reduce per sublayer; with `sp` the norms run
+  heads and channels per rank), o/down by rows, one all-reduce per sublayer, an untied embedding by rows; with `sp` the norms run
   sequence parallel (the residual stream sharded by position between sublayers: an all-gather before
   attention and the MLP and a reduce-scatter after, instead of the all-reduce).
 - pp: pipeline parallel (`torch.distributed.pipelining`): the blocks split into `pp` contiguous stages,
@@ -163,7 +163,9 @@ def data_slice(layout: Layout, rank: int) -> tuple[int, int]:
 
 
 def apply_tp(model: nn.Module, mesh, sequence_parallel: bool) -> None:
-    """Megatron's split of each block on the tp mesh; each Attention then computes its local heads."""
+    """Megatron's split of each block on the tp mesh; each Attention then computes its local heads. An untied
+    embedding is split by vocabulary rows (each rank looks up its rows, one all-reduce); the LM head stays
+    whole, as the fused loss (`llmkit.losses.linear_cross_entropy`) reads its whole weight."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
@@ -200,6 +202,9 @@ def apply_tp(model: nn.Module, mesh, sequence_parallel: bool) -> None:
         parallelize_module(block, mesh, plan)
         block.attn.n_head //= tp
         block.attn.n_kv_head //= tp
+    if not model.config.tie_embeddings:  # the embedding split by vocabulary rows (a tied one is also the LM head)
+        parallelize_module(model, mesh, {"embed": RowwiseParallel(input_layouts=Replicate(),
+                                                                  output_layouts=Replicate())})
     if sequence_parallel and not isinstance(model.norm, nn.Identity):
         # the final norm runs on each rank's positions; the LM head and the loss read the whole sequence
         parallelize_module(model, mesh, {"norm": SequenceParallel()})
