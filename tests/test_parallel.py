@@ -86,6 +86,8 @@ def _worker(rank: int, port: int, root: str, runs: dict, world_size: int) -> Non
         if "tp" in runs:  # killed after step 4, then a new model (another seed) resumes from the checkpoint
             _run(f"{root}/tp-split", rank, world_size, stop_at=STOP_AT, tp=2)
             _run(f"{root}/tp-split", rank, world_size, resume=True, model_seed=123, tp=2)
+            _run(f"{root}/pp-split", rank, world_size, stop_at=STOP_AT, pp=2, pp_microbatches=4)
+            _run(f"{root}/pp-split", rank, world_size, resume=True, model_seed=123, pp=2, pp_microbatches=4)
         with open(f"{root}/memory-{world_size}-{rank}.json", "w") as f:
             json.dump(memory, f)
     finally:
@@ -128,11 +130,11 @@ def test_tp_sp_and_pp_on_two_processes_equal_one_process(reference, tmp_path):
     _spawn(tmp_path, TWO, 2)
     for name, sizes in TWO.items():
         _assert_same_run(single.parent / sizes.get("preset", "run"), tmp_path / name)
-    # kill and resume under tp=2: the same curve as the uninterrupted run, bit for bit
+    # kill and resume under tp=2 (and pp=2): the same curve as the uninterrupted run, bit for bit
     kept = sorted(p.name for p in (tmp_path / "tp-split" / "checkpoints").iterdir())
     assert kept == ["latest", f"step-{STOP_AT:07d}", f"step-{STEPS:07d}"]
     assert _losses(tmp_path / "tp-split") == _losses(tmp_path / "tp")
-    # parameter memory per rank: pp splits everything; tp splits the blocks and the embedding (the LM head,
+    assert _losses(tmp_path / "pp-split") == _losses(tmp_path / "pp-1f1b")  # and under pp=2    # parameter memory per rank: pp splits everything; tp splits the blocks and the embedding (the LM head,
     # 20 % of llama-tiny, stays whole on each rank)
     memory = [json.loads((tmp_path / f"memory-2-{r}.json").read_text()) for r in range(2)]
     assert sum(m["pp-1f1b"] for m in memory) == single_bytes  # the stages hold disjoint pieces

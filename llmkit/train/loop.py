@@ -268,9 +268,6 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
     if layout is not None and strategy not in ("auto", "fsdp"):
         raise ConfigError(f"distributed={strategy!r} with parallelism sizes: the sizes choose the strategy "
                           "(dp_shard is FSDP2); leave distributed at auto")
-    if layout is not None and layout.pp > 1 and config.resume:
-        raise ConfigError("resume under pp > 1 is not built yet (checkpoints written under pp load anywhere "
-                          "else, e.g. with tp or on one process)")
 
     torch.manual_seed(config.seed)
     model.to(device)
@@ -289,7 +286,7 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
     metrics_path = out_dir / "metrics.jsonl"
     if config.resume and (found := checkpoint.latest(out_dir)) is not None:
         step, tokens_seen, history = _resume(found, model, optimizer, data, model_config, metrics_path, world,
-                                             load_weights)
+                                             load_weights, parallelized)
     elif world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text("")
@@ -425,7 +422,7 @@ def _schedule_step(step: int, budget_used: float, config: LoopConfig) -> int:
     return max(step, min(config.max_steps - 1, int(budget_used * config.max_steps)))
 
 
-def _resume(path, model, optimizer, data, model_config, metrics_path, world, load_weights=None):
+def _resume(path, model, optimizer, data, model_config, metrics_path, world, load_weights=None, parallelized=None):
     """Everything is read and checked (checksums, shapes) before anything is loaded, so a bad checkpoint
     raises one FormatError naming the file and leaves the model and optimizer as they were."""
     state, optimizer_state, rng = checkpoint.load_state(path)
@@ -444,6 +441,8 @@ def _resume(path, model, optimizer, data, model_config, metrics_path, world, loa
 
     tensors = load_weights(path) if load_weights is not None else hf.load_checkpoint(path)[1]
     inner = dist_.unwrap(model)
+    if parallelized is not None:  # a pipeline stage loads its own pieces of the full checkpoint
+        tensors, optimizer_state = parallelized.own_part(tensors, optimizer_state)
     names = {id(p): n for n, p in inner.named_parameters()}
     checkpoint.check_fits(path, tensors, optimizer_state, {k: v.shape for k, v in inner.state_dict().items()},
                           [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups])

@@ -380,6 +380,16 @@ class Parallelized:
         return model_full, opt_full
 
 
+    def own_part(self, tensors: dict, optimizer_state: dict) -> tuple[dict, dict]:
+        """The pieces of a full checkpoint this rank's module holds (under pp: its stage's; else all)."""
+        if self.layout.pp == 1:
+            return tensors, optimizer_state
+        mine = set(self.module.state_dict())
+        groups = [{**g, "params": [p for p in g["params"] if p in mine]} for g in optimizer_state["param_groups"]]
+        return ({k: v for k, v in tensors.items() if k in mine},
+                {"state": {k: v for k, v in optimizer_state["state"].items() if k in mine}, "param_groups": groups})
+
+
 def _cpu(state):
     if isinstance(state, torch.Tensor):
         return state.cpu()
