@@ -36,7 +36,8 @@ TWO = {"tp": dict(tp=2), "sp": dict(tp=2, sp=True), "pp-1f1b": dict(pp=2, pp_mic
        # about 0 (the tied embedding's 7,680 unused rows, idle experts) whose sign, and so their update of
        # +-lr, the summation order decides at eps 1e-8 (weights 1.6e-3 apart); 1e-3 damps those updates
        # (measured: losses equal, weights 1.2e-7 apart)
-       "moe-tp": dict(tp=2, preset="mixtral-2m", eps=1e-3)}
+       "moe-tp": dict(tp=2, preset="mixtral-2m", eps=1e-3),
+       "moe-ep": dict(ep=2, preset="mixtral-2m", eps=1e-3)}  # each rank 4 of the 8 experts
 EMBEDDINGS = (2 * 512 * 64 + 64) * 4  # bytes of llama-tiny's embedding, LM head and final norm (fp32)
 FOUR = {"tp2xfsdp2": dict(tp=2, dp_shard=2), "tp2xpp2": dict(tp=2, pp=2, pp_microbatches=4)}
 
@@ -151,6 +152,9 @@ def test_tp_sp_and_pp_on_two_processes_equal_one_process(reference, tmp_path):
     llama = ModelConfig.from_preset("llama-tiny")
     for name, sizes in (("tp", dict(tp=2)), ("pp-1f1b", dict(pp=2))):
         assert max(m[name] for m in memory) == 4 * parallel_costs(llama, **sizes)["parameters_per_rank"], name
+    mixtral = ModelConfig.from_preset("mixtral-2m")
+    assert max(m["moe-ep"] for m in memory) == 4 * parallel_costs(mixtral, ep=2)["parameters_per_rank"]
+    assert max(m["moe-ep"] for m in memory) < 0.68 * 4 * parallel_costs(mixtral)["parameters_per_rank"]  # experts 65 %
 
 
 def test_tp_by_fsdp_and_tp_by_pp_on_four_processes_equal_one_process_and_load_in_transformers(reference, tmp_path):
@@ -187,12 +191,14 @@ def test_bad_sizes_fail_before_any_compute(tmp_path):
         (dict(pp=2, pp_microbatches=3), 2, "cannot be cut into pp_microbatches=3"),
         (dict(pp=2, pp_schedule="zero-bubble"), 2, "pp_schedule"),
         (dict(cp=2), 2, "context parallel is not built"),
-        (dict(ep=2), 2, "expert parallel is not built"),
+        (dict(ep=2), 2, "ep=2 must divide the experts of a mixture-of-experts model (this one has n_experts=0)"),
         (dict(dp_shard=0), 2, "dp_shard must be"),
     ]
     for sizes, world, message in bad:
         with pytest.raises(ConfigError, match=re.escape(message)):
             parallel.check(parallel.ParallelConfig(**sizes), llama, world, BATCH, CONTEXT)
+    with pytest.raises(ConfigError, match=re.escape("x 2 = 4 does not divide the world size 2")):
+        parallel.check(parallel.ParallelConfig(ep=2, tp=2), ModelConfig.from_preset("mixtral-2m"), 2)
     with pytest.raises(ConfigError, match="tied embeddings"):
         parallel.check(parallel.ParallelConfig(pp=2), ModelConfig.from_preset("llama-2m"), 2)
     # through the loop on one process: the error comes before a step or a file

@@ -310,10 +310,11 @@ def render_training_memory(m: dict[str, Any]) -> str:
 
 
 def parallel_costs(config: ModelConfig, *, dp_replicate: int = 1, dp_shard: int = 1, tp: int = 1, pp: int = 1,
-                   microbatches: int = 1, micro_batch: int = 1, seq_len: int = 4096,
+                   ep: int = 1, microbatches: int = 1, micro_batch: int = 1, seq_len: int = 4096,
                    precision: str = "bf16") -> dict[str, Any]:
     """Per-rank memory and per-step traffic of one parallel layout, placed as `llmkit.train.parallel` places
-    it: tp splits each block's linears and an untied embedding (norms, a MoE and the LM head stay whole), pp gives each stage
+    it: tp splits each block's linears and an untied embedding (norms, a MoE and the LM head stay whole), ep
+    a MoE block's experts, pp gives each stage
     ceil(n_layer / pp) blocks (the first the embedding, the last the final norm and head), FSDP shards what a
     rank holds over dp_shard, replicas copy it over dp_replicate.
 
@@ -325,7 +326,8 @@ def parallel_costs(config: ModelConfig, *, dp_replicate: int = 1, dp_shard: int 
     forward and again for backward and reduce-scatters the gradients; replicas all-reduce their gradient
     shards; tp all-reduces (or, with sp, all-gathers then reduce-scatters: the same volume) the residual
     stream twice per block in forward and twice in backward (and once after a split embedding); pp sends each micro-batch's activations
-    forward and their gradients back.
+    forward and their gradients back; ep all-reduces each MoE block's output in forward and its input's
+    gradient in backward.
     """
     if precision not in _TRAIN_BYTES:
         raise ConfigError(f"precision={precision!r}; expected one of {sorted(_TRAIN_BYTES)}")
@@ -338,12 +340,14 @@ def parallel_costs(config: ModelConfig, *, dp_replicate: int = 1, dp_shard: int 
     block = sum(p.numel() for p in model.blocks[0].parameters())
     split = sum(p.numel() for n, p in model.blocks[0].named_parameters()  # what tp splits: the linears
                 if (n.startswith("attn.") and "_norm" not in n) or (n.startswith("mlp.") and not config.n_experts))
+    experts = sum(p.numel() for n, p in model.blocks[0].named_parameters()  # what ep splits
+                  if config.n_experts and n in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
     embed = model.embed.weight.numel()
     head = 0 if config.tie_embeddings else model.lm_head.weight.numel()
     layers = -(-config.n_layer // pp)
     embed = embed if config.tie_embeddings else embed // tp  # tp splits an untied embedding by rows
     ends = [embed + (head + config.d_model if pp == 1 else 0), head + config.d_model]  # first, last stage
-    stage_params = layers * (split // tp + block - split) + max(ends)
+    stage_params = layers * (split // tp + experts // ep + block - split - experts) + max(ends)
     params = stage_params / dp_shard
     tokens = micro_batch * seq_len
     in_flight = min(pp, microbatches)
@@ -359,6 +363,7 @@ def parallel_costs(config: ModelConfig, *, dp_replicate: int = 1, dp_shard: int 
         "dp_replicate": ring(dp_replicate, True) * params * b["grads"],
         "tp": (4 * layers + (not config.tie_embeddings)) * ring(tp, True) * residual * microbatches,
         "pp": (2 * residual * microbatches) if pp > 1 else 0,
+        "ep": 2 * ring(ep, True) * residual * layers * microbatches,  # experts' outputs; the input's gradient
     }
     return {"parameters_per_rank": int(params), "state_bytes": int(states), "activation_bytes": int(activations),
             "memory_bytes": int(states + activations), "traffic_bytes": {k: int(v) for k, v in traffic.items()},

@@ -1,7 +1,7 @@
 """Parallelism beyond data parallel, composed on one DeviceMesh as torchtitan does, with PyTorch's own engine.
 
 The sizes (`ParallelConfig`, fields of every training config and so flags of `pretrain`/`finetune`)
-multiply to the world size and name the dimensions of one mesh, ("pp", "dp_replicate", "dp_shard", "tp"):
+multiply to the world size and name the dimensions of one mesh, ("pp", "dp_replicate", "dp_shard", "ep", "tp"):
 
 - tp: tensor parallel (`torch.distributed.tensor.parallel`): q/k/v and gate/up split by columns (whole
   heads and channels per rank), o/down by rows, one all-reduce per sublayer, an untied embedding by rows; with `sp` the norms run
@@ -12,7 +12,9 @@ multiply to the world size and name the dimensions of one mesh, ("pp", "dp_repli
   over `pp_microbatches` micro-batches of each batch.
 - dp_shard / dp_replicate: FSDP2 (`fully_shard`) over dp_shard, HSDP when dp_replicate > 1 too; on top
   of TP it is 2D (each rank holds 1/(tp x dp_shard) of a block).
-- cp (context parallel) and ep (expert parallel) are validated but refused: see docs/parallelism.md.
+- ep: expert parallel: each MoE block's experts split over the ep ranks, which share the batch; each
+  runs its experts on every token and one all-reduce sums their outputs (memory of the experts / ep).
+- cp (context parallel) is refused: see docs/parallelism.md.
 
 Everything is checked by `check` before any compute. Checkpoints stay HF folders: DTensors are gathered
 to full tensors (`torch.distributed.checkpoint.state_dict`), pipeline stages' pieces collected on rank 0.
@@ -31,7 +33,7 @@ from llmkit.config import ModelConfig
 from llmkit.errors import ConfigError
 
 SCHEDULES = ("1F1B", "GPipe")
-DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+DIMS = ("pp", "dp_replicate", "dp_shard", "ep", "tp")
 
 
 @dataclass
@@ -48,7 +50,7 @@ class ParallelConfig:
     pp_microbatches: int = field(default=0, metadata={
         "help": "micro-batches each batch is cut into for the pipeline (0: 2 x pp)"})
     cp: int = field(default=1, metadata={"help": "context-parallel ranks (not built: must be 1)"})
-    ep: int = field(default=1, metadata={"help": "expert-parallel ranks (not built: must be 1)"})
+    ep: int = field(default=1, metadata={"help": "expert-parallel ranks (divides the experts; they share the batch)"})
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class Layout:
     pp: int
     dp_replicate: int
     dp_shard: int
+    ep: int
     tp: int
     sp: bool
     microbatches: int
@@ -91,19 +94,20 @@ def check(config: ParallelConfig, model: ModelConfig, world_size: int, batch_siz
         raise ConfigError(f"parallelism: cp={config.cp}; context parallel is not built in llmkit (PyTorch's "
                           "context_parallel shards SDPA's flash/efficient kernels on CUDA only, none of them on CPU); "
                           "use sp=true with tp for sequence-sharded norms")
-    if config.ep > 1:
-        raise ConfigError(f"parallelism: ep={config.ep}; expert parallel is not built in llmkit yet (the MoE "
-                          "blocks run whole on each rank, sharded by FSDP2 when dp_shard > 1)")
-    others = config.dp_replicate * config.tp * config.pp
+    if config.ep > 1 and (not model.n_experts or model.n_experts % config.ep):
+        raise ConfigError(f"parallelism: ep={config.ep} must divide the experts of a mixture-of-experts model "
+                          f"(this one has n_experts={model.n_experts})")
+    others = config.dp_replicate * config.tp * config.pp * config.ep
     dp_shard = config.dp_shard
     if dp_shard == -1:
         if world_size % others:
-            raise ConfigError(f"parallelism: dp_replicate x tp x pp = {config.dp_replicate} x {config.tp} x "
-                              f"{config.pp} = {others} does not divide the world size {world_size}")
+            raise ConfigError(f"parallelism: dp_replicate x tp x pp x ep = {config.dp_replicate} x {config.tp} x "
+                              f"{config.pp} x {config.ep} = {others} does not divide the world size {world_size}")
         dp_shard = world_size // others
     if others * dp_shard != world_size:
-        raise ConfigError(f"parallelism: dp_replicate x dp_shard x tp x pp = {config.dp_replicate} x {dp_shard} x "
-                          f"{config.tp} x {config.pp} = {others * dp_shard}, but the world size is {world_size} "
+        raise ConfigError(f"parallelism: dp_replicate x dp_shard x tp x pp x ep = {config.dp_replicate} x {dp_shard} "
+                          f"x {config.tp} x {config.pp} x {config.ep} = {others * dp_shard}, but the world size is "
+                          f"{world_size} "
                           "(torchrun's --nnodes x --nproc_per_node); the product must equal it")
     if config.tp > 1:
         if model.n_head % config.tp or model.n_kv_head % config.tp:
@@ -137,11 +141,12 @@ def check(config: ParallelConfig, model: ModelConfig, world_size: int, batch_siz
         if batch_size is not None and batch_size % microbatches:
             raise ConfigError(f"parallelism: the batch of {batch_size} sequences cannot be cut into "
                               f"pp_microbatches={microbatches} equal micro-batches")
-    return Layout(config.pp, config.dp_replicate, dp_shard, config.tp, config.sp, microbatches, config.pp_schedule)
+    return Layout(config.pp, config.dp_replicate, dp_shard, config.ep, config.tp, config.sp, microbatches,
+                  config.pp_schedule)
 
 
 def build_mesh(layout: Layout, device: torch.device):
-    """One DeviceMesh ("pp", "dp_replicate", "dp_shard", "tp"); dimensions of size 1 included, so every plan
+    """One DeviceMesh ("pp", "dp_replicate", "dp_shard", "ep", "tp"); dimensions of size 1 included, so every plan
     can name the dimension it uses."""
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -150,12 +155,12 @@ def build_mesh(layout: Layout, device: torch.device):
 
 def data_slice(layout: Layout, rank: int) -> tuple[int, int]:
     """(index, count) of global rank `rank`'s data-parallel slice: the ranks of one tp group or one
-    pipeline read the same batch. The mesh numbers ranks row-major over (pp, dp_replicate, dp_shard, tp)."""
+    pipeline read the same batch. The mesh numbers ranks row-major over (pp, dp_replicate, dp_shard, ep, tp)."""
     coords = []
     for size in reversed(layout.shape):
         rank, c = divmod(rank, size)
         coords.append(c)
-    tp, shard, rep, _ = coords
+    tp, ep, shard, rep, _ = coords
     return rep * layout.dp_shard + shard, layout.dp
 
 
@@ -211,6 +216,63 @@ def apply_tp(model: nn.Module, mesh, sequence_parallel: bool) -> None:
         parallelize_module(model.norm, mesh, PrepareModuleOutput(output_layouts=Shard(1),
                                                                   desired_output_layouts=Replicate(),
                                                                   use_local_output=True))
+
+
+# ---- expert parallel ---------------------------------------------------------------------------
+
+
+def apply_ep(model: nn.Module, mesh) -> None:
+    """Each MoE block's stacked expert weights split by experts over the ep ranks (DTensors, Shard(0)): a rank
+    runs its experts on every token of its batch (the ep ranks share the batch) and one all-reduce sums the
+    experts' outputs. The router and a shared expert stay whole."""
+    import types
+
+    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor.placement_types import Shard
+
+    from llmkit.moe import MoE
+
+    for module in model.modules():
+        if isinstance(module, MoE):
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                weight = getattr(module, name)
+                setattr(module, name, nn.Parameter(distribute_tensor(weight.data, mesh, [Shard(0)])))
+            module.ep_mesh = mesh
+            module.forward = types.MethodType(_expert_parallel_forward, module)
+
+
+def _expert_parallel_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """MoE.forward with this rank's experts only: x and the routing weights enter through an identity whose
+    backward sums the ranks' gradients, the experts' outputs leave through an all-reduce whose backward is
+    the identity (Megatron's f and g, here as DTensor redistributions)."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.placement_types import Partial, Replicate
+
+    mesh, shape = self.ep_mesh, x.shape
+    x = x.reshape(-1, shape[-1])
+    logits, weights, experts = self.route(x)
+    self.router_logits = logits if self.training else None
+
+    def shared_input(t):  # the same on every ep rank; its gradient is the sum of theirs
+        return DTensor.from_local(t, mesh, [Replicate()], run_check=False).to_local(grad_placements=[Partial()])
+
+    xs, ws = shared_input(x), shared_input(weights)
+    gate, up, down = (p.to_local() for p in (self.gate_proj, self.up_proj, self.down_proj))
+    first = mesh.get_local_rank() * gate.shape[0]
+    y = torch.zeros_like(x)
+    for e in range(gate.shape[0]):
+        token, slot = (experts == first + e).nonzero(as_tuple=True)
+        if len(token):
+            rows = xs[token]
+            out = (self.act(rows @ gate[e].t()) * (rows @ up[e].t())) @ down[e].t()
+            y = y.index_add(0, token, out * ws[token, slot, None])
+    y = DTensor.from_local(y, mesh, [Partial()], run_check=False).redistribute(mesh, [Replicate()]).to_local()
+    if self.shared_expert is not None:
+        shared = self.shared_expert(x)
+        if self.shared_expert_gate is not None:
+            shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+        y = y + shared
+    return y.reshape(shape)
 
 
 # ---- FSDP2 ------------------------------------------------------------------------------------
@@ -297,6 +359,8 @@ class Parallelized:
         self.schedule = self.stage_module = None
         if layout.tp > 1:
             apply_tp(model, mesh["tp"], layout.sp)
+        if layout.ep > 1:
+            apply_ep(model, mesh["ep"])
         if layout.pp > 1:
             from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
