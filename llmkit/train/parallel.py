@@ -92,7 +92,7 @@ def check(config: ParallelConfig, model: ModelConfig, world_size: int, batch_siz
         raise ConfigError(f"parallelism: dp_shard must be a positive integer or -1 (the rest), got {config.dp_shard!r}")
     if config.cp > 1:
         raise ConfigError(f"parallelism: cp={config.cp}; context parallel is not built in llmkit (PyTorch's "
-                          "context_parallel shards SDPA's flash/efficient kernels on CUDA only, none of them on CPU); "
+                          "context_parallel replaces SDPA's flash/efficient/cuDNN kernels, all CUDA, not the CPU's); "
                           "use sp=true with tp for sequence-sharded norms")
     if config.ep > 1 and (not model.n_experts or model.n_experts % config.ep):
         raise ConfigError(f"parallelism: ep={config.ep} must divide the experts of a mixture-of-experts model "
