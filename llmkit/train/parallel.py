@@ -4,12 +4,12 @@ The sizes (`ParallelConfig`, fields of every training config and so flags of `pr
 multiply to the world size and name the dimensions of one mesh, ("pp", "dp_replicate", "dp_shard", "ep", "tp"):
 
 - tp: tensor parallel (`torch.distributed.tensor.parallel`): q/k/v and gate/up split by columns (whole
-  heads and channels per rank), o/down by rows, one all-reduce per sublayer, an untied embedding by rows; with `sp` the norms run
-  sequence parallel (the residual stream sharded by position between sublayers: an all-gather before
-  attention and the MLP and a reduce-scatter after, instead of the all-reduce).
+  heads and channels per rank), o/down by rows, one all-reduce per sublayer, an untied embedding by rows;
+  with `sp` the norms run sequence parallel (the residual stream sharded by position between sublayers:
+  an all-gather before attention and the MLP and a reduce-scatter after, instead of the all-reduce).
 - pp: pipeline parallel (`torch.distributed.pipelining`): the blocks split into `pp` contiguous stages,
-  the first with the embedding, the last with the final norm and the LM head; a 1F1B or GPipe schedule
-  over `pp_microbatches` micro-batches of each batch.
+  the first with the embedding, the last with the final norm and the LM head (its loss is cross-entropy
+  of the micro-batch's logits); a 1F1B or GPipe schedule over `pp_microbatches` micro-batches.
 - dp_shard / dp_replicate: FSDP2 (`fully_shard`) over dp_shard, HSDP when dp_replicate > 1 too; on top
   of TP it is 2D (each rank holds 1/(tp x dp_shard) of a block).
 - ep: expert parallel: each MoE block's experts split over the ep ranks, which share the batch; each
