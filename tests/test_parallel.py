@@ -39,7 +39,8 @@ TWO = {"tp": dict(tp=2), "sp": dict(tp=2, sp=True), "pp-1f1b": dict(pp=2, pp_mic
        "moe-tp": dict(tp=2, preset="mixtral-2m", eps=1e-3),
        "moe-ep": dict(ep=2, preset="mixtral-2m", eps=1e-3)}  # each rank 4 of the 8 experts
 EMBEDDINGS = (2 * 512 * 64 + 64) * 4  # bytes of llama-tiny's embedding, LM head and final norm (fp32)
-FOUR = {"tp2xfsdp2": dict(tp=2, dp_shard=2), "tp2xpp2": dict(tp=2, pp=2, pp_microbatches=4)}
+FOUR = {"tp2xfsdp2": dict(tp=2, dp_shard=2), "tp2xpp2": dict(tp=2, pp=2, pp_microbatches=4),
+        "pp2xfsdp2": dict(pp=2, dp_shard=2, pp_microbatches=2)}
 
 
 class Batches:

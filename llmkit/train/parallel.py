@@ -282,9 +282,12 @@ def apply_fsdp(model: nn.Module, mesh, layout: Layout) -> None:
     from torch.distributed.fsdp import fully_shard
 
     dp_mesh = mesh["dp_replicate", "dp_shard"] if layout.dp_replicate > 1 else mesh["dp_shard"]
-    for block in model.blocks:
-        if any(True for _ in block.parameters()):
-            fully_shard(block, mesh=dp_mesh)
+    units = list(model.blocks)
+    if layout.pp > 1:  # a stage calls these itself, not through the model's forward (the root's hooks)
+        units += [m for m in (model.embed, model.norm, model.lm_head) if m is not None]
+    for unit in units:
+        if any(True for _ in unit.parameters()):
+            fully_shard(unit, mesh=dp_mesh)
     fully_shard(model, mesh=dp_mesh)
 
 
