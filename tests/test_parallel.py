@@ -158,7 +158,7 @@ def test_tp_sp_and_pp_on_two_processes_equal_one_process(reference, tmp_path):
     assert max(m["moe-ep"] for m in memory) < 0.68 * 4 * parallel_costs(mixtral)["parameters_per_rank"]  # experts 65 %
 
 
-def test_tp_by_fsdp_and_tp_by_pp_on_four_processes_equal_one_process_and_load_in_transformers(reference, tmp_path):
+def test_2d_meshes_on_four_processes_equal_one_process_and_tp_by_fsdp_loads_in_transformers(reference, tmp_path):
     import transformers
 
     single, single_bytes = reference
