@@ -178,7 +178,8 @@ class TrainingStep:
             batch = _to_device(next_batch(), self.device)
             self.tokens += _tokens(batch)
             if self.parallelized is not None and self.parallelized.schedule is not None:
-                loss, metrics = self.parallelized.pipeline_loss(batch), {}  # backward inside the schedule
+                with _autocast(self.device, self.amp_dtype):  # backward runs inside the schedule
+                    loss, metrics = self.parallelized.pipeline_loss(batch), {}
             else:
                 with _no_sync(self.model, micro == self.grad_accum - 1):
                     with _autocast(self.device, self.amp_dtype):
