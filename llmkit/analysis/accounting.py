@@ -307,3 +307,65 @@ def render_training_memory(m: dict[str, Any]) -> str:
     return (f"{m['method']} fine-tuning ({m['precision']}, batch {m['batch_size']} x {m['seq_len']} tokens): "
             f"peak {human(m['total_bytes'], 'B')} of {parts} (gradients and activations are not all held at "
             f"once); trainable {m['trainable_parameters']:,} of {m['parameters']:,} parameters")
+
+
+def parallel_costs(config: ModelConfig, *, dp_replicate: int = 1, dp_shard: int = 1, tp: int = 1, pp: int = 1,
+                   ep: int = 1, microbatches: int = 1, micro_batch: int = 1, seq_len: int = 4096,
+                   precision: str = "bf16") -> dict[str, Any]:
+    """Per-rank memory and per-step traffic of one parallel layout, placed as `llmkit.train.parallel` places
+    it: tp splits each block's linears and an untied embedding (norms, a MoE and the LM head stay whole), ep
+    a MoE block's experts, pp gives each stage
+    ceil(n_layer / pp) blocks (the first the embedding, the last the final norm and head), FSDP shards what a
+    rank holds over dp_shard, replicas copy it over dp_replicate.
+
+    Memory (bytes, the fullest stage): weights + gradients + AdamW moments at `precision` (`_TRAIN_BYTES`),
+    and activations of `activation_elements_per_token` for the stage's blocks, divided by tp (with sequence
+    parallel norms), times the micro-batches a 1F1B first stage holds (min(pp, microbatches)).
+    Traffic (bytes each rank sends per optimizer step, ring collectives: an all-reduce of S bytes over n
+    ranks sends 2 (n-1)/n S, an all-gather or reduce-scatter (n-1)/n S): FSDP gathers the weights for
+    forward and again for backward and reduce-scatters the gradients; replicas all-reduce their gradient
+    shards; tp all-reduces (or, with sp, all-gathers then reduce-scatters: the same volume) the residual
+    stream twice per block in forward and twice in backward (and once after a split embedding); pp sends each micro-batch's activations
+    forward and their gradients back; ep all-reduces each MoE block's output in forward and its input's
+    gradient in backward.
+    """
+    if precision not in _TRAIN_BYTES:
+        raise ConfigError(f"precision={precision!r}; expected one of {sorted(_TRAIN_BYTES)}")
+    b = _TRAIN_BYTES[precision]
+    act = 2 if precision == "bf16" else 4
+    from llmkit.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    block = sum(p.numel() for p in model.blocks[0].parameters())
+    split = sum(p.numel() for n, p in model.blocks[0].named_parameters()  # what tp splits: the linears
+                if (n.startswith("attn.") and "_norm" not in n) or (n.startswith("mlp.") and not config.n_experts))
+    experts = sum(p.numel() for n, p in model.blocks[0].named_parameters()  # what ep splits
+                  if config.n_experts and n in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+    embed = model.embed.weight.numel()
+    head = 0 if config.tie_embeddings else model.lm_head.weight.numel()
+    layers = -(-config.n_layer // pp)
+    embed = embed if config.tie_embeddings else embed // tp  # tp splits an untied embedding by rows
+    ends = [embed + (head + config.d_model if pp == 1 else 0), head + config.d_model]  # first, last stage
+    stage_params = layers * (split // tp + experts // ep + block - split - experts) + max(ends)
+    params = stage_params / dp_shard
+    tokens = micro_batch * seq_len
+    in_flight = min(pp, microbatches)
+    activations = activation_elements_per_token(config) * layers / config.n_layer * tokens * in_flight / tp * act
+    states = params * (b["weights"] + b["grads"] + b["optimizer"])
+
+    def ring(n: int, all_reduce: bool = False) -> float:
+        return (2 if all_reduce else 1) * (n - 1) / n
+
+    residual = tokens * config.d_model * act  # one micro-batch's residual stream
+    traffic = {
+        "dp_shard": ring(dp_shard) * stage_params * (2 * b["weights"] + b["grads"]),
+        "dp_replicate": ring(dp_replicate, True) * params * b["grads"],
+        "tp": (4 * layers + (not config.tie_embeddings)) * ring(tp, True) * residual * microbatches,
+        "pp": (2 * residual * microbatches) if pp > 1 else 0,
+        "ep": 2 * ring(ep, True) * residual * layers * microbatches,  # experts' outputs; the input's gradient
+    }
+    return {"parameters_per_rank": int(params), "state_bytes": int(states), "activation_bytes": int(activations),
+            "memory_bytes": int(states + activations), "traffic_bytes": {k: int(v) for k, v in traffic.items()},
+            "traffic_total_bytes": int(sum(traffic.values())),
+            "sequences_per_step": dp_replicate * dp_shard * microbatches * micro_batch}

@@ -40,6 +40,7 @@ from llmkit.peft.lora import LoraConfig, apply_lora, read_adapter, save_adapter_
 from llmkit.peft.prompt_tuning import ADAPTER_WEIGHTS, PromptTuning, save_prompt_state
 from llmkit.progress import bar, phase, warn
 from llmkit.tokenizer import Tokenizer
+from llmkit.train import parallel
 from llmkit.train.loop import LoopConfig, TrainResult, train
 from llmkit.train.memory import peak_rss_mb, reset_peak_rss, rss_mb
 from llmkit.train.objectives import OBJECTIVES, check_objective
@@ -241,6 +242,10 @@ def run(config: FinetuneConfig) -> TrainResult:
     config.validate()
     if config.method in ("lora", "qlora"):
         config.lora()  # bad LoRA settings fail before the model is loaded
+    if parallel.active(config) and (config.method != "full" or config.pp > 1):
+        raise ConfigError(f"parallelism sizes with finetune need method=full and pp=1 (got method={config.method}, "
+                          f"pp={config.pp}): the plans split the model's own linear layers, and the pipeline runs "
+                          "unpadded (input, target) batches; use tp / dp_shard")
     started = time.perf_counter()
     with phase(f"load {config.model}", config.progress):
         model, tokenizer = load(config.model, dtype=torch.float32)

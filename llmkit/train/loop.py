@@ -34,7 +34,7 @@ from llmkit import progress
 from llmkit.analysis.energy import EnergyMeter
 from llmkit.config import ModelConfig
 from llmkit.errors import ConfigError, FormatError, LlmkitError, StorageError
-from llmkit.train import checkpoint
+from llmkit.train import checkpoint, parallel
 from llmkit.train import distributed as dist_
 from llmkit.train.schedules import SCHEDULES, lr_factor
 
@@ -46,8 +46,9 @@ class TrainingDiverged(LlmkitError):
 
 
 @dataclass
-class LoopConfig:
-    """Optimisation and bookkeeping for `train`; recipes and CLI flags fill it."""
+class LoopConfig(parallel.ParallelConfig):
+    """Optimisation and bookkeeping for `train`; recipes and CLI flags fill it (the parallelism sizes
+    come first, from `parallel.ParallelConfig`)."""
 
     max_steps: int = field(default=1000, metadata={"help": "optimizer steps"})
     max_minutes: float | None = field(default=None, metadata={
@@ -133,10 +134,12 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices (dim >= 2) only: never on norms' gains or biases."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """Weight decay on matrices (dim >= 2) only: never on norms' gains or biases. Under tensor parallel,
+    one group per device mesh too (a fused step runs on tensors of one kind: plain, or DTensors of one mesh)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    meshes = list(dict.fromkeys(getattr(p, "device_mesh", None) for p in params))
+    return [{"params": [p for p in params if (p.dim() >= 2) == decay and getattr(p, "device_mesh", None) == mesh],
+             "weight_decay": weight_decay if decay else 0.0} for decay in (True, False) for mesh in meshes]
 
 
 def adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95),
@@ -157,8 +160,10 @@ class TrainingStep:
 
     def __init__(self, model: nn.Module, objective: Objective, optimizer: torch.optim.Optimizer,
                  device: torch.device, *, grad_accum: int = 1, grad_clip: float = 1.0,
-                 amp_dtype: torch.dtype | None = None, compile: bool = False, world: dist_.World | None = None):
+                 amp_dtype: torch.dtype | None = None, compile: bool = False, world: dist_.World | None = None,
+                 parallelized: parallel.Parallelized | None = None):
         self.model, self.objective, self.optimizer, self.device = model, objective, optimizer, device
+        self.parallelized = parallelized  # tp/pp/2D: its own pipeline step and gradient norm
         self.grad_accum, self.grad_clip, self.amp_dtype = grad_accum, grad_clip, amp_dtype
         self.world = world or dist_.World()
         self.forward_model = torch.compile(model) if compile else model
@@ -172,16 +177,27 @@ class TrainingStep:
         for micro in range(self.grad_accum):
             batch = _to_device(next_batch(), self.device)
             self.tokens += _tokens(batch)
-            with _no_sync(self.model, micro == self.grad_accum - 1):
-                with _autocast(self.device, self.amp_dtype):
-                    loss, metrics = self._forward(batch)
-                (loss / self.grad_accum).backward()
+            if self.parallelized is not None and self.parallelized.schedule is not None:
+                with _autocast(self.device, self.amp_dtype):  # backward runs inside the schedule
+                    loss, metrics = self.parallelized.pipeline_loss(batch), {}
+            else:
+                with _no_sync(self.model, micro == self.grad_accum - 1):
+                    with _autocast(self.device, self.amp_dtype):
+                        loss, metrics = self._forward(batch)
+                    (loss / self.grad_accum).backward()
             for k, v in _extra_metrics(metrics).items():
                 extra_sums[k] = extra_sums.get(k, 0) + v
             loss_sum += loss.detach().float()
         loss_value = dist_.all_reduce_mean(loss_sum / self.grad_accum, self.world)
-        grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-                     if self.grad_clip > 0 else _grad_norm(self.model))
+        if self.parallelized is not None:
+            if self.parallelized.schedule is not None and self.grad_accum > 1:  # the schedule averaged micro-batches
+                for p in self.model.parameters():
+                    if p.grad is not None:
+                        p.grad.div_(self.grad_accum)
+            grad_norm = self.parallelized.clip_grad_norm(self.grad_clip)
+        else:
+            grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+                         if self.grad_clip > 0 else _grad_norm(self.model))
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
         if not (math.isfinite(loss_value.item()) and math.isfinite(float(grad_norm))):
@@ -249,9 +265,19 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
     model_config = model_config or getattr(model, "config", None)
     amp_dtype = autocast_dtype(config.precision, device)
 
+    layout = parallel.check(config, model_config, world.size) if parallel.active(config) else None  # before compute
+    if layout is not None and strategy not in ("auto", "fsdp"):
+        raise ConfigError(f"distributed={strategy!r} with parallelism sizes: the sizes choose the strategy "
+                          "(dp_shard is FSDP2); leave distributed at auto")
+
     torch.manual_seed(config.seed)
     model.to(device)
-    model = dist_.wrap(model, strategy, world, device)
+    parallelized = None
+    if layout is not None and world.distributed:
+        parallelized = parallel.Parallelized(model, layout, parallel.build_mesh(layout, device), device)
+        model = parallelized.module
+    else:
+        model = dist_.wrap(model, strategy, world, device)
     optimizer = adamw(model, config.lr, config.weight_decay, (config.beta1, config.beta2), config.eps)
 
     if not config.resume and (earlier := checkpoint.latest(out_dir)) is not None:
@@ -261,14 +287,15 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
     metrics_path = out_dir / "metrics.jsonl"
     if config.resume and (found := checkpoint.latest(out_dir)) is not None:
         step, tokens_seen, history = _resume(found, model, optimizer, data, model_config, metrics_path, world,
-                                             load_weights)
+                                             load_weights, parallelized)
     elif world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text("")
         (out_dir / "config.json").write_text(json.dumps(run_config or dataclasses.asdict(config), indent=2) + "\n")
     last_checkpoint = checkpoint.latest(out_dir) if config.resume else None
     training_step = TrainingStep(model, objective, optimizer, device, grad_accum=config.grad_accum,
-                                 grad_clip=config.grad_clip, amp_dtype=amp_dtype, compile=config.compile, world=world)
+                                 grad_clip=config.grad_clip, amp_dtype=amp_dtype, compile=config.compile, world=world,
+                                 parallelized=parallelized)
 
     peak = None
     if flops_per_token:
@@ -277,8 +304,11 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
         peak = measure_peak_flops(device, amp_dtype or torch.float32) * world.size
 
     def save(at_step: int) -> Path | None:
-        model_state = dist_.full_model_state(model)
-        optimizer_state = dist_.full_optimizer_state(model, optimizer)
+        if parallelized is not None:
+            model_state, optimizer_state = parallelized.full_state(optimizer)
+        else:
+            model_state = dist_.full_model_state(model)
+            optimizer_state = dist_.full_optimizer_state(model, optimizer)
         path = None
         if world.is_main:
             path = checkpoint.save(out_dir, at_step, model_config, model_state, optimizer_state,
@@ -304,7 +334,10 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
         model.eval()
         with torch.no_grad(), _autocast(device, amp_dtype):
             for batch in progress.bar(eval_batches(), "validation", config.progress and world.is_main):
-                loss, metrics = objective(training_step.forward_model, _to_device(batch, device))
+                if parallelized is not None and parallelized.schedule is not None:
+                    loss, metrics = parallelized.pipeline_loss(_to_device(batch, device), train=False), {}
+                else:
+                    loss, metrics = objective(training_step.forward_model, _to_device(batch, device))
                 rows = _rows(batch)
                 for k, v in {"loss": loss.float(), **_extra_metrics(metrics)}.items():
                     sums[k] = sums.get(k, 0) + v * rows
@@ -341,7 +374,8 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
                     f"{where or 'none'}. Lower the learning rate, raise warmup, or use fp32.") from None
             step += 1
             step_tokens = tokens_per_step or round(
-                dist_.all_reduce_mean(torch.tensor(float(training_step.tokens)), world).item() * world.size)
+                dist_.all_reduce_mean(torch.tensor(float(training_step.tokens)), world).item()
+                * (layout.dp if parallelized is not None else world.size))
             tokens_seen += step_tokens
             window_tokens += step_tokens
             record = {"step": step, "loss": loss_value.item(), "lr": lr, "grad_norm": float(grad_norm),
@@ -389,7 +423,7 @@ def _schedule_step(step: int, budget_used: float, config: LoopConfig) -> int:
     return max(step, min(config.max_steps - 1, int(budget_used * config.max_steps)))
 
 
-def _resume(path, model, optimizer, data, model_config, metrics_path, world, load_weights=None):
+def _resume(path, model, optimizer, data, model_config, metrics_path, world, load_weights=None, parallelized=None):
     """Everything is read and checked (checksums, shapes) before anything is loaded, so a bad checkpoint
     raises one FormatError naming the file and leaves the model and optimizer as they were."""
     state, optimizer_state, rng = checkpoint.load_state(path)
@@ -408,6 +442,8 @@ def _resume(path, model, optimizer, data, model_config, metrics_path, world, loa
 
     tensors = load_weights(path) if load_weights is not None else hf.load_checkpoint(path)[1]
     inner = dist_.unwrap(model)
+    if parallelized is not None:  # a pipeline stage loads its own pieces of the full checkpoint
+        tensors, optimizer_state = parallelized.own_part(tensors, optimizer_state)
     names = {id(p): n for n, p in inner.named_parameters()}
     checkpoint.check_fits(path, tensors, optimizer_state, {k: v.shape for k, v in inner.state_dict().items()},
                           [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups])

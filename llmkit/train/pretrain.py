@@ -26,6 +26,7 @@ from llmkit.errors import ConfigError, DataError
 from llmkit.model import Transformer
 from llmkit.tokenizer import Tokenizer
 from llmkit.train import distributed as dist_
+from llmkit.train import parallel
 from llmkit.train.loop import LoopConfig, TrainResult, resolve_device, train
 from llmkit.train.objectives import causal_lm_loss, check_objective, mlm_loss
 from llmkit.train.report import run_summary, write_report
@@ -115,9 +116,13 @@ def run(config: PretrainConfig) -> TrainResult:
     check_objective(model.config, config.objective)
 
     world = dist_.init(resolve_device(config.device))
-    data = ShardLoader(train_dir, config.batch_size, config.context, seed=config.seed, rank=world.rank,
-                       world_size=world.size)
-    eval_batches = held_out_batches(val_dir, config, world) if val_dir is not None else None
+    readers = world  # which slice of each global batch this rank reads
+    if parallel.active(config):  # the ranks of one tp group or one pipeline read the same slice
+        layout = parallel.check(config, model.config, world.size, config.batch_size, config.context)
+        readers = dist_.World(*parallel.data_slice(layout, world.rank))
+    data = ShardLoader(train_dir, config.batch_size, config.context, seed=config.seed, rank=readers.rank,
+                       world_size=readers.size)
+    eval_batches = held_out_batches(val_dir, config, readers) if val_dir is not None else None
     objective, mlm = causal_lm_loss, {}
     if config.objective == "mlm":
         objective = mlm_loss
@@ -126,7 +131,7 @@ def run(config: PretrainConfig) -> TrainResult:
     try:
         result = train(model, objective, data, config, config.out_dir, model_config=model.config,
                        eval_batches=eval_batches, bytes_per_token=bytes_per_token,
-                       tokens_per_step=config.batch_size * config.context * config.grad_accum * world.size,
+                       tokens_per_step=config.batch_size * config.context * config.grad_accum * readers.size,
                        flops_per_token=model.flops_per_token(config.context), strategy=config.distributed,
                        write_extra=tokenizer.save_pretrained if tokenizer is not None else None,
                        run_config=dataclasses.asdict(config))
