@@ -64,12 +64,16 @@ class MoE(nn.Module):
             y = self._gathered(x, weights, experts)
         else:
             y = self._grouped(x, weights, experts)
-        if self.shared_expert is not None:
-            shared = self.shared_expert(x)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
-            y = y + shared
-        return y.reshape(shape)
+        return self.add_shared(x, y).reshape(shape)
+
+    def add_shared(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """`y` (the routed experts' sum) plus the shared expert's output, sigmoid-gated as Qwen2-MoE's, if any."""
+        if self.shared_expert is None:
+            return y
+        shared = self.shared_expert(x)
+        if self.shared_expert_gate is not None:
+            shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+        return y + shared
 
     def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         return (self.act(x @ self.gate_proj[e].t()) * (x @ self.up_proj[e].t())) @ self.down_proj[e].t()

@@ -267,12 +267,7 @@ def _expert_parallel_forward(self, x: torch.Tensor) -> torch.Tensor:
             out = (self.act(rows @ gate[e].t()) * (rows @ up[e].t())) @ down[e].t()
             y = y.index_add(0, token, out * ws[token, slot, None])
     y = DTensor.from_local(y, mesh, [Partial()], run_check=False).redistribute(mesh, [Replicate()]).to_local()
-    if self.shared_expert is not None:
-        shared = self.shared_expert(x)
-        if self.shared_expert_gate is not None:
-            shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
-        y = y + shared
-    return y.reshape(shape)
+    return self.add_shared(x, y).reshape(shape)
 
 
 # ---- FSDP2 ------------------------------------------------------------------------------------
