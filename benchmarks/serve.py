@@ -32,6 +32,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -84,7 +85,9 @@ class ServerProcess:
 
     def __init__(self, argv: list[str], port: int):
         self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.log = Path(tempfile.mkstemp(prefix="serve-bench-", suffix=".log")[1])  # kept: why a server died
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 300
         while True:  # both answer /health with 200 once the model is loaded (llama.cpp: 503 before)
             try:
@@ -94,7 +97,7 @@ class ServerProcess:
             except OSError:
                 pass
             if self.proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"{argv[:4]} did not start")
+                raise RuntimeError(f"{argv[:4]} did not start; its output: {self.log}")
             time.sleep(0.5)
         asyncio.run(throughput(self.url, 2, 2, 4, {}))  # warm up (and wait for the model to load)
 
@@ -138,7 +141,13 @@ async def stream(client, prompt=None, messages=None, max_tokens=64, logit_bias=N
 
 
 def client_of(url: str):
-    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=1200)
+    """A fresh connection per request: llama-server closes idle keep-alive connections, and a request sent on
+    one it has just closed fails ("Server disconnected without sending a response"), which is the client's
+    race, not a server error. Connecting to localhost costs well under a millisecond, alike for both."""
+    import httpx2  # the openai client's own transport
+
+    http = openai.DefaultAsyncHttpxClient(limits=httpx2.Limits(max_keepalive_connections=0), timeout=1200)
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=1200, http_client=http)
 
 
 async def throughput(url: str, requests: int, concurrency: int, output_len: int, no_eos: dict) -> dict:
