@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 import llmkit  # noqa: E402
 from llmkit.data.corpora import documents  # noqa: E402
@@ -124,6 +125,7 @@ def main() -> None:
         "vs_llama_cpp": {**agreement(ours, theirs), "ppl_llmkit": perplexity(ours, ids),
                          "ppl_llama_cpp": perplexity(theirs, ids), "text": f"KJV, first {len(ids)} tokens"},
         "greedy_chats": [greedy_divergence(model, tok, ref, p) for p in CHATS],
+        **provenance("benchmarks/gguf_llamacpp.py"),  # its machine (the CPU model) replaces the one above
     }
     ref.close()
     if not args.skip_transformers:

@@ -17,6 +17,8 @@ import platform
 import time
 from pathlib import Path
 
+from provenance import provenance
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -107,6 +109,7 @@ def main() -> None:
         "machine": {"cpus": threads, "python": platform.python_version(), "platform": platform.platform()},
         "repeats": args.repeats,
         "load_average_at_end": os.getloadavg()[0],
+        **provenance("benchmarks/tokenizer.py"),  # last: its machine (the CPU model) replaces the one above
     }
     atomic_write_json(args.out, result)
     print(json.dumps(result, indent=2))

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from provenance import provenance
 
 from llmkit import ModelConfig, Transformer
 from llmkit.speedrun import SpeedrunConfig
@@ -117,6 +118,7 @@ def main() -> None:
         "tokens_per_s": results, "ratio_vs_transformers": ratios, "step_seconds_min_max": spread,
         "notes": "tokens/s from the median step over all rounds; the systems take turns each round; "
                  "compiled runs after a warm-up that compiles them",
+        **provenance("benchmarks/train.py"),  # last: its machine (the CPU model) replaces the one above
     }
     print(json.dumps(report, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
