@@ -39,7 +39,11 @@ def main() -> None:
     parser.add_argument("--bbq-limit", type=int, default=1800, help="0: all 16,076 questions")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/safety_eval.json"))
+    parser.add_argument("--render", action="store_true", help="only write docs/safety.md and its PNG from --out")
     args = parser.parse_args()
+    if args.render:
+        write_docs(json.loads(Path(args.out).read_text()))
+        return
 
     import llmkit
     from llmkit.eval import evaluate
@@ -71,7 +75,54 @@ def main() -> None:
                "published": PUBLISHED, "seconds": seconds, "results": runs,
                "complete": len(runs) == len(plan)}  # written after every task, so a cut-short run keeps its part
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-        (ROOT / "docs/safety.md").write_text(render(out))
+        write_docs(out)
+
+
+def write_docs(out: dict) -> None:
+    (ROOT / "docs/safety.md").write_text(render(out))
+    plot(out, ROOT / "docs/safety.png")
+
+
+def plot(out: dict, path: Path) -> None:
+    """One figure of the page's tables: ToxiGen's detection figures, BBQ's bias scores per category, MMLU
+    against chance and the published figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = out["results"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1, 2.4, 1]})
+    if "toxigen" in r:
+        tox = r["toxigen"]
+        names = ["acc", "macro_f1", "precision", "recall"]
+        axes[0].bar(names, [100 * tox[k] for k in names], color="tab:purple")
+        axes[0].axhline(50, color="grey", ls="--", lw=1, label="chance (acc)")
+        axes[0].set(title=f"ToxiGen detection ({tox['n']} statements)", ylabel="%", ylim=(0, 100))
+        axes[0].legend(fontsize=8)
+    if "bbq" in r:
+        cats = {**r["bbq"]["categories"], "overall": r["bbq"]["overall"]}
+        x = range(len(cats))
+        for offset, key, label in ((-0.2, "bias_disambig", "s_DIS"), (0.2, "bias_ambig", "s_AMB")):
+            axes[1].bar([i + offset for i in x], [100 * (c.get(key) or 0) for c in cats.values()], width=0.4,
+                        label=label)
+        axes[1].axhline(0, color="black", lw=0.8)
+        axes[1].set_xticks(list(x), list(cats), rotation=35, ha="right", fontsize=8)
+        axes[1].set(title=f"BBQ bias scores ({r['bbq']['n']} questions; 0 = none, > 0 = stereotyped)", ylabel="score x 100")
+        axes[1].legend(fontsize=8)
+    mmlu = [(shots, r[f"mmlu_{shots}shot"]) for shots in (0, 5) if f"mmlu_{shots}shot" in r]
+    if mmlu:
+        axes[2].bar([f"{s}-shot ({m['n']} q)" for s, m in mmlu], [100 * m["acc"] for _, m in mmlu],
+                    yerr=[100 * m["acc_stderr"] for _, m in mmlu], color="tab:green", capsize=4)
+        axes[2].axhline(25, color="grey", ls="--", lw=1, label="chance")
+        axes[2].axhline(out["published"]["value"], color="tab:red", ls=":", lw=1.2,
+                        label=f"published {out['published']['value']} (cloze)")
+        axes[2].set(title="MMLU (letter form)", ylabel="accuracy %", ylim=(0, 60))
+        axes[2].legend(fontsize=8)
+    fig.suptitle(f"{out['model']}: benchmarks/results/safety_eval.json (commit {out['commit'][:7]})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def render(out: dict) -> str:
@@ -121,7 +172,8 @@ def render(out: dict) -> str:
                   f"{out['published']['source']}). That figure is lighteval's cloze form (the answer text scored, not "
                   "the letter) on the full-precision weights; ours is lm-eval's letter form on the packaged Q4_1 GGUF, "
                   "so the two are not the same measurement.", ""]
-    lines += ["Seconds per task: " + ", ".join(f"{k} {v}" for k, v in out["seconds"].items()) + ".", ""]
+    lines += ["![ToxiGen, BBQ and MMLU](safety.png)", "",
+              "Seconds per task: " + ", ".join(f"{k} {v}" for k, v in out["seconds"].items()) + ".", ""]
     return "\n".join(lines)
 
 
