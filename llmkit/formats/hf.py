@@ -1,6 +1,6 @@
 """Hugging Face checkpoint folders in and out: config.json + safetensors <-> (ModelConfig, tensors).
 
-Every weight-name mapping between llmkit and transformers lives in `_tensor_map`: GPT-2's, and one
+Every weight-name mapping between llmkit and transformers lives in `tensor_map`: GPT-2's, and one
 for the llama / qwen2 / gemma3_text layout that the config's fields (biases, q/k norms, sandwich norms)
 fill in. Loading checks the whole folder before a byte of weights is read: the config, each
 safetensors header (a truncated file is caught by the tensor that runs past its end), the names
@@ -54,7 +54,7 @@ class _Entry:
     heads: int = 0
 
 
-def _tensor_map(config: ModelConfig) -> list[_Entry]:
+def tensor_map(config: ModelConfig) -> list[_Entry]:
     c = config
     model_type = c.hf_model_type
     if model_type in ENCODER_FAMILIES:
@@ -144,8 +144,8 @@ def _moe_entries(c: ModelConfig, h: str, o: str) -> list[_Entry]:
     return E
 
 
-def _stack_experts(tensors: dict[str, torch.Tensor], entries: list[_Entry]) -> None:
-    """Replace the per-expert tensors `_from_hf` read ("name#j") by our stacked (experts, out, in) ones."""
+def stack_experts(tensors: dict[str, torch.Tensor], entries: list[_Entry]) -> None:
+    """Replace the per-expert tensors `from_hf` read ("name#j") by our stacked (experts, out, in) ones."""
     stacked = {e.ours[0] for e in entries if e.kind == "expert"}
     for name in stacked:
         parts = sorted((k for k in tensors if k.startswith(name + "#")), key=lambda k: int(k.rsplit("#", 1)[1]))
@@ -368,7 +368,7 @@ def load_checkpoint(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]
             if not name.endswith(_IGNORED_SUFFIXES):
                 located[_canonical_name(name, model_type)] = (file, name)
 
-    entries = _tensor_map(config)
+    entries = tensor_map(config)
     expected = {e.hf for e in entries}
     if model_type == "gpt2":
         located.pop("lm_head.weight", None)  # GPT-2's head is the token embedding
@@ -402,16 +402,16 @@ def load_checkpoint(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]
         try:
             with safe_open(str(file), framework="pt") as f:
                 for e in file_entries:
-                    tensors.update(_from_hf(e, f.get_tensor(located[e.hf][1])))
+                    tensors.update(from_hf(e, f.get_tensor(located[e.hf][1])))
         except Exception as e:  # safetensors raises its own error types
             raise FormatError(f"{file}: cannot read tensors ({e})") from None
-    _stack_experts(tensors, entries)
+    stack_experts(tensors, entries)
     if config.tie_embeddings:
         tensors["lm_head.weight"] = tensors["embed.weight"]
     return config, tensors
 
 
-def _from_hf(e: _Entry, t: torch.Tensor) -> dict[str, torch.Tensor]:
+def from_hf(e: _Entry, t: torch.Tensor) -> dict[str, torch.Tensor]:
     if e.kind == "copy":
         return {e.ours[0]: t}
     if e.kind == "pairs":
@@ -431,7 +431,7 @@ def _from_hf(e: _Entry, t: torch.Tensor) -> dict[str, torch.Tensor]:
     return {name: p.contiguous() for name, p in zip(e.ours, parts, strict=True)}
 
 
-def _to_hf(e: _Entry, sd: dict[str, torch.Tensor]) -> torch.Tensor:
+def to_hf(e: _Entry, sd: dict[str, torch.Tensor]) -> torch.Tensor:
     if e.kind == "copy":
         return sd[e.ours[0]]
     if e.kind == "pairs":
@@ -458,8 +458,8 @@ def save_checkpoint(folder: Path, config: ModelConfig, state_dict: dict[str, tor
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
-    for e in _tensor_map(config):
-        t = _to_hf(e, state_dict).detach()
+    for e in tensor_map(config):
+        t = to_hf(e, state_dict).detach()
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         tensors[e.hf] = t.to("cpu").contiguous().clone()  # own storage: safetensors refuses shared memory
@@ -468,13 +468,13 @@ def save_checkpoint(folder: Path, config: ModelConfig, state_dict: dict[str, tor
     shards = _shard(tensors, max_shard_size)
     written = set()
     if len(shards) == 1:
-        _save_safetensors(shards[0], folder / WEIGHTS)
+        save_safetensors(shards[0], folder / WEIGHTS)
         written.add(WEIGHTS)
     else:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            _save_safetensors(shard, folder / name)
+            save_safetensors(shard, folder / name)
             weight_map.update(dict.fromkeys(shard, name))
             written.add(name)
         total = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -493,7 +493,7 @@ def save_checkpoint(folder: Path, config: ModelConfig, state_dict: dict[str, tor
     return folder
 
 
-def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     with atomic_path(path) as tmp:
         try:
             save_file(tensors, str(tmp), metadata={"format": "pt"})

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from llmkit.config import ModelConfig
 from llmkit.errors import ConfigError, FormatError
 from llmkit.files import atomic_path, atomic_write_json, read_json
-from llmkit.formats.hf import _tensor_map, read_safetensors
+from llmkit.formats.hf import read_safetensors, tensor_map
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -203,7 +203,7 @@ def trainable_parameters(model: nn.Module) -> int:
 def _hf_modules(config: ModelConfig) -> dict[str, tuple[str, int | None]]:
     """Our module -> (transformers module, slot): slot 0/1/2 is q/k/v inside GPT-2's fused c_attn."""
     out = {}
-    for e in _tensor_map(config):
+    for e in tensor_map(config):
         if e.hf.endswith(".weight"):
             for i, ours in enumerate(e.ours):
                 if _target_of(ours.removesuffix(".weight")):

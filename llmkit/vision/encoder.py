@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from llmkit.errors import DataError, FormatError
 from llmkit.files import atomic_write_json
-from llmkit.formats.hf import _save_safetensors, read_safetensors_header
+from llmkit.formats.hf import read_safetensors_header, save_safetensors
 from llmkit.model import FULL, Block, Step
 from llmkit.vision.config import VisionConfig
 
@@ -79,7 +79,7 @@ class VisionEncoder(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         state = self.state_dict()
         tensors = {hf: state[ours].detach().cpu().contiguous().clone() for ours, hf in hf_names(self.config).items()}
-        _save_safetensors(tensors, folder / "model.safetensors")
+        save_safetensors(tensors, folder / "model.safetensors")
         atomic_write_json(folder / "config.json", self.config.to_hf_config())
         return folder
 

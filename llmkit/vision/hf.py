@@ -12,7 +12,7 @@ import torch
 from llmkit.config import ModelConfig
 from llmkit.errors import ConfigError, FormatError
 from llmkit.files import atomic_write_json
-from llmkit.formats.hf import _from_hf, _save_safetensors, _stack_experts, _tensor_map, _to_hf
+from llmkit.formats.hf import from_hf, save_safetensors, stack_experts, tensor_map, to_hf
 from llmkit.model import Transformer
 from llmkit.vision.config import VisionConfig, VLMConfig
 from llmkit.vision.encoder import VisionEncoder, hf_names, read_tensors
@@ -48,14 +48,14 @@ def load_llava(folder: str | Path) -> VisionLanguageModel:
     tensors = read_tensors(folder / "model.safetensors")
     known = set()
     lm_tensors: dict[str, torch.Tensor] = {}
-    entries = _tensor_map(text)
+    entries = tensor_map(text)
     for e in entries:
         name = TEXT + e.hf
         if name not in tensors:
             raise FormatError(f"{folder}: tensor {name!r} is missing")
         known.add(name)
-        lm_tensors.update(_from_hf(e, tensors[name]))
-    _stack_experts(lm_tensors, entries)
+        lm_tensors.update(from_hf(e, tensors[name]))
+    stack_experts(lm_tensors, entries)
     if text.tie_embeddings:
         lm_tensors["lm_head.weight"] = lm_tensors["embed.weight"]
     encoder = VisionEncoder.from_tensors(vision, {k[len(VISION):]: v for k, v in tensors.items() if k.startswith(VISION)},
@@ -75,11 +75,11 @@ def save_llava(model: VisionLanguageModel, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lm_state = model.lm.state_dict()
-    tensors = {TEXT + e.hf: _to_hf(e, lm_state) for e in _tensor_map(model.lm.config)}
+    tensors = {TEXT + e.hf: to_hf(e, lm_state) for e in tensor_map(model.lm.config)}
     encoder_state = model.encoder.state_dict()
     tensors.update({VISION + hf: encoder_state[ours] for ours, hf in hf_names(model.config.vision).items()})
     tensors.update({PROJECTOR + k: v for k, v in model.projector.state_dict().items()})
-    _save_safetensors({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, folder / "model.safetensors")
+    save_safetensors({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, folder / "model.safetensors")
     c = model.config
     act = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "silu", "relu": "relu"}[c.projector_activation]
     atomic_write_json(folder / "config.json", {

@@ -19,7 +19,7 @@ import torch.nn as nn
 from llmkit.config import ModelConfig
 from llmkit.errors import ConfigError, DataError, FormatError
 from llmkit.files import atomic_write_json
-from llmkit.formats.hf import _save_safetensors
+from llmkit.formats.hf import save_safetensors
 from llmkit.model import KVCache, Transformer
 from llmkit.vision.config import VLMConfig
 from llmkit.vision.cross_attention import GatedCrossAttention
@@ -150,7 +150,7 @@ class VisionLanguageModel(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()
                  if not (k == "lm.lm_head.weight" and self.lm.config.tie_embeddings)}
-        _save_safetensors(state, folder / WEIGHTS)
+        save_safetensors(state, folder / WEIGHTS)
         atomic_write_json(folder / CONFIG, {"llmkit_vlm": self.config.to_dict(), "lm": self.lm.config.to_dict()})
         return folder
 
