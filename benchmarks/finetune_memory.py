@@ -54,9 +54,10 @@ def measure(name: str, model_name: str, batch: int, seq: int, steps: int) -> dic
     from llmkit.config import PRESETS, ModelConfig
     from llmkit.model import Transformer
     from llmkit.peft.lora import LoraConfig, apply_lora, trainable_parameters
-    from llmkit.train.loop import TrainingStep, adamw
+    from llmkit.train.loop import TrainingStep
     from llmkit.train.memory import peak_rss_mb, reset_peak_rss, rss_mb
     from llmkit.train.objectives import causal_lm_loss
+    from llmkit.train.optimizers import adamw
 
     method, bits = METHODS[name]
     release()

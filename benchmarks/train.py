@@ -28,8 +28,8 @@ from provenance import provenance
 
 from llmkit import ModelConfig, Transformer
 from llmkit.speedrun import SpeedrunConfig
-from llmkit.train.loop import adamw
 from llmkit.train.objectives import causal_lm_loss
+from llmkit.train.optimizers import adamw
 
 
 def make_step(model, x, y, hf: bool, amp: torch.dtype | None):

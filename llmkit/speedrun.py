@@ -33,8 +33,9 @@ from llmkit.files import atomic_write_json, atomic_write_text
 from llmkit.model import Transformer
 from llmkit.tokenizer import Tokenizer
 from llmkit.train import pretrain
-from llmkit.train.loop import TrainingStep, adamw, autocast_dtype, resolve_device
+from llmkit.train.loop import TrainingStep, autocast_dtype, resolve_device
 from llmkit.train.objectives import causal_lm_loss
+from llmkit.train.optimizers import adamw
 from llmkit.train.pretrain import PretrainConfig
 
 DEFAULT_PROMPTS = ("The history of the city", "In a statement on Monday, the government", "Scientists have found that")

@@ -37,7 +37,13 @@ TWO = {"tp": dict(tp=2), "sp": dict(tp=2, sp=True), "pp-1f1b": dict(pp=2, pp_mic
        # +-lr, the summation order decides at eps 1e-8 (weights 1.6e-3 apart); 1e-3 damps those updates
        # (measured: losses equal, weights 1.2e-7 apart)
        "moe-tp": dict(tp=2, preset="mixtral-2m", eps=1e-3),
-       "moe-ep": dict(ep=2, preset="mixtral-2m", eps=1e-3)}  # each rank 4 of the 8 experts
+       "moe-ep": dict(ep=2, preset="mixtral-2m", eps=1e-3),  # each rank 4 of the 8 experts
+       # Muon under FSDP2: each matrix gathered, orthogonalised whole, re-sharded. Both ranks read the whole
+       # batch and nothing is clipped, so each gradient is the one process's to the bit (the mean of two equal
+       # ones) and so must the weights be (measured: equal). Split batches or a clip factor from a sharded norm
+       # differ by 1e-7, and torch's Newton-Schulz, in bf16 with a slope of 3.4 at zero, turns that into
+       # flipped roundings: weights 2e-3 apart after 8 steps at Muon's lr 0.02, hiding the step under test
+       "muon-fsdp": dict(dp_shard=2, optimizer="muon", same_batch=True, grad_clip=0.0)}
 EMBEDDINGS = (2 * 512 * 64 + 64) * 4  # bytes of llama-tiny's embedding, LM head and final norm (fp32)
 FOUR = {"tp2xfsdp2": dict(tp=2, dp_shard=2), "tp2xpp2": dict(tp=2, pp=2, pp_microbatches=4),
         "pp2xfsdp2": dict(pp=2, dp_shard=2, pp_microbatches=2)}
@@ -67,13 +73,14 @@ class Batches:
         self.step = state["step"]
 
 
-def _run(out, rank=0, world_size=1, *, stop_at=None, resume=False, model_seed=0, preset="llama-tiny", **sizes):
+def _run(out, rank=0, world_size=1, *, stop_at=None, resume=False, model_seed=0, preset="llama-tiny",
+         same_batch=False, **sizes):
     torch.manual_seed(model_seed)
     model = Transformer(ModelConfig.from_preset(preset))
     config = LoopConfig(max_steps=STEPS, warmup_steps=2, lr=1e-3, save_every=STOP_AT, eval_every=0, progress=False,
                         seed=5, device="cpu", precision="fp32", resume=resume, **sizes)
     layout = parallel.check(config, model.config, world_size, BATCH, CONTEXT) if parallel.active(config) else None
-    reader = parallel.data_slice(layout, rank) if layout else (0, 1)
+    reader = parallel.data_slice(layout, rank) if layout and not same_batch else (0, 1)
     try:
         train(model, causal_lm_loss, Batches(*reader, stop_at=stop_at), config, out)
     except KeyboardInterrupt:
@@ -130,6 +137,7 @@ def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("single")
     model = _run(root / "run")
     _run(root / "mixtral-2m", preset="mixtral-2m", eps=1e-3)
+    _run(root / "muon", optimizer="muon", grad_clip=0.0)
     return root / "run", parallel.parameter_bytes(model)
 
 
@@ -137,7 +145,7 @@ def test_tp_sp_and_pp_on_two_processes_equal_one_process(reference, tmp_path):
     single, single_bytes = reference
     _spawn(tmp_path, TWO, 2)
     for name, sizes in TWO.items():
-        _assert_same_run(single.parent / sizes.get("preset", "run"), tmp_path / name)
+        _assert_same_run(single.parent / sizes.get("preset", sizes.get("optimizer", "run")), tmp_path / name)
     # kill and resume under tp=2 (and pp=2): the same curve as the uninterrupted run, bit for bit
     kept = sorted(p.name for p in (tmp_path / "tp-split" / "checkpoints").iterdir())
     assert kept == ["latest", f"step-{STOP_AT:07d}", f"step-{STEPS:07d}"]

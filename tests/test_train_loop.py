@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from llmkit import ModelConfig, Transformer
 from llmkit.errors import ConfigError
 from llmkit.train import checkpoint
-from llmkit.train.loop import LoopConfig, TrainingDiverged, param_groups, train
+from llmkit.train.loop import LoopConfig, TrainingDiverged, train
 from llmkit.train.objectives import IGNORE_INDEX, causal_lm_loss
+from llmkit.train.optimizers import param_groups
 from llmkit.train.schedules import lr_factor
 
 

@@ -3,8 +3,8 @@ distillation) is a function `(model, batch) -> (loss, metrics)` run by `train`.
 
 Per optimizer step (`TrainingStep`, which the speedrun's calibration times too): `grad_accum`
 micro-batches (forward under autocast, backward of loss / grad_accum), gradient clipping, a NaN/inf
-guard, AdamW with the scheduled learning rate. `train` returns a `TrainResult`, as every recipe
-around it does (theirs with the report they wrote). Around
+guard, the optimizer (AdamW, or Muon with AdamW: `optimizers`) at the scheduled learning rate.
+`train` returns a `TrainResult`, as every recipe around it does (theirs with the report they wrote). Around
 it: periodic evaluation, metrics.jsonl + a tqdm bar, atomic checkpoints with everything needed to
 resume bit-exactly (optimizer, RNG, data position), SIGTERM/SIGINT handling, a wall-clock budget,
 and the same code under torchrun (DDP or FSDP2).
@@ -34,7 +34,7 @@ from llmkit import progress
 from llmkit.analysis.energy import EnergyMeter
 from llmkit.config import ModelConfig
 from llmkit.errors import ConfigError, FormatError, LlmkitError, StorageError
-from llmkit.train import checkpoint, parallel
+from llmkit.train import checkpoint, optimizers, parallel
 from llmkit.train import distributed as dist_
 from llmkit.train.schedules import SCHEDULES, lr_factor
 
@@ -60,7 +60,11 @@ class LoopConfig(parallel.ParallelConfig):
     schedule: str = field(default="cosine", metadata={"help": f"one of {SCHEDULES}"})
     warmup_steps: int = 100
     decay_fraction: float = field(default=0.2, metadata={"help": "wsd: fraction of steps in the cooldown"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay, applied to matrices only"})
+    weight_decay: float = field(default=0.1, metadata={"help": "decay of matrices (never norms or biases)"})
+    optimizer: str = field(default="adamw", metadata={
+        "help": f"one of {optimizers.OPTIMIZERS}; muon: Muon on the blocks' matrices, AdamW on the rest"})
+    muon_lr: float = field(default=0.02, metadata={"help": "Muon's peak learning rate (lr is AdamW's)"})
+    muon_momentum: float = 0.95
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -95,6 +99,11 @@ class LoopConfig(parallel.ParallelConfig):
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.eps > 0):
             raise ConfigError(f"AdamW needs 0 <= beta < 1 and eps > 0, got betas=({self.beta1}, {self.beta2}), "
                               f"eps={self.eps}")
+        if self.optimizer not in optimizers.OPTIMIZERS:
+            raise ConfigError(f"optimizer={self.optimizer!r}; expected one of {optimizers.OPTIMIZERS}")
+        if not (self.muon_lr > 0 and 0 <= self.muon_momentum < 1):
+            raise ConfigError(f"Muon needs muon_lr > 0 and 0 <= muon_momentum < 1, got {self.muon_lr}, "
+                              f"{self.muon_momentum}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ConfigError(f"max_minutes must be positive, got {self.max_minutes}")
 
@@ -131,24 +140,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return None
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices (dim >= 2) only: never on norms' gains or biases. Under tensor parallel,
-    one group per device mesh too (a fused step runs on tensors of one kind: plain, or DTensors of one mesh)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    meshes = list(dict.fromkeys(getattr(p, "device_mesh", None) for p in params))
-    return [{"params": [p for p in params if (p.dim() >= 2) == decay and getattr(p, "device_mesh", None) == mesh],
-             "weight_decay": weight_decay if decay else 0.0} for decay in (True, False) for mesh in meshes]
-
-
-def adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95),
-          eps: float = 1e-8) -> torch.optim.AdamW:
-    """The loop's optimizer: AdamW with decay on matrices only, fused (one kernel for all tensors,
-    5x faster than the per-tensor loop on a 2-core CPU) where torch has the fused kernel."""
-    device = next(model.parameters()).device
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps,
-                             fused=device.type in ("cpu", "cuda"))
 
 
 class TrainingStep:
@@ -278,7 +269,9 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
         model = parallelized.module
     else:
         model = dist_.wrap(model, strategy, world, device)
-    optimizer = adamw(model, config.lr, config.weight_decay, (config.beta1, config.beta2), config.eps)
+    optimizer = optimizers.build(model, config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
+                                 betas=(config.beta1, config.beta2), eps=config.eps, muon_lr=config.muon_lr,
+                                 muon_momentum=config.muon_momentum)
 
     if not config.resume and (earlier := checkpoint.latest(out_dir)) is not None:
         raise ConfigError(f"{out_dir} holds a checkpoint of an earlier run ({earlier.name}); pass --resume to "
@@ -360,10 +353,11 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
     budget_used = 0.0  # fraction of max_minutes spent, the same on every rank
     with _StopSignal() as stop:
         while step < config.max_steps:
-            lr = config.lr * lr_factor(_schedule_step(step, budget_used, config), config.schedule,
-                                       config.warmup_steps, config.max_steps, config.min_lr_ratio, config.decay_fraction)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            factor = lr_factor(_schedule_step(step, budget_used, config), config.schedule, config.warmup_steps,
+                               config.max_steps, config.min_lr_ratio, config.decay_fraction)
+            lr = config.lr * factor
+            for group in optimizer.param_groups:  # each at its own peak (Muon's and AdamW's differ)
+                group["lr"] = group.get("initial_lr", config.lr) * factor
             try:
                 loss_value, grad_norm, extra_sums = training_step(data.next_batch)
             except TrainingDiverged as e:
