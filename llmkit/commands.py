@@ -266,6 +266,7 @@ def export(model: Model, out: Annotated[str, arg("the .gguf file, or the HF fold
     """Write a model as GGUF for llama.cpp (F32/F16/BF16, Q8_0, Q4_0, Q4_1, K-quants) or as an HF folder."""
     if format == "hf":
         lm, tokenizer = load_model(model)
+        lm.config.check_exportable("transformers")
         lm.save_pretrained(out)
         tokenizer.save_pretrained(out)
         print(f"{out}: HF checkpoint, {sum(p.numel() for p in lm.parameters()):,} parameters")

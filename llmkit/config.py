@@ -21,12 +21,12 @@ from llmkit.rope import check_rope_scaling, rope_from_hf, rope_to_hf
 POS_EMBEDDINGS = ("rope", "learned")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 NORMS = ("rmsnorm", "layernorm")
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
 POOLINGS = ("last", "cls", "mean")
 
 # transformers' names for our activations, both directions.
-_HF_ACT = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
-_FROM_HF_ACT = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu",
+_HF_ACT = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu", "relu2": "relu2"}
+_FROM_HF_ACT = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu", "relu2": "relu2",
                 "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
 
 
@@ -66,6 +66,9 @@ class ModelConfig:
     layer_types: list[str] | None = None
     rope_local_theta: float | None = None  # RoPE base of the sliding layers (Gemma-3: 10,000); None: rope_theta
     tie_embeddings: bool = False  # LM head shares the token-embedding matrix
+    # The speedruns' options (modded-nanogpt, nanochat); off by default, so checkpoints load as they are.
+    logit_softcap: float | None = None  # logits = cap * tanh(logits / cap) (Gemma-2's final_logit_softcapping)
+    value_residual: bool = False  # layers > 0 mix their values with layer 0's: v = l*v + (1-l)*v_0, l learned
     dropout: float = 0.0
     init_std: float = 0.02
     bos_token_id: int | None = None
@@ -147,6 +150,10 @@ class ModelConfig:
                 raise ConfigError("layer_types has sliding_attention layers but sliding_window is not set")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.logit_softcap is not None and not self.logit_softcap > 0:
+            raise ConfigError(f"logit_softcap must be positive or None, got {self.logit_softcap!r}")
+        if self.value_residual and not self.causal:
+            raise ConfigError("value_residual is a decoder option (the speedruns'); encoders do not take it")
         if not self.norm_eps > 0:
             raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}")
         if not isinstance(self.num_labels, int) or isinstance(self.num_labels, bool) or self.num_labels < 0:
@@ -229,13 +236,35 @@ class ModelConfig:
     # ---- Hugging Face config.json ----
     @property
     def hf_model_type(self) -> str:
-        """The transformers `model_type` that computes exactly this network (gpt2, llama, qwen2, gemma3_text)."""
+        """The transformers `model_type` that computes exactly this network (gpt2, llama, qwen2, gemma3_text),
+        or, when only llmkit's own options (`llmkit_only`) keep it out, the family it otherwise is: its
+        weights keep that family's names, and config.json says the checkpoint is llmkit's."""
         misfits = {family: _misfits(self, family) for family in HF_FAMILIES}
         for family, wrong in misfits.items():
             if not wrong:
                 return family
+        plain = self.replace(**{k: _DEFAULTS[k] for k in LLMKIT_FIELDS})
+        for family in HF_FAMILIES:
+            if not _misfits(plain, family):
+                return family
         detail = "; ".join(f"{family} needs {', '.join(wrong)}" for family, wrong in misfits.items())
         raise ConfigError(f"no transformers model_type computes this combination of fields: {detail}")
+
+    @property
+    def llmkit_only(self) -> dict[str, Any]:
+        """The fields (of LLMKIT_FIELDS) that no transformers family computes for this config; empty when
+        one computes it all. A checkpoint with any is written as model_type "llmkit" and refused by
+        transformers and by GGUF export, instead of loading without them."""
+        if any(not _misfits(self, family) for family in HF_FAMILIES):
+            return {}
+        return {k: getattr(self, k) for k in LLMKIT_FIELDS if getattr(self, k) != _DEFAULTS[k]}
+
+    def check_exportable(self, target: str) -> None:
+        """Refuse, by name, the fields `target` (transformers, GGUF) has no way to compute."""
+        if extras := self.llmkit_only:
+            raise ConfigError(f"cannot export to {target}: {', '.join(f'{k}={v!r}' for k, v in extras.items())} "
+                              f"{'is' if len(extras) == 1 else 'are'} llmkit's own (the {self.hf_model_type} family "
+                              "has no such layer); this model loads in llmkit only")
 
     def to_hf_config(self) -> dict[str, Any]:
         model_type = self.hf_model_type
@@ -251,6 +280,9 @@ class ModelConfig:
         if self.num_labels:
             hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
             hf["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
+        if extras := self.llmkit_only:  # a model_type transformers does not know: it refuses, not loads it wrong
+            hf = {**hf, "architectures": ["Llmkit" + a for a in hf["architectures"]], "model_type": LLMKIT_MODEL_TYPE,
+                  "llmkit_base_model_type": model_type, "llmkit": extras}
         return hf
 
     def _to_hf_gpt2(self) -> dict[str, Any]:
@@ -299,7 +331,7 @@ class ModelConfig:
                 "query_pre_attn_scalar": round(scalar) if abs(scalar - round(scalar)) < 1e-6 else scalar,
                 "sliding_window": self.sliding_window,
                 "layer_types": [self.layer_type(i) for i in range(self.n_layer)], "attention_bias": False,
-                "final_logit_softcapping": None, "attn_logit_softcapping": None}
+                "final_logit_softcapping": self.logit_softcap, "attn_logit_softcapping": None}
 
     def _to_hf_moe(self) -> dict[str, Any]:
         """The keys mixtral and qwen2_moe share; router_z_loss_coef and router_balance are llmkit's own
@@ -340,6 +372,8 @@ class ModelConfig:
     def from_hf_config(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Build from the contents of a transformers `config.json` (gpt2, llama, qwen2 or gemma3_text)."""
         model_type = hf.get("model_type")
+        if model_type == LLMKIT_MODEL_TYPE:
+            return cls._from_llmkit_config(hf, source)
         architecture = (hf.get("architectures") or [""])[0]
         num_labels = 0
         if architecture.endswith("ForSequenceClassification"):
@@ -360,6 +394,18 @@ class ModelConfig:
                               "which is missing") from None
         config.hf_model_type  # noqa: B018 - refuses a config.json no llmkit family computes
         return config
+
+    @classmethod
+    def _from_llmkit_config(cls, hf: dict[str, Any], source: str) -> ModelConfig:
+        """A family's config.json plus llmkit's own fields (see `to_hf_config`)."""
+        extras, base = hf.get("llmkit"), hf.get("llmkit_base_model_type")
+        if not isinstance(extras, dict) or not isinstance(base, str):
+            raise ConfigError(f"{source}: model_type {LLMKIT_MODEL_TYPE!r} needs 'llmkit_base_model_type' (a "
+                              "transformers model_type) and 'llmkit' (an object of llmkit's own fields)")
+        if unknown := sorted(set(extras) - set(LLMKIT_FIELDS)):
+            raise ConfigError(f"{source}: unknown llmkit field(s) {unknown}; known: {list(LLMKIT_FIELDS)}")
+        config = cls.from_hf_config({**hf, "model_type": base}, source)
+        return config.replace(**extras)
 
     @classmethod
     def _from_hf_gpt2(cls, hf: dict[str, Any], source: str) -> ModelConfig:
@@ -457,11 +503,10 @@ class ModelConfig:
 
     @classmethod
     def _from_hf_gemma3(cls, hf: dict[str, Any], source: str) -> ModelConfig:
-        for key in ("final_logit_softcapping", "attn_logit_softcapping", "attention_bias",
-                    "use_bidirectional_attention"):
+        for key in ("attn_logit_softcapping", "attention_bias", "use_bidirectional_attention"):
             if hf.get(key):
                 raise ConfigError(f"{source}: {key}={hf[key]!r} is not supported for gemma3_text "
-                                  "(llmkit's Gemma-3 has no soft-capping, no attention biases and is causal)")
+                                  "(llmkit's Gemma-3 has no attention soft-capping or biases, and is causal)")
         rope = hf.get("rope_parameters") or {}
         if "full_attention" in rope or "sliding_attention" in rope:  # transformers >= 5: one per layer type
             full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
@@ -478,7 +523,7 @@ class ModelConfig:
                      for i in range(hf["num_hidden_layers"])]
         return cls._from_hf_decoder(
             hf, source, "hidden_activation", _GEMMA3_DEFAULTS, full, rope_local_theta=local["rope_theta"], norm_offset=1.0, qk_norm=True, sandwich_norm=True, embed_scale=True,
-            attn_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
+            attn_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5, logit_softcap=hf.get("final_logit_softcapping"),
             **_hf_layers(types, hf.get("sliding_window", 4096)))
 
 
@@ -518,6 +563,26 @@ class ModelConfig:
                                     **cls._from_hf_moe(hf, source, "num_experts"))
 
 
+def parse_model_options(spec: str) -> dict[str, Any]:
+    """'qk_norm=true,logit_softcap=15' -> {'qk_norm': True, 'logit_softcap': 15}: ModelConfig fields to change
+    from a preset (values read as YAML scalars; the names are checked when the config is built)."""
+    import yaml
+
+    options: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"model option {item!r}: expected FIELD=VALUE (e.g. qk_norm=true), comma-separated")
+        options[name.strip()] = yaml.safe_load(value.strip())
+    return options
+
+
+# Fields of llmkit's own (the speedruns' options; QK-norm outside Gemma-3) that some or no transformers
+# family computes; a checkpoint that needs them is model_type "llmkit" (`ModelConfig.llmkit_only`).
+LLMKIT_FIELDS = ("logit_softcap", "value_residual", "qk_norm")
+LLMKIT_MODEL_TYPE = "llmkit"
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+
 # transformers model_type -> (causal LM class, sequence-classification class)
 HF_FAMILIES = {
     "gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification"),
@@ -537,7 +602,7 @@ _GEMMA3_DEFAULTS = {"rope_theta": 1_000_000.0, "tie_word_embeddings": True, "pad
 
 # The fields each family fixes (field -> required value); the others (sizes, theta, eps, ...) are free.
 _NOT_GEMMA = dict(norm_offset=0.0, qk_norm=False, sandwich_norm=False, embed_scale=False, attn_scale=None,
-                  rope_local_theta=None)
+                  rope_local_theta=None, logit_softcap=None)
 _FAMILY_FIELDS: dict[str, dict[str, Any]] = {
     "gpt2": dict(pos_embedding="learned", norm="layernorm", gated_mlp=False, bias=True, tie_embeddings=True,
                  rope_scaling=None, **_NOT_GEMMA),
@@ -566,6 +631,7 @@ _MOE_FAMILIES = ("mixtral", "qwen2_moe")
 def _misfits(c: ModelConfig, family: str) -> list[str]:
     """What keeps `c` out of `family`, as 'field=wanted (got value)' strings; empty when it fits."""
     fixed = _FAMILY_FIELDS[family] if family in ENCODER_FAMILIES else {**_FAMILY_FIELDS[family], **_DECODER}
+    fixed = {**fixed, "value_residual": False}  # no transformers family mixes in layer 0's values
     wrong = [f"{k}={v!r} (got {getattr(c, k)!r})" for k, v in fixed.items() if getattr(c, k) != v]
     sliding = c.sliding_window is not None and any(c.layer_type(i) == "sliding_attention" for i in range(c.n_layer))
     if (family in _MOE_FAMILIES) != (c.n_experts > 0):

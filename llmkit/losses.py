@@ -89,9 +89,10 @@ def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 @torch.compiler.disable  # tuned eager code (in-place, reused buffers); tracing it only adds copies
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+                         ignore_index: int = IGNORE_INDEX, softcap: float | None = None) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` against `labels` over the positions that are not
-    `ignore_index`, equal to `F.cross_entropy(hidden @ weight.T, labels)` without its logits.
+    `ignore_index`, equal to `F.cross_entropy(hidden @ weight.T, labels)` without its logits; with
+    `softcap`, of the capped logits softcap * tanh(hidden @ weight.T / softcap).
 
     hidden (..., d), weight (vocab, d), labels (...). Under autocast the matmuls run in the autocast
     dtype and the softmax in fp32, as the unfused path does. The gradients are computed in the forward
@@ -110,7 +111,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     grad = torch.is_grad_enabled()
     return _LinearCrossEntropy.apply(hidden, weight, labels, dtype, grad and hidden.requires_grad,
-                                     grad and weight.requires_grad)
+                                     grad and weight.requires_grad, softcap)
 
 
 def _chunk_rows(vocab: int, device: torch.device) -> int:
@@ -122,7 +123,7 @@ def _chunk_rows(vocab: int, device: torch.device) -> int:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, dtype, grad_of_hidden, grad_of_weight):
+    def forward(ctx, hidden, weight, labels, dtype, grad_of_hidden, grad_of_weight, softcap):
         n = hidden.shape[0]
         with torch.autocast(hidden.device.type, enabled=False):
             h = hidden if dtype is None else hidden.to(dtype)
@@ -141,6 +142,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 r = len(y_i)
                 logits = torch.mm(h_i, w.t(), out=low[:r])
                 probs = logits if logits.dtype == exact else scores[:r].copy_(logits)
+                if softcap is not None:  # capped = cap * tanh(z / cap); d capped / dz = 1 - tanh^2
+                    tanh = torch.tanh(probs.div_(softcap))
+                    probs.copy_(tanh).mul_(softcap)
                 target = probs.gather(1, y_i[:, None])
                 peak = probs.amax(1, keepdim=True)
                 probs.sub_(peak).exp_()  # in place, from here on: softmax, then softmax minus one-hot
@@ -150,6 +154,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     continue
                 probs.div_(norm)
                 probs[arange[:r], y_i] -= 1
+                if softcap is not None:
+                    probs.mul_(tanh.square_().neg_().add_(1))
                 grad_logits = probs if w.dtype == exact else low[:r].copy_(probs)
                 if grad_of_hidden and h.dtype == hidden.dtype:
                     torch.mm(grad_logits, w, out=grad_hidden[start:start + rows])
@@ -168,7 +174,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         scale = grad_loss / ctx.n
         grad_hidden, grad_weight = (None if g is None else g * scale.to(g.dtype) for g in ctx.saved_tensors)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 # ---- reward model and direct preference optimisation -----------------------------------------

@@ -219,6 +219,7 @@ class Step:
     start: int | torch.Tensor
     masks: dict[str, tuple[torch.Tensor | None, bool]]
     attentions: list[torch.Tensor] | None = None  # given a list, each layer appends its softmax weights
+    first_values: torch.Tensor | None = None  # layer 0's values, which the others mix in (`value_residual`)
 
 
 def _mask(q_slots: torch.Tensor, k_slots: torch.Tensor, key_valid: torch.Tensor | None, window: int | None):
@@ -261,6 +262,7 @@ _ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
+    "relu2": lambda x: F.relu(x).square(),  # ReLU^2 (Primer; modded-nanogpt's MLP)
 }
 
 
@@ -291,6 +293,10 @@ class Attention(nn.Module):
         self.k_norm = _norm(c, c.head_dim) if c.qk_norm else None
         self.scale = c.attn_scale
         self.dropout = c.dropout
+        # value_residual (ResFormer, modded-nanogpt): layer 0 hands its values on; each later layer uses
+        # v = l*v + (1-l)*v_0 with a learned l per layer
+        self.keeps_values = c.value_residual and layer == 0
+        self.value_mix = nn.Parameter(torch.tensor(0.5)) if c.value_residual and layer > 0 else None
 
     def fuse(self) -> None:
         """Compute q, k and v with one matmul (`qkv_proj`): an inference-time layout of the same weights."""
@@ -311,6 +317,10 @@ class Attention(nn.Module):
         v = v.reshape(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.keeps_values:
+            step.first_values = v
+        elif self.value_mix is not None:
+            v = self.value_mix * v + (1 - self.value_mix) * step.first_values
         if rope_cs is not None:
             q, k = apply_rope(q, *rope_cs), apply_rope(k, *rope_cs)
         if kv_cache is not None:
@@ -448,6 +458,8 @@ class Transformer(nn.Module):
             if p.dim() < 2:
                 if name.endswith("bias"):
                     p.zero_()
+                elif name.endswith("value_mix"):
+                    p.fill_(0.5)  # half its own values, half layer 0's
                 else:
                     p.fill_(1.0 - self.config.norm_offset if self.config.norm == "rmsnorm" else 1.0)  # gains of 1
             else:
@@ -501,15 +513,22 @@ class Transformer(nn.Module):
         hidden = self.hidden_states(input_ids, attention_mask, positions, kv_cache, token_type_ids,
                                     inputs_embeds=inputs_embeds, before_block=before_block)
         if labels is None:
-            return self.lm_head(self._mlm_transform(hidden))
+            return self.logits(hidden)
         if type(self.lm_head) is nn.Linear and self.lm_head.bias is None and not scored_logits:
-            return linear_cross_entropy(hidden, self.lm_head.weight, labels)
+            return linear_cross_entropy(hidden, self.lm_head.weight, labels, softcap=self.config.logit_softcap)
         # A rewritten head (LoRA, quantized) or an MLM head computes its own logits, for the scored positions only.
         scored = labels != IGNORE_INDEX
-        logits = self.lm_head(self._mlm_transform(hidden[scored]))
+        logits = self.logits(hidden[scored])
         if scored_logits:
             return logits
         return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels[scored])
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on hidden states (from `hidden_states`): BERT's MLM transform first if any, and
+        soft-capped, cap * tanh(logits / cap), with `logit_softcap` (Gemma-2, the speedruns)."""
+        logits = self.lm_head(self._mlm_transform(hidden))
+        cap = self.config.logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def _mlm_transform(self, hidden: torch.Tensor) -> torch.Tensor:
         """BertForMaskedLM's transform before the decoder: LayerNorm(act(dense(h))); nothing without an MLM head."""
@@ -588,7 +607,7 @@ class Transformer(nn.Module):
             elif kind == SLIDING:  # a window as long as the cache: mask the slots it has left behind
                 visible = key_mask & (kv_cache.key_slots(layer, slot, 1) > slot - self.config.sliding_window)
             masks[kind] = (visible[:, None, None, :], False)
-        return self.lm_head(self._trunk(input_ids, positions, Step(slot, masks), kv_cache))
+        return self.logits(self._trunk(input_ids, positions, Step(slot, masks), kv_cache))
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings as the first block sees them before positions (Gemma's scale applied)."""

@@ -25,17 +25,16 @@ import torch
 from llmkit import progress
 from llmkit.analysis.accounting import human
 from llmkit.analysis.plots import plot_training_curves
-from llmkit.config import ModelConfig
+from llmkit.config import ModelConfig, parse_model_options
 from llmkit.data.prepare import PrepareConfig, parse_weights, prepare, read_documents
 from llmkit.data.shards import tokenize_prepared
 from llmkit.errors import ConfigError
 from llmkit.files import atomic_write_json, atomic_write_text
 from llmkit.model import Transformer
 from llmkit.tokenizer import Tokenizer
-from llmkit.train import pretrain
+from llmkit.train import optimizers, pretrain
 from llmkit.train.loop import TrainingStep, autocast_dtype, resolve_device
 from llmkit.train.objectives import causal_lm_loss
-from llmkit.train.optimizers import adamw
 from llmkit.train.pretrain import PretrainConfig
 
 DEFAULT_PROMPTS = ("The history of the city", "In a statement on Monday, the government", "Scientists have found that")
@@ -52,11 +51,17 @@ class SpeedrunConfig:
     vocab_size: int = 4096
     model: str = field(default="llama-2m", metadata={"help": "model preset (its vocabulary is the tokenizer's); "
                                                             "chosen by the sweep in docs/speedrun.md"})
+    model_options: str = field(default="", metadata={
+        "help": "FIELD=VALUE,... ModelConfig fields changed from the preset (e.g. qk_norm=true,activation=relu2)"})
     context: int = 256
     batch_size: int = 16
     lr: float = 3e-3
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1
+    schedule: str = field(default="cosine", metadata={"help": "cosine, or wsd (warmup-stable-decay)"})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw, or muon (Muon on the blocks' matrices, "
+                                                              "AdamW on the rest)"})
+    muon_lr: float = field(default=0.02, metadata={"help": "Muon's peak learning rate (lr is AdamW's)"})
     precision: str = field(default="auto", metadata={
         "help": "fp32, bf16 (autocast), or auto: whichever of the two the calibration times faster here "
                 "(bf16 is 1.3x faster on a 2-core EPYC, 0.6x on a 2-core Xeon without AMX)"})
@@ -82,7 +87,7 @@ def _stage(timings: dict, name: str):
 
 def seconds_per_step(model: Transformer, config: SpeedrunConfig, precisions: tuple[str, ...],
                      rounds: int = 5) -> dict[str, float]:
-    """Median time of the loop's own training step (`TrainingStep`: forward, backward, clipping, AdamW)
+    """Median time of the loop's own training step (`TrainingStep`: forward, backward, clipping, the optimizer)
     on random tokens in each precision. Each precision first takes two warm-up steps (compiled, they
     fill inductor's cache, so the real run does not compile from scratch again); then the precisions
     take turns, so that the cold start of a fresh process and a noisy neighbour do not favour either."""
@@ -92,7 +97,8 @@ def seconds_per_step(model: Transformer, config: SpeedrunConfig, precisions: tup
     steps = {}
     for precision in progress.bar(precisions, "compile and warm up" if config.compile else "warm up"):
         probe = Transformer(model.config).to(device).train()
-        step = TrainingStep(probe, causal_lm_loss, adamw(probe, lr=1e-4, weight_decay=0.1), device,
+        optimizer = optimizers.build(probe, config.optimizer, lr=1e-4, weight_decay=0.1, muon_lr=config.muon_lr)
+        step = TrainingStep(probe, causal_lm_loss, optimizer, device,
                             amp_dtype=autocast_dtype(precision, device), compile=config.compile)
         steps[precision] = functools.partial(step, lambda: batch)
         steps[precision]()
@@ -131,7 +137,8 @@ def speedrun(config: SpeedrunConfig) -> Path:
 
     with _stage(timings, "calibrate"):
         torch.manual_seed(config.seed)
-        shape = Transformer(ModelConfig.from_preset(config.model, vocab_size=tokenizer.vocab_size))
+        shape = Transformer(ModelConfig.from_preset(config.model, **{
+            "vocab_size": tokenizer.vocab_size, **parse_model_options(config.model_options)}))
         timed = seconds_per_step(shape, config,
                                  ("fp32", "bf16") if config.precision == "auto" else (config.precision,))
         precision = min(timed, key=timed.get)  # auto: the faster one trains
@@ -154,10 +161,11 @@ def speedrun(config: SpeedrunConfig) -> Path:
         if (run / "train").exists():  # a speedrun is rebuilt whole: data, tokenizer, shards and the training
             shutil.rmtree(run / "train")
         pre = PretrainConfig(
-            model=config.model, data=str(run / "shards"), tokenizer=str(run / "tokenizer"),
+            model=config.model, model_options=config.model_options, data=str(run / "shards"), tokenizer=str(run / "tokenizer"),
             out_dir=str(run / "train"), context=config.context, batch_size=config.batch_size, max_steps=max_steps,
             max_minutes=train_seconds / 60, lr=config.lr, warmup_steps=min(config.warmup_steps, max_steps // 10),
-            min_lr_ratio=config.min_lr_ratio, precision=precision, compile=config.compile,
+            min_lr_ratio=config.min_lr_ratio, schedule=config.schedule, optimizer=config.optimizer,
+            muon_lr=config.muon_lr, precision=precision, compile=config.compile,
             eval_every=config.eval_every,
             eval_batches=config.eval_batches, save_every=0, keep_last=1, seed=config.seed, log_every=10)
         result = pretrain.run(pre)

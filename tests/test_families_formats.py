@@ -160,7 +160,7 @@ def test_transformers_own_configs_read():
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(qk_norm=True), r"llama needs qk_norm=False \(got True\).*gemma3_text needs norm_offset=1.0"),
+    (dict(norm_offset=1.0), r"llama needs norm_offset=0.0 \(got 1.0\).*gemma3_text needs qk_norm=True"),
     (dict(qkv_bias=True), None),  # qwen2: fits
     (dict(sliding_window=8), r"llama needs no sliding_attention layers \(got sliding_window=8\)"),
     (dict(qkv_bias=True, rope_local_theta=1e4), r"qwen2 needs rope_local_theta=None \(got 10000.0\)"),
@@ -176,7 +176,6 @@ def test_hf_model_type_names_the_fields(changes, message):
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("final_logit_softcapping", 30.0, "final_logit_softcapping=30.0 is not supported for gemma3_text"),
     ("attn_logit_softcapping", 50.0, "attn_logit_softcapping=50.0 is not supported"),
     ("use_bidirectional_attention", True, "use_bidirectional_attention=True is not supported"),
     ("model_type", "gemma3", "model_type 'gemma3' is the multimodal Gemma3ForConditionalGeneration"),

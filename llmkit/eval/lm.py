@@ -70,7 +70,7 @@ def _score(model, hidden: torch.Tensor, targets: list[int], lengths: list[int]) 
     target = torch.tensor(targets, device=hidden.device)
     logprob, greedy = [], []
     for s in range(0, len(target), _LOGIT_ROWS):
-        lp = torch.log_softmax(model.lm_head(hidden[s:s + _LOGIT_ROWS]).float(), dim=-1)
+        lp = torch.log_softmax(model.logits(hidden[s:s + _LOGIT_ROWS]).float(), dim=-1)
         t = target[s:s + _LOGIT_ROWS]
         logprob.append(lp.gather(-1, t[:, None])[:, 0])
         greedy.append(lp.argmax(-1) == t)

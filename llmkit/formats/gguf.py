@@ -71,6 +71,7 @@ class GGUFContents:
 
 def gguf_arch(config: ModelConfig) -> str:
     """The llama.cpp architecture that computes `config` (llama, qwen2 or gemma3)."""
+    config.check_exportable("GGUF")
     model_type = config.hf_model_type
     if model_type not in _HF_TO_ARCH:
         raise ConfigError(f"only llama-style models (llama, qwen2, gemma3: rope, rmsnorm, gated MLP) can be written "
@@ -563,6 +564,9 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig, state_dict: dict[st
 
 def _check_expressible(c: ModelConfig, arch: str) -> None:
     """Refuse, by name, what llama.cpp's graph for `arch` would compute differently."""
+    if c.logit_softcap is not None:
+        raise ConfigError(f"GGUF export with logit_softcap={c.logit_softcap} is not supported (llama.cpp's {arch} "
+                          "graph does not cap the logits)")
     if arch == "llama" and c.sliding_window is not None:
         raise ConfigError(f"GGUF export of a {c.hf_model_type} model with sliding_window={c.sliding_window} is not "
                           "supported (llama.cpp's llama attends to every position)")

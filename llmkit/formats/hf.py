@@ -109,6 +109,8 @@ def _decoder_map(c: ModelConfig) -> list[_Entry]:
             E.append(_Entry(f"{h}.self_attn.{name}_proj.weight", (out_dim, in_dim), (f"{o}.attn.{name}_proj.weight",)))
             if name in biased:
                 E.append(_Entry(f"{h}.self_attn.{name}_proj.bias", (out_dim,), (f"{o}.attn.{name}_proj.bias",)))
+        if c.value_residual and i > 0:  # llmkit's own (config.json's model_type is then "llmkit")
+            E.append(_Entry(f"{h}.self_attn.value_mix", (), (f"{o}.attn.value_mix",)))
         if c.n_experts:
             E += _moe_entries(c, h, o)
             continue

@@ -49,7 +49,7 @@ def beam_search(model: Transformer, prompts: list[list[int]], params: SamplingPa
     lp, early = params.length_penalty, params.early_stopping
 
     cache = KVCache(model.config, B, width + max_new, device=device, dtype=model.dtype)
-    logits = model.lm_head(model.hidden_states(ids, mask, kv_cache=cache)[:, -1])
+    logits = model.logits(model.hidden_states(ids, mask, kv_cache=cache)[:, -1])
     rows = torch.arange(B, device=device).repeat_interleave(K)
     cache.reorder(rows)
     logits = logits.index_select(0, rows)

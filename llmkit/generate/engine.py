@@ -352,13 +352,13 @@ class PromptFill:
         ids = torch.tensor([self.prompt[self.done:end]], device=self.model.device)
         hidden = self.model.hidden_states(ids, kv_cache=self.cache)
         if self.echo:
-            logits = self.model.lm_head(hidden)[0]
+            logits = self.model.logits(hidden)[0]
             lps, tops = prompt_logprobs(logits, self.prompt[self.done + 1:end + 1], self.seqs[0].params.logprobs or 0)
             self.logprobs += lps
             self.tops += tops
             last = logits[-1:]
         else:
-            last = self.model.lm_head(hidden[:, -1])
+            last = self.model.logits(hidden[:, -1])
         self.done = end
         if end < len(self.prompt):
             return None
@@ -392,7 +392,7 @@ def prefill(model: Transformer, prompts: list[list[int]], seqs: list[Sequence], 
     hidden = model.hidden_states(ids, mask, kv_cache=cache)
     echo = seqs[0].params.echo
     if echo:
-        full = model.lm_head(hidden)
+        full = model.logits(hidden)
         k = seqs[0].params.logprobs or 0
         for p, prompt in enumerate(prompts):
             lps, tops = prompt_logprobs(full[p, ids.shape[1] - len(prompt):], prompt[1:], k)
@@ -400,7 +400,7 @@ def prefill(model: Transformer, prompts: list[list[int]], seqs: list[Sequence], 
                 s.out.prompt_logprobs, s.out.prompt_top_logprobs = [None, *lps], [None, *tops]
         logits = full[:, -1]
     else:
-        logits = model.lm_head(hidden[:, -1])
+        logits = model.logits(hidden[:, -1])
     if n > 1:
         expand = torch.arange(len(prompts), device=model.device).repeat_interleave(n)
         cache.reorder(expand)

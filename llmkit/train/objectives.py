@@ -187,7 +187,7 @@ def response_forward(model: Transformer, batch: dict) -> tuple[torch.Tensor, tor
     hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])
     before = (batch["positions"] - 1).clamp(min=0)
     h = hidden.gather(1, before[..., None].expand(-1, -1, hidden.shape[-1]))
-    logits = model.lm_head(h)
+    logits = model.logits(h)
     values = model.score(h)[..., 0].float() if model.score is not None else torch.zeros(h.shape[:2])
     return token_logps(logits, batch["responses"]), values, logits
 

@@ -324,7 +324,7 @@ class PipelineStageModule(nn.Module):
             block = m.blocks[i]
             x = block(x, ropes.get(block.attn.kind), step, None)
         if self.last:
-            return m.lm_head(m.norm(x))
+            return m.logits(m.norm(x))
         return x
 
 

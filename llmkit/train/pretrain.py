@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from llmkit.analysis.plots import expert_load_band, plot_expert_load
-from llmkit.config import PRESETS, ModelConfig
+from llmkit.config import PRESETS, ModelConfig, parse_model_options
 from llmkit.data.collate import IGNORE_INDEX
 from llmkit.data.masking import MaskedBatches
 from llmkit.data.shards import META, ShardLoader, read_meta
@@ -35,6 +35,8 @@ from llmkit.train.report import run_summary, write_report
 @dataclass
 class PretrainConfig(LoopConfig):
     model: str = field(default="llama-4m", metadata={"help": "a preset name or a checkpoint folder to continue"})
+    model_options: str = field(default="", metadata={
+        "help": "FIELD=VALUE,... ModelConfig fields changed from the preset (e.g. qk_norm=true,activation=relu2)"})
     data: str = field(default="", metadata={"help": "token shards: a folder with train/ (and val/) shard folders"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder copied into checkpoints "
                                                                   "(default: DATA/tokenizer if present)"})
@@ -62,13 +64,17 @@ def train_and_val_dirs(data: str | Path) -> tuple[Path, Path | None]:
 
 
 def build_model(config: PretrainConfig, vocab_size: int) -> Transformer:
+    options = parse_model_options(config.model_options)
     if Path(config.model).is_dir():
+        if options:
+            raise ConfigError(f"model_options={config.model_options!r} with a checkpoint folder: they change a "
+                              "preset's shape, and a trained checkpoint keeps its own")
         model = Transformer.from_pretrained(config.model, dtype=torch.float32)
         if vocab_size > model.config.vocab_size:
             raise ConfigError(f"the shards use {vocab_size} token ids but {config.model} has a vocabulary of "
                               f"{model.config.vocab_size}")
     elif config.model in PRESETS:
-        model = Transformer(ModelConfig.from_preset(config.model, vocab_size=vocab_size))
+        model = Transformer(ModelConfig.from_preset(config.model, **{"vocab_size": vocab_size, **options}))
     else:
         raise ConfigError(f"model {config.model!r} is neither a checkpoint folder nor a preset; presets: "
                           f"{sorted(PRESETS)}")
