@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from llmkit.analysis.scaling import Chinchilla, fit_chinchilla, fit_power_law, frontier
+from llmkit.analysis.scaling import Chinchilla, fit_chinchilla, fit_power_law, fit_rows, frontier
 from llmkit.errors import DataError
 
 # Multiplicative noise of 0.2 % (a validation loss measured on a few hundred thousand tokens is about
@@ -41,6 +41,27 @@ def test_chinchilla_fit_recovers_hoffmanns_law():
     assert fit.alpha == pytest.approx(0.34, rel=0.01)
     assert fit.beta == pytest.approx(0.28, rel=0.01)
     assert fit.E == pytest.approx(1.69, rel=0.05)  # E trades off against A and B: looser, as in the paper
+
+
+def test_each_law_takes_its_papers_parameter_count():
+    """Rows with N (non-embedding) and N_total: Chinchilla's L(N, D) is fitted on N_total and Kaplan's L(N)
+    on N, so data generated with each law in its own count gives back both exponents."""
+    true = Chinchilla(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
+    N_total, D = (g.ravel() for g in np.meshgrid(np.geomspace(1e5, 3e6, 6), np.geomspace(1e6, 1e8, 4)))
+    embedding = 6e4  # 60 % of the smallest model, as in the sweep
+    rows = [{"N": n - embedding, "N_total": n, "D": d, "C": 6 * (n - embedding) * d}
+            for n, d in zip(N_total, D, strict=True)]
+    loss = noisy(true(N_total, D), seed=2)  # the data of test_chinchilla_fit_recovers_hoffmanns_law
+    for row, value in zip(rows, loss, strict=True):
+        row["val_loss"] = float(value)
+    result = fit_rows(rows, bootstrap=0)
+    assert result["fits"]["L(N,D)"]["alpha"] == pytest.approx(0.34, rel=0.01)
+    assert result["fits"]["L(N,D)"]["beta"] == pytest.approx(0.28, rel=0.01)
+    assert result["compute_optimal"]["C"] == max(6 * r["N_total"] * r["D"] for r in rows)
+    sizes = np.geomspace(1e5, 1e8, 10)
+    kaplan = [{"N": n, "D": 1e9, "C": 6e9 * n, "val_loss": float(v), "N_total": n * 10}
+              for n, v in zip(sizes, noisy((8.8e13 / sizes) ** 0.076), strict=True)]
+    assert fit_rows(kaplan, bootstrap=0)["fits"]["L(N)"]["alpha"] == pytest.approx(0.076, rel=0.01)
 
 
 def test_compute_optimal_equals_a_brute_force_search():

@@ -205,20 +205,21 @@ def plot_scaling(rows: list[dict], result: dict, out: str | os.PathLike) -> Path
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from llmkit.analysis.scaling import Chinchilla, PowerLaw, frontier
+    from llmkit.analysis.scaling import Chinchilla, PowerLaw, frontier, total_parameters
 
     N, D, C, loss = (np.array([float(r[k]) for r in rows]) for k in ("N", "D", "C", "val_loss"))
+    N_total = total_parameters(rows)  # Chinchilla's N
     fits = result["fits"]
     chin = Chinchilla(**fits["L(N,D)"]) if fits.get("L(N,D)") else None
     fig, axes = plt.subplots(2, 2, figsize=(11, 8.5))
     ax_n, ax_d, ax_c, ax_opt = axes.ravel()
     colours = plt.cm.viridis(np.linspace(0, 0.9, len(np.unique(D))))
-    n_line = np.geomspace(N.min() / 1.5, N.max() * 1.5, 100)
     for colour, d in zip(colours, np.unique(D), strict=True):
-        at = D == d
+        at = np.flatnonzero(D == d)
+        at = at[np.argsort(N[at])]
         ax_n.plot(N[at], loss[at], "o", color=colour, label=f"D = {d:.3g}")
-        if chin:
-            ax_n.plot(n_line, chin(n_line, d), "-", color=colour, alpha=0.6)
+        if chin:  # L(N, D) at each size's total parameters, drawn at its non-embedding N
+            ax_n.plot(N[at], chin(N_total[at], d), "-", color=colour, alpha=0.6)
     for name, ax, x, label in (("L(N)", ax_n, N, "N (non-embedding parameters)"), ("L(D)", ax_d, D, "D (tokens)"),
                                ("L(C)", ax_c, C, "C = 6ND (FLOPs)")):
         if ax is not ax_n:
@@ -231,14 +232,15 @@ def plot_scaling(rows: list[dict], result: dict, out: str | os.PathLike) -> Path
     edge = frontier(C, loss)
     ax_c.plot(C[edge], loss[edge], "s", color="tab:red", label="compute frontier")
     if chin:
-        budgets = np.geomspace(C.min() / 3, C.max() * 30, 50)
+        C_total = 6 * N_total * D
+        budgets = np.geomspace(C_total.min() / 3, C_total.max() * 30, 50)
         opt = [chin.compute_optimal(c) for c in budgets]
         ax_opt.plot(budgets, [o["N"] for o in opt], label="N_opt (parameters)")
         ax_opt.plot(budgets, [o["D"] for o in opt], label="D_opt (tokens)")
         ax_opt.plot(budgets, [20 * np.sqrt(c / 120) for c in budgets], ":", color="tab:gray",
                     label="D = 20 N (Chinchilla's rule)")
-        ax_opt.plot(C, D, "o", color="tab:gray", alpha=0.4, label="the sweep's runs (D)")
-        ax_opt.set(xscale="log", yscale="log", xlabel="C (FLOPs)", ylabel="count",
+        ax_opt.plot(C_total, D, "o", color="tab:gray", alpha=0.4, label="the sweep's runs (D)")
+        ax_opt.set(xscale="log", yscale="log", xlabel="C = 6·N·D, all parameters (FLOPs)", ylabel="count",
                    title=f"compute-optimal: α = {chin.alpha:.3f}, β = {chin.beta:.3f}")
     else:
         ax_opt.text(0.5, 0.5, "L(N, D) needs at least 5 runs", ha="center", va="center", transform=ax_opt.transAxes)

@@ -2,6 +2,11 @@
 Chinchilla's L(N, D) = E + A/N^α + B/D^β (Hoffmann et al. 2022, approach 3), with bootstrap
 intervals and the compute-optimal N and D for a budget C = 6ND.
 
+Which N: Kaplan's laws count non-embedding parameters (their C = 6ND too), Hoffmann's count every
+parameter (the rows' `N_total`); each law is fitted with its own paper's N, since at small sizes the
+embeddings are much of the model and the two counts give different exponents (Pearce and Song 2024
+trace most of the papers' disagreement to this).
+
 Chinchilla's fit, as the paper does it: minimise the Huber loss (δ = 1e-3) between the log of the
 predicted and the observed loss, the prediction written as a log-sum-exp of (a - α log N,
 b - β log D, e) with A = e^a, B = e^b, E = e^e, by L-BFGS from the best points of the paper's grid of
@@ -216,9 +221,16 @@ def _best_per(key: np.ndarray, loss: np.ndarray) -> np.ndarray:
     return np.array([min(np.flatnonzero(key == k), key=lambda i: loss[i]) for k in np.unique(key)], dtype=int)
 
 
-def _fits(N, D, C, loss, init: dict[str, Any] | None = None) -> dict[str, Any]:
+def total_parameters(rows: list[dict[str, Any]]) -> np.ndarray:
+    """Each run's parameter count as Chinchilla counts it: all of them (`N_total`), or `N` for rows
+    written without it."""
+    return np.array([float(r.get("N_total", r["N"])) for r in rows])
+
+
+def _fits(N, D, C, loss, N_total, init: dict[str, Any] | None = None) -> dict[str, Any]:
     """L(N): each size at its best budget; L(D): each budget at its best size; L(C): the compute
-    frontier (Kaplan's C_min); L(N, D): every run. `init`: the full data's fits, to start from."""
+    frontier (Kaplan's C_min), all with non-embedding N; L(N, D): every run, with all parameters
+    (`N_total`). `init`: the full data's fits, to start from."""
     init = init or {}
     fits: dict[str, Any] = {}
     n_i, d_i, c_i = _best_per(N, loss), _best_per(D, loss), frontier(C, loss)
@@ -226,18 +238,20 @@ def _fits(N, D, C, loss, init: dict[str, Any] | None = None) -> dict[str, Any]:
         start = PowerLaw(**init[name]) if init.get(name) else None
         fits[name] = asdict(fit_power_law(x[idx], loss[idx], init=start)) if len(idx) >= 3 else None
     start = Chinchilla(**init["L(N,D)"]) if init.get("L(N,D)") else None
-    fits["L(N,D)"] = asdict(fit_chinchilla(N, D, loss, init=start)) if len(N) >= 5 else None
+    fits["L(N,D)"] = asdict(fit_chinchilla(N_total, D, loss, init=start)) if len(N) >= 5 else None
     return fits
 
 
 def fit_rows(rows: list[dict[str, Any]], budget: float | None = None, bootstrap: int = 100,
              seed: int = 0) -> dict[str, Any]:
     """Every fit of the rows, each exponent with a 95 % bootstrap interval (rows resampled with
-    replacement, every fit redone), and the compute-optimal N, D for `budget` (default: the largest C)."""
+    replacement, every fit redone), and the compute-optimal N, D (all parameters) for `budget` (default:
+    the sweep's largest 6 N_total D)."""
     if len(rows) < 3:
         raise DataError(f"the sweep has {len(rows)} finished runs; a fit needs at least 3 (5 for L(N, D))")
     N, D, C, loss = (np.array([float(r[k]) for r in rows]) for k in ("N", "D", "C", "val_loss"))
-    fits = _fits(N, D, C, loss)
+    N_total = total_parameters(rows)
+    fits = _fits(N, D, C, loss, N_total)
     rng = np.random.default_rng(seed)
     samples: dict[str, list[float]] = {}
     for _ in range(bootstrap):
@@ -245,7 +259,7 @@ def fit_rows(rows: list[dict[str, Any]], budget: float | None = None, bootstrap:
         if len(np.unique(N[pick])) < 3 or len(np.unique(D[pick])) < 2:
             continue
         try:
-            again = _fits(N[pick], D[pick], C[pick], loss[pick], init=fits)
+            again = _fits(N[pick], D[pick], C[pick], loss[pick], N_total[pick], init=fits)
         except DataError:
             continue
         for name, fit in again.items():
@@ -253,12 +267,13 @@ def fit_rows(rows: list[dict[str, Any]], budget: float | None = None, bootstrap:
                 samples.setdefault(f"{name}.{k}", []).append(v)
     intervals = {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
                  for k, v in samples.items() if len(v) >= 10}
-    budget = budget or float(C.max())
+    budget = budget or float((6 * N_total * D).max())
     if budget <= 0:
         raise ConfigError(f"budget={budget}; expected a positive number of FLOPs")
     optimal = Chinchilla(**fits["L(N,D)"]).compute_optimal(budget) if fits["L(N,D)"] else None
     return {"runs": len(rows), "fits": fits, "bootstrap": {"resamples": bootstrap, "intervals_95": intervals},
-            "compute_optimal": optimal, "published": {"kaplan": KAPLAN, "hoffmann": HOFFMANN}}
+            "compute_optimal": optimal, "published": {"kaplan": KAPLAN, "hoffmann": HOFFMANN},
+            "parameters": {"L(N), L(C)": "non-embedding (Kaplan)", "L(N,D), compute-optimal": "all (Hoffmann)"}}
 
 
 def render_fit(result: dict[str, Any]) -> str:
@@ -285,7 +300,9 @@ def render_fit(result: dict[str, Any]) -> str:
                      f"β = {HOFFMANN['beta']} (Hoffmann) |")
     o = result["compute_optimal"]
     if o:
-        lines += ["", f"Compute-optimal for C = {o['C']:.3g} FLOPs: N = {o['N']:.4g} parameters, D = {o['D']:.4g} "
+        lines += ["", "N is non-embedding parameters in L(N) and L(C) (C = 6ND, as Kaplan), all parameters in "
+                      "L(N, D) and below (as Hoffmann).",
+                  "", f"Compute-optimal for C = 6·N·D = {o['C']:.3g} FLOPs: N = {o['N']:.4g} parameters, D = {o['D']:.4g} "
                       f"tokens, {o['tokens_per_parameter']:.1f} tokens per parameter (Chinchilla: ~20), "
                       f"predicted loss {o['loss']:.4f}."]
     return "\n".join(lines) + "\n"
