@@ -147,3 +147,11 @@ def test_pretrain_takes_the_options_on_a_preset(tmp_path):
     model.save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match="with a checkpoint folder"):
         build_model(PretrainConfig(model=str(tmp_path), model_options="qk_norm=true"), 300)
+
+
+def test_value_residual_refuses_pipeline_stages():
+    from llmkit.train import parallel
+
+    config = ModelConfig.from_preset("llama-tiny", value_residual=True)
+    with pytest.raises(ConfigError, match="value_residual .every layer reads layer 0's values"):
+        parallel.check(parallel.ParallelConfig(pp=2), config, 2)

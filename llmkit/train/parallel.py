@@ -135,7 +135,9 @@ def check(config: ParallelConfig, model: ModelConfig, world_size: int, batch_siz
                "a mixture of experts (the router's auxiliary loss spans the stages)" if model.n_experts else
                "an encoder or classifier" if not model.causal or model.num_labels or model.post_norm else
                "learned/type positions or an embedding norm" if model.pos_embedding != "rope" or model.type_vocab_size
-               or model.embed_norm else None)
+               or model.embed_norm else
+               "value_residual (every layer reads layer 0's values, which live on the first stage)"
+               if model.value_residual else None)
         if why:
             raise ConfigError(f"parallelism: pp is built for untied rotary decoder LMs; this model has {why}")
         if batch_size is not None and batch_size % microbatches:
