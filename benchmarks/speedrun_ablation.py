@@ -84,7 +84,8 @@ def render(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms (default: all)")
-    parser.add_argument("--combine", default="", help="NAME=ARM+ARM+...: also run these arms' changes together")
+    parser.add_argument("--combine", action="append", default=[],
+                        help="NAME=ARM+ARM+...: also run these arms' changes together (repeatable)")
     parser.add_argument("--budget-minutes", type=float, default=10.0)
     parser.add_argument("--parallel", type=int, default=2, help="arms at a time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per arm")
@@ -103,8 +104,8 @@ def main() -> None:
         return
     arms = {a: ARMS[a][1] for a in args.arms.split(",") if a}
     combined = {}
-    if args.combine:
-        name, parts = args.combine.split("=", 1)
+    for spec in args.combine:
+        name, parts = spec.split("=", 1)
         options = [ARMS[p][1] for p in parts.split("+")]
         flags, model_options = [], []
         for f in options:
@@ -122,6 +123,8 @@ def main() -> None:
     result = {"benchmark": "speedrun_ablation", **provenance("benchmarks/speedrun_ablation.py"),
               "budget_minutes": args.budget_minutes, "arms_at_once": args.parallel, "threads_per_arm": args.threads,
               "precision": "fp32", "flags": arms, "combined": combined, "arms": {**earlier, **rows}}
+    result["combined"] = {**(json.loads(out.read_text()).get("combined", {}) if out.is_file() else {}), **combined}
+    result["flags"] = {**(json.loads(out.read_text()).get("flags", {}) if out.is_file() else {}), **arms}
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(render(result))
 
