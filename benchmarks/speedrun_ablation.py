@@ -42,7 +42,11 @@ ARMS = {
     "softcap": ("logits soft-capped at 15", ["--model-options", "logit_softcap=15"]),
     "value-residual": ("value residual: layers mix in layer 0's values", ["--model-options", "value_residual=true"]),
     "wsd": ("warmup-stable-decay schedule (last 20 % decays)", ["--schedule", "wsd"]),
+    # not arms of their own (see --combine): a knob of one of the above
+    "muon-lr-0.04": ("Muon at lr 0.04", ["--optimizer", "muon", "--muon-lr", "0.04"]),
+    "llama-4m": ("llama-4m (3.1M parameters) instead of llama-2m (1.3M)", ["--model", "llama-4m"]),
 }
+DEFAULT_ARMS = ("default", "muon", "qk-norm", "relu2", "untied", "softcap", "value-residual", "wsd")
 
 
 def run_arm(name: str, flags: list[str], budget: float, threads: int, runs: Path) -> dict:
@@ -83,7 +87,8 @@ def render(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms (default: all)")
+    parser.add_argument("--arms", default=",".join(DEFAULT_ARMS), help="comma-separated arms (default: the techniques "
+                                                                         "one at a time and the default)")
     parser.add_argument("--combine", action="append", default=[],
                         help="NAME=ARM+ARM+...: also run these arms' changes together (repeatable)")
     parser.add_argument("--budget-minutes", type=float, default=10.0)
