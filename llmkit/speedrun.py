@@ -51,16 +51,17 @@ class SpeedrunConfig:
     vocab_size: int = 4096
     model: str = field(default="llama-2m", metadata={"help": "model preset (its vocabulary is the tokenizer's); "
                                                             "chosen by the sweep in docs/speedrun.md"})
-    model_options: str = field(default="", metadata={
-        "help": "FIELD=VALUE,... ModelConfig fields changed from the preset (e.g. qk_norm=true,activation=relu2)"})
+    model_options: str = field(default="qk_norm=true,tie_embeddings=false,value_residual=true", metadata={
+        "help": "FIELD=VALUE,... ModelConfig fields changed from the preset (the default: the ablation's best, "
+                "docs/speedrun.md; '' for the plain preset)"})
     context: int = 256
     batch_size: int = 16
     lr: float = 3e-3
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1
-    schedule: str = field(default="cosine", metadata={"help": "cosine, or wsd (warmup-stable-decay)"})
-    optimizer: str = field(default="adamw", metadata={"help": "adamw, or muon (Muon on the blocks' matrices, "
-                                                              "AdamW on the rest)"})
+    schedule: str = field(default="wsd", metadata={"help": "wsd (warmup-stable-decay) or cosine"})
+    optimizer: str = field(default="muon", metadata={"help": "muon (Muon on the blocks' matrices, AdamW on the "
+                                                             "rest) or adamw"})
     muon_lr: float = field(default=0.02, metadata={"help": "Muon's peak learning rate (lr is AdamW's)"})
     precision: str = field(default="auto", metadata={
         "help": "fp32, bf16 (autocast), or auto: whichever of the two the calibration times faster here "
