@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads or config.threads:
         torch.set_num_threads(args.threads or config.threads)
     per_step = config.batch_size * config.context
-    timing = SpeedrunConfig(batch_size=config.batch_size, context=config.context, compile=False)
+    timing = SpeedrunConfig(batch_size=config.batch_size, context=config.context, compile=False,
+                            optimizer="adamw")  # the sweep trains with AdamW
     load_before = os.getloadavg()
     sizes = {}
     for size in tqdm(config.sizes, desc="timing sizes", unit="size"):

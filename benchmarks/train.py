@@ -8,6 +8,9 @@ from the hidden states without materialising the logits. The systems take turns 
 rounds so that the noise of a shared machine hits them alike; tokens/s come from the median step.
 Prints JSON (tokens/s of each and the ratio) and writes benchmarks/results/train.json.
 
+The model is the speedrun's preset in its plain shape: the speedrun's default options (value residual,
+QK-norm on a Llama) have no transformers counterpart to compare with.
+
     python benchmarks/train.py              # the speedrun's model and batch: fp32 and bf16, eager and compiled
     python benchmarks/train.py --preset llama-8m --vocab-size 0 --batch 8 --out benchmarks/results/train_llama-8m.json
 """
