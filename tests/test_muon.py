@@ -4,7 +4,7 @@ one: tests/test_parallel.py, run "muon-fsdp".)"""
 
 import pytest
 import torch
-from test_train_loop import RandomWindows, quiet, text_tokens, tiny_model
+from test_train_loop import RandomWindows, StopAfter6, quiet, text_tokens, tiny_model
 
 from llmkit.errors import ConfigError
 from llmkit.train import checkpoint, optimizers
@@ -63,13 +63,6 @@ def test_muon_trains_and_resumes_bit_for_bit(tmp_path):
                  quiet(max_steps=12, warmup_steps=3, **muon), tmp_path / "full")
     losses = [r["loss"] for r in full.history if "loss" in r]
     assert losses[-1] < losses[0] - 1.0
-
-    class StopAfter6(RandomWindows):
-        def next_batch(self):
-            if getattr(self, "served", 0) == 6:
-                raise KeyboardInterrupt  # the run dies right after checkpoint 6
-            self.served = getattr(self, "served", 0) + 1
-            return super().next_batch()
 
     config = LoopConfig(max_steps=12, warmup_steps=3, save_every=6, eval_every=0, progress=False, **muon)
     with pytest.raises(KeyboardInterrupt):

@@ -182,19 +182,22 @@ def test_bad_loop_config_fails_before_any_compute(tmp_path, changes, message):
         train(tiny_model(), never, RandomWindows(text_tokens(), 1, 8), quiet(**changes), tmp_path)
 
 
+class StopAfter6(RandomWindows):
+    """RandomWindows that die when asked for a 7th batch: right after a checkpoint at step 6."""
+
+    def next_batch(self):
+        if getattr(self, "served", 0) == 6:
+            raise KeyboardInterrupt
+        self.served = getattr(self, "served", 0) + 1
+        return super().next_batch()
+
+
 def test_resume_continues_exactly_in_process(tmp_path):
     tokens = text_tokens()
     full = train(tiny_model(), causal_lm_loss, RandomWindows(tokens, 4, 32),
                  quiet(max_steps=12, warmup_steps=3), tmp_path / "full")
     # First half: a run that stops at step 6 with the same 12-step schedule, then a resumed one.
     cfg = LoopConfig(max_steps=12, warmup_steps=3, save_every=6, eval_every=0, progress=False)
-
-    class StopAfter6(RandomWindows):
-        def next_batch(self):
-            if getattr(self, "served", 0) == 6:
-                raise KeyboardInterrupt  # the run dies right after checkpoint 6
-            self.served = getattr(self, "served", 0) + 1
-            return super().next_batch()
 
     with pytest.raises(KeyboardInterrupt):
         train(tiny_model(), causal_lm_loss, StopAfter6(tokens, 4, 32), cfg, tmp_path / "split")
