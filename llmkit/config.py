@@ -239,15 +239,10 @@ class ModelConfig:
         """The transformers `model_type` that computes exactly this network (gpt2, llama, qwen2, gemma3_text),
         or, when only llmkit's own options (`llmkit_only`) keep it out, the family it otherwise is: its
         weights keep that family's names, and config.json says the checkpoint is llmkit's."""
-        misfits = {family: _misfits(self, family) for family in HF_FAMILIES}
-        for family, wrong in misfits.items():
-            if not wrong:
-                return family
-        plain = self.replace(**{k: _DEFAULTS[k] for k in LLMKIT_FIELDS})
-        for family in HF_FAMILIES:
-            if not _misfits(plain, family):
-                return family
-        detail = "; ".join(f"{family} needs {', '.join(wrong)}" for family, wrong in misfits.items())
+        found = _family(self)
+        if found is not None:
+            return found[0]
+        detail = "; ".join(f"{family} needs {', '.join(_misfits(self, family))}" for family in HF_FAMILIES)
         raise ConfigError(f"no transformers model_type computes this combination of fields: {detail}")
 
     @property
@@ -255,9 +250,8 @@ class ModelConfig:
         """The fields (of LLMKIT_FIELDS) that no transformers family computes for this config; empty when
         one computes it all. A checkpoint with any is written as model_type "llmkit" and refused by
         transformers and by GGUF export, instead of loading without them."""
-        if any(not _misfits(self, family) for family in HF_FAMILIES):
-            return {}
-        return {k: getattr(self, k) for k in LLMKIT_FIELDS if getattr(self, k) != _DEFAULTS[k]}
+        found = _family(self)
+        return found[1] if found is not None else {}
 
     def check_exportable(self, target: str) -> None:
         """Refuse, by name, the fields `target` (transformers, GGUF) has no way to compute."""
@@ -581,7 +575,6 @@ def parse_model_options(spec: str) -> dict[str, Any]:
 # family computes; a checkpoint that needs them is model_type "llmkit" (`ModelConfig.llmkit_only`).
 LLMKIT_FIELDS = ("logit_softcap", "value_residual", "qk_norm")
 LLMKIT_MODEL_TYPE = "llmkit"
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 # transformers model_type -> (causal LM class, sequence-classification class)
 HF_FAMILIES = {
@@ -628,10 +621,29 @@ _DECODER = dict(causal=True, post_norm=False, type_vocab_size=0, embed_norm=Fals
 _MOE_FAMILIES = ("mixtral", "qwen2_moe")
 
 
+def _fixed(family: str) -> dict[str, Any]:
+    """The field values `family` requires."""
+    fixed = _FAMILY_FIELDS[family] if family in ENCODER_FAMILIES else {**_FAMILY_FIELDS[family], **_DECODER}
+    return {**fixed, "value_residual": False}  # no transformers family mixes in layer 0's values
+
+
+def _family(c: ModelConfig) -> tuple[str, dict[str, Any]] | None:
+    """(the family that computes `c`, {}), or else (the family that computes it but for some LLMKIT_FIELDS,
+    those fields' values), or None. Each family is asked only for the LLMKIT_FIELDS it fixes (Gemma-3 keeps
+    its QK-norm and takes any soft-cap)."""
+    for family in HF_FAMILIES:
+        if not _misfits(c, family):
+            return family, {}
+    for family in HF_FAMILIES:
+        differ = {k: v for k, v in _fixed(family).items() if k in LLMKIT_FIELDS and getattr(c, k) != v}
+        if differ and not _misfits(c.replace(**differ), family):
+            return family, {k: getattr(c, k) for k in LLMKIT_FIELDS if k in differ}
+    return None
+
+
 def _misfits(c: ModelConfig, family: str) -> list[str]:
     """What keeps `c` out of `family`, as 'field=wanted (got value)' strings; empty when it fits."""
-    fixed = _FAMILY_FIELDS[family] if family in ENCODER_FAMILIES else {**_FAMILY_FIELDS[family], **_DECODER}
-    fixed = {**fixed, "value_residual": False}  # no transformers family mixes in layer 0's values
+    fixed = _fixed(family)
     wrong = [f"{k}={v!r} (got {getattr(c, k)!r})" for k, v in fixed.items() if getattr(c, k) != v]
     sliding = c.sliding_window is not None and any(c.layer_type(i) == "sliding_attention" for i in range(c.n_layer))
     if (family in _MOE_FAMILIES) != (c.n_experts > 0):

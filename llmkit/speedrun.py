@@ -25,7 +25,6 @@ import torch
 from llmkit import progress
 from llmkit.analysis.accounting import human
 from llmkit.analysis.plots import plot_training_curves
-from llmkit.config import ModelConfig, parse_model_options
 from llmkit.data.prepare import PrepareConfig, parse_weights, prepare, read_documents
 from llmkit.data.shards import tokenize_prepared
 from llmkit.errors import ConfigError
@@ -138,8 +137,8 @@ def speedrun(config: SpeedrunConfig) -> Path:
 
     with _stage(timings, "calibrate"):
         torch.manual_seed(config.seed)
-        shape = Transformer(ModelConfig.from_preset(config.model, **{
-            "vocab_size": tokenizer.vocab_size, **parse_model_options(config.model_options)}))
+        shape = pretrain.build_model(PretrainConfig(model=config.model, model_options=config.model_options),
+                                     tokenizer.vocab_size)
         timed = seconds_per_step(shape, config,
                                  ("fp32", "bf16") if config.precision == "auto" else (config.precision,))
         precision = min(timed, key=timed.get)  # auto: the faster one trains

@@ -125,6 +125,7 @@ def test_tiny_sweep_writes_rows_resumes_and_fits(shakespeare_shards, tmp_path, c
     assert main(["scaling", "fit", str(tmp_path), "--bootstrap", "20"]) == 0
     fit = json.loads((tmp_path / "fit.json").read_text())
     assert fit["runs"] == 6 and fit["fits"]["L(N,D)"]["alpha"] > 0
+    assert fit["command"] == f"llmkit scaling fit {tmp_path} --bootstrap 20 --seed 0" and fit["recorded"]["date"]
     # the budget: the sweep's largest C counted with all parameters, as Chinchilla's N is
     assert fit["compute_optimal"]["N"] * fit["compute_optimal"]["D"] * 6 == \
         pytest.approx(max(6 * r["N_total"] * r["D"] for r in again))

@@ -155,3 +155,18 @@ def test_value_residual_refuses_pipeline_stages():
     config = ModelConfig.from_preset("llama-tiny", value_residual=True)
     with pytest.raises(ConfigError, match="value_residual .every layer reads layer 0's values"):
         parallel.check(parallel.ParallelConfig(pp=2), config, 2)
+
+
+def test_a_gemma3_with_a_value_residual_keeps_its_qk_norm(tmp_path):
+    """Each family is asked only for the llmkit fields it fixes: Gemma-3's QK-norm is its own, not llmkit's."""
+    from test_families_formats import _gemma3_ours
+
+    config = _gemma3_ours(value_residual=True)
+    assert (config.hf_model_type, config.llmkit_only) == ("gemma3_text", {"value_residual": True})
+    model = Transformer(config).eval()
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["llmkit"] == {"value_residual": True}
+    ids = _tokens(400)
+    with torch.no_grad():
+        assert torch.equal(Transformer.from_pretrained(tmp_path)(ids), model(ids))
+    assert _gemma3_ours(logit_softcap=30.0).llmkit_only == {}  # Gemma-3 computes a soft-cap itself

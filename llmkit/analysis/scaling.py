@@ -328,9 +328,29 @@ def run_fit(sweep: Annotated[str, arg("the sweep's folder or its sweep.jsonl", p
     rows = read_rows(path)
     result = fit_rows(rows, budget=budget, bootstrap=bootstrap, seed=seed)
     result["sweep"] = str(path)
+    result["command"] = " ".join(["llmkit scaling fit", str(sweep), *([f"--out {out}"] if out else []),
+                                  *([f"--budget {budget:g}"] if budget else []), f"--bootstrap {bootstrap}",
+                                  f"--seed {seed}"])
+    result["recorded"] = _recorded()
     out = Path(out) if out else path.parent
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "fit.json", result)
     atomic_write_text(out / "fit.md", render_fit(result) + "\n![scaling](scaling.png)\n")
     plot_scaling(rows, result, out / "scaling.png")
     return result
+
+
+def _recorded() -> dict[str, Any]:
+    """The code that fitted (llmkit's version and, in a git checkout, its commit), the machine and the date."""
+    import datetime
+    import importlib.metadata
+    import platform
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "-C", str(Path(__file__).parents[1]), "rev-parse", "HEAD"],
+                                capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"llmkit": importlib.metadata.version("llmkit"), "commit": commit, "machine": platform.machine(),
+            "python": platform.python_version(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
