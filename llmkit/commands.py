@@ -40,7 +40,7 @@ from llmkit.tokenizer import ENCODER_SPECIALS, Tokenizer
 from llmkit.train.memory import rss_mb
 
 Model = Annotated[str, arg("an HF checkpoint folder, a .gguf file, a preset or a model name (smollm2-135m-instruct)")]
-Quantize = Annotated[Literal["int8", "int4"] | None, arg_of(ServeConfig, "quantize")]  # the same as serve's
+Quantize = Annotated[Literal["auto", "none", "int8", "int4"], arg_of(ServeConfig, "quantize")]  # the same as serve's
 Threads = Annotated[int | None, arg_of(ServeConfig, "threads")]
 ChatTemplate = Annotated[str | None, arg_of(ServeConfig, "chat_template")]
 Dtype = Annotated[Literal["auto", "float32", "bfloat16", "float16"], arg_of(ServeConfig, "dtype")]
@@ -172,7 +172,7 @@ def _openai_logprobs(tokenizer, tops: list | None) -> list | None:
 
 def generate(model: Model, prompt: Annotated[str, arg("the text to continue")], sampling: SamplingParams = TERMINAL,
              json: Annotated[bool, arg("print the completions as JSON (tokens, logprobs, finish reason)")] = False,
-             quantize: Quantize = None, threads: Threads = None, compile: Compile = False, dtype: Dtype = "auto",
+             quantize: Quantize = "auto", threads: Threads = None, compile: Compile = False, dtype: Dtype = "auto",
              device: Device = None, max_model_len: MaxModelLen = None,
              image: Annotated[str | None, arg("an image file: MODEL is a vision-language folder and PROMPT a question "
                                               "about the image (greedy answer)")] = None) -> None:
@@ -228,7 +228,7 @@ def _answer_about_image(folder: str, question: str, image: str, sampling: Sampli
 def chat(model: Model, sampling: SamplingParams = TERMINAL,
          system: Annotated[str | None, arg("the system prompt")] = None,
          chat_template: ChatTemplate = None,
-         quantize: Quantize = None, threads: Threads = None, compile: Compile = False, dtype: Dtype = "auto",
+         quantize: Quantize = "auto", threads: Threads = None, compile: Compile = False, dtype: Dtype = "auto",
          device: Device = None, max_model_len: MaxModelLen = None) -> None:
     """Chat in the terminal with the model's chat template (streaming; /reset, /system, /history)."""
     if sampling.n != 1 or sampling.num_beams != 1:
@@ -240,7 +240,7 @@ def chat(model: Model, sampling: SamplingParams = TERMINAL,
 
 def next_tokens(model: Model, prompt: Annotated[str, arg("the text whose next token is predicted")],
                 top_k: Annotated[int, arg("how many tokens to list")] = 10, json: Json = False,
-                quantize: Quantize = None, threads: Threads = None, dtype: Dtype = "auto",
+                quantize: Quantize = "auto", threads: Threads = None, dtype: Dtype = "auto",
                 device: Device = None, max_model_len: MaxModelLen = None) -> None:
     """The k most likely next tokens after a text, with probabilities."""
     lm, tokenizer = terminal.load(model, quantize, threads, dtype=dtype, device=device, max_model_len=max_model_len)
@@ -318,7 +318,10 @@ def evaluate(model: Annotated[str, arg("the model to score, as for every verb (n
              batch_size: Annotated[int, arg("requests per forward pass")] = 16,
              seed: Annotated[int, arg("seed of the few-shot draws")] = 1234,
              list: Annotated[bool, arg("list the known tasks and exit")] = False,  # noqa: A002
-             quantize: Quantize = None, threads: Threads = None, dtype: Dtype = "auto", device: Device = None,
+             quantize: Annotated[Literal["auto", "none", "int8", "int4"], arg(
+                 "packed int8/int4 linears; 'none' (the default here) scores the weights as the file holds them, "
+                 "dequantized, as lm-eval on transformers would; 'auto' as serve")] = "none",
+             threads: Threads = None, dtype: Dtype = "auto", device: Device = None,
              max_model_len: MaxModelLen = None) -> None:
     """Score a model on tasks (multiple choice, generation, classification, code, ROUGE)."""
     if list:
@@ -361,7 +364,7 @@ def rag_ask(model: Model, index: Annotated[str, arg("an index folder written by 
             question: Annotated[str, arg("the question", positional=True)],
             k: Annotated[int, arg("passages retrieved into the prompt")] = 3, mode: RagMode = "hybrid",
             max_new_tokens: Annotated[int, arg("longest answer, in tokens")] = 128, json: Json = False,
-            quantize: Quantize = None, threads: Threads = None, dtype: Dtype = "auto", device: Device = None) -> None:
+            quantize: Quantize = "auto", threads: Threads = None, dtype: Dtype = "auto", device: Device = None) -> None:
     """Answer a question from retrieved passages, citing them ([1], [2]); print the answer and its sources."""
     from llmkit.rag.ask import ask
     from llmkit.rag.index import Index

@@ -288,14 +288,19 @@ def test_compiled_decode_equals_eager():
     assert engine._COMPILED[model][1] is not None
     assert comp.token_ids == eager.token_ids
     torch.testing.assert_close(torch.tensor(comp.logprobs), torch.tensor(eager.logprobs), rtol=0, atol=1e-5)
-    # another prompt and length whose cache rounds up to the same CACHE_BUCKET reuses the compiled step
+    # the step is compiled with dynamic shapes: another prompt and cache length, and another batch of
+    # more than one row, reuse the graphs already made (one for a single row, one for 2-16 rows)
     from torch._dynamo.utils import counters
 
+    comp2 = llmkit.generate(model, None, [[1, 2], [3, 4, 5]], max_new_tokens=5, temperature=0, ignore_eos=True,
+                            compile=True)
     graphs = counters["stats"]["unique_graphs"]
-    again = llmkit.generate(model, None, [4, 5, 6, 7, 8], max_new_tokens=engine.CACHE_BUCKET - 10, temperature=0,
-                            ignore_eos=True, compile=True)
-    assert len(again.token_ids) == engine.CACHE_BUCKET - 10
-    assert counters["stats"]["unique_graphs"] == graphs, "a length in the same bucket compiled again"
+    again = llmkit.generate(model, None, [4, 5, 6, 7, 8], max_new_tokens=70, temperature=0, ignore_eos=True,
+                            compile=True)
+    more = llmkit.generate(model, None, [[1], [2], [3, 4, 5, 6]], max_new_tokens=9, temperature=0, ignore_eos=True,
+                           compile=True)
+    assert len(again.token_ids) == 70 and [len(c.token_ids) for c in comp2 + more] == [5, 5, 9, 9, 9]
+    assert counters["stats"]["unique_graphs"] == graphs, "another length or batch size compiled again"
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -466,6 +467,21 @@ def read_gguf(path: str | os.PathLike, with_tokenizer: bool = True, only: set[st
 def read_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Only the tokenizer of a GGUF file (reads the metadata, dequantizes nothing)."""
     return tokenizer_from_metadata(read_metadata(path), str(path))
+
+
+def packed_bits(path: str | os.PathLike) -> int | None:
+    """The packed kernels' bit width (llmkit.quant) that keeps a GGUF file's own precision class, from
+    its `general.file_type`: 4 for files of 4 bits or fewer (Q4_1, Q4_K_M, Q3_K, IQ4_NL, ...), 8 for
+    5-8 bits (Q5_*, Q6_K, Q8_0), None for float files or a file that does not say. Serving and chat
+    run a quantized file quantized by default, as llama.cpp does, instead of on fp32 copies."""
+    gguf = _gguf()
+    file_type = read_metadata(path).get("general.file_type")
+    try:
+        name = gguf.LlamaFileType(int(file_type)).name
+    except (TypeError, ValueError):
+        return None
+    digits = re.search(r"Q(\d)", name.removeprefix("MOSTLY_"))
+    return None if digits is None else 4 if int(digits.group(1)) <= 4 else 8
 
 
 def _expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:

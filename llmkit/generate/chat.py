@@ -30,13 +30,19 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     return sorted({i for i in (tokenizer.token_to_id(t) for t in END_OF_TURN) if i is not None})
 
 
+QUANTIZE = ("auto", "none", "int8", "int4")
+
+
 def load(spec: str, quantize: str | None = None, threads: int | None = None,
          chat_template: str | None = None, dtype: str = "auto",
          device: str | None = None, max_model_len: int | None = None,
          adapter: str | None = None) -> tuple[Transformer, Tokenizer]:
     """Model and tokenizer of an HF folder, a .gguf file, a registry name or a LoRA adapter folder (its
     recorded base with the adapter merged), ready to chat with:
-    `quantize` "int8"/"int4" swaps in packed linears (llmkit/quant), `threads` sets torch's,
+    `quantize` "int8"/"int4" swaps in packed linears (llmkit/quant); "auto" (the CLI's default) does so
+    for a quantized GGUF on the CPU at its own precision class (`gguf.packed_bits`: a Q4_1 file runs
+    int4, a Q8_0 int8) unless `dtype` is given, as llama.cpp runs a file at its own bits; None or
+    "none" keeps the weights as loaded. `threads` sets torch's,
     `chat_template` (a built-in name, a .jinja file or a Jinja string) replaces the tokenizer's, as
     vLLM's and llama.cpp's `--chat-template` do (base models such as Gemma-3-270M ship none);
     `dtype` ("auto" keeps the checkpoint's), `device` and `max_model_len` (a shorter context:
@@ -45,24 +51,36 @@ def load(spec: str, quantize: str | None = None, threads: int | None = None,
     from llmkit.peft.adapters import load as load_any
     from llmkit.peft.adapters import merge_into
 
-    if quantize not in (None, "int8", "int4"):
-        raise ConfigError(f"quantize={quantize!r}; expected 'int8' or 'int4'")
+    if quantize not in (None, *QUANTIZE):
+        raise ConfigError(f"quantize={quantize!r}; expected one of {', '.join(QUANTIZE)}")
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r}; expected one of {sorted(DTYPES)}")
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer = load_any(spec, dtype=DTYPES[dtype], device=device)
+    if quantize == "auto":
+        quantize = _own_bits(spec) if dtype == "auto" and model.device.type == "cpu" else None
     if adapter is not None:
         merge_into(model, adapter)
     if max_model_len is not None:
         model.config = model.config.cap_context(max_model_len)
     if chat_template:
         tokenizer.chat_template = read_chat_template(chat_template)
-    if quantize:
+    if quantize not in (None, "none"):
         from llmkit.quant import quantize as swap
 
         swap(model, bits=int(quantize[3:]))
     return model, tokenizer
+
+
+def _own_bits(spec: str) -> str | None:
+    """"int4"/"int8" for a quantized GGUF file (or registry name), None for anything else."""
+    from llmkit.formats import gguf, named
+    from llmkit.peft.adapters import is_adapter
+
+    path = None if is_adapter(spec) else named.resolve(spec)
+    bits = gguf.packed_bits(path) if path is not None and path.suffix == ".gguf" else None
+    return None if bits is None else f"int{bits}"
 
 
 def read_chat_template(option: str) -> str:

@@ -208,7 +208,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, embedder: Em
     counts = Metrics()  # one set of counters and histograms for every served model
     schedulers = {served: Scheduler(m, tokenizer, kv_budget=config.kv_budget, max_rows=config.max_rows,
                                     max_waiting=config.max_waiting, prefill_chunk=config.prefill_chunk,
-                                    prefix_cache=config.prefix_cache, metrics=counts)
+                                    prefix_cache=config.prefix_cache, metrics=counts, compile=config.compile)
                   for served, m in {name: model, **(adapters or {})}.items()}
     scheduler = schedulers[name]
     counts.gauges.update({  # over every served model (each scheduler set its own)
@@ -624,7 +624,8 @@ def serve(config: ServeConfig) -> None:
     if config.moderation:
         with phase(f"load the moderation model {config.moderation}"):
             moderator = load_moderator(config.moderation)
-    app = create_app(model, tokenizer, config, embedder, adapters, retriever, moderator)
+    with phase("compile the decode step (torch.compile; --compile false skips it)" if config.compile else "start"):
+        app = create_app(model, tokenizer, config, embedder, adapters, retriever, moderator)
     print(f"serving {config.served_model_name} on http://{config.host}:{config.port} (chat page at /)", flush=True)
     handler = logging.StreamHandler()  # a line per finished request, as vLLM and llama.cpp's server log them
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))

@@ -32,8 +32,13 @@ class ServeConfig:
     allowed_hosts: str | None = field(default=None, metadata={
         "help": "comma-separated Host names accepted, '*' for any (default: the loopback names when bound to "
                 "loopback, which stops DNS rebinding; any host otherwise)"})
-    quantize: Literal["int8", "int4"] | None = field(default=None, metadata={
-        "help": "weight-only packed linear layers for faster CPU decoding (small accuracy cost)"})
+    quantize: Literal["auto", "none", "int8", "int4"] = field(default="auto", metadata={
+        "help": "weight-only packed int8/int4 linear layers for fast CPU decoding; auto: a quantized GGUF runs at "
+                "its own bits (Q4_1 -> int4, Q8_0 -> int8) unless --dtype is given, anything else as loaded; none: "
+                "as loaded (a GGUF dequantized)"})
+    compile: bool = field(default=True, metadata={
+        "help": "decode batches of up to 16 rows through torch.compile (compiled before the server listens: "
+                "~1-2 min the first time, seconds once inductor's cache holds it; eager if compiling fails)"})
     threads: int | None = field(default=None, metadata={"help": "torch threads (default: torch's choice)"})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
         "help": "weights' and activations' dtype; auto keeps the checkpoint's (float32 for GGUF)"})
