@@ -196,7 +196,7 @@ def test_serve_lora_modules_serves_each_adapter_under_its_name(base, lora_run, t
     """vLLM's --lora-modules: the base under its name, each adapter under its own; greedy replies and their
     log-probs equal llmkit.generate on the base and on the merged checkpoint."""
     run_dir, checkpoint, merged = lora_run
-    with llmkit_serve([str(base / "model"), "--served-model-name", "base", "--lora-modules", f"sft={run_dir}"],
+    with llmkit_serve([str(base / "model"), "--compile", "false", "--served-model-name", "base", "--lora-modules", f"sft={run_dir}"],
                       tmp_path / "serve.log") as url:
         models = json.loads(get(f"{url}/v1/models")[1])["data"]
         assert [(m["id"], m.get("parent")) for m in models] == [("base", None), ("sft", "base")]

@@ -69,3 +69,37 @@ def test_chat_verb_with_a_registry_name(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("What is 2 + 2? Answer with a number.\n/exit\n"))
     assert main(["chat", SMOLLM2, "--temperature", "0", "--max-new-tokens", "12"]) == 0
     assert "4" in capsys.readouterr().out
+
+
+def test_packed_bits_keeps_the_files_precision_class(tmp_path):
+    """`--quantize auto` reads general.file_type: SmolLM2's Q4_1 runs int4; a file without the key, or a
+    float one, is not quantized; llama.cpp's 5-8-bit types run int8 (the names of its enum)."""
+    import gguf as gguf_package
+
+    from llmkit.formats.gguf import packed_bits
+
+    _, _, path = smollm2()
+    assert packed_bits(path) == 4
+    assert gguf_package.LlamaFileType(3).name == "MOSTLY_Q4_1"
+    names = {t.name: packed_bits_of(t.value, tmp_path) for t in gguf_package.LlamaFileType
+             if t.name in ("ALL_F32", "MOSTLY_BF16", "MOSTLY_Q8_0", "MOSTLY_Q6_K", "MOSTLY_Q4_K_M", "MOSTLY_IQ2_XS")}
+    assert names == {"ALL_F32": None, "MOSTLY_BF16": None, "MOSTLY_Q8_0": 8, "MOSTLY_Q6_K": 8, "MOSTLY_Q4_K_M": 4,
+                     "MOSTLY_IQ2_XS": 4}
+    assert packed_bits_of(None, tmp_path) is None
+
+
+def packed_bits_of(file_type, folder):
+    """packed_bits of a metadata-only GGUF whose general.file_type is `file_type` (None: no such key)."""
+    import gguf as gguf_package
+
+    from llmkit.formats.gguf import packed_bits
+
+    path = folder / f"ft{file_type}.gguf"
+    w = gguf_package.GGUFWriter(str(path), "llama")
+    if file_type is not None:
+        w.add_file_type(file_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return packed_bits(path)

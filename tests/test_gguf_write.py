@@ -205,6 +205,16 @@ def test_export_verb_and_gguf_in_the_generate_verb(tiny, tmp_path, capsys):
     assert loaded_tok.encode(CORPUS[0]) == tok.encode(CORPUS[0])
     assert main(["generate", str(out), "--prompt", "The quick", "--temperature", "0", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith("The quick")
+    # the verbs run a quantized file at its own bits by default: Q8_0 -> int8 packed linears
+    from llmkit.formats.gguf import packed_bits
+    from llmkit.generate.chat import load
+    from llmkit.quant.linear import PackedLinear
+
+    assert packed_bits(out) == 8
+    bits = {str(out): {8}, "auto-dtype": set(), str(folder): set()}
+    for spec, want in bits.items():
+        lm = load(str(out), "auto", dtype="float32")[0] if spec == "auto-dtype" else load(spec, "auto")[0]
+        assert {m.bits for m in lm.modules() if isinstance(m, PackedLinear)} == want, spec
     assert main(["info", str(out)]) == 0  # metadata only: the same config as the model read whole
     assert f"parameters: {model.num_parameters():,}" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # argparse refuses a file type we do not write

@@ -59,7 +59,7 @@ def test_chat_page_streams_a_reply_stops_and_resets(browser, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     model, tok = llmkit.load("smollm2-135m-instruct")
-    with background(create_app(model, tok, ServeConfig(model="smollm2"))) as url:
+    with background(create_app(model, tok, ServeConfig(model="smollm2", compile=False))) as url:
         browser.get(url)
         wait = WebDriverWait(browser, 60, poll_frequency=0.02)
         wait.until(lambda d: d.find_element(By.ID, "model").text == "smollm2")

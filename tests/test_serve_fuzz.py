@@ -22,7 +22,7 @@ def server():
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_preset("llama-tiny", vocab_size=300, max_seq_len=64)).eval()
     tok = Tokenizer.train(["the cat sat on the mat. ", "a dog ran in the park! "] * 20, vocab_size=300)
-    config = ServeConfig(model="tiny", max_tokens_limit=8, max_rows=16, max_request_bytes=100_000)
+    config = ServeConfig(model="tiny", max_tokens_limit=8, max_rows=16, max_request_bytes=100_000, compile=False)
     with background(create_app(model, tok, config)) as url:
         yield url, model, tok
 

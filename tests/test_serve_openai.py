@@ -39,7 +39,7 @@ def tiny(tiny_dir):
 @pytest.fixture(scope="module")
 def server(tiny):
     model, tok = tiny
-    with background(create_app(model, tok, ServeConfig(model=NAME, max_tokens_limit=200))) as url:
+    with background(create_app(model, tok, ServeConfig(model=NAME, max_tokens_limit=200, compile=False))) as url:
         yield url
 
 
@@ -187,14 +187,29 @@ def test_a_later_chat_turn_reuses_the_cached_prefix(server, client, tiny):
 
 
 @pytest.mark.slow
-def test_smollm2_chat_equals_llmkit_generate():
-    model, tok = llmkit.load("smollm2-135m-instruct")
+def test_smollm2_served_as_the_cli_serves_it_equals_llmkit_generate():
+    """`llmkit serve smollm2-135m-instruct` loads the Q4_1 file as int4 packed linears (its own bits) and
+    decodes through the compiled step; the served reply, streamed and not, equals `llmkit.generate` on
+    the same quantized model token for token, logprobs within 1e-4 (the compiled step against the same
+    step compiled in the library: the same kernels; 1e-4 leaves room for a thread-count-dependent
+    reduction order)."""
+    from llmkit.generate.chat import load
+    from llmkit.quant.linear import PackedLinear
+
+    model, tok = load("smollm2-135m-instruct", "auto")
+    assert {m.bits for m in model.modules() if isinstance(m, PackedLinear)} == {4, 8}  # blocks 4, head 8
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    want = chat_reference(model, tok, messages, max_new_tokens=12, temperature=0)
-    with background(create_app(model, tok, ServeConfig(model="smollm2"))) as url:
+    # one row at most: only the one-row graph is compiled (each graph costs ~1 min on a cold cache)
+    with background(create_app(model, tok, ServeConfig(model="smollm2", max_rows=1))) as url:
+        want = chat_reference(model, tok, messages, max_new_tokens=12, temperature=0, logprobs=0, compile=True)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        got = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=12, temperature=0)
-    assert got.choices[0].message.content == want.text
+        got = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=12, temperature=0,
+                                              logprobs=True)
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="smollm2", messages=messages, max_tokens=12, temperature=0, stream=True))
+    assert got.choices[0].message.content == want.text == streamed
+    served = [t.logprob for t in got.choices[0].logprobs.content]
+    assert served == pytest.approx(want.logprobs[:len(served)], abs=1e-4)
     assert "Paris" in want.text
 
 
@@ -235,7 +250,7 @@ def test_a_client_that_disconnects_frees_its_rows(tiny):
     _, tok = tiny
     torch.manual_seed(1)
     model = Transformer(ModelConfig.from_preset("llama-tiny", vocab_size=300, max_seq_len=4096)).eval()
-    with background(create_app(model, tok, ServeConfig(model=NAME, max_tokens_limit=4000))) as server:
+    with background(create_app(model, tok, ServeConfig(model=NAME, max_tokens_limit=4000, compile=False))) as server:
         client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
         abort = ("llmkit:request_success_total", (("finished_reason", "abort"),))
         running = ("llmkit:num_requests_running", ())
@@ -305,7 +320,7 @@ def test_errors_have_openai_shape_and_the_server_survives(server, client):
 
 def test_api_key_and_a_full_queue(tiny):
     model, tok = tiny
-    config = ServeConfig(model=NAME, api_key="secret", max_waiting=0)
+    config = ServeConfig(model=NAME, api_key="secret", max_waiting=0, compile=False)
     with background(create_app(model, tok, config)) as url:
         with pytest.raises(openai.AuthenticationError) as e:
             openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
@@ -334,7 +349,9 @@ def test_cli_serves_a_folder_on_localhost_within_max_model_len(tiny_dir, tmp_pat
         status, out, _ = post(f"{url}/v1/completions", {"model": "cli-tiny", "prompt": list(range(3, 33)),
                                                         "max_tokens": 100, "ignore_eos": True, "temperature": 0})
         assert status == 200 and out["usage"]["completion_tokens"] == 10  # 30 + 10 fill the capped context
-    lines = log.read_text().splitlines()  # the load phase, the address, then a line per finished request
-    assert lines[0].startswith("load ") and lines[1].startswith("load ") and "http://127.0.0.1:" in lines[2], lines
+    lines = log.read_text().splitlines()  # a line per phase, the address, then one per finished request
+    # the load phase, the compile phase (the decode step compiled before it listens), then the address
+    assert [line.split(" ")[0] for line in lines[:4]] == ["load", "load", "compile", "compile"], lines
+    assert "http://127.0.0.1:" in lines[4], lines
     assert any(re.search(r"request [0-9a-f]+: length, prompt 30 tokens, generated 10 in 1 row\(s\), first token "
                          r"\d+ ms, total \d+ ms", line) for line in lines), lines

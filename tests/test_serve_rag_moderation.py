@@ -39,7 +39,7 @@ def setup(tmp_path_factory):
     moderator = moderation.Moderator(built.embedder, torch.zeros(built.embedder.dim), torch.tensor(10.0), 0.5,
                                      moderation.word_list(), meta)
     moderator.save(root / "moderation")
-    with llmkit_serve([str(root / "model"), "--rag", str(root / "index"), "--rag-k", "2", "--moderation",
+    with llmkit_serve([str(root / "model"), "--compile", "false", "--rag", str(root / "index"), "--rag-k", "2", "--moderation",
                        str(root / "moderation"), "--served-model-name", "tiny"], root / "log.txt") as url:
         yield url, built, llmkit.load(root / "model"), moderator
 

@@ -30,7 +30,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def server(tiny):
     model, tok = tiny
-    with background(create_app(model, tok, ServeConfig(model=NAME, max_tokens_limit=4000))) as url:
+    with background(create_app(model, tok, ServeConfig(model=NAME, max_tokens_limit=4000, compile=False))) as url:
         yield url
 
 
@@ -220,6 +220,6 @@ def test_foreign_host_headers_are_refused(server, tiny):
     for host in ("localhost", "127.0.0.1:1234", "[::1]:80"):
         assert post(f"{server}/v1/completions", COMPLETION, {"Host": host})[0] == 200, host
     model, tok = tiny
-    with background(create_app(model, tok, ServeConfig(model=NAME, allowed_hosts="llm.internal"))) as url:
+    with background(create_app(model, tok, ServeConfig(model=NAME, allowed_hosts="llm.internal", compile=False))) as url:
         assert post(f"{url}/v1/completions", COMPLETION, {"Host": "llm.internal:8000"})[0] == 200
         assert post(f"{url}/v1/completions", COMPLETION)[0] == 421

@@ -92,6 +92,53 @@ def test_requests_joining_at_different_steps_equal_each_run_alone(model, tok, sa
         assert [streamed[j] for j in range(len(alone))] == [c.text for c in request.completions]
 
 
+def test_compiled_scheduler_gives_each_request_what_it_gets_alone_at_every_batch_size(model, tok):
+    """compile=True: the batch grows from one row past COMPILED_ROWS (eager above it) and shrinks back
+    to one; every request still gets what eager `llmkit.generate` gives it alone: the same tokens, and
+    logprobs within 1e-4 (compiled kernels may sum in another order; measured ~1e-6)."""
+    import warnings
+
+    from llmkit.generate import engine
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scheduler = Scheduler(model, tok, compile=True, max_rows=24)  # compiles the 1-row and 2-16-row graphs
+        lengths = [30 - i for i in range(20)]
+        sinks, requests, sizes = {}, {}, []
+        for step in range(200):
+            if step < 20:
+                params = SamplingParams(max_new_tokens=lengths[step], temperature=0, ignore_eos=True, logprobs=0)
+                sinks[step] = Sink()
+                requests[step] = scheduler.submit(tok.encode(PROMPTS[step % 5], add_special_tokens=True), params,
+                                                  sinks[step])
+            elif not scheduler.rows and not scheduler.waiting and not scheduler.filling:
+                break
+            scheduler.step()
+            sizes.append(len(scheduler.rows))
+    assert not [w for w in caught if "decoding eagerly" in str(w.message)]
+    assert engine._COMPILED[model][1] is not None
+    assert 1 in sizes and max(sizes) > engine.COMPILED_ROWS and any(1 < n <= engine.COMPILED_ROWS for n in sizes)
+    for i, request in requests.items():
+        alone = llmkit.generate(model, tok, PROMPTS[i % 5], max_new_tokens=lengths[i], temperature=0,
+                                ignore_eos=True, logprobs=0)
+        got = request.completions[0]
+        assert sinks[i].ended and got.token_ids == alone.token_ids
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(alone.logprobs), rtol=0, atol=1e-4)
+
+
+def test_release_openmp_workers_finds_the_runtime():
+    """The scheduler thread's speed depends on freeing the loading thread's OpenMP pool: the call
+    must reach the runtime torch uses here (not silently do nothing), and torch works after it."""
+    import ctypes
+
+    from llmkit.serve.scheduler import release_openmp_workers
+
+    assert ctypes.CDLL(None).omp_pause_resource_all  # torch's OpenMP, loaded globally
+    release_openmp_workers()
+    a = torch.randn(256, 256)
+    torch.testing.assert_close(a @ a, (a.double() @ a.double()).float(), rtol=1e-4, atol=1e-3)
+
+
 def test_batch_really_is_shared_and_rows_leave(model, tok):
     scheduler = Scheduler(model, tok)
     sizes = []
