@@ -4,15 +4,17 @@ One thread owns the model. Each `step` it
   1. drops cancelled requests (a client that went away) and frees their rows,
   2. admits waiting requests, first come first served, while the KV-cache budget allows; an admitted
      request starts from the longest prefix of its prompt found in the prefix cache (prefix_cache.py),
-  3. decodes one token for every running row in one batched forward pass,
+  3. decodes one token for every running row in one batched forward pass, samples and emits it,
   4. prefills at most `prefill_chunk` prompt tokens of admitted requests, oldest first, each into its
      own cache (chunked prefill: a long prompt no longer stalls every running stream for its whole
-     prefill, and a burst's first tokens go out as each prompt finishes); a request whose prompt is
-     done joins the batch, its `n` samples sharing the prefill as in `llmkit.generate`, and
-  5. samples every row, new and running, with `engine.sample_next`: the step `llmkit.generate` uses,
-     so each request keeps its own sampling parameters, seeded generators and raw logprobs, and a
-     seeded request samples the same tokens whatever else shares the batch. A request whose sampling
-     fails ends alone with the error; the other rows advance exactly as if it had not been there.
+     prefill); a request whose prompt is done samples and emits its first token at once (a burst's
+     first tokens go out one by one, not all after the last prompt) and joins the batch, its `n`
+     samples sharing the prefill as in `llmkit.generate`.
+
+Sampling is `engine.sample_next`, the step `llmkit.generate` uses, so each request keeps its own
+sampling parameters, seeded generators and raw logprobs, and a seeded request samples the same
+tokens whatever else shares the batch. A request whose sampling fails ends alone with the error; the
+other rows advance exactly as if it had not been there.
 
 The KV cache is one tensor of right-aligned rows (`KVCache.stack`): it holds rows x (longest row +
 `room`) slots. The budget bounds exactly that, counting each row at the longest it may become
@@ -27,7 +29,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -214,20 +216,20 @@ class Scheduler:
                     s.end("abort")
             self._release()
 
-        logits, caches, rows, owners = [], [], [], []
+        caches, tokens, rows, owners = [], [], [], []
         if self.rows:
             if self.cache.length == self.cache.max_len:
                 self.cache = KVCache.stack([self.cache], self.room)
-            logits.append(self.decode(self.tokens, self.cache))
+            tokens.append(self._sample(self.decode(self.tokens, self.cache), self.rows, self.owners))
             caches.append(self.cache)
             rows += self.rows
             owners += self.owners
-        for request, cache, first in self._prefill():
+        for request, cache, first in self._prefill():  # each prompt's first token goes out as it is ready
             self.metrics.add("prompt_tokens_total", len(request.prompt))
             for s in request.seqs:
                 if s.limit == 0:  # max_tokens=0: the prompt's logprobs only
                     s.end("length")
-            logits.append(first)
+            tokens.append(self._sample(first, request.seqs, [request] * len(request.seqs)))
             caches.append(cache)
             rows += request.seqs
             owners += [request] * len(request.seqs)
@@ -236,18 +238,22 @@ class Scheduler:
             return
         if len(caches) > 1 or self.cache is not caches[0]:
             self.cache = KVCache.stack(caches, self.room)
-        self.rows, self.owners = rows, owners
-        logits = torch.cat(logits)
-        live = [r for r, s in enumerate(rows) if not s.done]
-        errors: dict[int, Exception] = {}
-        self.tokens, chunks = sample_next(logits, rows, errors)
-        failed = {id(owners[r]): (owners[r], e) for r, e in errors.items()}
-        for request, error in failed.values():  # it fails alone; nothing of it was emitted this step
-            request.emit(error)
-        self._emit([owners[r] for r in live if r not in errors], chunks)
+        self.rows, self.owners, self.tokens = rows, owners, torch.cat(tokens)
         self._release()
 
     # ---- helpers ---------------------------------------------------------------------------------
+
+    def _sample(self, logits: torch.Tensor, rows: list[Sequence], owners: list[Request]) -> torch.Tensor:
+        """Sample the next token of `rows` and emit it now; returns the tokens (the next decode's input).
+        A request whose sampling fails gets its error alone; nothing of it is emitted."""
+        live = [r for r, s in enumerate(rows) if not s.done]
+        errors: dict[int, Exception] = {}
+        tokens, chunks = sample_next(logits, rows, errors)
+        failed = {id(owners[r]): (owners[r], e) for r, e in errors.items()}
+        for request, error in failed.values():
+            request.emit(error)
+        self._emit([owners[r] for r in live if r not in errors], chunks)
+        return tokens
 
     def _admit(self) -> list[Request]:
         """Waiting requests that fit beside the running and filling ones (called with the lock held)."""
@@ -276,10 +282,10 @@ class Scheduler:
             request.fill = PromptFill(self.model, request.prompt, request.seqs, cache)
             self.filling.append(request)
 
-    def _prefill(self) -> list[tuple[Request, KVCache, torch.Tensor]]:
-        """Spend this step's `prefill_chunk` tokens on the filling requests, oldest first; returns those
-        whose prompt is done, with their caches and first logits (a row per sample)."""
-        budget, done = self.prefill_chunk, []
+    def _prefill(self) -> Iterator[tuple[Request, KVCache, torch.Tensor]]:
+        """Spend this step's `prefill_chunk` tokens on the filling requests, oldest first; yields each
+        whose prompt is done, as it is done, with its cache and first logits (a row per sample)."""
+        budget = self.prefill_chunk
         for request in list(self.filling):
             if budget <= 0:
                 break
@@ -300,8 +306,7 @@ class Scheduler:
                 self.prefix.insert(request.prompt, fill.cache)
             cache, first = fill.rows(last)
             request.fill = None
-            done.append((request, cache, first))
-        return done
+            yield request, cache, first
 
     def _emit(self, owners: list[Request], chunks: list[Chunk]) -> None:
         now = time.perf_counter()
