@@ -51,6 +51,7 @@ BUDGET = {  # appended to a command that runs this verb
     "sweep": ["--sizes", "1x32", "--sizes", "1x64", "--tokens", "4096", "--tokens", "8192", "--tokens", "16384",
               "--vocab-size", "512", "--eval-batches", "2", "--batch-size", "4", "--context", "32", "--warmup-steps", "1"],
     "embed": [],
+    "serve": ["--compile", "false"],  # compiling the decode step costs a minute or more per server on a cold cache
 }
 PYTHON_BUDGET = {"limit=100": "limit=4", '"The cat sat on the mat. " * 200': '"The cat sat on the mat. " * 40'}
 STDIN = {"chat": "Hi!\n"}  # a terminal chat ends at end of input
