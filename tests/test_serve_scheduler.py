@@ -391,3 +391,33 @@ def test_prefix_cache_eviction_under_a_small_budget_loses_no_request(model, tok)
         assert sink.ended and sink.error is None
         assert request.completions[0].token_ids == llmkit.generate(model, tok, p, max_new_tokens=6, temperature=0).token_ids
     assert len(scheduler.prefix.blocks) == 2 and scheduler.metrics.counters["prefix_cache_hits_total"] == 7 * 32
+
+
+def test_a_burst_of_short_prompts_is_prefilled_in_one_forward(model, tok, monkeypatch):
+    """Prompts admitted together that fit the budget run as one left-padded batch (one `prefill` call),
+    and each request still gets what it gets alone; the prefix cache keeps each row's blocks at its
+    own offset, so a later prompt sharing one's start reuses them and gives the same tokens."""
+    from llmkit.serve import scheduler as module
+
+    calls = []
+    batched = module.prefill
+    monkeypatch.setattr(module, "prefill", lambda *a, **k: calls.append(len(a[1])) or batched(*a, **k))
+    scheduler = Scheduler(model, tok, prefix_cache=4096)
+    prompts = [PROMPTS[i % 5] * (1 + i % 3) for i in range(6)]
+    params = dict(max_new_tokens=6, temperature=0, ignore_eos=True, logprobs=0)
+    sinks = [Sink() for _ in prompts]
+    requests = [scheduler.submit(tok.encode(p, add_special_tokens=True), SamplingParams(**params), sink)
+                for p, sink in zip(prompts, sinks, strict=True)]
+    scheduler.step()
+    assert calls == [6] and all(len(s.chunks) == 1 for s in sinks)  # one forward; every first token out
+    drain(scheduler)
+    for prompt, request in zip(prompts, requests, strict=True):
+        want = llmkit.generate(model, tok, prompt, **params)
+        assert request.completions[0].token_ids == want.token_ids
+        assert request.completions[0].logprobs == pytest.approx(want.logprobs, abs=1e-5)
+    longest = max(prompts, key=len)
+    again = longest + " the end"
+    hits = scheduler.metrics.counters.get("prefix_cache_hits_total", 0)
+    got, _ = run_alone(scheduler, tok.encode(again, add_special_tokens=True), SamplingParams(**params))
+    assert scheduler.metrics.counters["prefix_cache_hits_total"] - hits >= 16  # a block from the batch
+    assert got[0].token_ids == llmkit.generate(model, tok, again, **params).token_ids

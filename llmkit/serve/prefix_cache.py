@@ -73,16 +73,17 @@ class PrefixCache:
         cache.next_position += length
         return cache
 
-    def insert(self, prompt: list[int], cache: KVCache) -> None:
-        """Keep the full blocks of `prompt`, whose keys and values fill the one-row `cache`."""
+    def insert(self, prompt: list[int], cache: KVCache, row: int = 0, offset: int = 0) -> None:
+        """Keep the full blocks of `prompt`, whose keys and values fill row `row` of `cache` from slot
+        `offset` on (a left-padded batch: the padding before it)."""
         if self.capacity < self.block or any(w is not None for w in cache.windows):
             return
         chain = self._chain(prompt, len(prompt))
         for index, (key, parent, tokens) in enumerate(chain):
             if key not in self.blocks:
-                span = slice(index * self.block, (index + 1) * self.block)
-                self.blocks[key] = Block(parent, tokens, torch.stack([k[0, :, span] for k in cache.keys]).clone(),
-                                         torch.stack([v[0, :, span] for v in cache.values]).clone())
+                span = slice(offset + index * self.block, offset + (index + 1) * self.block)
+                self.blocks[key] = Block(parent, tokens, torch.stack([k[row, :, span] for k in cache.keys]).clone(),
+                                         torch.stack([v[row, :, span] for v in cache.values]).clone())
         self._touch([key for key, _, _ in chain])
         while self.tokens > self.capacity:
             self.blocks.popitem(last=False)

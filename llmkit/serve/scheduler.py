@@ -44,6 +44,7 @@ from llmkit.generate.engine import (
     check_prompts,
     eos_token_ids,
     make_sequences,
+    prefill,
     sample_next,
 )
 from llmkit.generate.sampling import SamplingParams
@@ -224,16 +225,18 @@ class Scheduler:
             caches.append(self.cache)
             rows += self.rows
             owners += self.owners
-        for request, cache, first in self._prefill():  # each prompt's first token goes out as it is ready
-            self.metrics.add("prompt_tokens_total", len(request.prompt))
-            for s in request.seqs:
+        for requests, cache, first in self._prefill():  # first tokens go out as their prompts finish
+            seqs = [s for r in requests for s in r.seqs]
+            new_owners = [r for r in requests for _ in r.seqs]
+            for s in seqs:
                 if s.limit == 0:  # max_tokens=0: the prompt's logprobs only
                     s.end("length")
-            tokens.append(self._sample(first, request.seqs, [request] * len(request.seqs)))
+            tokens.append(self._sample(first, seqs, new_owners))
             caches.append(cache)
-            rows += request.seqs
-            owners += [request] * len(request.seqs)
-            self.running.append(request)
+            rows += seqs
+            owners += new_owners
+            self.running += requests
+            self.metrics.add("prompt_tokens_total", sum(len(r.prompt) for r in requests))
         if not rows:
             return
         if len(caches) > 1 or self.cache is not caches[0]:
@@ -282,31 +285,75 @@ class Scheduler:
             request.fill = PromptFill(self.model, request.prompt, request.seqs, cache)
             self.filling.append(request)
 
-    def _prefill(self) -> Iterator[tuple[Request, KVCache, torch.Tensor]]:
-        """Spend this step's `prefill_chunk` tokens on the filling requests, oldest first; yields each
-        whose prompt is done, as it is done, with its cache and first logits (a row per sample)."""
-        budget = self.prefill_chunk
+    def _prefill(self) -> Iterator[tuple[list[Request], KVCache, torch.Tensor]]:
+        """Spend this step's `prefill_chunk` prompt tokens on the filling requests, oldest first;
+        yields (requests, their cache, first logits: a row per sample) as prompts finish. Whole
+        prompts that start from nothing and fit the budget run together in one left-padded forward,
+        as llama.cpp batches a burst's prompts (one pass instead of one each); the rest advance
+        alone, a chunk at a time."""
+        budget, together = self.prefill_chunk, []
         for request in list(self.filling):
             if budget <= 0:
                 break
-            fill = request.fill
-            try:
-                before = fill.done
-                last = fill.advance(budget)
-                budget -= fill.done - before
-            except Exception as e:  # noqa: BLE001 - this request fails, the batch goes on
-                self.filling.remove(request)
-                request.emit(e)
-                self._finish(request, "error", emit=False)
+            left = len(request.prompt) - request.fill.done
+            if request.fill.done == 0 and request.params.n == 1 and not request.params.echo and left <= budget:
+                together.append(request)
+                budget -= left
                 continue
-            if last is None:
-                continue
+            new = min(budget, left)
+            budget -= new
+            finished = self._advance(request, new)
+            if finished is not None:
+                yield finished
+        if len(together) == 1:
+            finished = self._advance(together[0], len(together[0].prompt))
+            if finished is not None:
+                yield finished
+        elif together:
+            yield from self._prefill_together(together)
+
+    def _advance(self, request: Request, tokens: int) -> tuple[list[Request], KVCache, torch.Tensor] | None:
+        """Prefill up to `tokens` more of one request's prompt; its (requests, cache, logits) once done.
+        A failure fails this request only."""
+        fill = request.fill
+        try:
+            last = fill.advance(tokens)
+        except Exception as e:  # noqa: BLE001 - this request fails, the batch goes on
             self.filling.remove(request)
-            if self.prefix is not None:
-                self.prefix.insert(request.prompt, fill.cache)
-            cache, first = fill.rows(last)
             request.fill = None
-            yield request, cache, first
+            request.emit(e)
+            self._finish(request, "error", emit=False)
+            return None
+        if last is None:
+            return None
+        self.filling.remove(request)
+        if self.prefix is not None:
+            self.prefix.insert(request.prompt, fill.cache)
+        cache, first = fill.rows(last)
+        request.fill = None
+        return [request], cache, first
+
+    def _prefill_together(self, requests: list[Request]) -> Iterator[tuple[list[Request], KVCache, torch.Tensor]]:
+        """Whole prompts in one left-padded forward (`engine.prefill`, as `llmkit.generate` runs
+        several); if that fails, each is prefilled alone, so only a bad one fails. On a quantized model
+        the batch's rows may take the int8 GEMM where a short prompt alone takes the packed kernel
+        (`PackedLinear` picks by rows), so its logits can differ from a lone run's by that rounding, as
+        a batch's do in llama.cpp and vLLM; unquantized, only the GEMM's summation order differs."""
+        try:
+            cache, first = prefill(self.model, [r.prompt for r in requests], [r.seqs[0] for r in requests], 0)
+        except Exception:  # noqa: BLE001 - find the one at fault
+            for request in requests:
+                finished = self._advance(request, len(request.prompt))
+                if finished is not None:
+                    yield finished
+            return
+        width = max(len(r.prompt) for r in requests)
+        for row, request in enumerate(requests):
+            self.filling.remove(request)
+            request.fill = None
+            if self.prefix is not None:
+                self.prefix.insert(request.prompt, cache, row=row, offset=width - len(request.prompt))
+        yield requests, cache, first
 
     def _emit(self, owners: list[Request], chunks: list[Chunk]) -> None:
         now = time.perf_counter()
