@@ -421,3 +421,23 @@ def test_a_burst_of_short_prompts_is_prefilled_in_one_forward(model, tok, monkey
     got, _ = run_alone(scheduler, tok.encode(again, add_special_tokens=True), SamplingParams(**params))
     assert scheduler.metrics.counters["prefix_cache_hits_total"] - hits >= 16  # a block from the batch
     assert got[0].token_ids == llmkit.generate(model, tok, again, **params).token_ids
+
+
+def test_a_failing_batched_prefill_falls_back_to_each_prompt_alone(model, tok, monkeypatch):
+    """If the batch's forward fails, each prompt is prefilled alone in the same step: none is lost."""
+    from llmkit.serve import scheduler as module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory in the batch")
+
+    monkeypatch.setattr(module, "prefill", broken)
+    scheduler = Scheduler(model, tok)
+    params = dict(max_new_tokens=5, temperature=0, ignore_eos=True)
+    sinks = [Sink() for _ in range(3)]
+    requests = [scheduler.submit(tok.encode(PROMPTS[i], add_special_tokens=True), SamplingParams(**params), sink)
+                for i, sink in enumerate(sinks)]
+    scheduler.step()
+    assert all(len(s.chunks) == 1 and s.error is None for s in sinks)
+    drain(scheduler)
+    for i, request in enumerate(requests):
+        assert request.completions[0].token_ids == llmkit.generate(model, tok, PROMPTS[i], **params).token_ids

@@ -183,16 +183,16 @@ class DecodeStep:
         """Logits (batch, vocab) for one new token per row (`tokens`, shape (batch,))."""
         # Rows that have ended keep stepping until the batch ends; keep their positions in range.
         positions = cache.next_position.clamp(max=self.model.config.max_seq_len - 1)[:, None]
-        compiled = self.compiled if tokens.shape[0] <= COMPILED_ROWS else None
-        if not self.static or (self.compiled is not None and compiled is None):
+        many = self.compiled is not None and tokens.shape[0] > COMPILED_ROWS  # eager is as fast there
+        if not self.static or many:
             return self.model(tokens[:, None], positions=positions, kv_cache=cache)[:, -1]
         slot = cache.length
         cache.valid[:, slot] = True
         args = (tokens[:, None], positions, torch.tensor(slot, device=tokens.device), cache.valid, cache)
         logits = None
-        if compiled is not None:
+        if self.compiled is not None:
             try:
-                logits = compiled(*args)
+                logits = self.compiled(*args)
             except Exception as e:  # noqa: BLE001
                 warnings.warn(f"the compiled decode step failed ({type(e).__name__}: {e}); decoding eagerly",
                               stacklevel=2)
@@ -353,8 +353,8 @@ class PromptFill:
 
     def __init__(self, model: Transformer, prompt: list[int], seqs: list[Sequence], cache: KVCache | None = None):
         self.model, self.prompt, self.seqs = model, prompt, seqs
-        self.cache = cache or KVCache(model.config, 1, len(prompt), device=model.device, dtype=model.dtype)
-        self.done = self.cache.length  # prompt tokens in the cache
+        self.cache = cache  # made at the first chunk: a scheduler may prefill the prompt in a batch instead
+        self.done = 0 if cache is None else cache.length  # prompt tokens in the cache
         self.echo = seqs[0].params.echo
         self.logprobs: list[float | None] = [None]
         self.tops: list[dict | None] = [None]
@@ -363,6 +363,9 @@ class PromptFill:
     def advance(self, budget: int) -> torch.Tensor | None:
         """Run up to `budget` more prompt tokens; returns the last position's logits (1, vocab) when
         the whole prompt is in the cache, else None."""
+        if self.cache is None:
+            self.cache = KVCache(self.model.config, 1, len(self.prompt), device=self.model.device,
+                                 dtype=self.model.dtype)
         end = min(len(self.prompt), self.done + max(budget, 1))
         ids = torch.tensor([self.prompt[self.done:end]], device=self.model.device)
         hidden = self.model.hidden_states(ids, kv_cache=self.cache)

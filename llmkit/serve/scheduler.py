@@ -305,12 +305,12 @@ class Scheduler:
             finished = self._advance(request, new)
             if finished is not None:
                 yield finished
-        if len(together) == 1:
-            finished = self._advance(together[0], len(together[0].prompt))
-            if finished is not None:
+        if len(together) > 1 and (finished := self._prefill_together(together)) is not None:
+            yield finished
+            together = []
+        for request in together:  # one alone, or each of a batch whose forward failed (only a bad one fails)
+            if (finished := self._advance(request, len(request.prompt))) is not None:
                 yield finished
-        elif together:
-            yield from self._prefill_together(together)
 
     def _advance(self, request: Request, tokens: int) -> tuple[list[Request], KVCache, torch.Tensor] | None:
         """Prefill up to `tokens` more of one request's prompt; its (requests, cache, logits) once done.
@@ -333,27 +333,23 @@ class Scheduler:
         request.fill = None
         return [request], cache, first
 
-    def _prefill_together(self, requests: list[Request]) -> Iterator[tuple[list[Request], KVCache, torch.Tensor]]:
+    def _prefill_together(self, requests: list[Request]) -> tuple[list[Request], KVCache, torch.Tensor] | None:
         """Whole prompts in one left-padded forward (`engine.prefill`, as `llmkit.generate` runs
-        several); if that fails, each is prefilled alone, so only a bad one fails. On a quantized model
-        the batch's rows may take the int8 GEMM where a short prompt alone takes the packed kernel
-        (`PackedLinear` picks by rows), so its logits can differ from a lone run's by that rounding, as
-        a batch's do in llama.cpp and vLLM; unquantized, only the GEMM's summation order differs."""
+        several); None if that fails. On a quantized model the batch's rows may take the int8 GEMM
+        where a short prompt alone takes the packed kernel (`PackedLinear` picks by rows), so its
+        logits can differ from a lone run's by that rounding, as a batch's do in llama.cpp and vLLM;
+        unquantized, only the GEMM's summation order differs."""
         try:
             cache, first = prefill(self.model, [r.prompt for r in requests], [r.seqs[0] for r in requests], 0)
-        except Exception:  # noqa: BLE001 - find the one at fault
-            for request in requests:
-                finished = self._advance(request, len(request.prompt))
-                if finished is not None:
-                    yield finished
-            return
+        except Exception:  # noqa: BLE001 - the caller prefills each alone to find the one at fault
+            return None
         width = max(len(r.prompt) for r in requests)
         for row, request in enumerate(requests):
             self.filling.remove(request)
             request.fill = None
             if self.prefix is not None:
                 self.prefix.insert(request.prompt, cache, row=row, offset=width - len(request.prompt))
-        yield requests, cache, first
+        return requests, cache, first
 
     def _emit(self, owners: list[Request], chunks: list[Chunk]) -> None:
         now = time.perf_counter()
