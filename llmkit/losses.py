@@ -20,6 +20,7 @@ Sequence-level inputs have shape (batch,); token-level ones (batch, steps) with 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from llmkit.data.collate import IGNORE_INDEX
@@ -66,6 +67,12 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
 # gradients, which are the size of the inputs. Memory falls from tokens x vocab to chunk x vocab,
 # and the loss of a llama-8m step (8 x 256 tokens, vocab 8192) runs 1.5-2x faster on a 2-core CPU
 # (142-160 ms against 230-360 ms, forward and backward; benchmarks/train.py times whole steps).
+#
+# Under tensor parallel the LM head is split by vocabulary rows (a DTensor, Shard(0), on the tp ranks) and
+# the same loop runs on each rank's rows (Megatron's vocabulary-parallel cross-entropy): per chunk, one
+# all-reduce of the rows' maxima and one of their exp-sums and target logits make every rank's loss the
+# whole vocabulary's; each rank's weight gradient is its rows' alone, and the hidden states' gradient, a sum
+# over the vocabulary, is all-reduced once at the end. No rank ever holds the whole head or its logits.
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -110,8 +117,33 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     grad = torch.is_grad_enabled()
+    vocab = _vocab_rows(weight)
+    if vocab is not None:
+        weight = weight.to_local()  # differentiable: its gradient becomes the DTensor's shard
     return _LinearCrossEntropy.apply(hidden, weight, labels, dtype, grad and hidden.requires_grad,
-                                     grad and weight.requires_grad, softcap)
+                                     grad and weight.requires_grad, softcap, vocab)
+
+
+def _vocab_rows(weight: torch.Tensor) -> tuple[object, int] | None:
+    """(process group, first vocabulary row) of a head split by rows over one mesh dimension (tensor
+    parallel); None for a whole weight. Any other layout is refused: the loss would be silently wrong."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return None
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(weight, DTensor):
+        return None
+    mesh = weight.device_mesh
+    # Only tp ranks read the same batch: a head sharded over data-parallel ranks (an FSDP shard) must be gathered.
+    if mesh.mesh_dim_names != ("tp",) or tuple(weight.placements) != (Shard(0),):
+        raise ValueError(f"linear_cross_entropy takes a whole head or one split by vocabulary rows over the "
+                         f"tensor-parallel mesh dimension (\"tp\", placements (Shard(0),)); got placements "
+                         f"{tuple(weight.placements)} over {mesh.mesh_dim_names}")
+    rows = weight.to_local().shape[0]
+    if rows * mesh.size() != weight.shape[0]:
+        raise ValueError(f"the head's {weight.shape[0]} vocabulary rows are split unevenly over {mesh.size()} "
+                         "ranks; the vocabulary size must be a multiple of tp")
+    return mesh.get_group(), mesh.get_local_rank() * rows
 
 
 def _chunk_rows(vocab: int, device: torch.device) -> int:
@@ -123,8 +155,12 @@ def _chunk_rows(vocab: int, device: torch.device) -> int:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, dtype, grad_of_hidden, grad_of_weight, softcap):
+    def forward(ctx, hidden, weight, labels, dtype, grad_of_hidden, grad_of_weight, softcap, vocab):
         n = hidden.shape[0]
+        group, first = vocab if vocab is not None else (None, 0)
+        if group is not None:  # this rank's rows first..first + rows of the vocabulary; a label elsewhere is 0 here
+            mine = (labels >= first) & (labels < first + weight.shape[0])
+            labels = torch.where(mine, labels - first, 0)
         with torch.autocast(hidden.device.type, enabled=False):
             h = hidden if dtype is None else hidden.to(dtype)
             w = weight if dtype is None else weight.to(dtype)
@@ -147,13 +183,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     probs.copy_(tanh).mul_(softcap)
                 target = probs.gather(1, y_i[:, None])
                 peak = probs.amax(1, keepdim=True)
+                if group is not None:
+                    target.mul_(mine[start:start + rows, None])
+                    dist.all_reduce(peak, dist.ReduceOp.MAX, group=group)
                 probs.sub_(peak).exp_()  # in place, from here on: softmax, then softmax minus one-hot
                 norm = probs.sum(1, keepdim=True)
+                if group is not None:  # the whole vocabulary's exp-sum and target logit, in one all-reduce
+                    both = torch.cat([norm, target], 1)
+                    dist.all_reduce(both, group=group)
+                    norm, target = both[:, :1], both[:, 1:]
                 total += (peak + norm.log() - target).sum()  # logsumexp - target logit
                 if not (grad_of_hidden or grad_of_weight):
                     continue
                 probs.div_(norm)
-                probs[arange[:r], y_i] -= 1
+                if group is None:
+                    probs[arange[:r], y_i] -= 1
+                else:
+                    hit = mine[start:start + rows]
+                    probs[arange[:r][hit], y_i[hit]] -= 1
                 if softcap is not None:
                     probs.mul_(tanh.square_().neg_().add_(1))
                 grad_logits = probs if w.dtype == exact else low[:r].copy_(probs)
@@ -165,6 +212,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_weight.addmm_(grad_logits.t(), h_i)
                 elif grad_of_weight:
                     grad_weight += grad_logits.t() @ h_i
+            if group is not None and grad_hidden is not None:  # each rank's rows' part of a sum over the vocabulary
+                dist.all_reduce(grad_hidden, group=group)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.n = n
         return total / n
@@ -174,7 +223,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         scale = grad_loss / ctx.n
         grad_hidden, grad_weight = (None if g is None else g * scale.to(g.dtype) for g in ctx.saved_tensors)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 # ---- reward model and direct preference optimisation -----------------------------------------

@@ -44,7 +44,6 @@ TWO = {"tp": dict(tp=2), "sp": dict(tp=2, sp=True), "pp-1f1b": dict(pp=2, pp_mic
        # differ by 1e-7, and torch's Newton-Schulz, in bf16 with a slope of 3.4 at zero, turns that into
        # flipped roundings: weights 2e-3 apart after 8 steps at Muon's lr 0.02, hiding the step under test
        "muon-fsdp": dict(dp_shard=2, optimizer="muon", same_batch=True, grad_clip=0.0)}
-EMBEDDINGS = (2 * 512 * 64 + 64) * 4  # bytes of llama-tiny's embedding, LM head and final norm (fp32)
 FOUR = {"tp2xfsdp2": dict(tp=2, dp_shard=2), "tp2xpp2": dict(tp=2, pp=2, pp_microbatches=4),
         "pp2xfsdp2": dict(pp=2, dp_shard=2, pp_microbatches=2)}
 
@@ -150,18 +149,20 @@ def test_tp_sp_and_pp_on_two_processes_equal_one_process(reference, tmp_path):
     kept = sorted(p.name for p in (tmp_path / "tp-split" / "checkpoints").iterdir())
     assert kept == ["latest", f"step-{STOP_AT:07d}", f"step-{STEPS:07d}"]
     assert _losses(tmp_path / "tp-split") == _losses(tmp_path / "tp")
-    assert _losses(tmp_path / "pp-split") == _losses(tmp_path / "pp-1f1b")  # and under pp=2    # parameter memory per rank: pp splits everything; tp splits the blocks and the embedding (the LM head,
-    # 20 % of llama-tiny, stays whole on each rank)
+    assert _losses(tmp_path / "pp-split") == _losses(tmp_path / "pp-1f1b")  # and under pp=2
+    # parameter memory per rank: pp splits everything; tp everything but the norms (0.1 % of llama-tiny): the
+    # blocks' linears, the embedding and the LM head (the loss runs vocabulary-parallel on its rows)
     memory = [json.loads((tmp_path / f"memory-2-{r}.json").read_text()) for r in range(2)]
     assert sum(m["pp-1f1b"] for m in memory) == single_bytes  # the stages hold disjoint pieces
     assert max(m["pp-1f1b"] for m in memory) < 0.51 * single_bytes
-    head = (512 * 64 + 64) * 4
-    assert max(m["tp"] for m in memory) - head < 0.51 * (single_bytes - head)
+    norms = (2 * 2 + 1) * 64 * 4
+    assert max(m["tp"] for m in memory) == (single_bytes - norms) / 2 + norms
     # llmkit's accounting (docs/parallelism.md's table) predicts these counts exactly
     llama = ModelConfig.from_preset("llama-tiny")
     for name, sizes in (("tp", dict(tp=2)), ("pp-1f1b", dict(pp=2))):
         assert max(m[name] for m in memory) == 4 * parallel_costs(llama, **sizes)["parameters_per_rank"], name
-    mixtral = ModelConfig.from_preset("mixtral-2m")
+    mixtral = ModelConfig.from_preset("mixtral-2m")  # under tp: the attention and the tied embedding split
+    assert max(m["moe-tp"] for m in memory) == 4 * parallel_costs(mixtral, tp=2)["parameters_per_rank"]
     assert max(m["moe-ep"] for m in memory) == 4 * parallel_costs(mixtral, ep=2)["parameters_per_rank"]
     assert max(m["moe-ep"] for m in memory) < 0.68 * 4 * parallel_costs(mixtral)["parameters_per_rank"]  # experts 65 %
 
@@ -174,9 +175,9 @@ def test_2d_meshes_on_four_processes_equal_one_process_and_tp_by_fsdp_loads_in_t
     for name in FOUR:
         _assert_same_run(single, tmp_path / name)
     memory = [json.loads((tmp_path / f"memory-4-{r}.json").read_text())["tp2xfsdp2"] for r in range(4)]
-    # the blocks and the embedding split 4 ways (tp x dp_shard), the LM head and final norm 2 ways (FSDP only)
-    expected = (single_bytes - EMBEDDINGS / 2) / 4 + EMBEDDINGS / 4
-    assert abs(max(memory) - expected) < 0.02 * expected, (memory, expected)
+    # everything split 4 ways (tp x dp_shard) but the norms, split 2 ways (FSDP only)
+    norms = (2 * 2 + 1) * 64 * 4
+    assert max(memory) == (single_bytes - norms) / 4 + norms / 2, memory
     costs = parallel_costs(ModelConfig.from_preset("llama-tiny"), tp=2, dp_shard=2)
     assert max(memory) == 4 * costs["parameters_per_rank"]
     folder = tmp_path / "tp2xfsdp2" / "checkpoints" / f"step-{STEPS:07d}"
@@ -210,6 +211,8 @@ def test_bad_sizes_fail_before_any_compute(tmp_path):
         parallel.check(parallel.ParallelConfig(ep=2, tp=2), ModelConfig.from_preset("mixtral-2m"), 2)
     with pytest.raises(ConfigError, match="tied embeddings"):
         parallel.check(parallel.ParallelConfig(pp=2), ModelConfig.from_preset("llama-2m"), 2)
+    with pytest.raises(ConfigError, match=re.escape("tp=2 must divide the vocabulary (511)")):
+        parallel.check(parallel.ParallelConfig(tp=2), llama.replace(vocab_size=511), 2)
     # through the loop on one process: the error comes before a step or a file
     config = LoopConfig(max_steps=STEPS, progress=False, device="cpu", tp=2)
     with pytest.raises(ConfigError, match="does not divide the world size 1"):
@@ -233,8 +236,12 @@ def test_parallel_costs_by_hand():
     assert fsdp["state_bytes"] == params // 2 * (2 + 2 + 8)  # bf16 weights and gradients, fp32 AdamW moments
     assert fsdp["traffic_bytes"]["dp_shard"] == 0.5 * params * (2 * 2 + 2)  # gather twice, reduce-scatter once
     tp = parallel_costs(llama, tp=2, seq_len=16, micro_batch=3)
-    # 2 all-reduces of the residual stream per block forward, 2 backward, 1 after the split embedding;
-    # ring: 2 (n-1)/n of the bytes each
-    assert tp["traffic_bytes"]["tp"] == (4 * 2 + 1) * 1.0 * (3 * 16 * 64 * 2)
+    # 2 all-reduces of the residual stream per block forward, 2 backward, 1 after the split embedding, 1 of the
+    # hidden states' gradient from the vocabulary-parallel loss; ring: 2 (n-1)/n of the bytes each
+    assert tp["traffic_bytes"]["tp"] == (4 * 2 + 2) * 1.0 * (3 * 16 * 64 * 2)
+    assert tp["parameters_per_rank"] == 2 * (12_288 + 36_864) // 2 + 2 * 128 + 2 * 512 * 64 // 2 + 64
+    # under pp the last stage gathers the logits (vocabulary 512) forward and reduce-scatters them backward
+    tp_pp = parallel_costs(llama, tp=2, pp=2, microbatches=2, seq_len=16)
+    assert tp_pp["traffic_bytes"]["tp"] == 2 * (4 * 1.0 * 16 * 64 * 2 + 2 * 0.5 * 16 * 512 * 2)
     pp = parallel_costs(llama, pp=2, microbatches=4, seq_len=16)
     assert pp["traffic_bytes"]["pp"] == 2 * (16 * 64 * 2) * 4  # activations forward, their gradients back

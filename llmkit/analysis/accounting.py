@@ -313,7 +313,7 @@ def parallel_costs(config: ModelConfig, *, dp_replicate: int = 1, dp_shard: int 
                    ep: int = 1, microbatches: int = 1, micro_batch: int = 1, seq_len: int = 4096,
                    precision: str = "bf16") -> dict[str, Any]:
     """Per-rank memory and per-step traffic of one parallel layout, placed as `llmkit.train.parallel` places
-    it: tp splits each block's linears and an untied embedding (norms, a MoE and the LM head stay whole), ep
+    it: tp splits each block's linears, the embedding and the LM head (norms and a MoE stay whole), ep
     a MoE block's experts, pp gives each stage
     ceil(n_layer / pp) blocks (the first the embedding, the last the final norm and head), FSDP shards what a
     rank holds over dp_shard, replicas copy it over dp_replicate.
@@ -325,7 +325,9 @@ def parallel_costs(config: ModelConfig, *, dp_replicate: int = 1, dp_shard: int 
     ranks sends 2 (n-1)/n S, an all-gather or reduce-scatter (n-1)/n S): FSDP gathers the weights for
     forward and again for backward and reduce-scatters the gradients; replicas all-reduce their gradient
     shards; tp all-reduces (or, with sp, all-gathers then reduce-scatters: the same volume) the residual
-    stream twice per block in forward and twice in backward (and once after a split embedding); pp sends each micro-batch's activations
+    stream twice per block in forward and twice in backward, once after the embedding and once for the loss's
+    gradient of the hidden states (a pipeline's last stage all-gathers the logits instead, and reduce-scatters
+    their gradient); pp sends each micro-batch's activations
     forward and their gradients back; ep all-reduces each MoE block's output in forward and its input's
     gradient in backward.
     """
@@ -345,7 +347,7 @@ def parallel_costs(config: ModelConfig, *, dp_replicate: int = 1, dp_shard: int 
     embed = model.embed.weight.numel()
     head = 0 if config.tie_embeddings else model.lm_head.weight.numel()
     layers = -(-config.n_layer // pp)
-    embed = embed if config.tie_embeddings else embed // tp  # tp splits an untied embedding by rows
+    embed, head = embed // tp, head // tp  # tp splits the embedding and the LM head by vocabulary rows
     ends = [embed + (head + config.d_model if pp == 1 else 0), head + config.d_model]  # first, last stage
     stage_params = layers * (split // tp + experts // ep + block - split - experts) + max(ends)
     params = stage_params / dp_shard
@@ -361,7 +363,11 @@ def parallel_costs(config: ModelConfig, *, dp_replicate: int = 1, dp_shard: int 
     traffic = {
         "dp_shard": ring(dp_shard) * stage_params * (2 * b["weights"] + b["grads"]),
         "dp_replicate": ring(dp_replicate, True) * params * b["grads"],
-        "tp": (4 * layers + (not config.tie_embeddings)) * ring(tp, True) * residual * microbatches,
+        # per block two all-reduces forward and two backward; without pp, the embedding's forward and the loss's
+        # hidden-state gradient; a pipeline's last stage (the fullest) gathers the logits and reduce-scatters
+        # their gradient instead
+        "tp": ((4 * layers + (2 if pp == 1 else 0)) * ring(tp, True) * residual
+               + (2 * ring(tp) * tokens * config.vocab_size * act if pp > 1 else 0)) * microbatches,
         "pp": (2 * residual * microbatches) if pp > 1 else 0,
         "ep": 2 * ring(ep, True) * residual * layers * microbatches,  # experts' outputs; the input's gradient
     }

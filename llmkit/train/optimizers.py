@@ -45,7 +45,8 @@ def param_groups(model: nn.Module, weight_decay: float, muon: bool = False) -> l
         for mesh in meshes:
             params = [p for n, p in named if kind(n, p) == (algorithm, decay)
                       and getattr(p, "device_mesh", None) == mesh]
-            if params or (algorithm == "adamw" and not muon):  # AdamW alone keeps its two groups, as before
+            # AdamW alone keeps its two groups on one mesh, as before (DCP's loader takes one empty group at most)
+            if params or (algorithm == "adamw" and not muon and len(meshes) == 1):
                 groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0,
                                "algorithm": algorithm})
     return groups

@@ -116,6 +116,9 @@ def check(config: ParallelConfig, model: ModelConfig, world_size: int, batch_siz
         d_ff = [model.d_ff] if not model.n_experts else [model.shared_expert_d_ff or config.tp]
         if any(d % config.tp for d in d_ff):
             raise ConfigError(f"parallelism: tp={config.tp} must divide the MLP width {d_ff[0]}")
+        if model.vocab_size % config.tp:
+            raise ConfigError(f"parallelism: tp={config.tp} must divide the vocabulary ({model.vocab_size}): the "
+                              "embedding and the LM head are split by rows")
         if not model.causal or model.post_norm or model.num_labels:
             raise ConfigError("parallelism: tp is built for decoder LMs (pre-norm, causal, LM head); this model is "
                               "an encoder or a classifier")
@@ -170,9 +173,10 @@ def data_slice(layout: Layout, rank: int) -> tuple[int, int]:
 
 
 def apply_tp(model: nn.Module, mesh, sequence_parallel: bool) -> None:
-    """Megatron's split of each block on the tp mesh; each Attention then computes its local heads. An untied
-    embedding is split by vocabulary rows (each rank looks up its rows, one all-reduce); the LM head stays
-    whole, as the fused loss (`llmkit.losses.linear_cross_entropy`) reads its whole weight."""
+    """Megatron's split of each block on the tp mesh; each Attention then computes its local heads. The
+    embedding and the LM head are split by vocabulary rows (tied, they stay one weight): each rank looks up
+    its rows (one all-reduce), and the fused loss (`llmkit.losses.linear_cross_entropy`) runs
+    vocabulary-parallel on its rows of the head; `Transformer.logits` gathers the whole logits."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
@@ -209,9 +213,10 @@ def apply_tp(model: nn.Module, mesh, sequence_parallel: bool) -> None:
         parallelize_module(block, mesh, plan)
         block.attn.n_head //= tp
         block.attn.n_kv_head //= tp
-    if not model.config.tie_embeddings:  # the embedding split by vocabulary rows (a tied one is also the LM head)
-        parallelize_module(model, mesh, {"embed": RowwiseParallel(input_layouts=Replicate(),
-                                                                  output_layouts=Replicate())})
+    parallelize_module(model, mesh, {"embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+                                     "lm_head": ColwiseParallel(output_layouts=Replicate())})
+    if model.config.tie_embeddings:  # each plan made its own Parameter of the same rows: one weight again
+        model.lm_head.weight = model.embed.weight
     if sequence_parallel and not isinstance(model.norm, nn.Identity):
         # the final norm runs on each rank's positions; the LM head and the loss read the whole sequence
         parallelize_module(model, mesh, {"norm": SequenceParallel()})
