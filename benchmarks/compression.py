@@ -7,7 +7,8 @@ Rows (`--groups`, comma-separated):
 - structured:   heads (whole GQA groups), MLP channels and layers removed to ~70 % of the parameters,
                 before and after `--recover-steps` of distillation from the unpruned model
 - gguf:         Q4_K_M, Q3_K_M, Q4_0 with and without an importance matrix (llama.cpp's imatrix)
-- int4:         llmkit's packed int4 weight-only layers, round-to-nearest vs GPTQ
+- int4:         llmkit's packed int4 weight-only layers: round-to-nearest, importance-weighted grids
+                (the imatrix's mean squared activations), GPTQ
 
 Calibration: `--calib-tokens` tokens of the Wikipedia leads' training documents; held-out text: the
 first `--eval-tokens` tokens of their held-out documents (data.split's rule), scored in one window by
@@ -186,10 +187,11 @@ def run(args, header: dict) -> dict:
                 rep.gguf_row("imatrix" if use else "round-to-nearest", quant, base.config, base_sd, quant=quant,
                              importance=matrix if use else None, params=params_of(base))
     if "int4" in groups:
-        for method in ("round-to-nearest", "GPTQ"):
+        for method in ("round-to-nearest", "imatrix", "GPTQ"):
             model = llmkit.Transformer.from_state_dict(base.config, base_sd).eval()
-            stats = calibrate(model, batches, gram=True) if method == "GPTQ" else None
-            quantize(model, bits=4, group_size=args.int4_group, calibration=stats)
+            stats = calibrate(model, batches, gram=method == "GPTQ") if method != "round-to-nearest" else None
+            quantize(model, bits=4, group_size=args.int4_group, calibration=stats if method == "GPTQ" else None,
+                     importance=stats if method == "imatrix" else None)
             row = {"method": method, "setting": f"int4 g{args.int4_group} (head int8)", "format": "llmkit PackedLinear",
                    "parameters": params_of(base), "file_bytes": packed_bytes(model),
                    "ppl_llmkit": ppl_llmkit(model, ids)}
@@ -258,6 +260,11 @@ def claims(rows: list[dict]) -> list[str]:
             continue
         out.append(f"- GPTQ beats round-to-nearest at {setting}: {verdict(g['ppl_llmkit'] < r['ppl_llmkit'])} "
                    f"(perplexity {g['ppl_llmkit']:.3f} vs {r['ppl_llmkit']:.3f})")
+        i = by.get(("imatrix", setting))
+        if i:
+            out.append(f"- the importance matrix lowers int4 perplexity at {setting}: "
+                       f"{verdict(i['ppl_llmkit'] < r['ppl_llmkit'])} (perplexity {i['ppl_llmkit']:.3f} vs "
+                       f"{r['ppl_llmkit']:.3f})")
     base = by.get(("fp32", "-"))
     for row in rows:
         if row["method"].startswith("structured") and base:

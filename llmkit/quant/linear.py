@@ -38,7 +38,7 @@ class PackedLinear(nn.Module):
     """y = x @ W_q^T (+ bias) with W_q an int8 or int4 quantization of a linear layer's weight."""
 
     def __init__(self, linear: nn.Linear, bits: int = 8, group_size: int = 32, int8_prefill: bool = True,
-                 int4: tuple | None = None):
+                 int4: tuple | None = None, importance: torch.Tensor | None = None):
         super().__init__()
         w = linear.weight.detach().float()
         self.out_features, self.in_features = w.shape
@@ -54,7 +54,7 @@ class PackedLinear(nn.Module):
                 raise ConfigError(f"int4 needs in_features ({self.in_features}) divisible by group_size "
                                   f"({group_size}) and out_features ({self.out_features}) divisible by 8")
             # `int4`: a (q, scale, zero, dequant) already chosen on quantize_int4's grid (GPTQ)
-            q, scale, zero, dequant = int4 if int4 is not None else quantize_int4(w, group_size)
+            q, scale, zero, dequant = int4 if int4 is not None else quantize_int4(w, group_size, importance)
             self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
             self.register_buffer("scales", torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
                                  .to(torch.bfloat16))
@@ -92,7 +92,8 @@ class PackedLinear(nn.Module):
 
 @torch.no_grad()
 def quantize(model: nn.Module, bits: int = 8, group_size: int = 32, head_bits: int = 8,
-             int8_prefill: bool = True, calibration: Calibration | None = None) -> nn.Module:
+             int8_prefill: bool = True, calibration: Calibration | None = None,
+             importance: Calibration | None = None) -> nn.Module:
     """Swap, in place, every linear layer of `model.blocks` for a `PackedLinear` of `bits`, and the LM
     head for one of `head_bits`.
 
@@ -114,21 +115,30 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int = 32, head_bits: i
     `calibration` with Gram matrices (`calibrate(model, batches, gram=True)`, taken before this call)
     chooses the int4 weights of the blocks by GPTQ (quant/gptq.py) instead of rounding to nearest;
     a fused layer uses the Gram matrix of the input its parts share.
+
+    `importance` (`calibrate(model, batches)`, taken before this call) weights each int4 group's rounding
+    error by its columns' mean squared activation (llama.cpp's imatrix) when choosing the group's scale
+    and zero (`weights.quantize_int4`); one of the two, not both.
     """
     if model.device.type != "cpu":
         raise ConfigError(f"quantize() uses PyTorch's CPU packed kernels; the model is on {model.device}")
     if calibration is not None and (bits != 4 or not calibration.gram):
         raise ConfigError("GPTQ (a calibration) applies to bits=4 and needs Gram matrices "
                           "(calibrate(..., gram=True)); expected both")
+    if importance is not None and (bits != 4 or calibration is not None):
+        raise ConfigError("an importance matrix weights the int4 rounding (bits=4) and replaces GPTQ's "
+                          "calibration; pass one of the two with bits=4")
     model.fuse_projections()
     for path, parent in list(model.blocks.named_modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and not isinstance(parent, MoE):  # routers stay exact, as in llama.cpp
-                int4 = None
+                int4 = weights = None
+                source = f"blocks.{path}.{_SHARED_INPUT.get(name, name)}"
                 if calibration is not None:
-                    source = f"blocks.{path}.{_SHARED_INPUT.get(name, name)}"
                     int4 = gptq_int4(child.weight, calibration.gram[source].to(child.weight.device), group_size)
-                setattr(parent, name, PackedLinear(child, bits, group_size, int8_prefill, int4))
+                if importance is not None:
+                    weights = importance.mean_sq(source).float()
+                setattr(parent, name, PackedLinear(child, bits, group_size, int8_prefill, int4, weights))
     if isinstance(model.lm_head, nn.Linear):
         model.lm_head = PackedLinear(model.lm_head, head_bits, group_size, int8_prefill)
     return model.eval()
