@@ -467,6 +467,38 @@ class Transformer(nn.Module):
                                                                                   "mlp.down_proj")) else 1.0
                 nn.init.normal_(p, mean=0.0, std=std * scale)
 
+    @torch.no_grad()
+    def resize_vocab(self, vocab_size: int) -> Transformer:
+        """Grow the embedding (and an untied LM head) to `vocab_size` rows for tokens added to the tokenizer
+        (transformers' `resize_token_embeddings`): the old rows stay, each new one starts at the mean of the
+        old ones (as transformers initialises them), so a new token's logit starts where an average one's
+        would. Shrinking is refused: it would drop trained rows. Returns self."""
+        old = self.config.vocab_size
+        if vocab_size < old:
+            raise ConfigError(f"resize_vocab({vocab_size}): the model has {old} rows; shrinking would drop trained "
+                              "rows, expected a size >= the current one")
+        if vocab_size == old:
+            return self
+
+        def grown(weight: torch.Tensor) -> nn.Parameter:
+            new = weight.new_empty(vocab_size, weight.shape[1])
+            new[:old] = weight
+            new[old:] = weight.mean(0)
+            return nn.Parameter(new, requires_grad=weight.requires_grad)
+
+        self.embed.weight = grown(self.embed.weight)
+        self.embed.num_embeddings = vocab_size
+        if self.lm_head is not None and not self.config.tie_embeddings:
+            if self.lm_head.bias is not None:
+                raise ConfigError("resize_vocab: an LM head with a bias (BERT's MLM decoder) is not resizable here")
+            self.lm_head.weight = grown(self.lm_head.weight)
+            self.lm_head.out_features = vocab_size
+        elif self.lm_head is not None:
+            self.lm_head.out_features = vocab_size
+        self.config = self.config.replace(vocab_size=vocab_size)
+        self.tie_weights()
+        return self
+
     def fuse_projections(self) -> Transformer:
         """q/k/v and gate/up each as one matmul (one kernel call instead of three or two per block,
         which matters when decoding one token); the same weights, for inference. Returns self."""

@@ -328,6 +328,14 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
+    def add_special_tokens(self, tokens: Sequence[str]) -> list[int]:
+        """Add special tokens (matched whole, never split; skipped on request) after the vocabulary, as
+        transformers' `add_special_tokens` does, and return their ids; a token already present keeps its id.
+        A model reading the new ids needs rows for them (`Transformer.resize_vocab`)."""
+        self.backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+        self._compiled = None
+        return [self.backend.token_to_id(t) for t in tokens]
+
     def id_to_token(self, i: int) -> str | None:
         return self.backend.id_to_token(i)
 

@@ -150,3 +150,31 @@ def test_stage_two_and_its_errors():
     assert counts["cross"] > 0 and counts["lm"] == 0
     with pytest.raises(ConfigError, match=r"the tokenizer's <image> is id None"):
         prompt_ids(cross, Tokenizer.train(["a b"] * 5, vocab_size=270), "hi")
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_pretrained_lm_gets_an_image_token(tie):
+    """A tokenizer without `<image>` (a pretrained LM's) gets it as a special token after its vocabulary and
+    the LM one row for it, the mean of the old rows (transformers' resize_token_embeddings starts new rows
+    there); every old logit is unchanged and the tie holds; shrinking is refused."""
+    from llmkit.train.vision import add_image_token
+
+    tok = Tokenizer.train(["Is it bright?", "yes", "no"] * 10, vocab_size=280, special_tokens=CHATML_SPECIALS)
+    n = len(tok)
+    torch.manual_seed(0)
+    lm = Transformer(ModelConfig(vocab_size=n, n_layer=1, n_head=2, d_model=16, d_ff=32, max_seq_len=32,
+                                 tie_embeddings=tie)).eval()
+    ids = torch.tensor([tok.encode("Is it bright? yes")])
+    before, embed = lm(ids), lm.embed.weight.detach().clone()
+    image_id = add_image_token(lm, tok)
+    assert image_id == n and tok.token_to_id(IMAGE_TOKEN) == n and lm.config.vocab_size == n + 1
+    assert tok.encode(f"{IMAGE_TOKEN}yes")[0] == n  # matched whole, as a special token
+    assert torch.equal(lm.embed.weight[:n], embed) and torch.allclose(lm.embed.weight[n], embed.mean(0))
+    assert (lm.lm_head.weight is lm.embed.weight) == tie and lm.lm_head.weight.shape == (n + 1, 16)
+    after = lm(ids)
+    assert after.shape[-1] == n + 1  # old logits equal up to the matmul's blocking for one more output column
+    torch.testing.assert_close(after[..., :n], before, rtol=0, atol=1e-6)
+    assert add_image_token(lm, tok) == n and lm.config.vocab_size == n + 1  # already there: nothing changes
+    with pytest.raises(ConfigError, match="shrinking would drop trained rows"):
+        lm.resize_vocab(n)
+    VisionLanguageModel(VLMConfig(vision=VISION, image_token_id=image_id), lm)  # the VLM accepts the new id

@@ -46,6 +46,18 @@ def prompt_ids(model: VisionLanguageModel, tokenizer: Tokenizer, question: str) 
     return model.expand_placeholders(tokenizer.encode_chat([user_turn(question)], add_generation_prompt=True))
 
 
+def add_image_token(lm, tokenizer: Tokenizer) -> int:
+    """The id of `IMAGE_TOKEN` in `tokenizer`, added as a special token if missing (a pretrained LM's
+    tokenizer, SmolLM2's say, has none) with the LM's vocabulary grown to hold it (`resize_vocab`), as
+    LLaVA and SmolVLM add `<image>` to their language model's tokenizer. Build the VLMConfig with it."""
+    image_id = tokenizer.token_to_id(IMAGE_TOKEN)
+    if image_id is None:
+        image_id = tokenizer.add_special_tokens([IMAGE_TOKEN])[0]
+    if image_id >= lm.config.vocab_size:
+        lm.resize_vocab(image_id + 1)
+    return image_id
+
+
 def check_tokenizer(model: VisionLanguageModel, tokenizer: Tokenizer) -> None:
     if tokenizer.token_to_id(IMAGE_TOKEN) != model.config.image_token_id:
         raise ConfigError(f"the tokenizer's {IMAGE_TOKEN} is id {tokenizer.token_to_id(IMAGE_TOKEN)}, the model's "
