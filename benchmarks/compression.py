@@ -320,14 +320,17 @@ def markdown(results: list[tuple[str, dict]]) -> str:
               "Unstructured zeros are stored dense (F32 GGUF): they cost the same bytes and time as the base "
               "model; only structured pruning makes a smaller, faster model.", "",
               "llmkit scores a quantized GGUF by dequantizing it to fp32; llama.cpp multiplies the quantized weights "
-              "by activations it rounds to 8 bits (Q8_0/Q8_K), which is the likely source of any gap above 1 % on "
-              "the quantized files (not separately measured). A row without tokens/s was run with --no-timing "
+              "by activations it rounds to 8 bits (Q8_0/Q8_K), the likely source of the small gaps on the quantized "
+              "files (the F32 files agree to 0.01 %). A row without tokens/s was run with --no-timing "
               "(timing on a shared, loaded machine measures the neighbours).", "",
-              "SmolLM2's packaged weights are a Q4_1 GGUF: every block of 32 weights already lies on a 4-bit "
-              "min/max grid, which llmkit's int4 with groups of 32 reproduces exactly, so at g32 round-to-nearest "
-              "is lossless on the weights and GPTQ has nothing to correct (identical rows); its cost over fp32 there "
-              "is the int8 LM head and the int8 activations of the prefill GEMM. Groups of 64 span two Q4_1 blocks "
-              "(two grids), so rounding to them loses information.", ""]
+              "The int4 rows are llmkit's own engine (packed int4 weights, int8 LM head; prefill through int8 "
+              "activations): round-to-nearest takes each group's min and max; the imatrix row weights each "
+              "group's rounding error by its columns' mean squared activation and searches the grid "
+              "(`quantize_int4(w, g, importance)`, llama.cpp's make_qkx2_quants search); GPTQ keeps min/max grids and "
+              "pushes each column's rounding error onto the columns not yet rounded. SmolLM2's packaged weights are "
+              "a Q4_1 GGUF, so every block of 32 weights already lies on a min/max grid: at groups of 32 "
+              "round-to-nearest is lossless on the weights and neither method has anything to correct; groups of "
+              "64 span two Q4_1 blocks.", ""]
     return "\n".join(lines)
 
 
