@@ -322,7 +322,10 @@ def markdown(results: list[tuple[str, dict]]) -> str:
               "llmkit scores a quantized GGUF by dequantizing it to fp32; llama.cpp multiplies the quantized weights "
               "by activations it rounds to 8 bits (Q8_0/Q8_K), the likely source of the small gaps on the quantized "
               "files (the F32 files agree to 0.01 %). A row without tokens/s was run with --no-timing "
-              "(timing on a shared, loaded machine measures the neighbours).", "",
+              "(timing on a shared, loaded machine measures the neighbours). Each timing is one run (512 tokens "
+              "prefilled, 32 decoded): rows of the same shape and kernels differ by up to a third between runs "
+              "(structured before and after recovery; round-to-nearest and GPTQ int4), so compare them at that "
+              "resolution.", "",
               "The int4 rows are llmkit's own engine (packed int4 weights, int8 LM head; prefill through int8 "
               "activations): round-to-nearest takes each group's min and max; the imatrix row weights each "
               "group's rounding error by its columns' mean squared activation and searches the grid "
