@@ -5,8 +5,8 @@ the image processor (Pillow, bilinear), split 80/20 stratified (seed 0). Caption
 several phrasings ("It is 7.", "That's a seven.", ...), questions in several too. Held out: the images
 never trained on, asked "What digit is this?", answered by greedy generation and read back as a digit.
 
-The language model: a small llmkit Transformer (not SmolLM2-135M: one frozen 135M forward+backward took
-75 s on this machine's 2 cores) with a byte-level BPE trained on the phrasings, first pretrained on text-only chats whose image slot
+The language model: a small llmkit Transformer (SmolLM2-135M behind the same image path:
+benchmarks/vision_smollm2.py) with a byte-level BPE trained on the phrasings, first pretrained on text-only chats whose image slot
 holds the digit in words (stage 0: it learns to answer from what stands in that slot, as a pretrained LM
 reads its input; a stage 0 with a constant placeholder gave an LM that never reads the slot, and stage 1
 then stayed at chance, 0.10), then frozen:

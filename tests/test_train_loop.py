@@ -284,3 +284,51 @@ def test_warmup_longer_than_the_run_is_warned(tmp_path, capsys):
     train(tiny_model(), causal_lm_loss, RandomWindows(text_tokens(), 2, 16), quiet(max_steps=2, warmup_steps=5),
           tmp_path)
     assert "warning: warmup_steps=5 >= max_steps=2: the learning rate never reaches" in capsys.readouterr().err
+
+
+def test_a_module_without_a_model_config_trains_saves_and_resumes_through_save_weights(tmp_path):
+    """The one loop trains any module (a vision encoder's classifier in benchmarks/vision_smollm2.py): with
+    `save_weights`/`load_weights` its checkpoints need no ModelConfig, and --resume continues exactly."""
+    from safetensors.torch import load_file, save_file
+
+    class Points:
+        def __init__(self, stop_at=None):
+            self.generator, self.step, self.stop_at = torch.Generator().manual_seed(0), 0, stop_at
+
+        def next_batch(self):
+            if self.step == self.stop_at:
+                raise KeyboardInterrupt  # the run dies here
+            self.step += 1
+            x = torch.randn(16, 4, generator=self.generator)
+            return x, (x.sum(1) > 0).long()
+
+        def state_dict(self):
+            return {"generator": self.generator.get_state().tolist()}
+
+        def load_state_dict(self, state):
+            self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+
+    def objective(model, batch):
+        loss = F.cross_entropy(model(batch[0]), batch[1])
+        return loss, {"loss": loss.detach()}
+
+    def save(path, state):
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"))
+
+    def run(out, stop_at=None, resume=False, seed=0):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(4, 2)
+        config = LoopConfig(max_steps=6, lr=1e-2, warmup_steps=1, save_every=3, eval_every=0, progress=False,
+                            device="cpu", precision="fp32", resume=resume)
+        try:
+            train(model, objective, Points(stop_at), config, out, save_weights=save,
+                  load_weights=lambda path: load_file(str(path / "model.safetensors")))
+        except KeyboardInterrupt:
+            assert stop_at is not None
+        return model
+
+    whole = run(tmp_path / "whole")
+    run(tmp_path / "split", stop_at=3)
+    resumed = run(tmp_path / "split", resume=True, seed=1)  # another start: everything comes from the checkpoint
+    assert torch.equal(whole.weight, resumed.weight) and torch.equal(whole.bias, resumed.bias)

@@ -306,7 +306,8 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
         if world.is_main:
             path = checkpoint.save(out_dir, at_step, model_config, model_state, optimizer_state,
                                    {"tokens_seen": tokens_seen, "data": data.state_dict(),
-                                    "world_size": world.size, "model_config": model_config.to_dict()},
+                                    "world_size": world.size,
+                                    "model_config": None if model_config is None else model_config.to_dict()},
                                    keep_last=config.keep_last, write_extra=write_extra, save_weights=save_weights)
         dist_.barrier(world)
         return path
