@@ -479,6 +479,8 @@ class Transformer(nn.Module):
                               "rows, expected a size >= the current one")
         if vocab_size == old:
             return self
+        if self.lm_head is not None and self.lm_head.bias is not None:
+            raise ConfigError("resize_vocab: an LM head with a bias (BERT's MLM decoder) is not resizable here")
 
         def grown(weight: torch.Tensor) -> nn.Parameter:
             new = weight.new_empty(vocab_size, weight.shape[1])
@@ -488,12 +490,9 @@ class Transformer(nn.Module):
 
         self.embed.weight = grown(self.embed.weight)
         self.embed.num_embeddings = vocab_size
-        if self.lm_head is not None and not self.config.tie_embeddings:
-            if self.lm_head.bias is not None:
-                raise ConfigError("resize_vocab: an LM head with a bias (BERT's MLM decoder) is not resizable here")
-            self.lm_head.weight = grown(self.lm_head.weight)
-            self.lm_head.out_features = vocab_size
-        elif self.lm_head is not None:
+        if self.lm_head is not None:
+            if not self.config.tie_embeddings:
+                self.lm_head.weight = grown(self.lm_head.weight)
             self.lm_head.out_features = vocab_size
         self.config = self.config.replace(vocab_size=vocab_size)
         self.tie_weights()

@@ -4,7 +4,8 @@ The sizes (`ParallelConfig`, fields of every training config and so flags of `pr
 multiply to the world size and name the dimensions of one mesh, ("pp", "dp_replicate", "dp_shard", "ep", "tp"):
 
 - tp: tensor parallel (`torch.distributed.tensor.parallel`): q/k/v and gate/up split by columns (whole
-  heads and channels per rank), o/down by rows, one all-reduce per sublayer, an untied embedding by rows;
+  heads and channels per rank), o/down by rows, one all-reduce per sublayer, the embedding and the LM head
+  by vocabulary rows (the loss runs vocabulary-parallel: `llmkit.losses.linear_cross_entropy`);
   with `sp` the norms run sequence parallel (the residual stream sharded by position between sublayers:
   an all-gather before attention and the MLP and a reduce-scatter after, instead of the all-reduce).
 - pp: pipeline parallel (`torch.distributed.pipelining`): the blocks split into `pp` contiguous stages,
