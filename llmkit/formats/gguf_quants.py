@@ -143,9 +143,13 @@ def _f16(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return h.view(np.uint8).reshape(-1, 2), h.astype(np.float32)
 
 
-def _qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """Asymmetric scale/min per row (make_qkx2_quants): returns (scale >= 0, min >= 0 to subtract)."""
-    xmin = np.minimum(x.min(1), 0.0)
+def qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
+         signed_min: bool = False):
+    """Asymmetric scale/min per row (make_qkx2_quants): returns (scale >= 0, min to subtract), the pair of
+    lowest `w`-weighted squared error among min/max and the searched ranges (each trial: levels rounded,
+    then the weighted least-squares line through them). The K-quants store the min unsigned, so it is kept
+    >= 0 (the grid reaches 0); `signed_min` lets the grid start anywhere (llmkit's int4 zero points)."""
+    xmin = x.min(1) if signed_min else np.minimum(x.min(1), 0.0)
     rng = x.max(1) - xmin
     ok = rng > 0
     safe = np.where(ok, rng, 1.0)
@@ -163,9 +167,10 @@ def _qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, n
         dsafe = np.where(good, det, 1.0)
         scale = (sum_w * sum_xl - sum_x * sum_l) / dsafe
         mn = (sum_l2 * sum_x - sum_l * sum_xl) / dsafe
-        pos = mn > 0
-        scale = np.where(pos, sum_xl / np.where(sum_l2 > 0, sum_l2, 1.0), scale)
-        mn = np.where(pos, 0.0, mn)
+        if not signed_min:
+            pos = mn > 0
+            scale = np.where(pos, sum_xl / np.where(sum_l2 > 0, sum_l2, 1.0), scale)
+            mn = np.where(pos, 0.0, mn)
         err = (w * (scale[:, None] * lvl + mn[:, None] - x) ** 2).sum(1)
         better = good & (err < best_err)
         best_err = np.where(better, err, best_err)
@@ -221,7 +226,7 @@ def _scale_min_k(x: np.ndarray, nmax: int, rmin: float, nstep: int, importance: 
     av = np.sqrt((xs * xs).mean(2, keepdims=True))
     w = (av + np.abs(xs)).reshape(-1, 32)
     w = w if isinstance(importance, float) else importance.reshape(-1, 32) * w
-    scale, mn = _qkx2(xs.reshape(-1, 32), w, nmax, rmin, 0.1, nstep)
+    scale, mn = qkx2(xs.reshape(-1, 32), w, nmax, rmin, 0.1, nstep)
     scale, mn = scale.reshape(nb, 8), mn.reshape(nb, 8)
     max_scale, max_min = scale.max(1), mn.max(1)
     inv_s = np.where(max_scale > 0, 63 / np.where(max_scale > 0, max_scale, 1), 0)
