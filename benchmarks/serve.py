@@ -13,8 +13,9 @@ Workloads, each run `--rounds` times per system in turns (medians kept):
   * multi-turn chat: 8 conversations x 4 turns sharing a system prompt, each turn sent with the whole
     history; TTFT of llmkit with its prefix cache and without (`--prefix-cache 0`), and llama.cpp's.
   * chunked prefill: one stream decoding while an ~`--long-prompt`-token prompt arrives; the stream's
-    longest gap between tokens with `--prefill-chunk` 512 and with chunking off; and TTFT p50 of a
-    burst of 64 requests, chunked and not.
+    longest gap between tokens with the server's defaults (512-token chunks, each cut to what fits in
+    `--step-seconds` 0.5 while a stream runs) and with chunking off; and TTFT p50 of a burst of 64
+    requests, chunked and not.
   * memory: peak RSS of each server process idle and under 16 streams.
 
     python benchmarks/serve.py                        # -> benchmarks/results/serve.json
@@ -291,8 +292,9 @@ def main() -> None:
 
     if "chunked" not in args.skip:
         results["chunked_prefill"] = {}
-        for name, chunk in (("chunk_512", "512"), ("unchunked", "1000000")):
-            server = llmkit_server(args.model, args.threads, [*extra, "--prefill-chunk", chunk])
+        for name, flags in (("chunked", []),  # the defaults: 512-token chunks, cut to --step-seconds 0.5
+                            ("unchunked", ["--prefill-chunk", "1000000", "--step-seconds", "0"])):
+            server = llmkit_server(args.model, args.threads, [*extra, *flags])
             try:
                 results["chunked_prefill"][name] = {**asyncio.run(long_prompt_gap(server.url, args.long_prompt, no_eos)),
                                                     "burst_64": asyncio.run(burst_ttft(server.url, no_eos))}

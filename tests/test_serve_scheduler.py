@@ -12,7 +12,7 @@ import llmkit
 from llmkit import KVCache, ModelConfig, Transformer
 from llmkit.errors import ConfigError
 from llmkit.generate.sampling import SamplingParams
-from llmkit.serve.scheduler import Overloaded, Scheduler
+from llmkit.serve.scheduler import MIN_CHUNK, Overloaded, Scheduler
 from llmkit.tokenizer import Tokenizer
 
 TEXT = ["the cat sat on the mat. ", "a dog ran in the park! ", "héllo wörld, naïve café "] * 20
@@ -350,6 +350,38 @@ def test_a_long_prompt_is_prefilled_between_decode_steps(model, tok):
     drain(scheduler)
     assert [c.token_id for c in waiting.chunks] == llmkit.generate(model, tok, prompt, max_new_tokens=4,
                                                                    temperature=0).token_ids
+
+
+def test_chunks_shrink_to_the_step_time_while_a_stream_runs(model, tok):
+    """With a step time no chunk can meet, a prompt's first chunk (no rate measured yet) takes the
+    token budget and every later one MIN_CHUNK tokens while a stream is running; with no stream
+    running, the budget alone. The tokens equal a whole prefill's either way."""
+    prompt = tok.encode(LONG * 2)
+    want = llmkit.generate(model, tok, prompt, max_new_tokens=4, temperature=0).token_ids
+    for stream in (True, False):
+        scheduler = Scheduler(model, tok, prefill_chunk=40, step_seconds=1e-9)
+        if stream:
+            scheduler.submit(tok.encode("the cat"), SamplingParams(max_new_tokens=200, temperature=0,
+                                                                   ignore_eos=True), Sink())
+            scheduler.step()
+        waiting = Sink()
+        request = scheduler.submit(prompt, SamplingParams(max_new_tokens=4, temperature=0), waiting)
+        scheduler.step()  # admits it; its first chunk
+        chunks, done = [], 0
+        while request.fill is not None:
+            chunks.append(request.fill.done - done)
+            done = request.fill.done
+            scheduler.step()
+        chunks.append(len(prompt) - done)
+        assert len(chunks) >= 3, chunks  # the prompt is long enough to show the cap
+        if stream:
+            assert chunks[0] == 40 and all(c == MIN_CHUNK for c in chunks[1:-1]) and chunks[-1] <= MIN_CHUNK
+        else:
+            assert all(c == 40 for c in chunks[:-1]) and chunks[-1] <= 40
+        drain(scheduler)
+        assert [c.token_id for c in waiting.chunks] == want
+    with pytest.raises(ConfigError, match="step_seconds=-1"):
+        Scheduler(model, tok, step_seconds=-1)
 
 
 def test_prefix_cache_reuses_blocks_and_gives_the_same_tokens(model, tok):

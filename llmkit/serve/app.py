@@ -208,6 +208,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, embedder: Em
     counts = Metrics()  # one set of counters and histograms for every served model
     schedulers = {served: Scheduler(m, tokenizer, kv_budget=config.kv_budget, max_rows=config.max_rows,
                                     max_waiting=config.max_waiting, prefill_chunk=config.prefill_chunk,
+                                    step_seconds=config.step_seconds,
                                     prefix_cache=config.prefix_cache, metrics=counts, compile=config.compile)
                   for served, m in {name: model, **(adapters or {})}.items()}
     scheduler = schedulers[name]

@@ -20,6 +20,10 @@ class ServeConfig:
     max_waiting: int = field(default=256, metadata={"help": "queued requests before 429"})
     prefill_chunk: int = field(default=512, metadata={
         "help": "most prompt tokens prefilled per step, between decode steps of the running batch"})
+    step_seconds: float = field(default=0.5, metadata={
+        "help": "while streams are running, a step prefills only what fits in this many seconds at the rate "
+                "the prompt's last chunk ran, so a long prompt's later chunks (more keys to attend to) shrink "
+                "and no stream waits much longer for its next token (0: the token budget alone)"})
     prefix_cache: int = field(default=4096, metadata={
         "help": "prompt tokens whose keys/values are kept for reuse by prompts that start the same way (0: off)"})
     max_tokens_limit: int = field(default=4096, metadata={"help": "largest max_tokens a request may ask"})

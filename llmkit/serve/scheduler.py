@@ -7,7 +7,9 @@ One thread owns the model. Each `step` it
   3. decodes one token for every running row in one batched forward pass, samples and emits it,
   4. prefills at most `prefill_chunk` prompt tokens of admitted requests, oldest first, each into its
      own cache (chunked prefill: a long prompt no longer stalls every running stream for its whole
-     prefill); a request whose prompt is done samples and emits its first token at once (a burst's
+     prefill), and while streams are running no more than fits in `step_seconds` at the rate the
+     prompt's last chunk ran (a chunk far into a long prompt attends to many more keys, so it costs
+     more per token: a fixed token budget let one step reach 1.8 s at 7,000 tokens); a request whose prompt is done samples and emits its first token at once (a burst's
      first tokens go out one by one, not all after the last prompt) and joins the batch, its `n`
      samples sharing the prefill as in `llmkit.generate`.
 
@@ -52,6 +54,7 @@ from llmkit.model import KVCache, Transformer
 from llmkit.serve.metrics import Metrics
 from llmkit.serve.prefix_cache import PrefixCache
 
+MIN_CHUNK = 16  # prompt tokens a chunk runs at least, however slow the last one was
 log = logging.getLogger("llmkit.serve")  # one line per finished request (`llmkit serve` prints them)
 
 
@@ -95,6 +98,7 @@ class Request:
     last_token_at: float | None = None
     first_token_at: float | None = None
     fill: PromptFill | None = None  # its prefill, while the prompt is being run in chunks
+    prefill_rate: float | None = None  # seconds per prompt token of its last chunk
 
     @property
     def done(self) -> bool:
@@ -110,10 +114,13 @@ class Scheduler:
 
     def __init__(self, model: Transformer, tokenizer, kv_budget: int = 32768, max_rows: int = 64,
                  max_waiting: int = 256, room: int = 16, metrics: Metrics | None = None, prefill_chunk: int = 512,
-                 prefix_cache: int = 0, compile: bool = False):
+                 prefix_cache: int = 0, compile: bool = False, step_seconds: float = 0.5):
+        if prefill_chunk < 1 or step_seconds < 0:
+            raise ConfigError(f"prefill_chunk={prefill_chunk}, step_seconds={step_seconds}: expected at least 1 token "
+                              "per step and seconds >= 0 (0: no time cap)")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.kv_budget, self.max_rows, self.max_waiting, self.room = kv_budget, max_rows, max_waiting, room
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk, self.step_seconds = prefill_chunk, step_seconds
         self.prefix = PrefixCache(model, prefix_cache) if prefix_cache else None
         self.metrics = metrics or Metrics()
         self.metrics.gauges.update({"num_requests_running": lambda: len(self.running) + len(self.filling),
@@ -202,6 +209,7 @@ class Scheduler:
     @torch.inference_mode()
     def step(self) -> None:
         """One scheduling step: drop cancelled, admit, decode, prefill a chunk, sample, emit, release finished."""
+        started = time.perf_counter()
         with self.cond:
             for request in [r for r in self.waiting if r.cancelled]:
                 self.waiting.remove(request)
@@ -225,7 +233,7 @@ class Scheduler:
             caches.append(self.cache)
             rows += self.rows
             owners += self.owners
-        for requests, cache, first in self._prefill():  # first tokens go out as their prompts finish
+        for requests, cache, first in self._prefill(started):  # first tokens go out as their prompts finish
             seqs = [s for r in requests for s in r.seqs]
             new_owners = [r for r in requests for _ in r.seqs]
             for s in seqs:
@@ -285,12 +293,12 @@ class Scheduler:
             request.fill = PromptFill(self.model, request.prompt, request.seqs, cache)
             self.filling.append(request)
 
-    def _prefill(self) -> Iterator[tuple[list[Request], KVCache, torch.Tensor]]:
+    def _prefill(self, started: float) -> Iterator[tuple[list[Request], KVCache, torch.Tensor]]:
         """Spend this step's `prefill_chunk` prompt tokens on the filling requests, oldest first;
         yields (requests, their cache, first logits: a row per sample) as prompts finish. Whole
         prompts that start from nothing and fit the budget run together in one left-padded forward,
         as llama.cpp batches a burst's prompts (one pass instead of one each); the rest advance
-        alone, a chunk at a time."""
+        alone, a chunk at a time, each chunk cut to what the step's time left allows."""
         budget, together = self.prefill_chunk, []
         for request in list(self.filling):
             if budget <= 0:
@@ -300,7 +308,7 @@ class Scheduler:
                 together.append(request)
                 budget -= left
                 continue
-            new = min(budget, left)
+            new = min(budget, left, self._affordable(request, started))
             budget -= new
             finished = self._advance(request, new)
             if finished is not None:
@@ -312,10 +320,21 @@ class Scheduler:
             if (finished := self._advance(request, len(request.prompt))) is not None:
                 yield finished
 
+    def _affordable(self, request: Request, started: float) -> int:
+        """Prompt tokens of `request` that fit in what is left of `step_seconds` since the step
+        `started`, at the rate its last chunk ran (the next chunk attends to a few more keys, so this
+        runs a little over: hence a target under the 1 s a stream should wait at most). Unbounded
+        when no stream is waiting for a token or before its first chunk; at least MIN_CHUNK tokens,
+        so a prompt always moves on."""
+        if not self.rows or not self.step_seconds or request.prefill_rate is None:
+            return self.prefill_chunk
+        left = self.step_seconds - (time.perf_counter() - started)
+        return max(MIN_CHUNK, int(left / request.prefill_rate))
+
     def _advance(self, request: Request, tokens: int) -> tuple[list[Request], KVCache, torch.Tensor] | None:
         """Prefill up to `tokens` more of one request's prompt; its (requests, cache, logits) once done.
         A failure fails this request only."""
-        fill = request.fill
+        fill, started, before = request.fill, time.perf_counter(), request.fill.done
         try:
             last = fill.advance(tokens)
         except Exception as e:  # noqa: BLE001 - this request fails, the batch goes on
@@ -324,6 +343,7 @@ class Scheduler:
             request.emit(e)
             self._finish(request, "error", emit=False)
             return None
+        request.prefill_rate = (time.perf_counter() - started) / max(fill.done - before, 1)
         if last is None:
             return None
         self.filling.remove(request)
