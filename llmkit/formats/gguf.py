@@ -16,6 +16,7 @@ the requested file type (`gguf_quants.plan_types`). Like hf.py, this module neve
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import re
@@ -140,10 +141,18 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _open(path: Path):
-    gguf = _gguf()
+    """The file's checked `GGUFReader` (memory-mapped). The last one is kept while the file's size and
+    modification time stay the same: parsing SmolLM2's header (49,152 tokens and their merges) takes
+    ~2 s, and loading a model, then packing its int4 groups, would parse it twice."""
     if not path.is_file():
         raise FormatError(f"{path}: no such GGUF file")
-    size = path.stat().st_size
+    stat = path.stat()
+    return _open_checked(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1)
+def _open_checked(path: Path, size: int, mtime_ns: int):
+    gguf = _gguf()
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
@@ -396,6 +405,56 @@ def dequantize(data: np.ndarray, type_name: str, shape: tuple[int, ...], name: s
         raw = raw.view(np.uint8)
     out = gguf.quants.dequantize(raw, qtype)
     return np.asarray(out, dtype=np.float32).reshape(shape)
+
+
+INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # 4-bit levels on groups of 32 with a scale and an offset each
+
+
+def int4_groups(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> tuple[np.ndarray, ...]:
+    """A Q4_0, Q4_1 or Q4_K tensor's own 4-bit levels on groups of 32 inputs, in the form of llmkit's
+    int4 kernel, w = (q - 8) * scale + zero: (q uint8, scale, zero float32 per group), read from the
+    blocks without a round trip through float. Q4_0 is d * (q - 8); Q4_1 is d * q + m, so
+    zero = m + 8d; Q4_K's sub-blocks of 32 are d * sc * q - dmin * mn (6-bit sc, mn unpacked by the
+    gguf package's `Q4_K.get_scale_min`)."""
+    gguf = _gguf()
+    rows, cols = shape
+    raw = np.ascontiguousarray(data).view(np.uint8).reshape(-1, gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]][1])
+    head = {"Q4_0": 2, "Q4_1": 4, "Q4_K": 16}[type_name]
+    nibbles = raw[:, head:].reshape(raw.shape[0], -1, 1, 16 if type_name != "Q4_K" else 32)
+    q = ((nibbles >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 0x0F).reshape(rows, cols)
+    d = raw[:, :2].copy().view(np.float16).astype(np.float32)  # (blocks, 1)
+    if type_name == "Q4_0":
+        scale, zero = d, np.zeros_like(d)
+    elif type_name == "Q4_1":
+        scale, zero = d, raw[:, 2:4].copy().view(np.float16).astype(np.float32) + 8 * d
+    else:
+        dmin = raw[:, 2:4].copy().view(np.float16).astype(np.float32)
+        sc, mn = gguf.quants.Q4_K.get_scale_min(raw[:, 4:16])
+        scale = d * sc.astype(np.float32)
+        zero = 8 * scale - dmin * mn.astype(np.float32)
+    return q, scale.reshape(rows, cols // 32), zero.reshape(rows, cols // 32)
+
+
+def read_int4_groups(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The blocks' linear weights that a GGUF file stores as Q4_0, Q4_1 or Q4_K, as `int4_groups`
+    (q, scale, zero) under llmkit's layer names (`blocks.0.attn.q_proj`), rows in llmkit's order:
+    `llmkit.quant.quantize(..., groups=)` packs them as they are instead of re-quantizing."""
+    path = Path(path)
+    reader = _open(path)
+    meta = _metadata(reader, str(path))
+    config = config_from_metadata(meta, {t.name for t in reader.tensors}, str(path))
+    arch, names, shapes = meta["general.architecture"], _names(config), _expected_shapes(config)
+    groups = {}
+    for t in reader.tensors:
+        ours = names.get(t.name, "")
+        if t.tensor_type.name not in INT4_TYPES or not ours.startswith("blocks.") or len(shapes[ours]) != 2:
+            continue
+        parts = int4_groups(t.data, t.tensor_type.name, shapes[ours])
+        if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = config.n_head if t.name.endswith("attn_q.weight") else config.n_kv_head
+            parts = tuple(unpermute_qk(a, heads) for a in parts)
+        groups[ours.removesuffix(".weight")] = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in parts)
+    return groups
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:

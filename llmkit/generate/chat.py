@@ -69,18 +69,33 @@ def load(spec: str, quantize: str | None = None, threads: int | None = None,
     if quantize not in (None, "none"):
         from llmkit.quant import quantize as swap
 
-        swap(model, bits=int(quantize[3:]))
+        groups = _file_groups(spec) if quantize == "int4" and adapter is None and model.dtype == torch.float32 else None
+        swap(model, bits=int(quantize[3:]), groups=groups)
     return model, tokenizer
+
+
+def _gguf_file(spec: str) -> Path | None:
+    """The .gguf file `spec` names (a path or a registry name), or None for anything else."""
+    from llmkit.formats import named
+    from llmkit.peft.adapters import is_adapter
+
+    path = None if is_adapter(spec) else named.resolve(spec)
+    return path if path is not None and path.suffix == ".gguf" else None
 
 
 def _own_bits(spec: str) -> str | None:
     """"int4"/"int8" for a quantized GGUF file (or registry name), None for anything else."""
-    from llmkit.formats import gguf, named
-    from llmkit.peft.adapters import is_adapter
+    from llmkit.formats import gguf
 
-    path = None if is_adapter(spec) else named.resolve(spec)
-    bits = gguf.packed_bits(path) if path is not None and path.suffix == ".gguf" else None
+    bits = None if (path := _gguf_file(spec)) is None else gguf.packed_bits(path)
     return None if bits is None else f"int{bits}"
+
+
+def _file_groups(spec: str) -> dict | None:
+    """A GGUF file's own int4 groups (Q4_0/Q4_1/Q4_K layers), packed as stored instead of re-quantized."""
+    from llmkit.formats import gguf
+
+    return None if (path := _gguf_file(spec)) is None else gguf.read_int4_groups(path)
 
 
 def read_chat_template(option: str) -> str:

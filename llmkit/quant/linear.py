@@ -31,6 +31,7 @@ from llmkit.quant.gptq import gptq_int4
 from llmkit.quant.weights import int8_rows, quantize_int4, quantize_int8
 
 _SHARED_INPUT = {"qkv_proj": "q_proj", "gate_up_proj": "gate_proj"}  # a fused layer's input is its first part's
+_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 SMALL_BATCH = 16  # rows at or below this use the packed kernel; above, the int8 GEMM
 
 
@@ -93,7 +94,8 @@ class PackedLinear(nn.Module):
 @torch.no_grad()
 def quantize(model: nn.Module, bits: int = 8, group_size: int = 32, head_bits: int = 8,
              int8_prefill: bool = True, calibration: Calibration | None = None,
-             importance: Calibration | None = None) -> nn.Module:
+             importance: Calibration | None = None,
+             groups: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None) -> nn.Module:
     """Swap, in place, every linear layer of `model.blocks` for a `PackedLinear` of `bits`, and the LM
     head for one of `head_bits`.
 
@@ -119,6 +121,12 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int = 32, head_bits: i
     `importance` (`calibrate(model, batches)`, taken before this call) weights each int4 group's rounding
     error by its columns' mean squared activation (llama.cpp's imatrix) when choosing the group's scale
     and zero (`weights.quantize_int4`); one of the two, not both.
+
+    `groups` (`gguf.read_int4_groups`: a Q4_0/Q4_1/Q4_K file's own levels, scales and offsets on groups
+    of 32) packs those layers as the file stores them instead of re-quantizing their float copies
+    (which loses Q4_0's and Q4_K's grids: a group's min and max need not be on them); each must
+    equal the layer's weight it stands for, or this refuses (the model changed since it was read).
+    Layers the file stores otherwise (a Q4_K_M's Q6_K ones) are quantized as usual.
     """
     if model.device.type != "cpu":
         raise ConfigError(f"quantize() uses PyTorch's CPU packed kernels; the model is on {model.device}")
@@ -128,6 +136,9 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int = 32, head_bits: i
     if importance is not None and (bits != 4 or calibration is not None):
         raise ConfigError("an importance matrix weights the int4 rounding (bits=4) and replaces GPTQ's "
                           "calibration; pass one of the two with bits=4")
+    if groups and (bits != 4 or group_size != 32 or calibration is not None or importance is not None):
+        raise ConfigError("a file's int4 groups are packed as they are: bits=4, group_size=32, and no "
+                          "calibration or importance to choose other ones")
     model.fuse_projections()
     for path, parent in list(model.blocks.named_modules()):
         for name, child in list(parent.named_children()):
@@ -138,7 +149,36 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int = 32, head_bits: i
                     int4 = gptq_int4(child.weight, calibration.gram[source].to(child.weight.device), group_size)
                 if importance is not None:
                     weights = importance.mean_sq(source).float()
+                if groups:
+                    int4 = _file_int4(child, parent, f"blocks.{path}", name, groups)
                 setattr(parent, name, PackedLinear(child, bits, group_size, int8_prefill, int4, weights))
     if isinstance(model.lm_head, nn.Linear):
         model.lm_head = PackedLinear(model.lm_head, head_bits, group_size, int8_prefill)
     return model.eval()
+
+
+def _file_int4(linear: nn.Linear, parent: nn.Module, prefix: str, name: str, groups: dict) -> tuple | None:
+    """The (q, scale, zero, dequant) of `linear` from a file's int4 groups, part by part for a fused
+    layer (a part the file stores otherwise is rounded to nearest); None if the file has none of it."""
+    parts = _PARTS.get(name, (name,))
+    if not any(f"{prefix}.{part}" in groups for part in parts):
+        return None
+    if name == "qkv_proj":
+        sizes = [parent.n_head * parent.head_dim] + [parent.n_kv_head * parent.head_dim] * 2
+    else:
+        sizes = [linear.out_features // len(parts)] * len(parts)
+    chosen = []
+    for part, w in zip(parts, linear.weight.detach().float().split(sizes), strict=True):
+        if f"{prefix}.{part}" not in groups:
+            chosen.append(quantize_int4(w, 32))
+            continue
+        q, scale, zero = groups[f"{prefix}.{part}"]
+        n, k = w.shape
+        if q.shape != (n, k):
+            raise ConfigError(f"{prefix}.{part}: the file's int4 groups are {tuple(q.shape)}, the layer {n} x {k}")
+        dequant = ((q.float() - 8).reshape(n, k // 32, 32) * scale[..., None] + zero[..., None]).reshape(n, k)
+        if (dequant - w).abs().max() > 1e-5 * w.abs().max():  # the file's blocks, decoded two ways
+            raise ConfigError(f"{prefix}.{part}: the weight is not the file's int4 blocks any more (changed after "
+                              "loading, e.g. an adapter merged); quantize it without the file's groups")
+        chosen.append((q.to(torch.int32), scale, zero, dequant))
+    return tuple(torch.cat(t) for t in zip(*chosen, strict=True))
