@@ -425,23 +425,26 @@ def test_prefix_cache_eviction_under_a_small_budget_loses_no_request(model, tok)
     assert len(scheduler.prefix.blocks) == 2 and scheduler.metrics.counters["prefix_cache_hits_total"] == 7 * 32
 
 
-def test_a_burst_of_short_prompts_is_prefilled_in_one_forward(model, tok, monkeypatch):
-    """Prompts admitted together that fit the budget run as one left-padded batch (one `prefill` call),
+def test_a_burst_of_short_prompts_is_prefilled_in_groups_of_alike_lengths(model, tok, monkeypatch):
+    """Prompts admitted together that fit the budget run as left-padded batches of up to PREFILL_GROUP,
+    shortest first (11 prompts: one `prefill` call of 8, one of 3, every first token out in the step),
     and each request still gets what it gets alone; the prefix cache keeps each row's blocks at its
     own offset, so a later prompt sharing one's start reuses them and gives the same tokens."""
     from llmkit.serve import scheduler as module
 
     calls = []
     batched = module.prefill
-    monkeypatch.setattr(module, "prefill", lambda *a, **k: calls.append(len(a[1])) or batched(*a, **k))
+    monkeypatch.setattr(module, "prefill", lambda *a, **k: calls.append([len(p) for p in a[1]]) or batched(*a, **k))
     scheduler = Scheduler(model, tok, prefix_cache=4096)
-    prompts = [PROMPTS[i % 5] * (1 + i % 3) for i in range(6)]
+    prompts = [PROMPTS[i % 5] * (1 + i % 3) for i in range(11)]
     params = dict(max_new_tokens=6, temperature=0, ignore_eos=True, logprobs=0)
     sinks = [Sink() for _ in prompts]
-    requests = [scheduler.submit(tok.encode(p, add_special_tokens=True), SamplingParams(**params), sink)
-                for p, sink in zip(prompts, sinks, strict=True)]
+    ids = [tok.encode(p, add_special_tokens=True) for p in prompts]
+    requests = [scheduler.submit(i, SamplingParams(**params), sink) for i, sink in zip(ids, sinks, strict=True)]
     scheduler.step()
-    assert calls == [6] and all(len(s.chunks) == 1 for s in sinks)  # one forward; every first token out
+    assert [len(c) for c in calls] == [module.PREFILL_GROUP, 11 - module.PREFILL_GROUP]
+    assert sum(calls, []) == sorted(len(i) for i in ids)
+    assert all(len(s.chunks) == 1 for s in sinks)  # every first token out
     drain(scheduler)
     for prompt, request in zip(prompts, requests, strict=True):
         want = llmkit.generate(model, tok, prompt, **params)

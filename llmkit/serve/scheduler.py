@@ -55,6 +55,11 @@ from llmkit.serve.metrics import Metrics
 from llmkit.serve.prefix_cache import PrefixCache
 
 MIN_CHUNK = 16  # prompt tokens a chunk runs at least, however slow the last one was
+# Most whole prompts prefilled in one forward. A larger group pads every prompt to its longest and holds
+# every first token until the whole group is done: 16 short prompts (8-16 tokens, SmolLM2 int4, 2 threads)
+# took 86-90 ms as one forward, 82 ms as two of 8 sorted by length (mean first token at 60 ms), 110 ms as
+# four of 4.
+PREFILL_GROUP = 8
 log = logging.getLogger("llmkit.serve")  # one line per finished request (`llmkit serve` prints them)
 
 
@@ -296,8 +301,9 @@ class Scheduler:
     def _prefill(self, started: float) -> Iterator[tuple[list[Request], KVCache, torch.Tensor]]:
         """Spend this step's `prefill_chunk` prompt tokens on the filling requests, oldest first;
         yields (requests, their cache, first logits: a row per sample) as prompts finish. Whole
-        prompts that start from nothing and fit the budget run together in one left-padded forward,
-        as llama.cpp batches a burst's prompts (one pass instead of one each); the rest advance
+        prompts that start from nothing and fit the budget run together in left-padded forwards of
+        up to PREFILL_GROUP prompts of alike lengths, as llama.cpp batches a burst's prompts (one pass
+        instead of one each), their first tokens out as each group ends; the rest advance
         alone, a chunk at a time, each chunk cut to what the step's time left allows."""
         budget, together = self.prefill_chunk, []
         for request in list(self.filling):
@@ -313,12 +319,15 @@ class Scheduler:
             finished = self._advance(request, new)
             if finished is not None:
                 yield finished
-        if len(together) > 1 and (finished := self._prefill_together(together)) is not None:
-            yield finished
-            together = []
-        for request in together:  # one alone, or each of a batch whose forward failed (only a bad one fails)
-            if (finished := self._advance(request, len(request.prompt))) is not None:
+        together.sort(key=lambda r: len(r.prompt))  # alike lengths pad least
+        for i in range(0, len(together), PREFILL_GROUP):
+            group = together[i:i + PREFILL_GROUP]
+            if len(group) > 1 and (finished := self._prefill_together(group)) is not None:
                 yield finished
+                continue
+            for request in group:  # one alone, or each of a group whose forward failed (only a bad one fails)
+                if (finished := self._advance(request, len(request.prompt))) is not None:
+                    yield finished
 
     def _affordable(self, request: Request, started: float) -> int:
         """Prompt tokens of `request` that fit in what is left of `step_seconds` since the step
