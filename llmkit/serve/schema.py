@@ -121,6 +121,16 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
     best_of: int | None = None
 
+    def check(self) -> None:
+        """The completions API's own fields: what this server does not do is refused by name."""
+        if self.suffix:
+            raise APIError(400, "suffix is not supported (no fill-in-the-middle)", param="suffix")
+        if self.best_of not in (None, self.n):
+            raise APIError(400, f"best_of={self.best_of} is not supported; expected it unset or equal to n",
+                           param="best_of")
+        if self.echo and self.stream:
+            raise APIError(400, "echo cannot be combined with stream", param="echo")
+
 
 class ContentPart(BaseModel):
     model_config = STRICT
@@ -157,6 +167,18 @@ class ChatRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     max_completion_tokens: int | None = None
+
+    def check(self, limits: ServeConfig) -> None:
+        """The chat API's own fields; `max_completion_tokens` (OpenAI's newer name) sets max_tokens."""
+        if not self.messages:
+            raise APIError(400, "messages is empty; expected at least one message", param="messages")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        most = min(20, limits.max_logprobs)
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= most:
+            raise APIError(400, f"top_logprobs={self.top_logprobs}; expected 0 to {most}", param="top_logprobs")
+        if self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
 
 
 class EmbeddingRequest(BaseModel):
@@ -206,6 +228,10 @@ class TokenizeRequest(BaseModel):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError(400, "send exactly one of prompt and messages", param="prompt")
 
 
 class DetokenizeRequest(BaseModel):
