@@ -45,11 +45,13 @@ ARMS = {
     "softcap": ("logits soft-capped at 15", ["--model-options", "logit_softcap=15"]),
     "value-residual": ("value residual: layers mix in layer 0's values", ["--model-options", "value_residual=true"]),
     "wsd": ("warmup-stable-decay schedule (last 20 % decays)", ["--schedule", "wsd"]),
+    "unet": ("U-net skips: the last half's layers add the first half's outputs (learned weights)",
+             ["--model-options", "unet_skips=true"]),
     # not arms of their own (see --combine): a knob of one of the above
     "muon-lr-0.04": ("Muon at lr 0.04", ["--optimizer", "muon", "--muon-lr", "0.04"]),
     "llama-4m": ("llama-4m (3.1M parameters) instead of llama-2m (1.3M)", ["--model", "llama-4m"]),
 }
-DEFAULT_ARMS = ("default", "muon", "qk-norm", "relu2", "untied", "softcap", "value-residual", "wsd")
+DEFAULT_ARMS = ("default", "muon", "qk-norm", "relu2", "untied", "softcap", "value-residual", "wsd", "unet")
 
 
 def run_arm(name: str, flags: list[str], budget: float, threads: int, runs: Path) -> dict:

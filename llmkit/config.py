@@ -69,6 +69,9 @@ class ModelConfig:
     # The speedruns' options (modded-nanogpt, nanochat); off by default, so checkpoints load as they are.
     logit_softcap: float | None = None  # logits = cap * tanh(logits / cap) (Gemma-2's final_logit_softcapping)
     value_residual: bool = False  # layers > 0 mix their values with layer 0's: v = l*v + (1-l)*v_0, l learned
+    # modded-nanogpt's U-net: the last n_layer // 2 layers each add, times a learned weight (init 1), the
+    # output of a first-half layer, in reverse order (the last layer takes layer 0's)
+    unet_skips: bool = False
     dropout: float = 0.0
     init_std: float = 0.02
     bos_token_id: int | None = None
@@ -154,6 +157,9 @@ class ModelConfig:
             raise ConfigError(f"logit_softcap must be positive or None, got {self.logit_softcap!r}")
         if self.value_residual and not self.causal:
             raise ConfigError("value_residual is a decoder option (the speedruns'); encoders do not take it")
+        if self.unet_skips and (not self.causal or self.n_layer < 2):
+            raise ConfigError(f"unet_skips is a decoder option for 2 layers or more; this config is "
+                              f"{'an encoder' if not self.causal else f'{self.n_layer} layer'}")
         if not self.norm_eps > 0:
             raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}")
         if not isinstance(self.num_labels, int) or isinstance(self.num_labels, bool) or self.num_labels < 0:
@@ -573,7 +579,7 @@ def parse_model_options(spec: str) -> dict[str, Any]:
 
 # Fields of llmkit's own (the speedruns' options; QK-norm outside Gemma-3) that some or no transformers
 # family computes; a checkpoint that needs them is model_type "llmkit" (`ModelConfig.llmkit_only`).
-LLMKIT_FIELDS = ("logit_softcap", "value_residual", "qk_norm")
+LLMKIT_FIELDS = ("logit_softcap", "value_residual", "qk_norm", "unet_skips")
 LLMKIT_MODEL_TYPE = "llmkit"
 
 # transformers model_type -> (causal LM class, sequence-classification class)
@@ -624,7 +630,7 @@ _MOE_FAMILIES = ("mixtral", "qwen2_moe")
 def _fixed(family: str) -> dict[str, Any]:
     """The field values `family` requires."""
     fixed = _FAMILY_FIELDS[family] if family in ENCODER_FAMILIES else {**_FAMILY_FIELDS[family], **_DECODER}
-    return {**fixed, "value_residual": False}  # no transformers family mixes in layer 0's values
+    return {**fixed, "value_residual": False, "unet_skips": False}  # no transformers family has either
 
 
 def _family(c: ModelConfig) -> tuple[str, dict[str, Any]] | None:

@@ -442,6 +442,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=mlm) if lm else None
         self.pooler = nn.Linear(c.d_model, c.d_model) if c.pooler else None
         self.score = nn.Linear(c.d_model, c.num_labels, bias=c.pooler) if c.num_labels else None
+        self.skip_weights = nn.Parameter(torch.ones(c.n_layer // 2)) if c.unet_skips else None
         self.reset_parameters()
         self.tie_weights()
 
@@ -460,6 +461,8 @@ class Transformer(nn.Module):
                     p.zero_()
                 elif name.endswith("value_mix"):
                     p.fill_(0.5)  # half its own values, half layer 0's
+                elif name == "skip_weights":
+                    p.fill_(1.0)  # each skip added whole, as modded-nanogpt starts
                 else:
                     p.fill_(1.0 - self.config.norm_offset if self.config.norm == "rmsnorm" else 1.0)  # gains of 1
             else:
@@ -663,10 +666,16 @@ class Transformer(nn.Module):
         ropes = {}
         if self.pos_embedding_is_rope:
             ropes = {kind: rope_cos_sin(c, positions, x.dtype, kind) for kind in step.masks}
+        n, skips = len(self.blocks), []
+        half = n // 2 if self.skip_weights is not None else 0
         for i, block in enumerate(self.blocks):
             if before_block is not None:
                 x = before_block(i, x)
+            if i >= n - half:  # U-net: the second half takes the first half's outputs, last in first out
+                x = x + self.skip_weights[i - (n - half)] * skips.pop()
             x = block(x, ropes.get(block.attn.kind), step, kv_cache)
+            if i < half:
+                skips.append(x)
         return self.norm(x)
 
     @property

@@ -486,3 +486,15 @@ def test_logits_equal_transformers_both_directions(make, tmp_path):
                                                              attn_implementation="eager").eval()
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, mine(ids), atol=PARITY_ATOL, rtol=0)
+
+
+def test_saving_a_tensor_the_layout_has_no_place_for_is_refused(tmp_path):
+    """A weight that the family's tensor map does not name is refused by name, not dropped from the
+    checkpoint (a U-net's skip weights once were, before the map named them)."""
+    from llmkit import Transformer
+
+    config = ModelConfig.from_preset("llama-tiny")
+    state = {**Transformer(config).state_dict(), "blocks.0.attn.extra_gain": torch.ones(3)}
+    with pytest.raises(FormatError, match=r"1 tensor\(s\) the llama layout has no place for: \['blocks.0.attn.extra_gain'\]"):
+        hf.save_checkpoint(tmp_path / "ckpt", config, state)
+    assert not (tmp_path / "ckpt" / "config.json").exists()

@@ -1,5 +1,6 @@
 """The speedruns' architecture options as ModelConfig fields: ReLU^2 and logit soft-capping against
-transformers, value residuals against the same mix written by hand, QK-norm outside Gemma-3; each saved
+transformers, value residuals and U-net skips against the same sums written by hand, QK-norm outside
+Gemma-3; each saved
 in config.json and read back, and the ones transformers cannot compute refused at export by name.
 
 Tolerances: fp32 logits of the same weights through another implementation agree to ~1e-6 (the sums
@@ -93,7 +94,38 @@ def test_value_residual_is_the_hand_written_mix():
     assert Transformer(config.replace(value_residual=True)).blocks[1].attn.value_mix.item() == 0.5  # initial mix
 
 
+def test_unet_skips_are_the_hand_written_sums():
+    """With 5 layers, layer 3 adds w_0 x (layer 1's output) to its input and layer 4 adds w_1 x (layer
+    0's); the same weights without the option, with those sums patched in by hooks, give the same logits."""
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("llama-tiny", n_layer=5)
+    skipping = Transformer(config.replace(unet_skips=True)).eval()
+    assert skipping.skip_weights.tolist() == [1.0, 1.0]  # initial weights
+    with torch.no_grad():
+        skipping.skip_weights.copy_(torch.tensor([0.5, -0.25]))
+    plain = Transformer(config).eval()
+    plain.load_state_dict({k: v for k, v in skipping.state_dict().items() if k != "skip_weights"})
+    outs = {}
+    for i in (0, 1):
+        plain.blocks[i].register_forward_hook(lambda m, args, out, i=i: outs.update({i: out}))
+    for i, (source, w) in {3: (1, 0.5), 4: (0, -0.25)}.items():
+        plain.blocks[i].register_forward_pre_hook(lambda m, args, source=source, w=w: (args[0] + w * outs[source],
+                                                                                        *args[1:]))
+    ids = _tokens(512)
+    with torch.no_grad():
+        torch.testing.assert_close(skipping(ids), plain(ids), rtol=0, atol=TOL)
+        unskipped = Transformer(config).eval()
+        unskipped.load_state_dict(plain.state_dict())
+        assert (skipping(ids) - unskipped(ids)).abs().max() > 1e-3  # the skips change the logits
+    loss = skipping(ids, labels=ids)
+    loss.backward()
+    assert skipping.skip_weights.grad.abs().min() > 0  # learned
+    with pytest.raises(ConfigError, match="unet_skips is a decoder option for 2 layers or more"):
+        ModelConfig.from_preset("llama-tiny", n_layer=1, unet_skips=True)
+
+
 @pytest.mark.parametrize("changes", [dict(value_residual=True), dict(logit_softcap=30.0), dict(qk_norm=True),
+                                     dict(unet_skips=True),
                                      dict(value_residual=True, logit_softcap=15.0, qk_norm=True, activation="relu2",
                                           tie_embeddings=False)])
 def test_llmkit_only_fields_save_load_and_are_refused_at_export(changes, tmp_path):
@@ -120,9 +152,9 @@ def test_llmkit_only_fields_save_load_and_are_refused_at_export(changes, tmp_pat
 def test_an_unknown_llmkit_field_is_refused_by_name(tmp_path):
     Transformer(ModelConfig.from_preset("llama-tiny", value_residual=True)).save_pretrained(tmp_path)
     written = json.loads((tmp_path / "config.json").read_text())
-    written["llmkit"]["u_net_skips"] = True
+    written["llmkit"]["unet_skip"] = True
     (tmp_path / "config.json").write_text(json.dumps(written))
-    with pytest.raises(Exception, match=r"unknown llmkit field\(s\) \['u_net_skips'\]"):
+    with pytest.raises(Exception, match=r"unknown llmkit field\(s\) \['unet_skip'\]"):
         hf.read_config(tmp_path)
 
 
@@ -149,12 +181,14 @@ def test_pretrain_takes_the_options_on_a_preset(tmp_path):
         build_model(PretrainConfig(model=str(tmp_path), model_options="qk_norm=true"), 300)
 
 
-def test_value_residual_refuses_pipeline_stages():
+def test_value_residual_and_unet_skips_refuse_pipeline_stages():
     from llmkit.train import parallel
 
     config = ModelConfig.from_preset("llama-tiny", value_residual=True)
     with pytest.raises(ConfigError, match="value_residual .every layer reads layer 0's values"):
         parallel.check(parallel.ParallelConfig(pp=2), config, 2)
+    with pytest.raises(ConfigError, match="unet_skips .the second half's layers read"):
+        parallel.check(parallel.ParallelConfig(pp=2), config.replace(value_residual=False, unet_skips=True), 2)
 
 
 def test_a_gemma3_with_a_value_residual_keeps_its_qk_norm(tmp_path):

@@ -120,6 +120,8 @@ def _decoder_map(c: ModelConfig) -> list[_Entry]:
             if c.bias:
                 E.append(_Entry(f"{h}.mlp.{name}_proj.bias", (out_dim,), (f"{o}.mlp.{name}_proj.bias",)))
     E.append(_Entry("model.norm.weight", (c.d_model,), ("norm.weight",)))
+    if c.unet_skips:  # llmkit's own, as the value residual's mix
+        E.append(_Entry("model.skip_weights", (c.n_layer // 2,), ("skip_weights",)))
     if not c.tie_embeddings and not c.num_labels:
         E.append(_Entry("lm_head.weight", (c.vocab_size, c.d_model), ("lm_head.weight",)))
     return E
@@ -459,8 +461,13 @@ def save_checkpoint(folder: Path, config: ModelConfig, state_dict: dict[str, tor
     file atomically; config.json goes last so a folder with a config has complete weights."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    entries = tensor_map(config)
+    covered = {name for e in entries for name in e.ours} | ({"lm_head.weight"} if config.tie_embeddings else set())
+    if dropped := sorted(set(state_dict) - covered):  # a weight the format has no place for is an error, not lost
+        raise FormatError(f"saving {len(dropped)} tensor(s) the {config.hf_model_type} layout has no place for: "
+                          f"{dropped[:5]}; refusing to write a checkpoint without them")
     tensors: dict[str, torch.Tensor] = {}
-    for e in tensor_map(config):
+    for e in entries:
         t = to_hf(e, state_dict).detach()
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)

@@ -141,7 +141,9 @@ def check(config: ParallelConfig, model: ModelConfig, world_size: int, batch_siz
                "learned/type positions or an embedding norm" if model.pos_embedding != "rope" or model.type_vocab_size
                or model.embed_norm else
                "value_residual (every layer reads layer 0's values, which live on the first stage)"
-               if model.value_residual else None)
+               if model.value_residual else
+               "unet_skips (the second half's layers read the first half's outputs across stages)"
+               if model.unet_skips else None)
         if why:
             raise ConfigError(f"parallelism: pp is built for untied rotary decoder LMs; this model has {why}")
         if batch_size is not None and batch_size % microbatches:
