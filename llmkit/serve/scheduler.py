@@ -9,9 +9,10 @@ One thread owns the model. Each `step` it
      own cache (chunked prefill: a long prompt no longer stalls every running stream for its whole
      prefill), and while streams are running no more than fits in `step_seconds` at the rate the
      prompt's last chunk ran (a chunk far into a long prompt attends to many more keys, so it costs
-     more per token: a fixed token budget let one step reach 1.8 s at 7,000 tokens); a request whose prompt is done samples and emits its first token at once (a burst's
-     first tokens go out one by one, not all after the last prompt) and joins the batch, its `n`
-     samples sharing the prefill as in `llmkit.generate`.
+     more per token: a fixed token budget let one step reach 1.8 s at 7,000 tokens); a request whose
+     prompt is done samples and emits its first token at once (a burst's first tokens go out group
+     by group, not all after the last prompt) and joins the batch, its `n` samples sharing the
+     prefill as in `llmkit.generate`.
 
 Sampling is `engine.sample_next`, the step `llmkit.generate` uses, so each request keeps its own
 sampling parameters, seeded generators and raw logprobs, and a seeded request samples the same
