@@ -304,9 +304,14 @@ class Attention(nn.Module):
             self.qkv_proj = fused_linear(self.q_proj, self.k_proj, self.v_proj)
             del self.q_proj, self.k_proj, self.v_proj
 
+    @property
+    def qkv_sizes(self) -> list[int]:
+        """The output widths of q, k and v: how `qkv_proj`'s rows split."""
+        return [self.n_head * self.head_dim, *[self.n_kv_head * self.head_dim] * 2]
+
     def project_qkv(self, x):
         if hasattr(self, "qkv_proj"):
-            return self.qkv_proj(x).split([self.n_head * self.head_dim, *[self.n_kv_head * self.head_dim] * 2], -1)
+            return self.qkv_proj(x).split(self.qkv_sizes, -1)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x, rope_cs, step: Step, kv_cache: KVCache | None):

@@ -28,7 +28,7 @@ from llmkit.errors import ConfigError
 from llmkit.moe import MoE
 from llmkit.quant.calibrate import Calibration
 from llmkit.quant.gptq import gptq_int4
-from llmkit.quant.weights import int8_rows, quantize_int4, quantize_int8
+from llmkit.quant.weights import dequantize_int4, int8_rows, quantize_int4, quantize_int8
 
 _SHARED_INPUT = {"qkv_proj": "q_proj", "gate_up_proj": "gate_proj"}  # a fused layer's input is its first part's
 _PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -163,10 +163,7 @@ def _file_int4(linear: nn.Linear, parent: nn.Module, prefix: str, name: str, gro
     parts = _PARTS.get(name, (name,))
     if not any(f"{prefix}.{part}" in groups for part in parts):
         return None
-    if name == "qkv_proj":
-        sizes = [parent.n_head * parent.head_dim] + [parent.n_kv_head * parent.head_dim] * 2
-    else:
-        sizes = [linear.out_features // len(parts)] * len(parts)
+    sizes = parent.qkv_sizes if name == "qkv_proj" else [linear.out_features // len(parts)] * len(parts)
     chosen = []
     for part, w in zip(parts, linear.weight.detach().float().split(sizes), strict=True):
         if f"{prefix}.{part}" not in groups:
@@ -176,7 +173,7 @@ def _file_int4(linear: nn.Linear, parent: nn.Module, prefix: str, name: str, gro
         n, k = w.shape
         if q.shape != (n, k):
             raise ConfigError(f"{prefix}.{part}: the file's int4 groups are {tuple(q.shape)}, the layer {n} x {k}")
-        dequant = ((q.float() - 8).reshape(n, k // 32, 32) * scale[..., None] + zero[..., None]).reshape(n, k)
+        dequant = dequantize_int4(q, scale, zero)
         if (dequant - w).abs().max() > 1e-5 * w.abs().max():  # the file's blocks, decoded two ways
             raise ConfigError(f"{prefix}.{part}: the weight is not the file's int4 blocks any more (changed after "
                               "loading, e.g. an adapter merged); quantize it without the file's groups")

@@ -36,10 +36,16 @@ def quantize_int4(w: torch.Tensor, group_size: int, importance: torch.Tensor | N
             step, low = qkx2(rows, weight, 15, -1.0, 0.1, 20, signed_min=True)
             scale = torch.from_numpy(step).to(g).reshape(n, -1, 1).clamp(min=1e-8)
             lo = -torch.from_numpy(low).to(g).reshape(n, -1, 1)
-    q = torch.round((g - lo) / scale).clamp(0, 15)
-    zero = lo + 8.0 * scale
-    dequant = ((q - 8.0) * scale + zero).reshape(n, k)
-    return q.reshape(n, k).to(torch.int32), scale[..., 0], zero[..., 0], dequant
+    q = torch.round((g - lo) / scale).clamp(0, 15).reshape(n, k)
+    scale, zero = scale[..., 0], (lo + 8.0 * scale)[..., 0]
+    return q.to(torch.int32), scale, zero, dequantize_int4(q, scale, zero)
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """(q - 8) * scale + zero, q (rows, inputs) and scale/zero one per group of inputs (rows, groups)."""
+    n, k = q.shape
+    groups = scale.shape[-1]
+    return ((q.float() - 8.0).reshape(n, groups, k // groups) * scale[..., None] + zero[..., None]).reshape(n, k)
 
 
 def int8_rows(x: torch.Tensor):
