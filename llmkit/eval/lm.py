@@ -11,20 +11,21 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from llmkit.data.collate import pad_tokens
+from llmkit.data.collate import pad_batch, pad_tokens
 from llmkit.errors import ConfigError
 from llmkit.generate.engine import complete
 from llmkit.generate.sampling import SamplingParams
-from llmkit.model import KVCache
+from llmkit.model import SLIDING, KVCache
 
 _LOGIT_ROWS = 512  # positions per LM-head chunk: keeps (rows, vocab) float32 logits small
-_PREFILL_SCORES = 1 << 26  # rows x prompt length^2 of one generation batch (bounds the attention memory)
+_PREFILL_SCORES = 1 << 26  # rows x length^2 of one forward's batch (bounds the attention memory)
+_BATCH_TOKENS = 4096  # rows x padded length of one scoring forward: long prompts go a few at a time
+_SHARED_MIN = 64  # tokens that prompts must start with in common before that start runs once for them all
 
 
 def prefix_token_id(tokenizer) -> int:
@@ -82,6 +83,47 @@ def _score(model, hidden: torch.Tensor, targets: list[int], lengths: list[int]) 
     return out
 
 
+def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _clusters(prefixes: list[tuple[int, ...]], share: bool) -> list[tuple[tuple[int, ...], list[tuple[int, ...]]]]:
+    """(shared tokens, prefixes) to run together: runs of prefixes that start with the same `_SHARED_MIN`
+    tokens or more (a few-shot prompt's exemplars) share those tokens, the rest none; each longest first."""
+    order, out, alone = sorted(prefixes), [], []
+    start = 0
+    while start < len(order):
+        end = start + 1  # in lexicographic order the run's common start is that of its first and last
+        while share and end < len(order) and _common_length(order[start], order[end]) >= _SHARED_MIN:
+            end += 1
+        run = order[start:end]
+        if len(run) > 1:  # every prefix keeps a token of its own, so each row has something to run
+            common = min(_common_length(run[0], run[-1]), min(map(len, run)) - 1)
+            out.append((run[0][:common], sorted(run, key=len, reverse=True)))
+        else:
+            alone.extend(run)
+        start = end
+    return out + [((), sorted(alone, key=len, reverse=True))] if alone else out
+
+
+def _tail_states(model, cache: KVCache, rests: list[tuple[int, ...]], tails: list[list[tuple[int, ...]]]):
+    """Hidden states of every tail: each prefix's `rests` (left-padded, after what `cache` holds), then
+    each of its tails on its own copy of the prefix's row (right-padded: causal attention never sees it)."""
+    device = model.device
+    if any(rests):
+        ids, mask = pad_batch(rests, 0, left=True)
+        model.hidden_states(ids.to(device), mask.to(device), kv_cache=cache)
+    flat = [t for ts in tails for t in ts]
+    cache.reorder(torch.tensor([r for r, ts in enumerate(tails) for _ in ts]))
+    hidden = model.hidden_states(pad_tokens(flat, 0).to(device), kv_cache=cache)
+    return [hidden[r, :len(t)] for r, t in enumerate(flat)]
+
+
 @torch.inference_mode()
 def loglikelihood_tokens(model, requests: Sequence[tuple[list[int], list[int]]], batch_size: int = 16,
                          progress: bool = True, desc: str = "loglikelihood",
@@ -89,44 +131,48 @@ def loglikelihood_tokens(model, requests: Sequence[tuple[list[int], list[int]]],
     """(sum of log p(continuation | context), is greedy) per request, in the order given.
 
     Like lm-eval, the model reads the last `max_length + 1` tokens of context + continuation minus the
-    final one, so a context longer than the window is left-truncated. Requests that share everything
-    but their continuation (the choices of one question) run the shared tokens once into a KV cache
-    and only their continuations as a batch; the rest run in right-padded batches, longest first.
+    final one, so a context longer than the window is left-truncated. Each input splits into a prefix
+    (before the first scored position) and a tail. Nothing runs twice that need not: the choices of one
+    question share their prefix, one-token choices their tail too (one row scores A, B, C and D); prefixes
+    that start alike (a subject's few-shot exemplars) run that start once into a KV cache that their
+    batches copy. Batches are at most `batch_size` prefixes of alike length.
     """
     limit = context_length(model, max_length)
-    inputs = [(list(ctx) + list(cont))[-(limit + 1):][:-1] for ctx, cont in requests]
-    split = [len(inputs[i]) - len(requests[i][1]) for i in range(len(requests))]  # where scored positions start
-    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for i in range(len(requests)):
-        groups[tuple(inputs[i][:split[i]])].append(i)
-    shared = [g for key, g in groups.items() if len(g) > 1 and key]
-    alone = sorted((i for key, g in groups.items() if not (len(g) > 1 and key) for i in g),
-                   key=lambda i: -len(inputs[i]))
+    tails: dict[tuple[int, ...], dict[tuple[int, ...], list[int]]] = {}
+    for i, (ctx, cont) in enumerate(requests):
+        if len(cont) > limit:
+            raise ConfigError(f"a continuation of {len(cont)} tokens does not fit the {limit}-token window")
+        ids = (list(ctx) + list(cont))[-(limit + 1):][:-1]
+        cut = len(ids) - len(cont)
+        tails.setdefault(tuple(ids[:cut]), {}).setdefault(tuple(ids[cut:]), []).append(i)
+    # a sliding-window layer masks by cache slot: padding between shared and own tokens would move its window
+    share = SLIDING not in model.kind_layers.values()
     results: list[tuple[float, bool] | None] = [None] * len(requests)
-    device = model.device
+    device, config = model.device, model.config
     with tqdm(total=len(requests), desc=desc, disable=not progress, leave=False) as bar:
-        for group in shared:
-            prefix = inputs[group[0]][:split[group[0]]]
-            tails = [inputs[i][split[i]:] for i in group]
-            cache = KVCache(model.config, 1, len(prefix) + max(map(len, tails)), device=device, dtype=model.dtype)
-            model.hidden_states(torch.tensor([prefix], device=device), kv_cache=cache)
-            cache.reorder(torch.zeros(len(group), dtype=torch.long, device=device))
-            hidden = model.hidden_states(pad_tokens(tails, 0).to(device), kv_cache=cache)
-            rows = torch.cat([hidden[r, :len(t)] for r, t in enumerate(tails)])
-            conts = [list(requests[i][1]) for i in group]
-            for i, result in zip(group, _score(model, rows, [t for c in conts for t in c], list(map(len, conts))),
-                                 strict=True):
-                results[i] = result
-            bar.update(len(group))
-        for start in range(0, len(alone), batch_size):
-            batch = alone[start:start + batch_size]
-            hidden = model.hidden_states(pad_tokens([inputs[i] for i in batch], 0).to(device))
-            conts = [list(requests[i][1]) for i in batch]
-            rows = torch.cat([hidden[r, split[i]:len(inputs[i])] for r, i in enumerate(batch)])
-            for i, result in zip(batch, _score(model, rows, [t for c in conts for t in c], list(map(len, conts))),
-                                 strict=True):
-                results[i] = result
-            bar.update(len(batch))
+        for shared, prefixes in _clusters(list(tails), share):
+            common = None
+            if shared:
+                common = KVCache(config, 1, len(shared), device=device, dtype=model.dtype)
+                model.hidden_states(torch.tensor([shared], device=device), kv_cache=common)
+            start = 0
+            while start < len(prefixes):
+                longest = len(prefixes[start]) - len(shared) + max(map(len, tails[prefixes[start]]))
+                batch = prefixes[start:start + max(1, min(batch_size, _BATCH_TOKENS // longest))]
+                start += len(batch)
+                groups = [list(tails[p]) for p in batch]
+                room = max(len(p) for p in batch) - len(shared) + max(len(t) for g in groups for t in g)
+                cache = (KVCache.stack([common] * len(batch), room) if common is not None
+                         else KVCache(config, len(batch), room, device=device, dtype=model.dtype))
+                states = _tail_states(model, cache, [p[len(shared):] for p in batch], groups)
+                rows_of = [(p, t) for p, g in zip(batch, groups, strict=True) for t in g]  # one per state
+                scored = [(r, i) for r, (p, t) in enumerate(rows_of) for i in tails[p][t]]
+                conts = [list(requests[i][1]) for _, i in scored]
+                hidden = torch.cat([states[r] for r, _ in scored])
+                for (_, i), result in zip(scored, _score(model, hidden, [t for c in conts for t in c],
+                                                          list(map(len, conts))), strict=True):
+                    results[i] = result
+                bar.update(len(scored))
     return results  # type: ignore[return-value]
 
 

@@ -10,6 +10,11 @@ file has only the test split, so the exemplars are the first n test questions of
 the question itself (lm-eval's `first_n` with `fewshot_split: test` picks exactly these); the parity test
 gives lm-eval the same rows and split. Results add per-subject accuracy and the macro average over subjects
 (`acc` is the micro average over questions, as lm-eval's `mmlu` group reports it).
+
+`mmlu_cloze` is the form SmolLM2's authors publish (their lighteval task `mmlu_cloze`): no lettered options;
+"The following are questions about {subject}.\nQuestion: {question}\nAnswer:" scored over " " + each answer's
+text. Small models are near chance on the letter form; the cloze form asks which answer text is likelier.
+Its `acc_norm` divides by the answer's characters without the space, as lighteval's `acc_norm_nospace`.
 """
 
 from __future__ import annotations
@@ -61,13 +66,21 @@ def to_doc(row: dict) -> dict:
             "subject": row["subject"], "description": description(row["subject"])}
 
 
+def to_cloze_doc(row: dict) -> dict:
+    """lighteval's `mmlu_cloze_prompt` as SmolLM2's evaluation defines it (the question as stored)."""
+    return {"query": f"Question: {row['question']}\nAnswer:", "choices": list(row["choices"]), "gold": row["answer"],
+            "subject": row["subject"], "description": f"The following are questions about {row['subject']}.\n"}
+
+
 @functools.cache
-def docs() -> list[dict]:
+def docs(form: str = "letters") -> list[dict]:
     """Subjects interleaved (alphabetical, one question of each in turn, each in file order), so `--limit 570`
-    is the first ten questions of every subject; exemplars are still each subject's first questions."""
+    is the first ten questions of every subject; exemplars are still each subject's first questions.
+    `form` "letters" (lm-eval's `mmlu`) or "cloze" (SmolLM2's `mmlu_cloze`)."""
+    convert = {"letters": to_doc, "cloze": to_cloze_doc}[form]
     by_subject: dict[str, list[dict]] = {}
     for r in rows():
-        by_subject.setdefault(r["subject"], []).append(to_doc(r))
+        by_subject.setdefault(r["subject"], []).append(convert(r))
     turns = itertools.zip_longest(*(by_subject[s] for s in sorted(by_subject)))
     return [d for turn in turns for d in turn if d is not None]
 
@@ -95,9 +108,14 @@ def _first_of_subject(pool: list[dict]) -> dict[str, list[dict]]:
 
 
 def by_subject(docs: list[dict], rows: list[dict]) -> dict:
-    """Per-subject accuracy and its macro average (each subject weighted equally)."""
-    hits: dict[str, list[float]] = {}
-    for doc, row in zip(docs, rows, strict=True):
-        hits.setdefault(doc["subject"], []).append(float(row["pred"] == row["gold"]))
-    subjects = {s: sum(v) / len(v) for s, v in sorted(hits.items())}
-    return {"acc_macro": sum(subjects.values()) / len(subjects), "subjects": subjects}
+    """Per-subject accuracy (and length-normalized accuracy) and their macro averages (each subject weighted
+    equally)."""
+    out = {}
+    for pred, name in (("pred", "acc"), ("pred_norm", "acc_norm")):
+        hits: dict[str, list[float]] = {}
+        for doc, row in zip(docs, rows, strict=True):
+            hits.setdefault(doc["subject"], []).append(float(row[pred] == row["gold"]))
+        subjects = {s: sum(v) / len(v) for s, v in sorted(hits.items())}
+        out |= {f"{name}_macro": sum(subjects.values()) / len(subjects),
+                "subjects" if name == "acc" else "subjects_norm": subjects}
+    return out
