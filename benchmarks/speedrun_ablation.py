@@ -47,11 +47,16 @@ ARMS = {
     "wsd": ("warmup-stable-decay schedule (last 20 % decays)", ["--schedule", "wsd"]),
     "unet": ("U-net skips: the last half's layers add the first half's outputs (learned weights)",
              ["--model-options", "unet_skips=true"]),
+    "seq-warmup": ("sequence length 64 doubling to 256 over the first 30 % (the same tokens per step)",
+                   ["--seq-warmup", "0.3", "--seq-start", "64"]),
+    "batch-warmup": ("rows per step from 25 % of the batch growing to all over the first 30 %",
+                     ["--batch-warmup", "0.3", "--batch-start", "0.25"]),
     # not arms of their own (see --combine): a knob of one of the above
     "muon-lr-0.04": ("Muon at lr 0.04", ["--optimizer", "muon", "--muon-lr", "0.04"]),
     "llama-4m": ("llama-4m (3.1M parameters) instead of llama-2m (1.3M)", ["--model", "llama-4m"]),
 }
-DEFAULT_ARMS = ("default", "muon", "qk-norm", "relu2", "untied", "softcap", "value-residual", "wsd", "unet")
+DEFAULT_ARMS = ("default", "muon", "qk-norm", "relu2", "untied", "softcap", "value-residual", "wsd", "unet",
+                "seq-warmup", "batch-warmup")
 
 
 def run_arm(name: str, flags: list[str], budget: float, threads: int, runs: Path) -> dict:

@@ -59,6 +59,12 @@ class SpeedrunConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1
     schedule: str = field(default="wsd", metadata={"help": "wsd (warmup-stable-decay) or cosine"})
+    seq_warmup: float = field(default=0.0, metadata={"help": "share of training with sequences growing from "
+                                                             "seq_start to the context (0: off)"})
+    seq_start: int = 64
+    batch_warmup: float = field(default=0.0, metadata={"help": "share of training with a step's rows growing from "
+                                                               "batch_start of the batch (0: off)"})
+    batch_start: float = 0.25
     optimizer: str = field(default="muon", metadata={"help": "muon (Muon on the blocks' matrices, AdamW on the "
                                                              "rest) or adamw"})
     muon_lr: float = field(default=0.02, metadata={"help": "Muon's peak learning rate (lr is AdamW's)"})
@@ -165,6 +171,8 @@ def speedrun(config: SpeedrunConfig) -> Path:
             out_dir=str(run / "train"), context=config.context, batch_size=config.batch_size, max_steps=max_steps,
             max_minutes=train_seconds / 60, lr=config.lr, warmup_steps=min(config.warmup_steps, max_steps // 10),
             min_lr_ratio=config.min_lr_ratio, schedule=config.schedule, optimizer=config.optimizer,
+            seq_warmup=config.seq_warmup, seq_start=config.seq_start, batch_warmup=config.batch_warmup,
+            batch_start=config.batch_start,
             muon_lr=config.muon_lr, precision=precision, compile=config.compile,
             eval_every=config.eval_every,
             eval_batches=config.eval_batches, save_every=0, keep_last=1, seed=config.seed, log_every=10)

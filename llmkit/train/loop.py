@@ -36,7 +36,7 @@ from llmkit.config import ModelConfig
 from llmkit.errors import ConfigError, FormatError, LlmkitError, StorageError
 from llmkit.train import checkpoint, optimizers, parallel
 from llmkit.train import distributed as dist_
-from llmkit.train.schedules import SCHEDULES, lr_factor
+from llmkit.train.schedules import SCHEDULES, batch_shape, check_batch_schedule, lr_factor
 
 Objective = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -60,6 +60,14 @@ class LoopConfig(parallel.ParallelConfig):
     schedule: str = field(default="cosine", metadata={"help": f"one of {SCHEDULES}"})
     warmup_steps: int = 100
     decay_fraction: float = field(default=0.2, metadata={"help": "wsd: fraction of steps in the cooldown"})
+    seq_warmup: float = field(default=0.0, metadata={
+        "help": "share of training over which token batches' sequences grow from seq_start to the context, doubling "
+                "(the same tokens per step: windows are cut into shorter rows); 0: off"})
+    seq_start: int = field(default=64, metadata={"help": "sequence length at the start of seq_warmup"})
+    batch_warmup: float = field(default=0.0, metadata={
+        "help": "share of training over which a step's rows grow linearly from batch_start of the batch to all "
+                "of it (the rest are skipped); 0: off"})
+    batch_start: float = field(default=0.25, metadata={"help": "share of the rows at the start of batch_warmup"})
     weight_decay: float = field(default=0.1, metadata={"help": "decay of matrices (never norms or biases)"})
     optimizer: str = field(default="adamw", metadata={
         "help": f"one of {optimizers.OPTIMIZERS}; muon: Muon on the blocks' matrices, AdamW on the rest"})
@@ -106,6 +114,7 @@ class LoopConfig(parallel.ParallelConfig):
                               f"{self.muon_momentum}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ConfigError(f"max_minutes must be positive, got {self.max_minutes}")
+        check_batch_schedule(self.seq_start, self.seq_warmup, self.batch_start, self.batch_warmup)
 
 
 @dataclass
@@ -290,6 +299,21 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
                                  grad_clip=config.grad_clip, amp_dtype=amp_dtype, compile=config.compile, world=world,
                                  parallelized=parallelized)
 
+    shaping = bool(config.seq_warmup or config.batch_warmup)
+    if shaping and parallelized is not None:
+        raise ConfigError("seq_warmup / batch_warmup change the batch's shape from step to step; tensor and pipeline "
+                          "parallel stages take one fixed micro-batch shape: leave them at 0 there")
+    if config.batch_warmup:
+        tokens_per_step = None  # a step's tokens grow with its rows: count them
+
+    def next_batch() -> Any:
+        """The data's next micro-batch, shaped for where training is (the batch-shape schedules)."""
+        batch = data.next_batch()
+        if not shaping:
+            return batch
+        at = _schedule_step(step, budget_used, config) / config.max_steps
+        return batch_shape(batch, at, config.seq_start, config.seq_warmup, config.batch_start, config.batch_warmup)
+
     peak = None
     if flops_per_token:
         from llmkit.analysis.accounting import measure_peak_flops
@@ -360,7 +384,7 @@ def train(model: nn.Module, objective: Objective, data, config: LoopConfig, out_
             for group in optimizer.param_groups:  # each at its own peak (Muon's and AdamW's differ)
                 group["lr"] = group.get("initial_lr", config.lr) * factor
             try:
-                loss_value, grad_norm, extra_sums = training_step(data.next_batch)
+                loss_value, grad_norm, extra_sums = training_step(next_batch)
             except TrainingDiverged as e:
                 bar.close()
                 where = checkpoint.latest(out_dir)

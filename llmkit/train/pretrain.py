@@ -30,6 +30,7 @@ from llmkit.train import parallel
 from llmkit.train.loop import LoopConfig, TrainResult, resolve_device, train
 from llmkit.train.objectives import causal_lm_loss, check_objective, mlm_loss
 from llmkit.train.report import run_summary, write_report
+from llmkit.train.schedules import check_batch_schedule
 
 
 @dataclass
@@ -113,6 +114,7 @@ def run(config: PretrainConfig) -> TrainResult:
     meta = read_meta(train_dir)
     if config.context <= 0 or config.batch_size <= 0:
         raise ConfigError(f"context and batch_size must be positive, got {config.context} and {config.batch_size}")
+    check_batch_schedule(config.seq_start, config.seq_warmup, config.batch_start, config.batch_warmup, config.context)
     torch.manual_seed(config.seed)  # the initial weights are part of the run's identity
     model = build_model(config, meta["vocab_size"])
     tokenizer_dir = tokenizer_folder(config)
