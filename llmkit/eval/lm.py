@@ -119,7 +119,8 @@ def _tail_states(model, cache: KVCache, rests: list[tuple[int, ...]], tails: lis
         ids, mask = pad_batch(rests, 0, left=True)
         model.hidden_states(ids.to(device), mask.to(device), kv_cache=cache)
     flat = [t for ts in tails for t in ts]
-    cache.reorder(torch.tensor([r for r, ts in enumerate(tails) for _ in ts]))
+    if len(flat) > len(tails):  # a row per tail (one-token choices share one: nothing to copy)
+        cache.reorder(torch.tensor([r for r, ts in enumerate(tails) for _ in ts]))
     hidden = model.hidden_states(pad_tokens(flat, 0).to(device), kv_cache=cache)
     return [hidden[r, :len(t)] for r, t in enumerate(flat)]
 
