@@ -188,21 +188,23 @@ def render(out: dict) -> str:
                   "checks that llmkit's prompts, log-likelihoods and accuracy equal lm-eval's `hf` model on the same "
                   "weights. Cloze: SmolLM2's lighteval `mmlu_cloze` prompt, scored over each answer's text (acc: summed "
                   "log-likelihood; acc_norm: per character, lighteval's `acc_norm_nospace`).", "",
-                  "| form | shots | questions | acc (micro) | ± stderr | acc_norm | acc (macro over subjects) | from |",
+                  "| form | shots | questions | acc (micro) | ± stderr | acc_norm | acc, acc_norm (macro over subjects) | from |",
                   "|---|---:|---:|---:|---:|---:|---:|---|"]
         for name, form, shots in mmlu:
             m, p = r[name], out["provenance"][name]
             lines.append(f"| {form} | {shots} | {m['n']:,} | {pct(m['acc'])} | {pct(m['acc_stderr'])} | "
-                         f"{pct(m['acc_norm'])} | {pct(m['acc_macro'])} | `{p['command']}` at `{p['commit'][:10]}` |")
+                         f"{pct(m['acc_norm'])} | {pct(m['acc_macro'])}, {pct(m.get('acc_norm_macro'))} | "
+                         f"`{p['command']}` at `{p['commit'][:10]}` |")
         pub = out["published"]
         lines += ["", f"Published: {pub['value']} ({pub['benchmark']}; {pub['source']}), on the full-precision "
                   "weights; ours run the packaged Q4_1 GGUF's weights. SmolLM2's evaluation task reports both acc and "
                   "acc_norm_nospace, so both are set against it."]
         if "mmlu_cloze_0shot" in r:
             cloze = r["mmlu_cloze_0shot"]
-            lines += [f"Cloze 0-shot here: acc {pct(cloze['acc'])} ({100 * cloze['acc'] - pub['value']:+.1f} points), "
-                      f"acc_norm {pct(cloze['acc_norm'])} ({100 * cloze['acc_norm'] - pub['value']:+.1f}) on "
-                      f"{cloze['n']:,} questions."]
+            gaps = [(name, 100 * cloze[key]) for name, key in (("acc", "acc"), ("acc_norm", "acc_norm"),
+                                                                 ("acc_norm macro", "acc_norm_macro"))]
+            lines += ["", f"Cloze 0-shot here, {cloze['n']:,} questions: " + ", ".join(
+                f"{name} {value:.1f} ({value - pub['value']:+.1f} points)" for name, value in gaps) + "."]
         lines.append("")
     lines += ["![ToxiGen, BBQ and MMLU](safety.png)", "",
               "Seconds per task: " + ", ".join(f"{k} {v}" for k, v in out["seconds"].items()) + ".", ""]
