@@ -42,6 +42,8 @@ def test_bad_schedules_are_refused(shakespeare_shards, tmp_path):
         pretrain.run(tiny(shakespeare_shards, tmp_path / "b", batch_warmup=1.5))
     with pytest.raises(ConfigError, match="batch_start=0 is the share of the rows"):
         pretrain.run(tiny(shakespeare_shards, tmp_path / "c", batch_warmup=0.5, batch_start=0))
+    with pytest.raises(ConfigError, match="cannot cut this batch's 12-token rows into rows of 8"):
+        batch_shape((torch.zeros(2, 12), torch.zeros(2, 12)), 0.0, 8, 0.5, 1.0, 0.0)
     with pytest.raises(ConfigError, match="token batches \\(x, y\\) of pretraining; this objective's batches are dicts"):
         batch_shape({"input_ids": torch.zeros(2, 4)}, 0.0, 2, 0.5, 1.0, 0.0)
 

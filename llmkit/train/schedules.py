@@ -87,4 +87,7 @@ def batch_shape(batch, at: float, seq_start: int, seq_warmup: float, batch_start
                           f"objective's batches are {type(batch).__name__}s")
     rows = rows_at(at, batch[0].shape[0], batch_start, batch_warmup)
     seq_len = seq_len_at(at, batch[0].shape[1], seq_start, seq_warmup)
+    if batch[0].shape[1] % seq_len:  # pretrain checks its context up front; another recipe's batches land here
+        raise ConfigError(f"seq_start={seq_start} cannot cut this batch's {batch[0].shape[1]}-token rows into rows of "
+                          f"{seq_len}; expected it to divide them by a power of two")
     return tuple(t[:rows].reshape(-1, seq_len) for t in batch)
