@@ -54,6 +54,7 @@ ARMS = {
     # not arms of their own (see --combine): a knob of one of the above
     "muon-lr-0.04": ("Muon at lr 0.04", ["--optimizer", "muon", "--muon-lr", "0.04"]),
     "llama-4m": ("llama-4m (3.1M parameters) instead of llama-2m (1.3M)", ["--model", "llama-4m"]),
+    "seed-2": ("seed 2 instead of the recipe's 1337 (initialisation and data order)", ["--seed", "2"]),
 }
 DEFAULT_ARMS = ("default", "muon", "qk-norm", "relu2", "untied", "softcap", "value-residual", "wsd", "unet",
                 "seq-warmup", "batch-warmup")
