@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -66,15 +67,19 @@ def context_length(model, max_length: int | None = None) -> int:
     return max_length or model.config.max_seq_len
 
 
-def _score(model, hidden: torch.Tensor, targets: list[int], lengths: list[int]) -> list[tuple[float, bool]]:
-    """(summed log-prob, all greedy) of consecutive runs of `lengths` targets, from their hidden states."""
-    target = torch.tensor(targets, device=hidden.device)
+def _score(model, hidden: torch.Tensor, rows: list[int], targets: list[int],
+           lengths: list[int]) -> list[tuple[float, bool]]:
+    """(summed log-prob, all greedy) of consecutive runs of `lengths` targets; `hidden[rows[k]]` predicts
+    `targets[k]` (rows ascending). A row several requests score (the four one-token choices of a question)
+    goes through the LM head once."""
+    row, target = torch.tensor(rows, device=hidden.device), torch.tensor(targets, device=hidden.device)
+    edges = torch.searchsorted(row, torch.arange(0, len(hidden) + _LOGIT_ROWS, _LOGIT_ROWS, device=hidden.device))
     logprob, greedy = [], []
-    for s in range(0, len(target), _LOGIT_ROWS):
+    for k, s in enumerate(range(0, len(hidden), _LOGIT_ROWS)):
         lp = torch.log_softmax(model.logits(hidden[s:s + _LOGIT_ROWS]).float(), dim=-1)
-        t = target[s:s + _LOGIT_ROWS]
-        logprob.append(lp.gather(-1, t[:, None])[:, 0])
-        greedy.append(lp.argmax(-1) == t)
+        r, t = row[edges[k]:edges[k + 1]] - s, target[edges[k]:edges[k + 1]]
+        logprob.append(lp[r, t])
+        greedy.append(lp.argmax(-1)[r] == t)
     logprob_all, greedy_all = torch.cat(logprob).double(), torch.cat(greedy)
     out, offset = [], 0
     for n in lengths:
@@ -168,10 +173,12 @@ def loglikelihood_tokens(model, requests: Sequence[tuple[list[int], list[int]]],
                 states = _tail_states(model, cache, [p[len(shared):] for p in batch], groups)
                 rows_of = [(p, t) for p, g in zip(batch, groups, strict=True) for t in g]  # one per state
                 scored = [(r, i) for r, (p, t) in enumerate(rows_of) for i in tails[p][t]]
-                conts = [list(requests[i][1]) for _, i in scored]
-                hidden = torch.cat([states[r] for r, _ in scored])
-                for (_, i), result in zip(scored, _score(model, hidden, [t for c in conts for t in c],
-                                                          list(map(len, conts))), strict=True):
+                conts = [list(requests[i][1]) for _, i in scored]  # a tail's state has a row per token
+                starts = [0, *itertools.accumulate(len(x) for x in states)]
+                positions = [starts[r] + j for r, i in scored for j in range(len(requests[i][1]))]
+                for (_, i), result in zip(scored, _score(model, torch.cat(states), positions,
+                                                          [t for c in conts for t in c], list(map(len, conts))),
+                                          strict=True):
                     results[i] = result
                 bar.update(len(scored))
     return results  # type: ignore[return-value]

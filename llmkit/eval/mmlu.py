@@ -108,14 +108,14 @@ def _first_of_subject(pool: list[dict]) -> dict[str, list[dict]]:
 
 
 def by_subject(docs: list[dict], rows: list[dict]) -> dict:
-    """Per-subject accuracy (and length-normalized accuracy) and their macro averages (each subject weighted
-    equally)."""
-    out = {}
-    for pred, name in (("pred", "acc"), ("pred_norm", "acc_norm")):
+    """Per-subject accuracy (`subjects`) and length-normalized accuracy (`subjects_norm`), and their macro
+    averages (each subject weighted equally)."""
+    def per_subject(pred: str) -> dict[str, float]:
         hits: dict[str, list[float]] = {}
         for doc, row in zip(docs, rows, strict=True):
             hits.setdefault(doc["subject"], []).append(float(row[pred] == row["gold"]))
-        subjects = {s: sum(v) / len(v) for s, v in sorted(hits.items())}
-        out |= {f"{name}_macro": sum(subjects.values()) / len(subjects),
-                "subjects" if name == "acc" else "subjects_norm": subjects}
-    return out
+        return {s: sum(v) / len(v) for s, v in sorted(hits.items())}
+
+    acc, acc_norm = per_subject("pred"), per_subject("pred_norm")
+    return {"acc_macro": sum(acc.values()) / len(acc), "subjects": acc,
+            "acc_norm_macro": sum(acc_norm.values()) / len(acc_norm), "subjects_norm": acc_norm}
