@@ -10,7 +10,7 @@ from test_pretrain import tiny
 
 from llmkit.errors import ConfigError
 from llmkit.train import pretrain
-from llmkit.train.schedules import batch_shape, rows_at, seq_len_at
+from llmkit.train.schedules import batch_shape, check_batch_schedule, rows_at, seq_len_at
 
 
 def test_sequence_length_doubles_in_equal_parts_of_the_warmup():
@@ -33,6 +33,10 @@ def test_batch_shape_cuts_rows_and_keeps_targets_aligned():
     assert torch.equal(sx.reshape(2, 16), x[:2])  # the same tokens, in order
     fx, fy = batch_shape((x, y), 0.6, 4, 0.5, 0.5, 0.5)  # past both warmups: untouched
     assert torch.equal(fx, x) and torch.equal(fy, y)
+    # a start at or above the context (the speedrun's 64 under a 32- or 64-token context): the context throughout
+    check_batch_schedule(64, 0.3, 1.0, 0.0, context=16)
+    lx, ly = batch_shape((x, y), 0.0, 16, 0.5, 1.0, 0.0)
+    assert torch.equal(lx, x) and torch.equal(ly, y)
 
 
 def test_bad_schedules_are_refused(shakespeare_shards, tmp_path):

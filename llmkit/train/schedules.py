@@ -9,7 +9,7 @@
 And the shape of a step's batch as training goes on (`batch_shape`), for token batches (x, y):
 - sequence-length warmup (Li et al. 2022; modded-nanogpt grows its attention window): over the first
   `seq_warmup` of training the sequences are `seq_start` tokens, doubling in equal parts of the warmup up to
-  the context. A window of the context is cut into shorter rows, so a step keeps its tokens and the data
+  the context (a `seq_start` at or above the context leaves every sequence at the context). A window of the context is cut into shorter rows, so a step keeps its tokens and the data
   order is unchanged (resume stays exact); early steps attend over less and run faster.
 - batch-size warmup (GPT-3's ramp): over the first `batch_warmup` of training the step takes the first
   `batch_start` of its rows, growing linearly to all of them (the rows left out are skipped, not deferred):
@@ -72,7 +72,7 @@ def check_batch_schedule(seq_start: int, seq_warmup: float, batch_start: float, 
                           "0 < batch_start <= 1")
     if seq_warmup > 0 and seq_start <= 0:
         raise ConfigError(f"seq_start={seq_start}; expected a positive sequence length")
-    if seq_warmup > 0 and context is not None:
+    if seq_warmup > 0 and context is not None and seq_start < context:  # at or above it: the context throughout
         ratio = context // seq_start
         if context % seq_start or ratio & (ratio - 1):
             raise ConfigError(f"seq_start={seq_start} must divide the context {context} by a power of two (it doubles "
