@@ -59,9 +59,9 @@ class SpeedrunConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1
     schedule: str = field(default="wsd", metadata={"help": "wsd (warmup-stable-decay) or cosine"})
-    seq_warmup: float = field(default=0.3, metadata={"help": "share of training with sequences growing from "
-                                                             "seq_start to the context (0: off; the default: "
-                                                             "the ablation's, docs/speedrun.md)"})
+    seq_warmup: float = field(default=0.0, metadata={"help": "share of training with sequences growing from "
+                                                             "seq_start to the context (0: off; docs/speedrun.md "
+                                                             "says why it is off)"})
     seq_start: int = 64
     batch_warmup: float = field(default=0.0, metadata={"help": "share of training with a step's rows growing from "
                                                                "batch_start of the batch (0: off)"})
