@@ -11,6 +11,12 @@ fp32 in every arm, so that the calibration's choice between fp32 and bf16 does n
     python benchmarks/speedrun_ablation.py --arms muon,wsd      # some arms (finished ones are kept)
     python benchmarks/speedrun_ablation.py --render             # the table into docs/speedrun.md
 
+In make demo's own regime (one arm at a time on both threads, bf16 as the calibration picks on a CPU with
+avx512_bf16), into a result file and table of its own:
+
+    python benchmarks/speedrun_ablation.py --parallel 1 --threads 2 --precision bf16 --runs runs/ablation-demo \
+        --out benchmarks/results/speedrun_ablation_demo.json --arms '' --combine all=muon+wsd+value-residual+untied+qk-norm ...
+
 A run whose report.json exists is not redone (delete runs/ablation/NAME to redo it).
 """
 
@@ -30,7 +36,12 @@ from provenance import provenance
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = ROOT / "benchmarks" / "results" / "speedrun_ablation.json"
 DOC = ROOT / "docs" / "speedrun.md"
-BEGIN, END = "<!-- ablation table: begin -->", "<!-- ablation table: end -->"
+
+
+def markers(out: Path) -> tuple[str, str]:
+    """The comments around a result file's table in docs/speedrun.md (the default file's, or one named by its stem)."""
+    tag = "ablation table" if out.resolve() == RESULT else f"ablation table {out.stem}"
+    return f"<!-- {tag}: begin -->", f"<!-- {tag}: end -->"
 
 # Every arm starts from the speedrun as it was before this ablation (its recipe, with these flags), so that the
 # table reproduces now that the recipe's defaults are the ablation's best.
@@ -60,14 +71,14 @@ DEFAULT_ARMS = ("default", "muon", "qk-norm", "relu2", "untied", "softcap", "val
                 "seq-warmup", "batch-warmup")
 
 
-def run_arm(name: str, flags: list[str], budget: float, threads: int, runs: Path) -> dict:
+def run_arm(name: str, flags: list[str], budget: float, threads: int, runs: Path, precision: str) -> dict:
     report = runs / name / "report.json"
     if not report.is_file():
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         log = runs / f"{name}.log"
         runs.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "llmkit", "speedrun", "--config", str(ROOT / "recipes" / "speedrun.yaml"),
-                   "--name", name, "--runs-dir", str(runs), "--budget-minutes", str(budget), "--precision", "fp32",
+                   "--name", name, "--runs-dir", str(runs), "--budget-minutes", str(budget), "--precision", precision,
                    *BASELINE, *flags]
         started = time.perf_counter()
         with open(log, "w") as out:
@@ -85,7 +96,7 @@ def render(result: dict) -> str:
     base = result["arms"]["default"]["val_bpb"] if "default" in result["arms"] else None
     runs = list(dict.fromkeys((row["command"], row["commit"][:7]) for row in result["arms"].values()))
     lines = [f"{result['machine']['cpu']}, {result['arms_at_once']} arms at a time, {result['threads_per_arm']} torch "
-             f"thread each, {result['budget_minutes']}-minute budget, fp32; measured by "
+             f"thread each, {result['budget_minutes']}-minute budget, {result['precision']}; measured by "
              + "; then ".join(f"`{command}` (commit {commit})" for command, commit in runs) + ":", "",
              "| arm | change | val bits/byte | vs default | tokens seen | tokens/s | steps |",
              "|---|---|---:|---:|---:|---:|---:|"]
@@ -106,6 +117,8 @@ def main() -> None:
     parser.add_argument("--budget-minutes", type=float, default=10.0)
     parser.add_argument("--parallel", type=int, default=2, help="arms at a time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per arm")
+    parser.add_argument("--precision", default="fp32", help="every arm's (auto: the speedrun's own choice, "
+                                                              "as make demo makes it)")
     parser.add_argument("--runs", default=str(ROOT / "runs" / "ablation"))
     parser.add_argument("--out", default=str(RESULT), help="the result file")
     parser.add_argument("--render", action="store_true", help="only write the table into docs/speedrun.md")
@@ -113,6 +126,7 @@ def main() -> None:
     if args.render:
         result = json.loads(Path(args.out).read_text())
         text = DOC.read_text()
+        BEGIN, END = markers(Path(args.out))
         if BEGIN not in text:
             raise SystemExit(f"{DOC} has no {BEGIN} ... {END} block")
         head, rest = text.split(BEGIN, 1)
@@ -136,7 +150,7 @@ def main() -> None:
     earlier = json.loads(out.read_text())["arms"] if out.is_file() else {}
     ran_before = {name for name in arms if (runs / name / "report.json").is_file()}
     with ThreadPoolExecutor(args.parallel) as pool:
-        futures = {name: pool.submit(run_arm, name, flags, args.budget_minutes, args.threads, runs)
+        futures = {name: pool.submit(run_arm, name, flags, args.budget_minutes, args.threads, runs, args.precision)
                    for name, flags in arms.items()}
         rows = {name: {**f.result(), "command": started["command"], "commit": started["commit"]}
                 for name, f in futures.items()}
@@ -144,7 +158,7 @@ def main() -> None:
         rows[name].update(command=earlier[name]["command"], commit=earlier[name]["commit"])
     result = {"benchmark": "speedrun_ablation", **started,
               "budget_minutes": args.budget_minutes, "arms_at_once": args.parallel, "threads_per_arm": args.threads,
-              "precision": "fp32", "flags": arms, "combined": combined, "arms": {**earlier, **rows}}
+              "precision": args.precision, "flags": arms, "combined": combined, "arms": {**earlier, **rows}}
     result["combined"] = {**(json.loads(out.read_text()).get("combined", {}) if out.is_file() else {}), **combined}
     result["flags"] = {**(json.loads(out.read_text()).get("flags", {}) if out.is_file() else {}), **arms}
     out.write_text(json.dumps(result, indent=2) + "\n")
