@@ -53,6 +53,22 @@ def make_step(model, x, y, hf: bool, amp: torch.dtype | None):
     return step
 
 
+def both_models(config: ModelConfig):
+    """llmkit's Transformer and transformers' LlamaForCausalLM with the same random weights (through a checkpoint)."""
+    import tempfile
+
+    from transformers import LlamaForCausalLM
+    from transformers import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    ours = Transformer(config).train()
+    with tempfile.TemporaryDirectory() as d:
+        ours.save_pretrained(d)
+        theirs = LlamaForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa").train()
+    return ours, theirs
+
+
 def timed(step, n: int) -> list[float]:
     times = []
     for _ in range(n):
@@ -79,18 +95,8 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/train.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from transformers import LlamaForCausalLM
-    from transformers import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
     config = ModelConfig.from_preset(args.preset, **({"vocab_size": args.vocab_size} if args.vocab_size else {}))
-    torch.manual_seed(0)
-    ours = Transformer(config).train()
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:  # the same weights in both, through the checkpoint
-        ours.save_pretrained(d)
-        theirs = LlamaForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa").train()
+    ours, theirs = both_models(config)
     x = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     y = torch.roll(x, -1, dims=1)
     compiled = torch.compile(ours) if args.compile else None

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from provenance import provenance
-from train import make_step, timed
+from train import both_models, make_step, timed
 
-from llmkit import ModelConfig, Transformer
+from llmkit import ModelConfig
 from llmkit.speedrun import SpeedrunConfig
 
 
@@ -55,18 +55,8 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/train_floor.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from transformers import LlamaForCausalLM
-    from transformers import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
     config = ModelConfig.from_preset(args.preset, vocab_size=args.vocab_size)
-    torch.manual_seed(0)
-    ours = Transformer(config).train()
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        ours.save_pretrained(d)
-        theirs = LlamaForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa").train()
+    ours, theirs = both_models(config)
     tokens = args.batch * args.seq
     x = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     y = torch.roll(x, -1, dims=1)
