@@ -9,8 +9,9 @@
 And the shape of a step's batch as training goes on (`batch_shape`), for token batches (x, y):
 - sequence-length warmup (Li et al. 2022; modded-nanogpt grows its attention window): over the first
   `seq_warmup` of training the sequences are `seq_start` tokens, doubling in equal parts of the warmup up to
-  the context (a `seq_start` at or above the context leaves every sequence at the context). A window of the context is cut into shorter rows, so a step keeps its tokens and the data
-  order is unchanged (resume stays exact); early steps attend over less and run faster.
+  the context (a `seq_start` at or above the context leaves every sequence at the context). A window of the
+  context is cut into shorter rows, so a step keeps its tokens and the data order is unchanged (resume stays
+  exact); early steps attend over less and run faster.
 - batch-size warmup (GPT-3's ramp): over the first `batch_warmup` of training the step takes the first
   `batch_start` of its rows, growing linearly to all of them (the rows left out are skipped, not deferred):
   more, smaller updates while the loss falls fastest.
