@@ -93,15 +93,18 @@ def run_arm(name: str, flags: list[str], budget: float, threads: int, runs: Path
 
 
 def render(result: dict) -> str:
-    base = result["arms"]["default"]["val_bpb"] if "default" in result["arms"] else None
+    # the arms are compared with `default` (the speedrun before the ablation), else with the file's first arm
+    reference = "default" if "default" in result["arms"] else next(iter(result["arms"]))
+    base = result["arms"][reference]["val_bpb"]
     runs = list(dict.fromkeys((row["command"], row["commit"][:7]) for row in result["arms"].values()))
-    lines = [f"{result['machine']['cpu']}, {result['arms_at_once']} arms at a time, {result['threads_per_arm']} torch "
-             f"thread each, {result['budget_minutes']}-minute budget, {result['precision']}; measured by "
+    arms, threads = result["arms_at_once"], result["threads_per_arm"]
+    lines = [f"{result['machine']['cpu']}, {arms} arm{'s' * (arms != 1)} at a time, {threads} torch "
+             f"thread{'s' * (threads != 1)} each, {result['budget_minutes']}-minute budget, {result['precision']}; measured by "
              + "; then ".join(f"`{command}` (commit {commit})" for command, commit in runs) + ":", "",
-             "| arm | change | val bits/byte | vs default | tokens seen | tokens/s | steps |",
+             f"| arm | change | val bits/byte | vs {reference} | tokens seen | tokens/s | steps |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for name, row in result["arms"].items():
-        delta = f"{row['val_bpb'] - base:+.3f}" if base is not None and name != "default" else ""
+        delta = f"{row['val_bpb'] - base:+.3f}" if name != reference else ""
         lines.append(f"| {name} | {ARMS.get(name, (result.get('combined', {}).get(name, ''),))[0]} | "
                      f"{row['val_bpb']:.3f} | {delta} | {row['tokens_seen']:,} | {row['tokens_per_s']:,.0f} | "
                      f"{row['steps']:,} |")
