@@ -175,7 +175,7 @@ def loglikelihood_tokens(model, requests: Sequence[tuple[list[int], list[int]]],
                 scored = [(r, i) for r, (p, t) in enumerate(rows_of) for i in tails[p][t]]
                 conts = [list(requests[i][1]) for _, i in scored]  # a tail's state has a row per token
                 starts = [0, *itertools.accumulate(len(x) for x in states)]
-                positions = [starts[r] + j for r, i in scored for j in range(len(requests[i][1]))]
+                positions = [starts[r] + j for (r, _), c in zip(scored, conts, strict=True) for j in range(len(c))]
                 for (_, i), result in zip(scored, _score(model, torch.cat(states), positions,
                                                           [t for c in conts for t in c], list(map(len, conts))),
                                           strict=True):
